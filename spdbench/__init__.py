@@ -1,0 +1,33 @@
+"""spdbench: one harness and one scorer for image immunization against diffusion editing.
+
+Public API (DESIGN §4b): list_attacks, get_attack, register, Attack, UniversalAttack, Budget,
+load_target, load_photos, run, metrics.
+"""
+from .attacks import Attack, UniversalAttack, get_attack, list_attacks, register
+from .budget import Budget, apply_budget, format_eps, parse_eps
+from .data import load_photos
+from .errors import (AttackError, BudgetError, InputError, RecordError, RegistryError, SpdbenchError,
+                     TargetLoadError, UnknownNameError)
+from .targets import Target, load_target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attack", "UniversalAttack", "get_attack", "list_attacks", "register",
+    "Budget", "apply_budget", "format_eps", "parse_eps", "load_photos", "Target", "load_target",
+    "SpdbenchError", "InputError", "BudgetError", "UnknownNameError", "RegistryError",
+    "TargetLoadError", "AttackError", "RecordError", "run", "metrics", "__version__",
+]
+
+
+def __getattr__(name: str):
+    # heavy or later-built parts load lazily so `import spdbench` stays fast
+    if name == "run":
+        from .harness import run
+
+        return run
+    if name == "metrics":
+        from . import metrics
+
+        return metrics
+    raise AttributeError(f"module 'spdbench' has no attribute {name!r}")

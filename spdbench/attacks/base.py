@@ -1,0 +1,174 @@
+"""Attack base classes and the attack registry.
+
+Modelled on torchattacks (one small class per attack over a shared base) and pyiqa (a registry
+that answers a typo with "did you mean"). The base owns parameter handling, presets and the input
+contract; a subclass writes only its math. The harness, not the attack, owns the budget: an attack
+receives it and must return a delta inside it (the harness re-checks anyway).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+from typing import Any, Callable, ClassVar, Optional, TypeVar
+
+import torch
+
+from ..budget import Budget
+from ..errors import InputError, RegistryError, UnknownNameError, did_you_mean
+from ..images import check_images
+
+ENTRY_POINT_GROUP = "spdbench.attacks"
+
+
+class Attack:
+    """A per-image immunization attack: `perturb(images, target, budget, generator) -> delta`.
+
+    Subclasses declare `defaults` (every accepted parameter with its default) and optional
+    `presets` (named parameter sets reproducing a paper's settings, with `preset_budgets` for the
+    budget the paper used). Parameters are recorded in `params` for the result records.
+    """
+
+    name: ClassVar[str] = ""
+    universal: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    preset_budgets: ClassVar[dict[str, Budget]] = {}
+    #: True when `objective` measures what the attack optimizes (used by the "beats noise" tests)
+    has_objective: ClassVar[bool] = False
+
+    def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
+        if preset is not None and preset not in self.presets:
+            raise InputError(
+                f"attack {self.name!r} has no preset {preset!r}; presets: {sorted(self.presets) or 'none'}"
+            )
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise InputError(
+                f"attack {self.name!r} got unknown parameter(s) {unknown};"
+                f" accepted: {sorted(self.defaults) or 'none'}"
+            )
+        merged = dict(self.defaults)
+        if preset is not None:
+            merged.update(self.presets[preset])
+        merged.update(params)
+        self.preset = preset
+        self.params: dict[str, Any] = merged
+        for key, value in merged.items():
+            setattr(self, key, value)
+        #: loss per iteration of the last call (host floats, copied once at the end)
+        self.loss_history: list[float] = []
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+    # --- what subclasses implement -------------------------------------------------------
+    def perturb(self, images: torch.Tensor, target, budget: Budget,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Return delta, same shape as `images`, with ||delta|| <= budget.eps per image."""
+        raise NotImplementedError
+
+    def objective(self, adv: torch.Tensor, target, clean: torch.Tensor) -> torch.Tensor:
+        """Per-image value of what the attack minimizes, shape (N,); lower = stronger."""
+        raise NotImplementedError(f"attack {self.name!r} has no objective")
+
+    # --- shared --------------------------------------------------------------------------
+    def __call__(self, images: torch.Tensor, target, budget: Budget,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        check_images(images, "images")
+        return self.perturb(images, target, budget, generator)
+
+
+class UniversalAttack(Attack):
+    """One perturbation for every image: `fit(train_images, ...) -> delta` of shape (1, 3, H, W).
+
+    The harness gives `fit` the training split only; `perturb` then applies the fitted delta.
+    """
+
+    universal: ClassVar[bool] = True
+
+    def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
+        super().__init__(preset, **params)
+        self.delta: Optional[torch.Tensor] = None
+
+    def fit(self, train_images: torch.Tensor, target, budget: Budget,
+            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def perturb(self, images: torch.Tensor, target, budget: Budget,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.delta is None:
+            raise InputError(f"universal attack {self.name!r} must be fit() before perturb()")
+        return self.delta.to(images.device, images.dtype).expand_as(images).clone()
+
+
+# --- registry ----------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Attack]] = {}
+_entry_points_loaded = False
+A = TypeVar("A", bound=type)
+
+
+def register(name: str) -> Callable[[A], A]:
+    """Class decorator: `@register("my-attack")` makes the class available by name."""
+
+    def decorator(cls: A) -> A:
+        if not (isinstance(cls, type) and issubclass(cls, Attack)):
+            raise RegistryError(f"@register({name!r}) needs a subclass of spdbench.Attack, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise RegistryError(
+                f"attack name {name!r} is already registered by {_REGISTRY[name].__module__}."
+                f"{_REGISTRY[name].__qualname__}; pick another name"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def load_entry_points(force: bool = False) -> list[str]:
+    """Import third-party attacks from the `spdbench.attacks` entry-point group.
+
+    A plugin that fails to import is reported with a warning and skipped, so one broken package
+    does not break every command. Returns the names that loaded.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded and not force:
+        return []
+    _entry_points_loaded = True
+    loaded = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            if isinstance(obj, type) and issubclass(obj, Attack) and obj not in _REGISTRY.values():
+                register(ep.name)(obj)
+            loaded.append(ep.name)
+        except Exception as exc:  # noqa: BLE001 - isolate broken plugins
+            warnings.warn(f"spdbench: could not load attack plugin {ep.name!r} ({ep.value}): {exc}")
+    return loaded
+
+
+def _ensure_loaded() -> None:
+    from . import baselines, pca, photoguard, spd  # noqa: F401  (register built-ins)
+
+    load_entry_points()
+
+
+def list_attacks() -> list[str]:
+    """Names of every registered attack, built-in and plugin."""
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def attack_class(name: str) -> type[Attack]:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise UnknownNameError(
+            f"unknown attack {name!r}.{did_you_mean(name, _REGISTRY)} Available: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[name]
+
+
+def get_attack(name: str, **params: Any) -> Attack:
+    """Build a registered attack by name: `get_attack("pca-minus", steps=40)`."""
+    return attack_class(name)(**params)

@@ -1,0 +1,125 @@
+"""`Target`: the latent diffusion model an immunization attack targets.
+
+Exposes the diffusers components under their pipeline names (`vae`, `unet`, `text_encoder`,
+`tokenizer`, `scheduler`) plus the few operations every attack needs. Images are [0, 1] at this
+boundary; the [-1, 1] model range exists only inside these methods (DESIGN §2).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..images import check_images
+
+
+@dataclass
+class Encoding:
+    """The VAE posterior q(z|x) = N(mean, exp(logvar)) and the scaled latents fed to the UNet."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    latents: torch.Tensor
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.logvar.exp()
+
+
+class Target:
+    """A Stable-Diffusion-1.5-architecture img2img model with `device`/`dtype` as arguments."""
+
+    def __init__(self, vae, unet, text_encoder, tokenizer, scheduler, *,
+                 name: str = "custom", source: Optional[str] = None,
+                 device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> None:
+        self.vae, self.unet, self.text_encoder = vae, unet, text_encoder
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.name = name
+        self.source = source or name
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype or torch.float32
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.to(device=self.device)
+            if module.dtype != self.dtype:  # only cast when needed (diffusers warns on every cast)
+                module.to(dtype=self.dtype)
+            module.eval()
+            module.requires_grad_(False)
+        self._pipe = None
+        self._fingerprint: Optional[str] = None
+
+    # --- components ----------------------------------------------------------------------
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def components(self) -> dict:
+        return dict(vae=self.vae, unet=self.unet, text_encoder=self.text_encoder,
+                    tokenizer=self.tokenizer, scheduler=self.scheduler)
+
+    def img2img(self):
+        """A diffusers StableDiffusionImg2ImgPipeline over these components (built once)."""
+        if self._pipe is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            self._pipe = StableDiffusionImg2ImgPipeline(
+                **self.components(), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    def save_pretrained(self, folder: Union[str, Path]) -> Path:
+        """Save as a diffusers pipeline folder that `load_sd15(folder)` reads back."""
+        folder = Path(folder)
+        self.img2img().save_pretrained(folder, safe_serialization=True)
+        return folder
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex) over every weight, so records name the exact model."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for module in (self.vae, self.unet, self.text_encoder):
+                for key, tensor in sorted(module.state_dict().items()):
+                    h.update(key.encode())
+                    h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # --- operations attacks need ---------------------------------------------------------
+    def to_model(self, images: torch.Tensor) -> torch.Tensor:
+        """[0,1] images -> [-1,1] in the model's device and dtype."""
+        return (images.to(self.device, self.dtype) * 2.0 - 1.0)
+
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+               sample: bool = False) -> Encoding:
+        """Posterior of the VAE encoder; `latents` = scaling * (mean, or a sample if `sample`)."""
+        dist = self.vae.encode(self.to_model(images)).latent_dist
+        z = dist.sample(generator=generator) if sample else dist.mean
+        return Encoding(mean=dist.mean, logvar=dist.logvar, latents=z * self.scaling_factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> [0,1] images (float32)."""
+        out = self.vae.decode(latents.to(self.dtype) / self.scaling_factor).sample
+        return ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP text embeddings, shape (len(prompts), 77, hidden)."""
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images)
+        return self.decode(self.encode(images).latents)
+
+    def __repr__(self) -> str:
+        return f"Target(name={self.name!r}, device={self.device}, dtype={self.dtype})"
