@@ -1,0 +1,209 @@
+"""What the optimization attacks share: the per-image objectives and the one attack skeleton.
+
+An optimization attack is a per-image loss (`objective_loss`) handed to `optim.optimize`. The
+per-image attacks (photoguard.py, pca.py) and their universal SPD variants (spd.py) call the *same*
+`objective_loss`, so a fix to an objective fixes both. Every objective is computed in float32
+whatever the target's dtype, returns one value per image, and lower means a stronger attack.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+from ..budget import Budget, clamp_to_image
+from ..errors import InputError
+from ..optim import optimize
+from .base import Attack
+
+#: the norms an optimization attack supports unless a class narrows it
+ALL_NORMS = ("linf", "l2")
+
+#: the iteration parameters of every per-image optimization attack; each family overrides defaults
+ITERATION_DEFAULTS: dict[str, Any] = dict(
+    steps=100,            # projected steps
+    step_size=None,       # [0,1] scale: L-inf per-coordinate sign step / L2 step length; None = 2.5*eps/steps
+    optimizer="pgd",      # "pgd" (sign step for L-inf, normalized gradient for L2) or "adam"
+    schedule="constant",  # or "linear": PhotoGuard's s_i = s * (1 - 0.99 * i / steps)
+    init="random",        # "random" (uniform in the ball, from the generator) or "zero"
+    stop_below=None,      # stop early once the batch-mean loss is below this (costs a sync per step)
+)
+_CHOICES = {"optimizer": ("pgd", "adam"), "schedule": ("constant", "linear"), "init": ("zero", "random")}
+
+
+# --- small shared pieces -----------------------------------------------------------------------
+def check_choice(attack: str, name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise InputError(f"attack {attack!r}: {name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_iteration_params(attack: Attack) -> None:
+    """Validate steps / step_size / optimizer / schedule / init where the attack has them."""
+    params = attack.params
+    for name, choices in _CHOICES.items():
+        if name in params:
+            check_choice(attack.name, name, params[name], choices)
+    if "steps" in params:
+        steps = params["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise InputError(f"attack {attack.name!r}: steps must be an integer >= 0, got {steps!r}")
+    if "step_size" in params and params["step_size"] is not None:
+        size = params["step_size"]
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0 or not math.isfinite(size):
+            raise InputError(f"attack {attack.name!r}: step_size must be a number > 0 on the [0,1] "
+                             f"scale or None (= 2.5 * eps / steps), got {size!r}")
+
+
+def check_norm(attack: Attack, budget: Budget) -> None:
+    norms = getattr(attack, "norms", ALL_NORMS)
+    if budget.norm not in norms:
+        raise InputError(f"attack {attack.name!r} supports the norms {list(norms)}, got budget {budget}")
+
+
+def resolve_step_size(step_size: Optional[float], budget: Budget, steps: int) -> float:
+    """`step_size`, or when None Madry et al.'s rule 2.5 * eps / steps (reaches the boundary from
+    the centre in 40% of the iterations, for either norm)."""
+    if step_size is not None:
+        return float(step_size)
+    return 2.5 * budget.eps / max(steps, 1)
+
+
+def draw(kind: str, shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
+    """`torch.rand`/`torch.randn` drawn on the generator's own device, then moved to `device`.
+
+    A CPU generator therefore gives the same numbers for a CPU and a CUDA run (device-agnostic)."""
+    fn = {"rand": torch.rand, "randn": torch.randn}[kind]
+    where = generator.device if generator is not None else torch.device(device)
+    return fn(tuple(shape), generator=generator, device=where, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def start_delta(init: str, like: torch.Tensor, budget: Budget,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The starting perturbation: zeros, or uniform inside the budget ball (drawn with `generator`)."""
+    if init == "zero":
+        return torch.zeros_like(like)
+    where = generator.device if generator is not None else like.device
+    start = budget.random(torch.empty(like.shape, device=where), generator=generator)
+    return start.to(device=like.device, dtype=like.dtype)
+
+
+def resize_image(image: torch.Tensor, size) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return torch.nn.functional.interpolate(image, size=tuple(size), mode="bilinear", antialias=True,
+                                           align_corners=False).clamp(0.0, 1.0)
+
+
+class TargetCache:
+    """Per-target cache for tensors an objective needs again every step (target latents, prompt
+    embeddings). Keyed by the target object itself (weakly), so a new target never reuses them."""
+
+    def __init__(self) -> None:
+        self._store: dict = {}
+
+    def get(self, target, key, make: Callable[[], Any]):
+        ref, entries = self._store.get("target", (None, {}))
+        if ref is None or ref() is not target:
+            entries = {}
+            self._store["target"] = (weakref.ref(target), entries)
+        if key not in entries:
+            entries[key] = make()
+        return entries[key]
+
+
+# --- the objectives --------------------------------------------------------------------------
+def latent_distance(target, adv: torch.Tensor, z_targ: torch.Tensor) -> torch.Tensor:
+    """||E(adv) - z_targ||_2^2 per image on the posterior *mean* (unscaled latents), float32, (N,)."""
+    mean = target.encode(adv).mean.float()
+    return (mean - z_targ.to(mean.device, torch.float32)).pow(2).flatten(1).sum(dim=1)
+
+
+def kl_to_isotropic_gaussian(mean: torch.Tensor, logvar: torch.Tensor, v: float) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, v I)) in nats, summed over latent dims, float32, shape (N,).
+
+    = 1/2 * sum((mu^2 + sigma^2) / v - 1 + ln v - logvar) = -l + d/2 * ln v, where
+    l = 1/2 * sum(1 + logvar - (mu^2 + sigma^2) / v) is PosteriorCollapseAttack's loss.
+    """
+    mean, logvar = mean.float(), logvar.float()
+    per_dim = (mean.pow(2) + logvar.exp()) / v - 1.0 + math.log(v) - logvar
+    return 0.5 * per_dim.flatten(1).sum(dim=1)
+
+
+# --- the skeleton ----------------------------------------------------------------------------
+class OptimizedAttack(Attack):
+    """A per-image attack that minimizes `objective_loss` with `optim.optimize` (PGD or Adam).
+
+    Subclasses write only `objective_loss(target, adv, clean, generator=None) -> (N,)`: a
+    differentiable float32 loss per image, lower = stronger. `perturb` starts from `init`, runs
+    `steps` projected steps of the batch mean and keeps `images + delta` in [0, 1];
+    `loss_history` is that batch mean before each step (the mean of `objective`).
+    """
+
+    has_objective: ClassVar[bool] = True
+    norms: ClassVar[tuple[str, ...]] = ALL_NORMS
+
+    def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
+        super().__init__(preset, **params)
+        check_iteration_params(self)
+        self._cache = TargetCache()
+
+    def objective_loss(self, target, adv: torch.Tensor, clean: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Differentiable per-image loss (N,), float32; lower = stronger. `generator` feeds the
+        randomness of stochastic objectives (None: their fixed evaluation draws)."""
+        raise NotImplementedError
+
+    def objective(self, adv: torch.Tensor, target, clean: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.objective_loss(target, adv, clean).float()
+
+    def perturb(self, images: torch.Tensor, target, budget: Budget,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        check_norm(self, budget)
+        delta = clamp_to_image(images, budget.project(start_delta(self.init, images, budget, generator)))
+
+        def loss_fn(d: torch.Tensor) -> torch.Tensor:
+            return self.objective_loss(target, images + d, images, generator).mean()
+
+        result = optimize(loss_fn, delta, budget, steps=self.steps,
+                          step_size=resolve_step_size(self.step_size, budget, self.steps),
+                          optimizer=self.optimizer, schedule=self.schedule, images=images,
+                          stop_below=self.params.get("stop_below"))
+        self.loss_history = result.losses
+        return result.delta
+
+
+class _ChunkedMean(torch.autograd.Function):
+    """Mean of a per-chunk summed loss whose gradient is accumulated chunk by chunk in forward, so
+    the memory is that of one chunk and every chunk runs forward and backward exactly once."""
+
+    @staticmethod
+    def forward(ctx, delta, fn, chunks, count):  # noqa: D102 - autograd API
+        total = torch.zeros((), dtype=torch.float32, device=delta.device)
+        grad = torch.zeros_like(delta)
+        with torch.enable_grad():
+            for chunk in chunks:
+                d = delta.detach().requires_grad_(True)
+                loss = fn(d, chunk)
+                (g,) = torch.autograd.grad(loss, d)
+                grad += g
+                total += loss.detach().float().to(total.device)
+        ctx.save_for_backward(grad / count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102 - autograd API
+        (grad,) = ctx.saved_tensors
+        return grad_output.to(grad.dtype) * grad, None, None, None
+
+
+def chunked_mean(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], delta: torch.Tensor,
+                 images: torch.Tensor, chunk_size: Optional[int]) -> torch.Tensor:
+    """mean over images of the per-image loss, where `fn(delta, chunk)` returns the chunk's *sum*.
+
+    With one chunk it is plain autograd; with several, memory stays that of one chunk."""
+    if chunk_size is None or chunk_size >= images.shape[0]:
+        return fn(delta, images) / images.shape[0]
+    return _ChunkedMean.apply(delta, fn, images.split(chunk_size), images.shape[0])

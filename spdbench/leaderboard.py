@@ -1,0 +1,158 @@
+"""Leaderboard: records -> pandas -> Markdown / CSV / HTML tables and metric-vs-eps plots.
+
+Two views: the seed paper's Table 1 layout (prompt x split rows, metric x method columns,
+averaged over eps) and a ranking (one row per method and eps). Every number comes from records.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import pandas as pd
+
+from .results import Record, Status, load_records
+
+PROTECTION = ("ssim", "psnr", "vifp", "fsim")
+LABELS = {"ssim": "SSIM", "psnr": "PSNR", "vifp": "VIFp", "fsim": "FSIM"}
+
+
+def method_label(record: Record) -> str:
+    return f"{record.attack}[{record.preset}]" if record.preset else record.attack
+
+
+def records_frame(records: Iterable[Record]) -> pd.DataFrame:
+    """One row per ok record: axes, protection and imperceptibility means, costs."""
+    rows = []
+    for r in records:
+        if r.status != Status.ok:
+            continue
+        row = dict(method=method_label(r), attack=r.attack, suite=r.suite, target=r.target.name, norm=r.norm,
+                   eps=r.eps, eps_label=r.eps_label, prompt=r.prompt_key, split=r.split.value,
+                   n_images=len(r.image_names), universal=r.universal,
+                   seconds_per_image=r.timing.per_image_s, fit_seconds=r.timing.fit_wall_s,
+                   peak_memory_mb=(r.timing.peak_memory_bytes or 0) / 2**20 or None, cell_id=r.cell_id)
+        row.update({m: r.protection_mean.get(m) for m in PROTECTION})
+        row.update({f"imp_{m}": r.imperceptibility_mean.get(m) for m in PROTECTION})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table1(df: pd.DataFrame) -> pd.DataFrame:
+    """Seed Table 1 layout: rows (prompt, split); columns (metric, method); mean over eps."""
+    if df.empty:
+        return df
+    t = df.groupby(["prompt", "split", "method"])[list(PROTECTION)].mean().unstack("method")
+    t.columns = pd.MultiIndex.from_tuples([(LABELS[m], meth) for m, meth in t.columns])
+    return t.sort_index(axis=1, level=0, sort_remaining=False)
+
+
+def ranking(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """One row per (method, eps): protection means over prompts (on `split`), imperceptibility, cost.
+
+    Sorted by SSIM ascending: lower similarity between clean and protected edits = stronger.
+    """
+    if df.empty:
+        return df
+    d = df[df["split"] == split] if split in set(df["split"]) else df
+    agg = {m: "mean" for m in PROTECTION}
+    agg.update(imp_psnr="mean", seconds_per_image="mean", fit_seconds="max", n_images="max")
+    r = d.groupby(["method", "suite", "norm", "eps", "eps_label"]).agg(agg).reset_index()
+    return r.sort_values(["suite", "eps", "ssim"]).reset_index(drop=True)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def ranking_markdown(r: pd.DataFrame) -> str:
+    cols = ["method", "suite", "eps_label", "ssim", "psnr", "vifp", "fsim", "imp_psnr", "seconds_per_image",
+            "fit_seconds", "n_images"]
+    head = ["method", "suite", "eps", "SSIM ↓", "PSNR ↓", "VIFp ↓", "FSIM ↓", "imperceptibility PSNR ↑",
+            "s / image", "fit s", "images"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in r.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def table1_markdown(t: pd.DataFrame) -> str:
+    if t.empty:
+        return "(no records)"
+    head = ["prompt", "split"] + [f"{m} {meth}" for m, meth in t.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (prompt, split), row in t.iterrows():
+        lines.append("| " + " | ".join([prompt, split] + [_fmt(v) for v in row.values]) + " |")
+    return "\n".join(lines)
+
+
+def plot_metric_vs_eps(df: pd.DataFrame, path: Path, split: str = "test") -> Optional[Path]:
+    """The seed's Figures 1-2: each protection metric against eps, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if df.empty:
+        return None
+    d = df[df["split"] == split] if split in set(df["split"]) else df
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, m in zip(axes, PROTECTION):
+        for method, g in d.groupby("method"):
+            g = g.groupby("eps")[m].mean().sort_index()
+            ax.plot(g.index * 255, g.values, marker="o", label=method)
+        ax.set_xlabel("eps (x/255)")
+        ax.set_title(f"{LABELS[m]} (edit vs edit, {split}) ↓")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequence[str] = ("md", "csv", "html"),
+          title: str = "spdbench leaderboard") -> dict[str, Path]:
+    """Write the leaderboard files; returns {format: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = records_frame(records)
+    rank, t1 = ranking(df), table1(df)
+    written: dict[str, Path] = {}
+    failed = [r for r in records if r.status != Status.ok]
+    note = (f"\n\n{len(failed)} failed cell(s): " + ", ".join(r.cell_id for r in failed)) if failed else ""
+    if "csv" in formats:
+        written["csv"] = out_dir / "leaderboard.csv"
+        rank.to_csv(written["csv"], index=False)
+        t1.to_csv(out_dir / "table1.csv")
+    plot = plot_metric_vs_eps(df, out_dir / "metrics_vs_eps.png") if "html" in formats or "md" in formats else None
+    md = (f"# {title}\n\nProtection = similarity between the edit of the clean photo and the edit of the "
+          "protected photo (same prompt, settings and seed); lower is stronger. Imperceptibility PSNR is "
+          "between the photo and its protected version; higher is less visible. Ranking on the test split, "
+          "mean over prompts.\n\n## Ranking\n\n" + ranking_markdown(rank) +
+          "\n\n## Table 1 layout (mean over eps)\n\n" + table1_markdown(t1) +
+          (f"\n\n![metrics vs eps]({plot.name})" if plot else "") + note + "\n")
+    if "md" in formats:
+        written["md"] = out_dir / "README.md"
+        written["md"].write_text(md)
+    if "html" in formats:
+        written["html"] = out_dir / "index.html"
+        body = rank.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–", classes="rank")
+        body1 = t1.to_html(float_format=lambda v: f"{v:.4f}", na_rep="–") if not t1.empty else ""
+        img = f'<img src="{plot.name}" alt="metrics vs eps" style="max-width:100%">' if plot else ""
+        written["html"].write_text(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>Lower protection similarity = stronger immunization. "
+            f"Ranking on the test split.</p><h2>Ranking</h2>{body}<h2>Table 1 layout</h2>{body1}{img}"
+            f"<p>{html.escape(note)}</p></body></html>")
+    return written
+
+
+def build_from_dirs(dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path], formats=("md", "csv", "html")):
+    return build(load_records(dirs), out_dir, formats)

@@ -1,0 +1,74 @@
+"""pytest plugin (registered under `pytest11`): fixtures so an attack author tests in three lines.
+
+    @pytest.mark.spdbench
+    def test_my_attack(spdbench_run):
+        assert spdbench_run(MyAttack(), eps="16/255").ok
+
+Options: --spdbench-suite (default smoke), --spdbench-target (default: the suite's),
+--spdbench-baseline DIR (regression mode: fail when protection weakens significantly).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("spdbench", "spdbench immunization harness")
+    group.addoption("--spdbench-suite", default="smoke", help="suite for the spdbench fixtures (default smoke)")
+    group.addoption("--spdbench-target", default=None, help="target override (tiny, tiny-random, folder, hub id)")
+    group.addoption("--spdbench-device", default=None, help="device for the spdbench fixtures (cpu, cuda)")
+    group.addoption("--spdbench-baseline", default=None,
+                    help="run folder of baseline records; spdbench_run fails on a significant regression")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "spdbench: a test that runs an attack through the spdbench harness")
+
+
+@pytest.fixture(scope="session")
+def spdbench_suite(request):
+    from spdbench.suites import get_suite
+
+    return get_suite(request.config.getoption("--spdbench-suite"))
+
+
+@pytest.fixture(scope="session")
+def spdbench_target(request, spdbench_suite):
+    from spdbench.targets import load_target
+
+    name = request.config.getoption("--spdbench-target") or spdbench_suite.target
+    return load_target(name, device=request.config.getoption("--spdbench-device"))
+
+
+@pytest.fixture(scope="session")
+def _spdbench_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("spdbench-edit-cache")
+
+
+@pytest.fixture
+def spdbench_run(request, spdbench_suite, spdbench_target, _spdbench_cache, tmp_path) -> Callable[..., Any]:
+    """`spdbench_run(attack, **run_kwargs) -> RunResult`, on the session's target, into tmp_path.
+
+    Clean edits are cached for the whole session. With --spdbench-baseline, a significant
+    weakening versus the baseline records fails the test.
+    """
+    from spdbench.harness import run
+    from spdbench.regression import compare
+    from spdbench.results import load_records
+
+    baseline = request.config.getoption("--spdbench-baseline")
+
+    def _run(attack, **kwargs):
+        kwargs.setdefault("out", tmp_path / "run")
+        kwargs.setdefault("cache_dir", _spdbench_cache)
+        result = run(attack, suite=spdbench_suite, target=spdbench_target, **kwargs)
+        if baseline:
+            regressions = compare(result.records, load_records(baseline))
+            if regressions:
+                pytest.fail("spdbench regression:\n" + "\n".join(map(str, regressions)), pytrace=False)
+        return result
+
+    return _run

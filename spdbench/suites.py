@@ -1,0 +1,94 @@
+"""Named benchmark suites: which target, data, budgets, prompts, edit settings and iterations.
+
+A suite is the rule book of a leaderboard column: every method run under it gets the same
+photos, split, budgets, attack iterations and editing settings.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .editing import EditSettings
+from .errors import InputError, UnknownNameError, did_you_mean
+from .targets import SD15_HUB_ID
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    target: str
+    image_size: int
+    eps: tuple[str, ...]
+    prompts: tuple[str, ...]
+    edit: EditSettings
+    norm: str = "linf"
+    data: str = "bundled"        # "bundled" | "folder" | "manifest"
+    n_images: Optional[int] = None
+    attack_steps: Optional[int] = None  # the iteration budget every optimizing attack gets
+    attack_batch_size: int = 8
+    split_seed: int = 0
+    attack_seed: int = 0
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["edit"] = self.edit.to_dict() if hasattr(self.edit, "to_dict") else asdict(self.edit)
+        return d
+
+    def load_images(self, data_path: Union[str, Path, None] = None,
+                    manifest: Union[str, Path, None] = None) -> tuple[torch.Tensor, list[str]]:
+        """The suite's photos and their names (bundled, an image folder, or a manifest + root)."""
+        from . import data
+
+        if manifest is not None:
+            if data_path is None:
+                raise InputError("a manifest needs --data pointing at the folder that holds its images")
+            return data.load_manifest(manifest, data_path, size=self.image_size)
+        if data_path is not None:
+            images, names = data.load_folder(data_path, size=self.image_size)
+        elif self.data == "bundled":
+            names = list(data.BUNDLED_NAMES)
+            images = data.load_photos(size=self.image_size, names=names)
+        else:
+            raise InputError(
+                f"suite {self.name!r} needs its protocol images: pass --manifest FILE --data DIR "
+                "(e.g. the 100 ImageNet images of the SPD protocol) or --data DIR"
+            )
+        if self.n_images is not None:
+            images, names = images[: self.n_images], names[: self.n_images]
+        return images, names
+
+
+SUITES: dict[str, Suite] = {
+    "smoke": Suite(
+        name="smoke", target="tiny", image_size=128, eps=("8/255", "16/255"), prompts=("P3", "P4"),
+        edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
+        attack_steps=40, attack_batch_size=11,
+        description="offline trained tiny target, 11 bundled photos at 128 px (7 train / 4 test), CPU minutes",
+    ),
+    "sd15-quick": Suite(
+        name="sd15-quick", target=SD15_HUB_ID, image_size=512, eps=("16/255",),
+        prompts=("P1", "P2", "P3", "P4"), edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222),
+        n_images=8, attack_steps=100, attack_batch_size=4,
+        description="Stable Diffusion 1.5, 8 bundled photos at 512 px, one GPU, minutes",
+    ),
+    "sd15-spd": Suite(
+        name="sd15-spd", target=SD15_HUB_ID, image_size=512,
+        eps=("4/255", "13/255", "22/255", "31/255", "40/255"), prompts=("P1", "P2", "P3", "P4"),
+        edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222), data="manifest",
+        attack_steps=500, attack_batch_size=4,
+        description="the SPD protocol: SD1.5, 100 ImageNet images at 512 px split 64:36, eps 4..40/255, 500 iters",
+    ),
+}
+
+
+def get_suite(name: Union[str, Suite], **overrides) -> Suite:
+    if isinstance(name, Suite):
+        return replace(name, **overrides) if overrides else name
+    if name not in SUITES:
+        raise UnknownNameError(f"unknown suite {name!r}.{did_you_mean(name, SUITES)} Available: {', '.join(SUITES)}")
+    suite = SUITES[name]
+    return replace(suite, **overrides) if overrides else suite

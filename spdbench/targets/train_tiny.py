@@ -1,0 +1,453 @@
+"""Train the shipped tiny SD1.5-architecture target ("tiny") on CPU, deterministically.
+
+Why: a random-weight pipeline's edits are noise, so immunization cannot be measured on it. This
+script trains the same narrow components as `tiny.py` (AutoencoderKL x8 / 4 latent channels,
+UNet2DConditionModel with cross-attention, 2-layer CLIPTextModel, DDIM scaled-linear schedule) on
+the bundled *training* photos only, so the held-out (test-split) photos stay unseen.
+
+Usage::
+
+    python -m spdbench.targets.train_tiny [--out DIR] [--force] [--vae-minutes M]
+        [--unet-minutes M] [--seed S] [--threads T] [--check-steps K]
+
+Budgets are wall clock, but every run records the step counts and the cosine schedule lengths, so
+`--vae-steps/--unet-steps` reproduce a run by steps. `--check-steps K` reruns only the first K
+optimizer steps of each stage from the seed (the UNet stage on the shipped VAE) and prints the
+losses, which `tests/test_tiny_target.py` compares with `training.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..data import BUNDLED, Photo, bundled_split, read_image, sha256_file
+from .tiny import SCHEDULER_CONFIG, TRAINED_DIR, VAE_CONFIG, build_tiny_components
+
+SCRIPT_VERSION = "1"
+TRAINING_JSON = "training.json"
+
+# Extra permissively licensed photos shipped by installed packages; none is in the test split.
+# The grey ones (scikit-image's CC0 textures and camera) are used as grey RGB: they teach the VAE
+# fine texture, which the few colour photos lack.
+EXTRA_PHOTOS: tuple[Photo, ...] = (
+    Photo("motorcycle_right", "skimage", "data/motorcycle_right.png", "Middlebury stereo data set, free for research"),
+    Photo("brick", "skimage", "data/brick.png", "CC0 (scikit-image)"),
+    Photo("grass", "skimage", "data/grass.png", "CC0 (scikit-image)"),
+    Photo("gravel", "skimage", "data/gravel.png", "CC0 (scikit-image)"),
+    Photo("camera", "skimage", "data/camera.png", "CC0 (Lav Varshney)"),
+)
+FORBIDDEN = ("chelsea", "retina", "ihc", "flower")  # the bundled test split: never trained on
+
+CAPTIONS = {
+    "astronaut": "a photo of an astronaut",
+    "coffee": "a photo of a cup of coffee",
+    "rocket": "a photo of a rocket launch",
+    "motorcycle": "a photo of a motorcycle",
+    "motorcycle_right": "a photo of a motorcycle",
+    "hubble": "a photo of galaxies in deep space",
+    "china": "a photo of a chinese temple",
+    "grace_hopper": "a portrait photo of a woman in uniform",
+    "brick": "a photo of a brick wall",
+    "grass": "a photo of grass",
+    "gravel": "a photo of gravel",
+    "camera": "a photo of a man with a camera",
+}
+SUITE_PROMPTS = ("make it like a watercolor painting", "apply sunset lighting", "add some snow",
+                 "make it look like a pencil sketch")
+P_EMPTY, P_SUITE = 0.15, 0.15
+
+
+@dataclass
+class Settings:
+    seed: int = 0
+    threads: int = 1
+    # VAE
+    vae_batch: int = 16
+    vae_crop: int = 64
+    vae_lr: float = 2e-3
+    vae_warmup: int = 50
+    vae_kl: float = 1e-5          # per-pixel weight of the KL term
+    # UNet
+    unet_batch: int = 32
+    unet_crop: int = 128
+    unet_lr: float = 1e-3
+    unet_warmup: int = 50
+    bank_size: int = 2048         # encoded 128x128 crops the UNet samples from
+    scale_min: float = 0.25
+    scale_max: float = 1.0
+    gain: float = 0.10
+    calib_steps: int = 30         # steps timed before the cosine length is fixed from the budget
+
+
+# --- data -----------------------------------------------------------------------------------
+def training_photos() -> list[Photo]:
+    """The bundled train split plus EXTRA_PHOTOS; asserts no test photo slips in."""
+    split = bundled_split()
+    by_name = {p.name: p for p in BUNDLED}
+    photos = [by_name[n] for n in split["train"]] + list(EXTRA_PHOTOS)
+    bad = [p.name for p in photos if p.name in split["test"] or p.name in FORBIDDEN]
+    assert not bad, f"test photos in the training set: {bad}"
+    return photos
+
+
+class CropSampler:
+    """Random multi-scale crops with flips and colour gain, driven only by a torch.Generator.
+
+    Each photo is pre-resized to a few scales in [scale_min, scale_max] of full resolution, so
+    crops show both detail (1x) and whole-object structure (0.25x).
+    """
+
+    SCALES = (0.25, 0.33, 0.42, 0.5, 0.6, 0.72, 0.85, 1.0)
+
+    def __init__(self, photos: Sequence[Photo], crop: int, gain: float, generator: torch.Generator) -> None:
+        self.crop, self.gain, self.g = crop, gain, generator
+        self.levels: list[list[torch.Tensor]] = []
+        for p in photos:
+            full = Image.fromarray(read_image(p.path))
+            levels = []
+            for s in self.SCALES:
+                w, h = max(1, round(full.width * s)), max(1, round(full.height * s))
+                if min(w, h) < crop:
+                    continue
+                im = full if s == 1.0 else full.resize((w, h), Image.BICUBIC)
+                levels.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0)
+            if not levels:  # photo smaller than the crop: upsample it once to fit
+                s = crop / min(full.width, full.height)
+                im = full.resize((math.ceil(full.width * s), math.ceil(full.height * s)), Image.BICUBIC)
+                levels.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0)
+            self.levels.append(levels)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.g))
+
+    def batch(self, n: int) -> torch.Tensor:
+        """(n, 3, crop, crop) in [0, 1]."""
+        out = torch.empty(n, 3, self.crop, self.crop)
+        for i in range(n):
+            levels = self.levels[self._randint(len(self.levels))]
+            img = levels[self._randint(len(levels))]
+            _, h, w = img.shape
+            top, left = self._randint(h - self.crop + 1), self._randint(w - self.crop + 1)
+            x = img[:, top:top + self.crop, left:left + self.crop]
+            if self._randint(2):
+                x = x.flip(-1)
+            gain = 1.0 + self.gain * (2.0 * torch.rand(3, 1, 1, generator=self.g) - 1.0)
+            out[i] = (x * gain).clamp(0.0, 1.0)
+        return out
+
+    def batch_labeled(self, n: int) -> tuple[torch.Tensor, list[int]]:
+        """Like batch() but also returns each crop's photo index (for captions)."""
+        out = torch.empty(n, 3, self.crop, self.crop)
+        idx = []
+        for i in range(n):
+            k = self._randint(len(self.levels))
+            idx.append(k)
+            levels = self.levels[k]
+            img = levels[self._randint(len(levels))]
+            _, h, w = img.shape
+            top, left = self._randint(h - self.crop + 1), self._randint(w - self.crop + 1)
+            x = img[:, top:top + self.crop, left:left + self.crop]
+            if self._randint(2):
+                x = x.flip(-1)
+            gain = 1.0 + self.gain * (2.0 * torch.rand(3, 1, 1, generator=self.g) - 1.0)
+            out[i] = (x * gain).clamp(0.0, 1.0)
+        return out, idx
+
+
+# --- schedule -------------------------------------------------------------------------------
+def lr_at(step: int, base: float, warmup: int, total: Optional[int]) -> float:
+    """Linear warmup, then cosine decay to 5% over `total` steps (None = still calibrating)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if total is None:
+        return base
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+class Budget:
+    """Fixes the schedule length from the measured step rate after `calib` steps (or takes it)."""
+
+    def __init__(self, minutes: float, steps: Optional[int], calib: int) -> None:
+        self.seconds, self.total, self.calib = minutes * 60.0, steps, calib
+        self.start = time.perf_counter()
+
+    def update(self, step: int) -> None:
+        if self.total is None and step == self.calib:
+            rate = step / (time.perf_counter() - self.start)
+            self.total = max(step + 1, int(self.seconds * rate))
+
+    def done(self, step: int) -> bool:
+        if self.total is not None and step >= self.total:
+            return True
+        # safety net: machine got much slower than calibrated -> stop, the record says where
+        return time.perf_counter() - self.start > 1.5 * self.seconds + 60
+
+
+# --- VAE stage ------------------------------------------------------------------------------
+def vae_loss(vae, x: torch.Tensor, g: torch.Generator, kl_weight: float) -> torch.Tensor:
+    """MSE on [-1,1] + per-pixel KL; posterior sampled from the generator."""
+    xm = x * 2.0 - 1.0
+    dist = vae.encode(xm).latent_dist
+    z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+    rec = vae.decode(z).sample
+    mse = F.mse_loss(rec, xm)
+    kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).sum() / xm.numel()
+    return mse + kl_weight * kl
+
+
+def train_vae(vae, photos, st: Settings, minutes: float, steps: Optional[int], stop_after: Optional[int] = None,
+              log=print) -> dict:
+    g = torch.Generator().manual_seed(st.seed * 1000 + 1)
+    sampler = CropSampler(photos, st.vae_crop, st.gain, g)
+    opt = torch.optim.Adam(vae.parameters(), lr=st.vae_lr)
+    vae.train()
+    budget = Budget(minutes, steps, st.calib_steps)
+    losses, first, step, t0, ema = [], [], 0, time.perf_counter(), None
+    while not budget.done(step) and (stop_after is None or step < stop_after):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, st.vae_lr, st.vae_warmup, budget.total)
+        x = sampler.batch(st.vae_batch)
+        loss = vae_loss(vae, x, g, st.vae_kl)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        v = float(loss.detach())
+        if step < 5:
+            first.append(v)
+        ema = v if ema is None else 0.99 * ema + 0.01 * v
+        step += 1
+        budget.update(step)
+        if step % 200 == 0:
+            psnr = 10 * math.log10(4.0 / max(ema, 1e-12))
+            log(f"vae step {step}/{budget.total} loss(ema) {ema:.5f} (~{psnr:.1f} dB) {time.perf_counter() - t0:.0f}s")
+    vae.eval()
+    return dict(steps_run=step, schedule_steps=budget.total, first_losses=first, final_loss_ema=ema,
+                seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def latent_std(vae, photos, st: Settings, n: int = 256) -> float:
+    """Std of the posterior means of training crops (the scaling factor makes it 1)."""
+    g = torch.Generator().manual_seed(st.seed * 1000 + 2)
+    sampler = CropSampler(photos, st.unet_crop, st.gain, g)
+    zs = [vae.encode(sampler.batch(32) * 2.0 - 1.0).latent_dist.mean for _ in range(n // 32)]
+    return float(torch.cat(zs).std())
+
+
+# --- UNet stage -----------------------------------------------------------------------------
+@torch.no_grad()
+def prompt_table(components: dict, photos: Sequence[Photo]) -> tuple[list[str], torch.Tensor]:
+    """All prompts (empty, suite prompts, captions) and their frozen text embeddings."""
+    prompts = [""] + list(SUITE_PROMPTS) + sorted({CAPTIONS[p.name] for p in photos})
+    tok = components["tokenizer"]
+    ids = tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    return prompts, components["text_encoder"](ids)[0]
+
+
+@torch.no_grad()
+def latent_bank(vae, photos, st: Settings) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Posterior mean/std of `bank_size` random 128x128 training crops, and their photo index."""
+    g = torch.Generator().manual_seed(st.seed * 1000 + 3)
+    sampler = CropSampler(photos, st.unet_crop, st.gain, g)
+    means, stds, idx = [], [], []
+    for _ in range(st.bank_size // 32):
+        x, k = sampler.batch_labeled(32)
+        dist = vae.encode(x * 2.0 - 1.0).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+        idx += k
+    return torch.cat(means), torch.cat(stds), idx
+
+
+def train_unet(components: dict, photos, st: Settings, minutes: float, steps: Optional[int],
+               stop_after: Optional[int] = None, log=print) -> dict:
+    from diffusers import DDPMScheduler
+
+    vae, unet = components["vae"], components["unet"]
+    sf = float(vae.config.scaling_factor)
+    prompts, emb = prompt_table(components, photos)
+    caption_row = [prompts.index(CAPTIONS[p.name]) for p in photos]
+    means, stds, idx = latent_bank(vae, photos, st)
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
+                                   if k not in ("set_alpha_to_one", "steps_offset")})
+    g = torch.Generator().manual_seed(st.seed * 1000 + 4)
+    opt = torch.optim.AdamW(unet.parameters(), lr=st.unet_lr, weight_decay=1e-4)
+    unet.train()
+    budget = Budget(minutes, steps, st.calib_steps)
+    first, step, t0, ema = [], 0, time.perf_counter(), None
+    n_suite = len(SUITE_PROMPTS)
+    while not budget.done(step) and (stop_after is None or step < stop_after):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, st.unet_lr, st.unet_warmup, budget.total)
+        b = st.unet_batch
+        pick = torch.randint(len(idx), (b,), generator=g)
+        z = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=g)) * sf
+        flip = torch.rand(b, generator=g) < 0.5  # latent flips: cheap extra augmentation
+        z = torch.where(flip[:, None, None, None], z.flip(-1), z)
+        u = torch.rand(b, generator=g)
+        suite = torch.randint(n_suite, (b,), generator=g)
+        rows = [0 if u[i] < P_EMPTY else (1 + int(suite[i]) if u[i] < P_EMPTY + P_SUITE
+                                          else caption_row[idx[int(pick[i])]]) for i in range(b)]
+        cond = emb[rows]
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=g)
+        noisy = noise_sched.add_noise(z, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        v = float(loss.detach())
+        if step < 5:
+            first.append(v)
+        ema = v if ema is None else 0.99 * ema + 0.01 * v
+        step += 1
+        budget.update(step)
+        if step % 100 == 0:
+            log(f"unet step {step}/{budget.total} loss(ema) {ema:.5f} {time.perf_counter() - t0:.0f}s")
+    unet.eval()
+    return dict(steps_run=step, schedule_steps=budget.total, first_losses=first, final_loss_ema=ema,
+                seconds=time.perf_counter() - t0, prompts=prompts)
+
+
+# --- saving / guard -------------------------------------------------------------------------
+def check_overwrite(out: Path, force: bool) -> None:
+    """Refuse to replace a shipped model folder unless --force (the weights are the record)."""
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SystemExit(f"{out} already holds a model; pass --force to overwrite it")
+
+
+def weight_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _settings_from(args) -> Settings:
+    return Settings(seed=args.seed, threads=args.threads)
+
+
+def check_steps(k: int, folder: Path = TRAINED_DIR, threads: Optional[int] = None) -> dict:
+    """Rerun the first k optimizer steps of both stages from the recorded seed; no saving.
+
+    The UNet stage runs on the shipped VAE (its weights and scaling factor), exactly as training
+    did after the VAE stage, so its first losses are comparable too.
+    """
+    from .sd15 import load_sd15
+
+    record = json.loads((folder / TRAINING_JSON).read_text())
+    st = Settings(**record["settings"])
+    torch.set_num_threads(threads or st.threads)
+    photos = training_photos()
+    comps = build_tiny_components(st.seed)
+    vae_rec = record["vae"]
+    vae_out = train_vae(comps["vae"], photos, st, 0.0, vae_rec["schedule_steps"], stop_after=k, log=lambda *_: None)
+    shipped = load_sd15(folder)
+    comps["vae"] = shipped.vae
+    comps["vae"].requires_grad_(False)
+    comps["unet"].requires_grad_(True)
+    unet_out = train_unet(comps, photos, st, 0.0, record["unet"]["schedule_steps"], stop_after=k,
+                          log=lambda *_: None)
+    return dict(vae=vae_out["first_losses"], unet=unet_out["first_losses"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=TRAINED_DIR)
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--vae-minutes", type=float, default=20.0)
+    ap.add_argument("--unet-minutes", type=float, default=25.0)
+    ap.add_argument("--vae-steps", type=int, default=None, help="schedule length; overrides the budget")
+    ap.add_argument("--unet-steps", type=int, default=None, help="schedule length; overrides the budget")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--check-steps", type=int, default=None, metavar="K")
+    ap.add_argument("--no-eval", action="store_true", help="skip the held-out figures")
+    args = ap.parse_args(argv)
+
+    if args.check_steps is not None:
+        out = check_steps(args.check_steps, args.out, threads=args.threads)
+        print(json.dumps(out))
+        return 0
+
+    check_overwrite(args.out, args.force)
+    st = _settings_from(args)
+    torch.set_num_threads(st.threads)
+    torch.manual_seed(st.seed)  # belt and braces; every random draw below uses explicit generators
+    photos = training_photos()
+    t_start = time.perf_counter()
+    comps = build_tiny_components(st.seed)
+    for m in ("unet", "text_encoder"):
+        comps[m].requires_grad_(False)
+    print(f"training photos: {[p.name for p in photos]}; threads {st.threads}", flush=True)
+
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    vae_rec = train_vae(comps["vae"], photos, st, args.vae_minutes, args.vae_steps, log=log)
+    comps["vae"].requires_grad_(False)
+    std = latent_std(comps["vae"], photos, st)
+    comps["vae"].register_to_config(scaling_factor=1.0 / std)
+    log(f"vae done: {vae_rec['steps_run']} steps; latent std {std:.4f} -> scaling_factor {1.0 / std:.5f}")
+
+    comps["unet"].requires_grad_(True)
+    unet_rec = train_unet(comps, photos, st, args.unet_minutes, args.unet_steps, log=log)
+    comps["unet"].requires_grad_(False)
+    log(f"unet done: {unet_rec['steps_run']} steps")
+
+    from .base import Target
+
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    target = Target(**comps, name="tiny", source="spdbench:tiny-trained")
+    target.save_pretrained(tmp)
+    record = dict(
+        script="spdbench.targets.train_tiny", script_version=SCRIPT_VERSION,
+        command=" ".join(["python -m spdbench.targets.train_tiny"] + list(argv if argv is not None else sys.argv[1:])),
+        settings=st.__dict__, threads=st.threads,
+        text_encoder="frozen at its seeded random init (build_tiny_components(seed)); prompts embedded once",
+        torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+        data=[dict(name=p.name, file=p.relpath, package=p.package, license=p.license,
+                   sha256=sha256_file(p.path), caption=CAPTIONS[p.name]) for p in photos],
+        vae=vae_rec, latent_std=std, scaling_factor=1.0 / std,
+        unet=unet_rec, wall_seconds=time.perf_counter() - t_start,
+    )
+    if not args.no_eval:
+        from .evaluate_tiny import evaluate
+
+        log("evaluating on held-out photos ...")
+        record["heldout"] = evaluate(target)
+        log(json.dumps(record["heldout"], indent=1))
+    record["weights_sha256"] = weight_hashes(tmp)
+    record["folder_bytes"] = folder_bytes(tmp)
+    (tmp / TRAINING_JSON).write_text(json.dumps(record, indent=1))
+    if args.out.exists():
+        check_overwrite(args.out, args.force)
+        shutil.rmtree(args.out)
+    os.replace(tmp, args.out)
+    log(f"saved {args.out} ({record['folder_bytes'] / 1e6:.1f} MB) in {record['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
