@@ -22,12 +22,10 @@ __all__ = [
 
 def __getattr__(name: str):
     # heavy or later-built parts load lazily so `import spdbench` stays fast
+    import importlib
+
     if name == "run":
-        from .harness import run
-
-        return run
-    if name == "metrics":
-        from . import metrics
-
-        return metrics
+        return importlib.import_module(".harness", __name__).run
+    if name in ("metrics", "harness", "leaderboard", "editing", "suites"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'spdbench' has no attribute {name!r}")

@@ -58,20 +58,35 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from .harness import run
-    from .leaderboard import ranking, ranking_markdown, records_frame
+    from .leaderboard import ranking, ranking_markdown
 
     params = _params(args.param or [])
     if args.preset:
         params["preset"] = args.preset
     eps = args.eps.split(",") if args.eps else None
     prompts = args.prompts.split(",") if args.prompts else None
+    purifiers = args.purifiers.split(",") if args.purifiers else None
+    common = dict(norm=args.norm, prompts=prompts, target=args.target, data=args.data, manifest=args.manifest,
+                  device=args.device, dtype=args.dtype, resume=args.resume, purifiers=purifiers)
+    attacks = args.attack.split(",")
+    if args.backend != "serial" or len(attacks) > 1:
+        from .backends import run_grid
+        from .results import Status
+        from .suites import get_suite
+
+        out = Path(args.out) if args.out else Path("spdbench-runs") / f"{args.suite}-grid"
+        suite = get_suite(args.suite)
+        records = run_grid(attacks, suite, eps or list(suite.eps), out, backend=args.backend,
+                           attack_params=params, ray_address=args.ray_address, **common)
+        print(ranking_markdown(ranking(records)))
+        failed = [r for r in records if r.status == Status.error]
+        for rec in failed:
+            print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
+        return EXIT_FAILED_CELLS if failed else EXIT_OK
     out = Path(args.out) if args.out else Path("spdbench-runs") / f"{args.suite}-{args.attack}"
-    result = run(args.attack, suite=args.suite, eps=eps, out=out, norm=args.norm, prompts=prompts,
-                 attack_params=params, target=args.target, data=args.data, manifest=args.manifest,
-                 device=args.device, dtype=args.dtype, resume=args.resume, progress=not args.quiet)
-    df = records_frame(result.records)
-    if not df.empty:
-        print(ranking_markdown(ranking(df)))
+    result = run(args.attack, suite=args.suite, eps=eps, out=out, attack_params=params, progress=not args.quiet,
+                 **common)
+    print(ranking_markdown(ranking(result.records)))
     print(f"\n{len(result.computed)} cell(s) computed, {len(result.reused)} reused; records in {result.out}/records")
     for rec in result.failed:
         print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
@@ -79,7 +94,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from .leaderboard import build, ranking, ranking_markdown, records_frame
+    from .leaderboard import build, ranking, ranking_markdown
     from .results import load_records
 
     dirs = [Path(d) for d in (args.records or ["spdbench-runs"])]
@@ -94,7 +109,7 @@ def cmd_leaderboard(args) -> int:
     out = Path(args.out) if args.out else dirs[0] / "leaderboard"
     formats = args.format.split(",")
     written = build(records, out, formats)
-    print(ranking_markdown(ranking(records_frame(records))))
+    print(ranking_markdown(ranking(records)))
     for fmt, path in written.items():
         print(f"wrote {fmt}: {path}")
     return EXIT_OK
@@ -137,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run an attack through a suite")
     s.add_argument("--suite", default="smoke")
-    s.add_argument("--attack", required=True)
+    s.add_argument("--attack", required=True, help="attack name, or several separated by commas (a grid)")
     s.add_argument("--preset", help="a named parameter preset of the attack (e.g. madry)")
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="attack parameter (JSON value)")
     s.add_argument("--eps", help="comma-separated budgets, e.g. 4/255,16/255 (default: the suite's)")
@@ -151,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse finished cells in --out (default on)")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--purifiers", help="also score protection after purifiers, e.g. jpeg75,resize0.5,blur1,diffpure0.2")
+    s.add_argument("--backend", default="serial", choices=["serial", "ray"],
+                   help="ray: one task per (attack, eps) with one GPU each; --out must be shared by all nodes")
+    s.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local one)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_run)
 

@@ -26,6 +26,7 @@ from .errors import AttackError, InputError, SpdbenchError, UnknownNameError, di
 from .images import check_images
 from .protect import Protection, fit_universal, protect
 from .provenance import environment
+from .purify import get_purifier
 from .results import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes, cell_id,
                       finished_cells, write_jsonl, write_record, load_records)
 from .suites import Suite, get_suite
@@ -85,9 +86,13 @@ def _resolve_prompts(keys: Sequence[str]) -> list[str]:
 def _save_protection(path: Path, adv: torch.Tensor, images: torch.Tensor, meta: dict[str, str]) -> str:
     """Store delta exactly as integers on the 8-bit grid (int16, -255..255); safetensors, no pickle."""
     delta255 = torch.round((adv - images) * 255).to(torch.int16).cpu().contiguous()
-    data = save({"delta255": delta255}, metadata=meta)
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(path, save({"delta255": delta255}, metadata=meta))
+    return delta_sha256(delta255)
+
+
+def delta_sha256(delta255: torch.Tensor) -> str:
+    """Hash of the perturbation itself (not of the file, whose metadata holds timings)."""
+    return hashlib.sha256(delta255.to(torch.int16).contiguous().numpy().tobytes()).hexdigest()
 
 
 def load_protection(path: Union[str, Path], images: torch.Tensor) -> torch.Tensor:
@@ -102,7 +107,8 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         images: Optional[torch.Tensor] = None, image_names: Optional[Sequence[str]] = None,
         data: Union[str, Path, None] = None, manifest: Union[str, Path, None] = None,
         device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
-        resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: bool = False) -> RunResult:
+        resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: bool = False,
+        purifiers: Optional[Sequence[str]] = None) -> RunResult:
     """Run one attack over a suite's budget grid and prompts; write and return the records.
 
     Finished cells in `out` are reused (resume); a failing cell is recorded with its error and the
@@ -113,6 +119,7 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     eps_list = [eps] if isinstance(eps, (str, float, int)) else list(eps or suite.eps)
     budgets = [Budget(norm or suite.norm, e) for e in eps_list]
     prompt_keys = _resolve_prompts(prompts or suite.prompts)
+    purifier_list = [get_purifier(p) for p in (suite.purifiers if purifiers is None else purifiers)]
     if not isinstance(target, Target):
         target = load_target(target or suite.target, device=device, dtype=dtype)
     if images is None:
@@ -130,6 +137,11 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     editor = Editor(target, suite.edit, cache_dir=cache_dir or out / "cache", batch_size=suite.attack_batch_size)
     seeds = [image_seed(suite.edit, images[i]) for i in range(len(images))]
     shas = [_sha(images[i]) for i in range(len(images))]
+    data_sha = hashlib.sha256("".join(shas).encode()).hexdigest()
+    suite_cfg = suite.to_dict()
+    suite_cfg["purifiers"] = [p.name for p in purifier_list]
+    # the grid being run (eps list, prompts) is not part of a cell's identity: cells are shared across grids
+    id_cfg = {k: v for k, v in suite_cfg.items() if k not in ("eps", "prompts", "description")}
     done = finished_cells(out) if resume else {}
     env = environment(target.device)
     tinfo = TargetInfo(name=target.name, source=target.source, fingerprint=target.fingerprint,
@@ -137,18 +149,18 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     result = RunResult(records=[], out=out)
 
     for budget in budgets:
-        ids = {(pk, sp): cell_id(attack.name, attack.params, suite.name, budget.norm, format_eps(budget.eps), pk,
-                                 sp.value, target.fingerprint)
+        ids = {(pk, sp): cell_id(attack.name, _jsonable(attack.params), id_cfg, budget.norm,
+                                 format_eps(budget.eps), pk, sp.value, target.fingerprint, data_sha)
                for pk in prompt_keys for sp in splits}
         if all(i in done for i in ids.values()):
             result.records.extend(done[i] for i in ids.values())
             result.reused.extend(ids.values())
             continue
         base = dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
-                    universal=attack.universal, suite=suite.name, norm=budget.norm, eps=budget.eps,
+                    universal=attack.universal, suite=suite.name, suite_config=suite_cfg, norm=budget.norm, eps=budget.eps,
                     eps_label=format_eps(budget.eps), attack_seed=suite.attack_seed, split_seed=suite.split_seed,
                     target=tinfo, edit=suite.edit.to_dict(), provenance=env,
-                    metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT})
+                    metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT_METRICS})
         try:
             protections, pfile, psha = _protect_all(attack, target, images, splits, budget, suite, out, base)
         except SpdbenchError as exc:
@@ -164,6 +176,7 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         for sp, idx in splits.items():
             adv_all[idx] = protections[sp].adv
         imperceptibility = metrics_mod.score(adv_all, images)
+        purified_imgs = {p.name: p(adv_all, target) for p in purifier_list}
         for pk in prompt_keys:
             if all(ids[(pk, sp)] in done for sp in splits):
                 result.records.extend(done[ids[(pk, sp)]] for sp in splits)
@@ -176,6 +189,8 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
             t0 = time.perf_counter()
             protection = metrics_mod.score(adv_edits, clean_edits)
             score_s = time.perf_counter() - t0
+            purified = {name: metrics_mod.score(editor.edit(img, PROMPTS[pk], seeds), clean_edits)
+                        for name, img in purified_imgs.items()}
             for sp, idx in splits.items():
                 p = protections[sp]
                 n = len(idx)
@@ -187,6 +202,8 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
                     protection_mean={m: float(v[idx].mean()) for m, v in protection.items()},
                     imperceptibility={m: v[idx].tolist() for m, v in imperceptibility.items()},
                     imperceptibility_mean={m: float(v[idx].mean()) for m, v in imperceptibility.items()},
+                    purified={n: {m: v[idx].tolist() for m, v in sc.items()} for n, sc in purified.items()},
+                    purified_mean={n: {m: float(v[idx].mean()) for m, v in sc.items()} for n, sc in purified.items()},
                     timing=Timing(attack_wall_s=p.wall_s, attack_device_s=p.device_s, fit_wall_s=p.fit_wall_s,
                                   per_image_s=p.wall_s / n, edit_wall_s=edit_s * n / len(images),
                                   score_wall_s=score_s * n / len(images), peak_memory_bytes=p.peak_memory_bytes),
@@ -215,7 +232,7 @@ def _protect_all(attack: Attack, target: Target, images: torch.Tensor, splits: d
             meta = f.metadata()
         adv = load_protection(path, images)
         stored = _protections_from_meta(meta, adv, splits)
-        return stored, rel, hashlib.sha256(path.read_bytes()).hexdigest()
+        return stored, rel, delta_sha256(load_file(str(path))["delta255"])
     protections: dict = {}
     if attack.universal:
         train = images[splits[Split.train]]

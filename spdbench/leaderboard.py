@@ -9,9 +9,11 @@ import html
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+import numpy as np
 import pandas as pd
 
 from .results import Record, Status, load_records
+from .stats import bootstrap_ci
 
 PROTECTION = ("ssim", "psnr", "vifp", "fsim")
 LABELS = {"ssim": "SSIM", "psnr": "PSNR", "vifp": "VIFp", "fsim": "FSIM"}
@@ -47,18 +49,45 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
     return t.sort_index(axis=1, level=0, sort_remaining=False)
 
 
-def ranking(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """One row per (method, eps): protection means over prompts (on `split`), imperceptibility, cost.
+def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd.DataFrame:
+    """One row per (method, suite, norm, eps): protection means on `split` with 95% bootstrap CIs.
 
-    Sorted by SSIM ascending: lower similarity between clean and protected edits = stronger.
+    Per image, values are first averaged over prompts (the same photos are edited with every
+    prompt), then images are resampled. Columns `M`, `M_lo`, `M_hi` for each protection metric,
+    `ssim_after_<purifier>` (+ CI) for each purifier, imperceptibility PSNR, and costs. Sorted by
+    SSIM ascending: lower similarity between clean and protected edits = stronger immunization.
     """
+    ok = [r for r in records if r.status == Status.ok]
+    if any(r.split.value == split for r in ok):
+        ok = [r for r in ok if r.split.value == split]
+    groups: dict[tuple, list[Record]] = {}
+    for r in ok:
+        groups.setdefault((method_label(r), r.suite, r.norm, r.eps, r.eps_label), []).append(r)
+    rows = []
+    for (method, suite, norm, eps, label), recs in groups.items():
+        row: dict = dict(method=method, suite=suite, norm=norm, eps=eps, eps_label=label,
+                         n_images=len(recs[0].image_names), prompts=len(recs))
+        series = {m: [r.protection.get(m, []) for r in recs] for m in PROTECTION}
+        for name in sorted({p for r in recs for p in r.purified}):
+            series[f"ssim_after_{name}"] = [r.purified.get(name, {}).get("ssim", []) for r in recs]
+        for col, per_prompt in series.items():
+            per_prompt = [v for v in per_prompt if v]
+            if not per_prompt:
+                continue
+            per_image = np.mean(np.asarray(per_prompt, dtype=np.float64), axis=0)
+            ci = bootstrap_ci(per_image, seed=seed)
+            row[col], row[f"{col}_lo"], row[f"{col}_hi"] = ci.mean, ci.low, ci.high
+        row["imp_psnr"] = float(np.mean([r.imperceptibility_mean.get("psnr", np.nan) for r in recs]))
+        row["seconds_per_image"] = float(np.mean([r.timing.per_image_s for r in recs]))
+        fits = [r.timing.fit_wall_s for r in recs if r.timing.fit_wall_s is not None]
+        row["fit_seconds"] = max(fits) if fits else None
+        mems = [r.timing.peak_memory_bytes for r in recs if r.timing.peak_memory_bytes]
+        row["peak_memory_mb"] = max(mems) / 2**20 if mems else None
+        rows.append(row)
+    df = pd.DataFrame(rows)
     if df.empty:
         return df
-    d = df[df["split"] == split] if split in set(df["split"]) else df
-    agg = {m: "mean" for m in PROTECTION}
-    agg.update(imp_psnr="mean", seconds_per_image="mean", fit_seconds="max", n_images="max")
-    r = d.groupby(["method", "suite", "norm", "eps", "eps_label"]).agg(agg).reset_index()
-    return r.sort_values(["suite", "eps", "ssim"]).reset_index(drop=True)
+    return df.sort_values(["suite", "eps", "ssim"]).reset_index(drop=True)
 
 
 def _fmt(v) -> str:
@@ -69,14 +98,30 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _with_ci(row, col: str) -> str:
+    if col not in row or pd.isna(row[col]):
+        return "–"
+    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
+    if lo is None or pd.isna(lo):
+        return _fmt(row[col])
+    return f"{_fmt(row[col])} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def ranking_markdown(r: pd.DataFrame) -> str:
-    cols = ["method", "suite", "eps_label", "ssim", "psnr", "vifp", "fsim", "imp_psnr", "seconds_per_image",
-            "fit_seconds", "n_images"]
-    head = ["method", "suite", "eps", "SSIM ↓", "PSNR ↓", "VIFp ↓", "FSIM ↓", "imperceptibility PSNR ↑",
-            "s / image", "fit s", "images"]
+    """The ranking as a Markdown table; metric cells read `mean [95% CI]`."""
+    if r.empty:
+        return "(no finished records)"
+    after = [c for c in r.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))]
+    head = (["method", "suite", "eps", "SSIM ↓", "PSNR ↓", "VIFp ↓", "FSIM ↓"]
+            + [f"SSIM after {c[len('ssim_after_'):]} ↓" for c in after]
+            + ["imperceptibility PSNR ↑", "s / image", "fit s", "images"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in r.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+        cells = [row["method"], row["suite"], row["eps_label"]] + [_with_ci(row, m) for m in PROTECTION]
+        cells += [_with_ci(row, c) for c in after]
+        cells += [_fmt(row.get("imp_psnr")), _fmt(row.get("seconds_per_image")), _fmt(row.get("fit_seconds")),
+                  _fmt(row.get("n_images"))]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -121,7 +166,7 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     df = records_frame(records)
-    rank, t1 = ranking(df), table1(df)
+    rank, t1 = ranking(records), table1(df)
     written: dict[str, Path] = {}
     failed = [r for r in records if r.status != Status.ok]
     note = (f"\n\n{len(failed)} failed cell(s): " + ", ".join(r.cell_id for r in failed)) if failed else ""
@@ -141,7 +186,7 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
         written["md"].write_text(md)
     if "html" in formats:
         written["html"] = out_dir / "index.html"
-        body = rank.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–", classes="rank")
+        body = _markdown_table_to_html(ranking_markdown(rank))
         body1 = t1.to_html(float_format=lambda v: f"{v:.4f}", na_rep="–") if not t1.empty else ""
         img = f'<img src="{plot.name}" alt="metrics vs eps" style="max-width:100%">' if plot else ""
         written["html"].write_text(
@@ -152,6 +197,17 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
             f"Ranking on the test split.</p><h2>Ranking</h2>{body}<h2>Table 1 layout</h2>{body1}{img}"
             f"<p>{html.escape(note)}</p></body></html>")
     return written
+
+
+def _markdown_table_to_html(md: str) -> str:
+    """The same table (with its CI cells) as HTML, so the page and the Markdown never disagree."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    if len(lines) < 2:
+        return f"<p>{html.escape(md)}</p>"
+    cells = [[html.escape(c.strip()) for c in ln.strip("|").split("|")] for ln in lines]
+    head = "".join(f"<th>{c}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[2:])
+    return f"<table class='rank'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def build_from_dirs(dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path], formats=("md", "csv", "html")):

@@ -6,6 +6,8 @@
 
 Options: --spdbench-suite (default smoke), --spdbench-target (default: the suite's),
 --spdbench-baseline DIR (regression mode: fail when protection weakens significantly).
+To use a custom suite, override the session-scoped `spdbench_suite` fixture in a conftest.py
+(or the test module) with `@pytest.fixture(scope="session")`.
 """
 from __future__ import annotations
 
@@ -35,12 +37,25 @@ def spdbench_suite(request):
     return get_suite(request.config.getoption("--spdbench-suite"))
 
 
+def _device(config) -> str | None:
+    """--spdbench-device, or under pytest-xdist on a multi-GPU machine one GPU per worker (gwN -> cuda:N)."""
+    import os
+
+    import torch
+
+    device = config.getoption("--spdbench-device")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if device in (None, "cuda") and worker.startswith("gw") and torch.cuda.is_available():
+        return f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
+    return device
+
+
 @pytest.fixture(scope="session")
 def spdbench_target(request, spdbench_suite):
     from spdbench.targets import load_target
 
     name = request.config.getoption("--spdbench-target") or spdbench_suite.target
-    return load_target(name, device=request.config.getoption("--spdbench-device"))
+    return load_target(name, device=_device(request.config))
 
 
 @pytest.fixture(scope="session")

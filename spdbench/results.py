@@ -75,6 +75,7 @@ class Record(BaseModel):
     preset: Optional[str] = None
     universal: bool = False
     suite: str
+    suite_config: dict[str, Any] = {}
     norm: str
     eps: float = Field(gt=0)
     eps_label: str
@@ -92,6 +93,9 @@ class Record(BaseModel):
     protection_mean: dict[str, float] = {}
     imperceptibility: dict[str, list[float]] = {}
     imperceptibility_mean: dict[str, float] = {}
+    #: protection after each purifier (edit(purify(x+delta)) vs edit(x)), per image and mean
+    purified: dict[str, dict[str, list[float]]] = {}
+    purified_mean: dict[str, dict[str, float]] = {}
     metric_conventions: dict[str, str] = {}
     timing: Timing = Timing()
     validation: Validation = Validation()
@@ -101,10 +105,11 @@ class Record(BaseModel):
     provenance: dict[str, Any] = {}
 
 
-def cell_id(attack: str, params: dict, suite: str, norm: str, eps_label: str, prompt_key: str, split: str,
-            target_fingerprint: str) -> str:
-    """Stable id of a cell: readable prefix + hash of everything that defines it."""
-    blob = json.dumps([attack, params, suite, norm, eps_label, prompt_key, split, target_fingerprint],
+def cell_id(attack: str, params: dict, suite: dict, norm: str, eps_label: str, prompt_key: str, split: str,
+            target_fingerprint: str, data_sha256: str = "") -> str:
+    """Stable id of a cell: readable prefix + hash of everything that defines it (attack and its
+    parameters, the full suite settings, budget, prompt, split, model weights and the images)."""
+    blob = json.dumps([attack, params, suite, norm, eps_label, prompt_key, split, target_fingerprint, data_sha256],
                       sort_keys=True, default=str)
     short = hashlib.sha256(blob.encode()).hexdigest()[:10]
     return f"{attack}__{norm}-{eps_label.replace('/', 'o')}__{prompt_key}__{split}__{short}"

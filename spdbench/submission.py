@@ -68,13 +68,15 @@ def _stored_delta(folder: Path, rec: Record) -> torch.Tensor:
     path = _safe_relpath(folder, rec.perturbation_file)
     if not path.is_file():
         raise RecordError(f"record {rec.cell_id}: perturbation file {rec.perturbation_file} is missing")
-    data = path.read_bytes()
-    if rec.perturbation_sha256 and hashlib.sha256(data).hexdigest() != rec.perturbation_sha256:
-        raise RecordError(f"record {rec.cell_id}: perturbation file {rec.perturbation_file} does not match its sha256")
+    from .harness import delta_sha256
+
     try:
-        return load_file(str(path))["delta255"].float() / 255.0
+        delta255 = load_file(str(path))["delta255"]
     except (SafetensorError, KeyError, OSError) as exc:
         raise RecordError(f"perturbation file {rec.perturbation_file} is not a spdbench safetensors file: {exc}") from None
+    if rec.perturbation_sha256 and delta_sha256(delta255) != rec.perturbation_sha256:
+        raise RecordError(f"record {rec.cell_id}: perturbation file {rec.perturbation_file} does not match its sha256")
+    return delta255.float() / 255.0
 
 
 def verify(folder: Union[str, Path], sample: int = 1, tolerance: float = 2e-3, rerun: bool = True,

@@ -31,6 +31,7 @@ class Suite:
     attack_batch_size: int = 8
     split_seed: int = 0
     attack_seed: int = 0
+    purifiers: tuple[str, ...] = ()  # optional robustness stage (purify.PURIFIERS)
     description: str = ""
 
     def to_dict(self) -> dict:

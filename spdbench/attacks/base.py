@@ -51,6 +51,8 @@ class Attack:
         if preset is not None:
             merged.update(self.presets[preset])
         merged.update(params)
+        if not self.name:  # an unregistered class used directly still gets a readable name
+            self.name = type(self).__name__
         self.preset = preset
         self.params: dict[str, Any] = merged
         for key, value in merged.items():

@@ -1,0 +1,143 @@
+"""The img2img editing suite: prompts, explicit settings, per-image seeds, batched edits, clean-edit cache.
+
+Clean and immunized images are edited with the same prompt, settings and generator seed per image,
+so the only difference between the two edits is the perturbation. Clean edits do not depend on the
+attack, so they are computed once and cached on disk by content hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load_file, save
+
+from .errors import InputError, UnknownNameError, did_you_mean
+from .images import check_images
+
+PROMPTS: dict[str, str] = {
+    "P1": "make it like a watercolor painting",
+    "P2": "apply sunset lighting",
+    "P3": "add some snow",
+    "P4": "",
+}
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """img2img settings; PhotoGuard's strength 0.5 / guidance 7.5 / 50 steps / seed 9222 by default."""
+
+    strength: float = 0.5
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int = 9222
+    eta: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_prompt(prompt: str) -> str:
+    """A key P1..P4 or the prompt text itself; a near-miss key is an error, not a prompt."""
+    if prompt in PROMPTS:
+        return PROMPTS[prompt]
+    if len(prompt) <= 3 and prompt.upper().startswith("P"):
+        raise UnknownNameError(f"unknown prompt key {prompt!r}.{did_you_mean(prompt, PROMPTS)} "
+                               f"Available: {', '.join(PROMPTS)}")
+    return prompt
+
+
+def image_seed(settings: EditSettings, image: torch.Tensor) -> int:
+    """Per-image generator seed from the suite seed and the clean photo's 8-bit bytes: clean and
+    protected edits of one photo share it whatever the order of the photos."""
+    data = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()
+    digest = hashlib.sha256(str(settings.seed).encode() + data).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class Editor:
+    """Batched img2img edits through the target's diffusers pipeline, with an on-disk clean cache."""
+
+    def __init__(self, target, settings: EditSettings, cache_dir: Union[str, Path, None] = None,
+                 batch_size: int = 8) -> None:
+        self.target, self.settings = target, settings
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.batch_size = max(1, int(batch_size))
+        self.cache_hits = self.cache_misses = self.edits_run = 0
+        self.oom_events: list[dict] = []
+
+    def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        return [torch.Generator(device=self.target.device).manual_seed(int(s)) for s in seeds]
+
+    @torch.no_grad()
+    def _edit_batch(self, images: torch.Tensor, prompt: str, seeds: Sequence[int]) -> torch.Tensor:
+        s = self.settings
+        pipe = self.target.img2img()
+        out = pipe(prompt=[prompt] * len(images), image=images.to(self.target.device, self.target.dtype),
+                   strength=s.strength, num_inference_steps=s.steps, guidance_scale=s.guidance, eta=s.eta,
+                   generator=self._generators(seeds), output_type="pt").images
+        self.edits_run += len(images)
+        return out.float().clamp(0, 1)
+
+    def edit(self, images: torch.Tensor, prompt: str, seeds: Sequence[int]) -> torch.Tensor:
+        """Edit every image with its own seed; batches shrink by half on out-of-memory."""
+        check_images(images, "images")
+        if len(seeds) != len(images):
+            raise InputError(f"got {len(images)} images but {len(seeds)} seeds")
+        text = resolve_prompt(prompt)
+        outs, start, bs = [], 0, self.batch_size
+        while start < len(images):
+            try:
+                outs.append(self._edit_batch(images[start:start + bs], text, seeds[start:start + bs]))
+                start += bs
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if "out of memory" not in str(exc).lower() or bs == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.oom_events.append({"batch_size": bs, "retry_with": bs // 2})
+                bs //= 2
+        return torch.cat(outs)
+
+    def _key(self, image: torch.Tensor, text: str) -> str:
+        blob = json.dumps([self.settings.to_dict(), text, self.target.fingerprint, str(self.target.dtype)])
+        data = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()
+        return hashlib.sha256(blob.encode() + data).hexdigest()
+
+    def edit_clean(self, images: torch.Tensor, prompt: str, seeds: Sequence[int]) -> torch.Tensor:
+        """Like `edit`, but each result is cached on disk by (image, prompt, settings, model)."""
+        if self.cache_dir is None:
+            return self.edit(images, prompt, seeds)
+        text = resolve_prompt(prompt)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        keys = [self._key(img, text) for img in images]
+        out: list[Optional[torch.Tensor]] = [None] * len(images)
+        todo = []
+        for i, k in enumerate(keys):
+            path = self.cache_dir / f"{k}.safetensors"
+            if path.is_file():
+                try:
+                    out[i] = load_file(str(path))["edit"].to(images.device)
+                    self.cache_hits += 1
+                    continue
+                except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
+                    pass
+            todo.append(i)
+        if todo:
+            self.cache_misses += len(todo)
+            edited = self.edit(images[todo], text, [seeds[i] for i in todo])
+            for j, i in enumerate(todo):
+                out[i] = edited[j]
+                _atomic_write(self.cache_dir / f"{keys[i]}.safetensors",
+                              save({"edit": edited[j].detach().cpu().contiguous()}))
+        return torch.stack(out).to(images.device)

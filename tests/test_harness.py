@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+
+import spdbench
+from spdbench.data import split_indices
+from spdbench.errors import UnknownNameError
+from spdbench.results import Status, load_records, read_record
+
+from harness_helpers import RecordingUAP, fast_images, fast_suite
+
+
+@pytest.fixture(scope="module")
+def target():
+    return spdbench.load_target("tiny-random")
+
+
+def test_run_writes_complete_records_and_resumes(tmp_path, target):
+    images = fast_images()
+    res = spdbench.run("uniform-noise", suite=fast_suite(), out=tmp_path, target=target, images=images,
+                       eps=["8/255", "16/255"])
+    assert res.ok and len(res.records) == 4 and len(res.computed) == 4  # 2 eps x 1 prompt x 2 splits
+    rec = res.records[0]
+    assert set(rec.protection) == {"ssim", "psnr", "vifp", "fsim"}
+    assert len(rec.protection["ssim"]) == len(rec.image_names) == len(rec.edit_seeds)
+    assert rec.target.fingerprint == target.fingerprint and rec.provenance["libraries"]["torch"]
+    assert rec.imperceptibility_mean["psnr"] > 25
+    n_train = len(split_indices(6)[0])
+    assert {len(r.image_names) for r in res.records} == {n_train, 6 - n_train}
+    files = sorted((tmp_path / "records").glob("*.json"))
+    assert len(files) == 4 and (tmp_path / "records.jsonl").is_file()
+    before = {f: f.read_bytes() for f in files}
+    again = spdbench.run("uniform-noise", suite=fast_suite(), out=tmp_path, target=target, images=images,
+                         eps=["8/255", "16/255"])
+    assert again.computed == [] and len(again.reused) == 4
+    assert {f: f.read_bytes() for f in files} == before, "resume must not rewrite finished records"
+
+
+def test_clean_and_protected_edits_share_seeds_and_none_is_identity(tmp_path, target):
+    res = spdbench.run("none", suite=fast_suite(), out=tmp_path, target=target, images=fast_images(4))
+    for rec in res.records:
+        assert rec.protection_mean["ssim"] == pytest.approx(1.0, abs=1e-5), "same seed + same image = same edit"
+
+
+def test_universal_attack_never_sees_test_images(tmp_path, target):
+    images = fast_images(6)
+    RecordingUAP.seen.clear()
+    spdbench.run("test-recording-uap", suite=fast_suite(), out=tmp_path, target=target, images=images)
+    train, test = split_indices(6)
+    assert len(RecordingUAP.seen) == 1
+    seen = RecordingUAP.seen[0]
+    assert torch.equal(seen, images[train])
+    for i in test:
+        assert not any(torch.equal(images[i], s) for s in seen)
+
+
+def test_over_budget_delta_is_projected_and_flagged(tmp_path, target):
+    res = spdbench.run("test-over-budget", suite=fast_suite(), out=tmp_path, target=target, images=fast_images(4))
+    assert res.ok
+    for rec in res.records:
+        assert rec.validation.projected and rec.validation.over_budget_images == len(rec.image_names)
+        assert rec.validation.max_norm_returned == pytest.approx(3 * 16 / 255, rel=1e-4)
+        assert rec.imperceptibility_mean["psnr"] > 20  # the stored image respects the budget
+
+
+@pytest.mark.parametrize("name,needle", [("test-nan", "NaN"), ("test-wrong-shape", "shape"),
+                                         ("test-wrong-dtype", "dtype"), ("test-raises", "boom inside")])
+def test_bad_attack_output_is_an_error_record_and_run_continues(tmp_path, target, name, needle):
+    res = spdbench.run(name, suite=fast_suite(), out=tmp_path, target=target, images=fast_images(4),
+                       eps=["8/255", "16/255"])
+    assert not res.ok and len(res.failed) == 4
+    assert all(needle in r.error for r in res.failed)
+    stored = load_records(tmp_path)
+    assert len(stored) == 4 and all(r.status == Status.error for r in stored)
+
+
+def test_unknown_prompt_and_suite(tmp_path, target):
+    with pytest.raises(UnknownNameError, match="Did you mean 'P3'"):
+        spdbench.run("none", suite=fast_suite(), prompts=["p3"], out=tmp_path, target=target, images=fast_images(2))
+    with pytest.raises(UnknownNameError, match="unknown suite"):
+        spdbench.run("none", suite="smok", out=tmp_path)
+
+
+def test_corrupt_record_is_recomputed_not_trusted(tmp_path, target):
+    images = fast_images(4)
+    res = spdbench.run("uniform-noise", suite=fast_suite(), out=tmp_path, target=target, images=images)
+    path = tmp_path / "records" / f"{res.records[0].cell_id}.json"
+    path.write_text(path.read_text()[:50])  # truncated
+    again = spdbench.run("uniform-noise", suite=fast_suite(), out=tmp_path, target=target, images=images)
+    assert again.records and res.records[0].cell_id in again.computed
+    assert read_record(path).protection_mean == res.records[0].protection_mean
+
+
+def test_leaderboard_outputs(tmp_path, target):
+    from spdbench.leaderboard import build
+
+    images = fast_images(4)
+    recs = []
+    for attack in ("uniform-noise", "none"):
+        recs += spdbench.run(attack, suite=fast_suite(), out=tmp_path / attack, target=target, images=images).records
+    written = build(recs, tmp_path / "lb")
+    md = written["md"].read_text()
+    assert "uniform-noise" in md and "none" in md and "SSIM" in md
+    csv = written["csv"].read_text()
+    assert csv.splitlines()[0].startswith("method,") and len(csv.splitlines()) == 3
+    assert "<table" in written["html"].read_text() and (tmp_path / "lb" / "metrics_vs_eps.png").is_file()
