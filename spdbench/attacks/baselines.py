@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..budget import Budget
+from ..budget import Budget, clamp_to_image
 from .base import Attack, register
 
 
@@ -24,7 +24,8 @@ class NoAttack(Attack):
 
 @register("uniform-noise")
 class UniformNoise(Attack):
-    """Random noise of the full budget: delta ~ U[-eps, eps] (L-inf) or uniform in the L2 ball.
+    """Random noise of the full budget: delta ~ U[-eps, eps] (L-inf) or uniform in the L2 ball,
+    shrunk where needed so that x + delta stays in [0, 1] (as the harness would clamp it).
 
     The SPD paper's baseline; every optimized attack must beat it on its own objective.
     Shapes: (N, 3, H, W) -> same. Usage: `get_attack("uniform-noise")`.
@@ -33,4 +34,4 @@ class UniformNoise(Attack):
     def perturb(self, images: torch.Tensor, target, budget: Budget,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         self.loss_history = []
-        return budget.random(images, generator=generator)
+        return clamp_to_image(images, budget.random(images, generator=generator))

@@ -79,6 +79,14 @@ def draw(kind: str, shape, generator: Optional[torch.Generator], device, dtype=t
     return fn(tuple(shape), generator=generator, device=where, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def ensure_generator(generator: Optional[torch.Generator]) -> torch.Generator:
+    """`generator`, or a CPU generator seeded from torch's global RNG (so `torch.manual_seed`
+    still makes a run reproducible, and stochastic objectives get fresh draws every step)."""
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+
+
 def start_delta(init: str, like: torch.Tensor, budget: Budget,
                 generator: Optional[torch.Generator]) -> torch.Tensor:
     """The starting perturbation: zeros, or uniform inside the budget ball (drawn with `generator`)."""
@@ -162,6 +170,7 @@ class OptimizedAttack(Attack):
     def perturb(self, images: torch.Tensor, target, budget: Budget,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         check_norm(self, budget)
+        generator = ensure_generator(generator)
         delta = clamp_to_image(images, budget.project(start_delta(self.init, images, budget, generator)))
 
         def loss_fn(d: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
 def load_target(name: Union[str, Path] = "tiny", device: Union[str, torch.device, None] = None,
                 dtype: Union[str, torch.dtype, None] = None) -> Target:
     """"tiny" (the trained offline model shipped in the package), "tiny-random[-SEED]"
-    (random weights, plumbing only), a diffusers folder, or a hub id such as SD15_HUB_ID."""
+    (random weights, plumbing only), "sd15-arch-random[-SEED]" (SD1.5's full architecture with random
+    weights, for GPU timings), a diffusers folder, or a hub id such as SD15_HUB_ID."""
     dtype = parse_dtype(dtype)
     text = str(name)
     if text == "tiny":
@@ -39,6 +40,11 @@ def load_target(name: Union[str, Path] = "tiny", device: Union[str, torch.device
                 "use 'tiny-random' or train it with `python -m spdbench.targets.train_tiny`"
             )
         return load_sd15(TRAINED_DIR, device=device, dtype=dtype, name="tiny")
+    if text == "sd15-arch-random" or text.startswith("sd15-arch-random-"):
+        from .sd15_arch import build_sd15_random
+
+        seed = int(text.rsplit("-", 1)[1]) if text.count("-") == 3 else 0
+        return build_sd15_random(seed, device=device, dtype=dtype)
     if text == "tiny-random" or text.startswith("tiny-random-"):
         seed = int(text.rsplit("-", 1)[1]) if text.count("-") == 2 else 0
         return build_tiny(seed, device=device, dtype=dtype)

@@ -1,0 +1,315 @@
+"""Property tests of every registered attack, on the random-weight tiny target and real photos (CPU).
+
+Parametrized over `spdbench.list_attacks()`, so an attack is checked the day it is registered:
+budget, range and shape for both norms; bitwise determinism under a seed; beating uniform noise of
+the same eps on its own objective (per image, and on held-out photos for universal attacks).
+Iteration counts are small; the whole file runs in well under a minute on one core.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import spdbench
+from spdbench import Budget
+from spdbench.attacks import attack_class
+from spdbench.attacks.objectives import chunked_mean, kl_to_isotropic_gaussian
+from spdbench.budget import NORMS
+from spdbench.errors import InputError
+
+ATTACKS = spdbench.list_attacks()
+PER_IMAGE_WITH_OBJECTIVE = [n for n in ATTACKS
+                            if attack_class(n).has_objective and not attack_class(n).universal]
+UNIVERSAL = [n for n in ATTACKS if attack_class(n).universal]
+
+#: small settings that keep the file fast; a setting an attack does not accept is left out
+FAST = dict(steps=8, grad_samples=1, eval_samples=2, unroll_steps=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise-repeatable and light on a shared machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photos6():
+    return spdbench.load_photos(n=6, size=64)
+
+
+def make(name: str, **params):
+    cls = attack_class(name)
+    return cls(**{k: v for k, v in {**FAST, **params}.items() if k in cls.defaults})
+
+
+def protect(attack, images, target, budget, seed=0, train=None):
+    """delta for `images`; a universal attack is first fit on `train` (default: the images)."""
+    if attack.universal:
+        attack.fit(images if train is None else train, target, budget, torch.Generator().manual_seed(seed))
+    return attack(images, target, budget, torch.Generator().manual_seed(seed))
+
+
+def mean_objective(attack, images, delta, target):
+    return float(attack.objective((images + delta).clamp(0, 1), target, images).mean())
+
+
+# --- every attack: the contract -----------------------------------------------------------------
+@pytest.mark.parametrize("eps", ["4/255", "16/255"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", ATTACKS)
+def test_delta_respects_budget_range_and_shape(name, norm, eps, tiny_random, photos64):
+    cls = attack_class(name)
+    if norm not in getattr(cls, "norms", NORMS):
+        pytest.skip(f"{name} does not support {norm}")
+    x = photos64[:2]
+    budget = Budget(norm, eps)
+    attack = make(name, steps=3)
+    delta = protect(attack, x, tiny_random, budget)
+    assert delta.shape == x.shape and delta.dtype == x.dtype and delta.device == x.device
+    assert bool(torch.isfinite(delta).all())
+    assert (budget.norms(delta) <= budget.eps + 1e-6).all(), f"{name} left the {budget} ball"
+    adv = x + delta
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert isinstance(attack.loss_history, list)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in attack.loss_history)
+    if "steps" in cls.defaults:
+        assert len(attack.loss_history) == 3, "one loss per iteration, no early stop"
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_same_seed_same_delta(name, tiny_random, photos64):
+    x = photos64[:2]
+    budget = Budget("linf", "8/255")
+    first = protect(make(name, steps=3, init="random"), x, tiny_random, budget, seed=7)
+    second = protect(make(name, steps=3, init="random"), x, tiny_random, budget, seed=7)
+    assert torch.equal(first, second), f"{name} is not deterministic for a fixed generator"
+
+
+@pytest.mark.parametrize("name", PER_IMAGE_WITH_OBJECTIVE)
+def test_beats_uniform_noise_on_own_objective(name, tiny_random, photos64):
+    budget = Budget("linf", "8/255")
+    # photoguard-diffusion's objective is an expectation over noise draws: estimate it with 8
+    # fixed draws (on random weights, one draw's gradient is nearly orthogonal to another's)
+    attack = make(name, steps=10, eval_samples=8)
+    delta = protect(attack, photos64, tiny_random, budget)
+    noise = protect(make("uniform-noise"), photos64, tiny_random, budget)
+    attacked, noisy = (mean_objective(attack, photos64, d, tiny_random) for d in (delta, noise))
+    assert attacked < noisy, f"{name}: objective {attacked:.6g} is not below uniform noise's {noisy:.6g}"
+    objective = attack.objective(photos64 + delta, tiny_random, photos64)
+    assert objective.shape == (photos64.shape[0],) and objective.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", UNIVERSAL)
+def test_universal_beats_noise_on_held_out_photos(name, tiny_random, photos6):
+    train, test = photos6[:3], photos6[3:]
+    budget = Budget("linf", "8/255")
+    attack = make(name, steps=20)
+    delta = protect(attack, test, tiny_random, budget, train=train)
+    assert attack.delta.shape == (1, 3, 64, 64)
+    noise = protect(make("uniform-noise"), test, tiny_random, budget)
+    attacked, noisy = (mean_objective(attack, test, d, tiny_random) for d in (delta, noise))
+    assert attacked < noisy, f"{name}: held-out objective {attacked:.6g} not below noise's {noisy:.6g}"
+
+
+@pytest.mark.parametrize("optimizer", ["pgd", "adam"])
+@pytest.mark.parametrize("name", [n for n in UNIVERSAL if n.startswith("spd-")])
+def test_spd_loss_curve_decreases(name, optimizer, tiny_random, photos64):
+    attack = make(name, steps=15, optimizer=optimizer)
+    attack.fit(photos64[:3], tiny_random, Budget("linf", "8/255"), torch.Generator().manual_seed(0))
+    curve = attack.loss_history
+    assert len(curve) == 15
+    first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+    assert last < first, f"{name}/{optimizer}: loss went from {first:.6g} to {last:.6g}"
+
+
+# --- presets and parameters ---------------------------------------------------------------------
+REFERENCE_PRESETS = {
+    ("photoguard-encoder", "madry"): (Budget("linf", 0.03), dict(steps=1000, step_size=0.01, schedule="linear",
+                                                                init="random", target_image="zero")),
+    ("photoguard-encoder", "madry-demo"): (Budget("linf", 0.06), dict(steps=200, step_size=0.005,
+                                                                     schedule="linear", target_image="grey")),
+    ("photoguard-diffusion", "madry"): (Budget("l2", 8.0), dict(steps=200, step_size=0.5, grad_samples=10,
+                                                               unroll_steps=4, guidance_scale=7.5, eta=1.0,
+                                                               prompt="", init="zero")),
+    ("photoguard-diffusion", "madry-linf"): (Budget("linf", 0.05), dict(steps=200, step_size=0.003)),
+    ("pca-plus", "guo"): (Budget("linf", "16/255"), dict(steps=40, step_size=2 / 255, init="zero",
+                                                        optimizer="pgd")),
+    ("pca-minus", "guo"): (Budget("linf", "16/255"), dict(steps=40, step_size=2 / 255, init="zero", v=1e-8)),
+    ("spd-encoder", "blog"): (None, dict(steps=500, optimizer="pgd", batch_size=None, init="zero")),
+    ("spd-pca-minus", "blog-adam"): (None, dict(steps=500, optimizer="adam")),
+}
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_presets_load_and_carry_their_budgets(name):
+    cls = attack_class(name)
+    assert set(cls.preset_budgets) <= set(cls.presets), f"{name}: a preset budget without its preset"
+    for preset, settings in cls.presets.items():
+        attack = cls(preset=preset)
+        assert attack.preset == preset
+        assert all(attack.params[k] == v for k, v in settings.items())
+        if preset in cls.preset_budgets:
+            assert isinstance(cls.preset_budgets[preset], Budget)
+    for (attack_name, preset), (budget, settings) in REFERENCE_PRESETS.items():
+        if attack_name == name:
+            attack = cls(preset=preset)
+            assert cls.preset_budgets.get(preset) == budget
+            for key, value in settings.items():
+                assert attack.params[key] == value, f"{name}/{preset}: {key}"
+    with pytest.raises(InputError, match="no preset 'nope'"):
+        cls(preset="nope")
+    with pytest.raises(InputError, match="unknown parameter"):
+        cls(stepz=3)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("photoguard-encoder", dict(optimizer="sgd")), ("photoguard-encoder", dict(init="ones")),
+    ("photoguard-encoder", dict(steps=-1)), ("photoguard-encoder", dict(step_size=0)),
+    ("photoguard-encoder", dict(target_image="black")), ("pca-minus", dict(v=0)),
+    ("photoguard-diffusion", dict(unroll_steps=0)), ("photoguard-diffusion", dict(strength=1.5)),
+    ("photoguard-diffusion", dict(autocast_dtype="int8")), ("spd-pca-plus", dict(batch_size=0)),
+    ("spd-encoder", dict(schedule="cosine")),
+])
+def test_bad_parameter_values_are_named(name, params):
+    with pytest.raises(InputError, match=next(iter(params))):
+        spdbench.get_attack(name, **params)
+
+
+# --- the objectives are the stated formulas -----------------------------------------------------
+@pytest.mark.parametrize("v", [1.0, 0.3, 1e-8])
+def test_kl_matches_torch_distributions(v):
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 4, 5, 5, generator=g)
+    logvar = torch.randn(3, 4, 5, 5, generator=g) - 2
+    q = torch.distributions.Normal(mean.double(), (0.5 * logvar.double()).exp())
+    p = torch.distributions.Normal(torch.zeros(()).double(), torch.tensor(v).double().sqrt())
+    expected = torch.distributions.kl_divergence(q, p).flatten(1).sum(1)
+    got = kl_to_isotropic_gaussian(mean, logvar, v)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, rtol=1e-5)
+    # ... and equals -l + d/2 ln v for PosteriorCollapseAttack's l = 1/2 sum(1 + logvar - (mu^2 + sigma^2)/v)
+    l_ref = 0.5 * (1 + logvar - (mean ** 2 + logvar.exp()) / v).flatten(1).sum(1)
+    d = mean[0].numel()
+    assert torch.allclose(got.double(), (-l_ref + d / 2 * math.log(v)).double(), rtol=1e-5)
+
+
+def test_pca_objectives_are_signed_kl(tiny_random, photos64):
+    posterior = tiny_random.encode(photos64)
+    kl1 = kl_to_isotropic_gaussian(posterior.mean, posterior.logvar, 1.0)
+    assert torch.allclose(spdbench.get_attack("pca-plus").objective(photos64, tiny_random, photos64), -kl1)
+    kl_v = kl_to_isotropic_gaussian(posterior.mean, posterior.logvar, 1e-4)
+    got = spdbench.get_attack("pca-minus", v=1e-4).objective(photos64, tiny_random, photos64)
+    assert torch.allclose(got, kl_v)
+
+
+def test_encoder_targets(tiny_random, photos64):
+    x = photos64[:2]
+    mean = tiny_random.encode(x).mean.detach()
+    zero = spdbench.get_attack("photoguard-encoder", target_image="zero")
+    assert torch.allclose(zero.objective(x, tiny_random, x), mean.pow(2).flatten(1).sum(1))
+    grey = spdbench.get_attack("photoguard-encoder")  # default: a mid-grey image's latent
+    z_grey = tiny_random.encode(torch.full((1, 3, 64, 64), 0.5)).mean.detach()
+    assert torch.allclose(grey.objective(x, tiny_random, x), (mean - z_grey).pow(2).flatten(1).sum(1))
+    as_image = spdbench.get_attack("photoguard-encoder", target_image=torch.full((3, 32, 32), 0.5))
+    assert torch.allclose(as_image.objective(x, tiny_random, x), grey.objective(x, tiny_random, x), rtol=1e-4)
+    as_latent = spdbench.get_attack("photoguard-encoder", target_image=z_grey)
+    assert torch.allclose(as_latent.objective(x, tiny_random, x), grey.objective(x, tiny_random, x))
+    with pytest.raises(InputError, match="batch size 3"):
+        spdbench.get_attack("photoguard-encoder", target_image=torch.rand(3, 3, 64, 64)).objective(
+            x, tiny_random, x)
+
+
+def test_diffusion_checkpointing_changes_memory_not_math(tiny_random, photos64):
+    x = photos64[:2]
+    results = []
+    for checkpointing in (True, False):
+        attack = spdbench.get_attack("photoguard-diffusion", unroll_steps=2, eta=1.0, checkpointing=checkpointing)
+        delta = torch.zeros_like(x, requires_grad=True)
+        loss = attack.objective_loss(tiny_random, x + delta, x, torch.Generator().manual_seed(3)).mean()
+        (grad,) = torch.autograd.grad(loss, delta)
+        results.append((loss.detach(), grad))
+    assert torch.allclose(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-8)
+    assert results[0][1].abs().sum() > 0, "the gradient reaches the image through the unrolled steps"
+
+
+def test_diffusion_gradient_descends_a_fixed_noise_draw(tiny_random, photos64):
+    """Through encode -> noise -> unrolled guided UNet steps -> decode, the gradient is right:
+    PGD on one fixed draw (the objective's own) lowers that draw's loss."""
+    from spdbench.optim import optimize
+
+    x = photos64[:2]
+    attack = spdbench.get_attack("photoguard-diffusion", unroll_steps=2, eval_samples=1, prompt="a photo",
+                                 guidance_scale=3.0)
+    assert attack.uses_guidance
+    result = optimize(lambda d: attack.objective_loss(tiny_random, x + d, x).mean(), torch.zeros_like(x),
+                      Budget("linf", "8/255"), steps=6, step_size=2 / 255, images=x)
+    final = float(attack.objective(x + result.delta, tiny_random, x).mean())
+    assert final < result.losses[0] - 1.0, (result.losses, final)
+
+
+def test_diffusion_autocast_runs(tiny_random, photos64):
+    attack = spdbench.get_attack("photoguard-diffusion", unroll_steps=1, eval_samples=1,
+                                 autocast_dtype="bfloat16")
+    value = attack.objective(photos64[:1], tiny_random, photos64[:1])
+    assert value.dtype == torch.float32 and bool(torch.isfinite(value).all())
+
+
+# --- SPD reuses the per-image objectives; universal-attack plumbing -------------------------------
+@pytest.mark.parametrize("name", [n for n in UNIVERSAL if n.startswith("spd-")])
+def test_spd_reuses_the_per_image_objective(name, tiny_random, photos64):
+    attack = spdbench.get_attack(name)
+    per_image_cls = type(attack).objective_attack
+    assert isinstance(attack.per_image, per_image_cls)
+    assert set(type(attack).objective_params) <= set(per_image_cls.defaults)
+    adv = (photos64 + 0.02).clamp(0, 1)
+    expected = per_image_cls().objective(adv, tiny_random, photos64)
+    assert torch.equal(attack.objective(adv, tiny_random, photos64), expected)
+
+
+def test_chunked_mean_equals_full_batch():
+    images = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def fn(delta, chunk):
+        return ((chunk + delta) ** 3).flatten(1).sum(1).sum()
+
+    values = []
+    for chunk_size in (None, 2, 1):
+        delta = torch.full((1, 3, 8, 8), 0.1, requires_grad=True)
+        value = chunked_mean(fn, delta, images, chunk_size)
+        (grad,) = torch.autograd.grad(value, delta)
+        values.append((value.detach(), grad))
+    for value, grad in values[1:]:
+        assert torch.allclose(value, values[0][0]) and torch.allclose(grad, values[0][1])
+
+
+def test_spd_minibatches_and_chunks(tiny_random, photos64):
+    budget = Budget("linf", "8/255")
+    full = spdbench.get_attack("spd-pca-plus", steps=4, chunk_size=None)
+    chunked = spdbench.get_attack("spd-pca-plus", steps=4, chunk_size=1)
+    for attack in (full, chunked):
+        attack.fit(photos64, tiny_random, budget, torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.tensor(full.loss_history), torch.tensor(chunked.loss_history), rtol=1e-5)
+    mini = spdbench.get_attack("spd-pca-plus", steps=4, batch_size=3)
+    delta = mini.fit(photos64, tiny_random, budget, torch.Generator().manual_seed(0))
+    assert delta.shape == (1, 3, 64, 64) and budget.contains(delta)
+
+
+def test_universal_perturb_needs_fit_and_matching_size(tiny_random, photos64):
+    budget = Budget("linf", "4/255")
+    attack = spdbench.get_attack("spd-encoder", steps=1)
+    with pytest.raises(InputError, match="fit"):
+        attack(photos64, tiny_random, budget)
+    attack.fit(photos64[:2], tiny_random, budget)
+    with pytest.raises(InputError, match="size"):
+        attack(torch.rand(1, 3, 32, 32), tiny_random, budget)
+
+
+def test_early_stop_only_when_asked(tiny_random, photos64):
+    attack = spdbench.get_attack("photoguard-encoder", steps=5, stop_below=1e9)
+    attack(photos64[:1], tiny_random, Budget("linf", "4/255"), torch.Generator().manual_seed(0))
+    assert len(attack.loss_history) == 1
