@@ -67,7 +67,8 @@ def cmd_run(args) -> int:
     prompts = args.prompts.split(",") if args.prompts else None
     purifiers = args.purifiers.split(",") if args.purifiers else None
     common = dict(norm=args.norm, prompts=prompts, target=args.target, data=args.data, manifest=args.manifest,
-                  device=args.device, dtype=args.dtype, resume=args.resume, purifiers=purifiers)
+                  device=args.device, dtype=args.dtype, resume=args.resume, purifiers=purifiers,
+                  compile_backend=args.compile_backend)
     attacks = args.attack.split(",")
     if args.backend != "serial" or len(attacks) > 1:
         from .backends import run_grid
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="serial", choices=["serial", "ray"],
                    help="ray: one task per (attack, eps) with one GPU each; --out must be shared by all nodes")
     s.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local one)")
+    s.add_argument("--compile", dest="compile_backend", nargs="?", const="inductor", default=None,
+                   help="torch.compile the VAE and UNet (backend, default inductor); compile time is recorded apart")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_run)
 

@@ -108,7 +108,7 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         data: Union[str, Path, None] = None, manifest: Union[str, Path, None] = None,
         device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
         resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: bool = False,
-        purifiers: Optional[Sequence[str]] = None) -> RunResult:
+        purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None) -> RunResult:
     """Run one attack over a suite's budget grid and prompts; write and return the records.
 
     Finished cells in `out` are reused (resume); a failing cell is recorded with its error and the
@@ -130,6 +130,12 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     if len(names) != len(images):
         raise InputError(f"got {len(images)} images but {len(names)} image names")
     images = images.to(target.device, torch.float32)
+    compile_s = None
+    if compile_backend:
+        t0 = time.perf_counter()
+        target.accelerate(compile_backend=compile_backend)
+        target.warmup(images)
+        compile_s = time.perf_counter() - t0
     out = Path(out or Path("spdbench-runs") / suite.name)
     out.mkdir(parents=True, exist_ok=True)
     train_idx, test_idx = split_indices(len(images), suite.split_seed)
@@ -204,12 +210,13 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
                     imperceptibility_mean={m: float(v[idx].mean()) for m, v in imperceptibility.items()},
                     purified={n: {m: v[idx].tolist() for m, v in sc.items()} for n, sc in purified.items()},
                     purified_mean={n: {m: float(v[idx].mean()) for m, v in sc.items()} for n, sc in purified.items()},
-                    timing=Timing(attack_wall_s=p.wall_s, attack_device_s=p.device_s, fit_wall_s=p.fit_wall_s,
+                    timing=Timing(compile_s=compile_s, attack_wall_s=p.wall_s, attack_device_s=p.device_s, fit_wall_s=p.fit_wall_s,
                                   per_image_s=p.wall_s / n, edit_wall_s=edit_s * n / len(images),
                                   score_wall_s=score_s * n / len(images), peak_memory_bytes=p.peak_memory_bytes),
                     validation=Validation(max_norm_returned=p.max_norm_returned,
                                           over_budget_images=p.over_budget_images,
                                           projected=p.over_budget_images > 0),
+                    oom_events=p.oom_events + editor.oom_events,
                     loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha, **base)
                 write_record(rec, out)
                 result.records.append(rec)
@@ -253,7 +260,7 @@ def _protect_all(attack: Attack, target: Target, images: torch.Tensor, splits: d
         adv_all[idx] = protections[sp].adv
     meta = {f"{sp.value}.{k}": json.dumps(getattr(p, k)) for sp, p in protections.items()
             for k in ("wall_s", "device_s", "peak_memory_bytes", "max_norm_returned", "over_budget_images",
-                      "fit_wall_s", "loss_curve")}
+                      "fit_wall_s", "loss_curve", "oom_events")}
     meta["format"] = "spdbench-perturbation/1"
     sha = _save_protection(path, adv_all, images, meta)
     return protections, rel, sha
@@ -266,7 +273,7 @@ def _protections_from_meta(meta: dict[str, str], adv: torch.Tensor, splits: dict
         out[sp] = Protection(adv=adv[idx], wall_s=get("wall_s"), device_s=get("device_s"),
                              peak_memory_bytes=get("peak_memory_bytes"), max_norm_returned=get("max_norm_returned"),
                              over_budget_images=get("over_budget_images"), loss_curve=get("loss_curve"),
-                             fit_wall_s=get("fit_wall_s"))
+                             fit_wall_s=get("fit_wall_s"), oom_events=get("oom_events"))
     return out
 
 

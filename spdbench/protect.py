@@ -60,6 +60,7 @@ class Protection:
     over_budget_images: int
     loss_curve: list[float] = field(default_factory=list)
     fit_wall_s: Optional[float] = None
+    oom_events: list[dict] = field(default_factory=list)  # batch halvings after CUDA OOM
 
 
 def validate_delta(delta, like: torch.Tensor, attack_name: str, universal: bool = False) -> torch.Tensor:
@@ -104,20 +105,38 @@ def protect(attack: Attack, target, images: torch.Tensor, budget: Budget, *, bat
             delta = fitted_delta.expand_as(images)
             adv, max_norm, over = _enforce(delta, images, budget)
         return Protection(adv, clock.wall_s, clock.device_s, clock.peak_memory_bytes, max_norm, over)
-    advs, curves, max_norm, over_total = [], [], 0.0, 0
+    advs, curves, max_norm, over_total, ooms = [], [], 0.0, 0, []
     with timed(device) as clock:
-        for b, start in enumerate(range(0, len(images), batch_size)):
+        start, b = 0, 0
+        while start < len(images):
             batch = images[start:start + batch_size]
-            gen = torch.Generator(device=device).manual_seed(seed + b)
-            raw = _call_attack(attack, attack, batch, target, budget, gen)
+            # the seed follows the first image of the batch, so a retry after OOM stays deterministic
+            gen = torch.Generator(device=device).manual_seed(seed + start)
+            try:
+                raw = _call_attack(attack, attack, batch, target, budget, gen)
+            except AttackError as exc:
+                if not _is_oom(exc.__cause__) or batch_size == 1:
+                    raise
+                ooms.append({"batch_size": batch_size, "retry_with": batch_size // 2})
+                batch_size //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
             delta = validate_delta(raw, batch, attack.name)
             adv, m, over = _enforce(delta, batch, budget)
             advs.append(adv)
             max_norm, over_total = max(max_norm, m), over_total + over
             if attack.loss_history:
                 curves.append(list(attack.loss_history))
+            start, b = start + len(batch), b + 1
     return Protection(torch.cat(advs), clock.wall_s, clock.device_s, clock.peak_memory_bytes, max_norm,
-                      over_total, loss_curve=_mean_curve(curves))
+                      over_total, loss_curve=_mean_curve(curves), oom_events=ooms)
+
+
+def _is_oom(exc: Optional[BaseException]) -> bool:
+    """CUDA out-of-memory (torch raises OutOfMemoryError, older builds a RuntimeError)."""
+    return exc is not None and (isinstance(exc, torch.cuda.OutOfMemoryError)
+                                or "out of memory" in str(exc).lower())
 
 
 def fit_universal(attack: UniversalAttack, target, train_images: torch.Tensor, budget: Budget,

@@ -41,6 +41,7 @@ class Timing(BaseModel):
     edit_wall_s: float = 0.0
     score_wall_s: float = 0.0
     peak_memory_bytes: Optional[int] = None
+    compile_s: Optional[float] = None   # torch.compile warm-up, reported apart from the attack time
 
 
 class Validation(BaseModel):
@@ -100,6 +101,7 @@ class Record(BaseModel):
     timing: Timing = Timing()
     validation: Validation = Validation()
     loss_curve: list[float] = []
+    oom_events: list[dict[str, int]] = []  # batch-size halvings after CUDA out-of-memory (attack and edits)
     perturbation_file: Optional[str] = None
     perturbation_sha256: Optional[str] = None
     provenance: dict[str, Any] = {}

@@ -105,3 +105,45 @@ def test_leaderboard_outputs(tmp_path, target):
     csv = written["csv"].read_text()
     assert csv.splitlines()[0].startswith("method,") and len(csv.splitlines()) == 3
     assert "<table" in written["html"].read_text() and (tmp_path / "lb" / "metrics_vs_eps.png").is_file()
+
+
+class _OOMAboveTwo(spdbench.Attack):
+    """Simulates a GPU that fits at most two images per attack batch."""
+
+    def perturb(self, images, target, budget, generator=None):
+        if len(images) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.zeros_like(images)
+
+
+def test_attack_oom_halves_the_batch_and_is_recorded():
+    from spdbench.protect import protect
+
+    x = torch.rand(5, 3, 16, 16)
+    p = protect(_OOMAboveTwo(), None, x, spdbench.Budget("linf", "4/255"), batch_size=8, seed=0)
+    assert p.adv.shape == x.shape
+    assert p.oom_events == [{"batch_size": 8, "retry_with": 4}, {"batch_size": 4, "retry_with": 2}]
+
+
+def test_edit_oom_halves_the_batch(monkeypatch, target):
+    from spdbench.editing import EditSettings, Editor
+
+    editor = Editor(target, EditSettings(steps=2), batch_size=4)
+    real = editor._edit_batch
+
+    def fake(images, prompt, seeds):
+        if len(images) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(images, prompt, seeds)
+
+    monkeypatch.setattr(editor, "_edit_batch", fake)
+    x = fast_images(3)
+    out = editor.edit(x, "P3", [1, 2, 3])
+    assert out.shape == x.shape and [e["retry_with"] for e in editor.oom_events] == [2, 1]
+
+
+def test_compile_flag_records_compile_time_apart(tmp_path):
+    t = spdbench.load_target("tiny-random")  # a fresh target: compiling wraps its modules
+    res = spdbench.run("uniform-noise", suite=fast_suite(), out=tmp_path, target=t, images=fast_images(2),
+                       compile_backend="eager")
+    assert res.ok and all(r.timing.compile_s is not None and r.timing.compile_s > 0 for r in res.records)
