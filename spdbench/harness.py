@@ -153,8 +153,12 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     tinfo = TargetInfo(name=target.name, source=target.source, fingerprint=target.fingerprint,
                        dtype=str(target.dtype).replace("torch.", ""), device=str(target.device))
     result = RunResult(records=[], out=out)
+    from tqdm.auto import tqdm
 
+    bar = tqdm(total=len(budgets) * len(prompt_keys), desc=f"{attack.name} on {suite.name}", unit="cell",
+               disable=not progress, leave=False)
     for budget in budgets:
+        bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
         ids = {(pk, sp): cell_id(attack.name, _jsonable(attack.params), id_cfg, budget.norm,
                                  format_eps(budget.eps), pk, sp.value, target.fingerprint, data_sha)
                for pk in prompt_keys for sp in splits}
@@ -184,6 +188,7 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         imperceptibility = metrics_mod.score(adv_all, images)
         purified_imgs = {p.name: p(adv_all, target) for p in purifier_list}
         for pk in prompt_keys:
+            bar.update(1)
             if all(ids[(pk, sp)] in done for sp in splits):
                 result.records.extend(done[ids[(pk, sp)]] for sp in splits)
                 result.reused.extend(ids[(pk, sp)] for sp in splits)
@@ -221,6 +226,7 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
                 write_record(rec, out)
                 result.records.append(rec)
                 result.computed.append(rec.cell_id)
+    bar.close()
     write_jsonl(load_records(out, strict=False), out / "records.jsonl")
     return result
 

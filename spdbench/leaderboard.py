@@ -45,8 +45,10 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     t = df.groupby(["prompt", "split", "method"])[list(PROTECTION)].mean().unstack("method")
+    methods = sorted({meth for _, meth in t.columns})
+    t = t[[(m, meth) for m in PROTECTION for meth in methods if (m, meth) in t.columns]]
     t.columns = pd.MultiIndex.from_tuples([(LABELS[m], meth) for m, meth in t.columns])
-    return t.sort_index(axis=1, level=0, sort_remaining=False)
+    return t
 
 
 def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd.DataFrame:

@@ -31,6 +31,9 @@ def load_sd15(model_id_or_path: Union[str, Path] = SD15_HUB_ID, device: Union[st
     """Load SD1.5 img2img components by hub id or from a `save_pretrained` folder."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()  # loading bars are noise in a benchmark log; our own bars show progress
     source = str(model_id_or_path)
     path = Path(source).expanduser()
     kwargs = dict(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
