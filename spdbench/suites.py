@@ -67,7 +67,7 @@ SUITES: dict[str, Suite] = {
     "smoke": Suite(
         name="smoke", target="tiny", image_size=128, eps=("8/255", "16/255"), prompts=("P3", "P4"),
         edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
-        attack_steps=40, attack_batch_size=11,
+        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1", "diffpure0.2"),
         description="offline trained tiny target, 11 bundled photos at 128 px (7 train / 4 test), CPU minutes",
     ),
     "sd15-quick": Suite(

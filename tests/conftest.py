@@ -2,6 +2,8 @@
 import os
 
 import pytest
+
+pytest_plugins = ["pytester"]
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never try the network in tests (load_sd15 test overrides)

@@ -11,7 +11,7 @@ from spdbench.suites import get_suite
 def fast_suite(**overrides):
     base = dict(target="tiny-random", image_size=64, eps=("16/255",), prompts=("P3",),
                 edit=EditSettings(strength=0.5, steps=4, guidance=7.5, seed=9222), attack_steps=3,
-                attack_batch_size=3)
+                attack_batch_size=3, purifiers=())
     base.update(overrides)
     return get_suite("smoke", **base)
 

@@ -2,7 +2,6 @@
 import textwrap
 from pathlib import Path
 
-pytest_plugins = ["pytester"]
 
 
 def test_attack_author_three_line_test(pytester):
