@@ -116,57 +116,83 @@ class CropSampler:
 
     def __init__(self, photos: Sequence[Photo], crop: int, gain: float, generator: torch.Generator) -> None:
         self.crop, self.gain, self.g = crop, gain, generator
-        self.levels: list[list[torch.Tensor]] = []
-        for p in photos:
-            full = Image.fromarray(read_image(p.path))
-            levels = []
-            for s in self.SCALES:
-                w, h = max(1, round(full.width * s)), max(1, round(full.height * s))
-                if min(w, h) < crop:
-                    continue
-                im = full if s == 1.0 else full.resize((w, h), Image.BICUBIC)
-                levels.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0)
-            if not levels:  # photo smaller than the crop: upsample it once to fit
-                s = crop / min(full.width, full.height)
-                im = full.resize((math.ceil(full.width * s), math.ceil(full.height * s)), Image.BICUBIC)
-                levels.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0)
-            self.levels.append(levels)
+        self.photos = list(photos)
+        self.sizes: list[list[tuple[int, int]]] = []  # (w, h) of each usable scale level
+        self._full: dict[int, Image.Image] = {}
+        self._levels: dict[tuple[int, int], torch.Tensor] = {}  # resized lazily (fast --check-steps)
+        for p in self.photos:
+            with Image.open(p.path) as im:
+                fw, fh = im.size
+            sizes = [(max(1, round(fw * s)), max(1, round(fh * s))) for s in self.SCALES]
+            sizes = [(w, h) for w, h in sizes if min(w, h) >= crop]
+            if not sizes:  # photo smaller than the crop: upsample it once to fit
+                s = crop / min(fw, fh)
+                sizes = [(math.ceil(fw * s), math.ceil(fh * s))]
+            self.sizes.append(sizes)
+
+    def level(self, k: int, level: int) -> torch.Tensor:
+        """Photo k at scale level `level` as (3, H, W) float in [0, 1], bicubic from full res."""
+        key = (k, level)
+        if key not in self._levels:
+            if k not in self._full:
+                self._full[k] = Image.fromarray(read_image(self.photos[k].path))
+            full = self._full[k]
+            w, h = self.sizes[k][level]
+            im = full if (w, h) == full.size else full.resize((w, h), Image.BICUBIC)
+            self._levels[key] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+        return self._levels[key]
 
     def _randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.g))
 
+    def draw(self) -> tuple:
+        """One crop's parameters (photo, level, top, left, flip, gain); all randomness is here."""
+        k = self._randint(len(self.sizes))
+        level = self._randint(len(self.sizes[k]))
+        w, h = self.sizes[k][level]
+        top, left = self._randint(h - self.crop + 1), self._randint(w - self.crop + 1)
+        flip = bool(self._randint(2))
+        gain = 1.0 + self.gain * (2.0 * torch.rand(3, 1, 1, generator=self.g) - 1.0)
+        return k, level, top, left, flip, gain
+
+    def render(self, params: tuple) -> torch.Tensor:
+        """(3, crop, crop) in [0, 1] for parameters from draw()."""
+        k, level, top, left, flip, gain = params
+        x = self.level(k, level)[:, top:top + self.crop, left:left + self.crop]
+        if flip:
+            x = x.flip(-1)
+        return (x * gain).clamp(0.0, 1.0)
+
     def batch(self, n: int) -> torch.Tensor:
         """(n, 3, crop, crop) in [0, 1]."""
-        out = torch.empty(n, 3, self.crop, self.crop)
-        for i in range(n):
-            levels = self.levels[self._randint(len(self.levels))]
-            img = levels[self._randint(len(levels))]
-            _, h, w = img.shape
-            top, left = self._randint(h - self.crop + 1), self._randint(w - self.crop + 1)
-            x = img[:, top:top + self.crop, left:left + self.crop]
-            if self._randint(2):
-                x = x.flip(-1)
-            gain = 1.0 + self.gain * (2.0 * torch.rand(3, 1, 1, generator=self.g) - 1.0)
-            out[i] = (x * gain).clamp(0.0, 1.0)
-        return out
+        return torch.stack([self.render(self.draw()) for _ in range(n)])
 
-    def batch_labeled(self, n: int) -> tuple[torch.Tensor, list[int]]:
-        """Like batch() but also returns each crop's photo index (for captions)."""
-        out = torch.empty(n, 3, self.crop, self.crop)
-        idx = []
-        for i in range(n):
-            k = self._randint(len(self.levels))
-            idx.append(k)
-            levels = self.levels[k]
-            img = levels[self._randint(len(levels))]
-            _, h, w = img.shape
-            top, left = self._randint(h - self.crop + 1), self._randint(w - self.crop + 1)
-            x = img[:, top:top + self.crop, left:left + self.crop]
-            if self._randint(2):
-                x = x.flip(-1)
-            gain = 1.0 + self.gain * (2.0 * torch.rand(3, 1, 1, generator=self.g) - 1.0)
-            out[i] = (x * gain).clamp(0.0, 1.0)
-        return out, idx
+
+class LatentBank:
+    """`size` fixed random training crops, VAE-encoded lazily one at a time and cached.
+
+    Lazy, one image per encode, so that `--check-steps` can reproduce the first UNet steps by
+    encoding only the ~100 crops they touch, with the same numerics as the full run.
+    """
+
+    def __init__(self, vae, sampler: CropSampler, size: int) -> None:
+        self.vae, self.sampler = vae, sampler
+        self.params = [sampler.draw() for _ in range(size)]
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def photo(self, i: int) -> int:
+        return self.params[i][0]
+
+    @torch.no_grad()
+    def get(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        for i in idx:
+            if i not in self.cache:
+                dist = self.vae.encode(self.sampler.render(self.params[i])[None] * 2.0 - 1.0).latent_dist
+                self.cache[i] = (dist.mean[0], dist.std[0])
+        return (torch.stack([self.cache[i][0] for i in idx]), torch.stack([self.cache[i][1] for i in idx]))
 
 
 # --- schedule -------------------------------------------------------------------------------
@@ -236,7 +262,8 @@ def train_vae(vae, photos, st: Settings, minutes: float, steps: Optional[int], s
         budget.update(step)
         if step % 200 == 0:
             psnr = 10 * math.log10(4.0 / max(ema, 1e-12))
-            log(f"vae step {step}/{budget.total} loss(ema) {ema:.5f} (~{psnr:.1f} dB) {time.perf_counter() - t0:.0f}s")
+            el = time.perf_counter() - t0
+            log(f"vae step {step}/{budget.total} loss(ema) {ema:.5f} (~{psnr:.1f} dB) {el:.0f}s {step / el:.2f} it/s")
     vae.eval()
     return dict(steps_run=step, schedule_steps=budget.total, first_losses=first, final_loss_ema=ema,
                 seconds=time.perf_counter() - t0)
@@ -262,30 +289,18 @@ def prompt_table(components: dict, photos: Sequence[Photo]) -> tuple[list[str], 
     return prompts, components["text_encoder"](ids)[0]
 
 
-@torch.no_grad()
-def latent_bank(vae, photos, st: Settings) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Posterior mean/std of `bank_size` random 128x128 training crops, and their photo index."""
-    g = torch.Generator().manual_seed(st.seed * 1000 + 3)
-    sampler = CropSampler(photos, st.unet_crop, st.gain, g)
-    means, stds, idx = [], [], []
-    for _ in range(st.bank_size // 32):
-        x, k = sampler.batch_labeled(32)
-        dist = vae.encode(x * 2.0 - 1.0).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
-        idx += k
-    return torch.cat(means), torch.cat(stds), idx
-
-
 def train_unet(components: dict, photos, st: Settings, minutes: float, steps: Optional[int],
-               stop_after: Optional[int] = None, log=print) -> dict:
+               stop_after: Optional[int] = None, log=print, prefill: bool = True) -> dict:
     from diffusers import DDPMScheduler
 
     vae, unet = components["vae"], components["unet"]
     sf = float(vae.config.scaling_factor)
     prompts, emb = prompt_table(components, photos)
     caption_row = [prompts.index(CAPTIONS[p.name]) for p in photos]
-    means, stds, idx = latent_bank(vae, photos, st)
+    bank = LatentBank(vae, CropSampler(photos, st.unet_crop, st.gain,
+                                       torch.Generator().manual_seed(st.seed * 1000 + 3)), st.bank_size)
+    if prefill:  # encode the whole bank before timing, so the step-rate calibration is honest
+        bank.get(range(len(bank)))
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
                                    if k not in ("set_alpha_to_one", "steps_offset")})
     g = torch.Generator().manual_seed(st.seed * 1000 + 4)
@@ -298,14 +313,15 @@ def train_unet(components: dict, photos, st: Settings, minutes: float, steps: Op
         for group in opt.param_groups:
             group["lr"] = lr_at(step, st.unet_lr, st.unet_warmup, budget.total)
         b = st.unet_batch
-        pick = torch.randint(len(idx), (b,), generator=g)
-        z = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=g)) * sf
+        pick = torch.randint(len(bank), (b,), generator=g).tolist()
+        mean, std = bank.get(pick)
+        z = (mean + std * torch.randn(mean.shape, generator=g)) * sf
         flip = torch.rand(b, generator=g) < 0.5  # latent flips: cheap extra augmentation
         z = torch.where(flip[:, None, None, None], z.flip(-1), z)
         u = torch.rand(b, generator=g)
         suite = torch.randint(n_suite, (b,), generator=g)
         rows = [0 if u[i] < P_EMPTY else (1 + int(suite[i]) if u[i] < P_EMPTY + P_SUITE
-                                          else caption_row[idx[int(pick[i])]]) for i in range(b)]
+                                          else caption_row[bank.photo(pick[i])]) for i in range(b)]
         cond = emb[rows]
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=g)
@@ -323,7 +339,8 @@ def train_unet(components: dict, photos, st: Settings, minutes: float, steps: Op
         step += 1
         budget.update(step)
         if step % 100 == 0:
-            log(f"unet step {step}/{budget.total} loss(ema) {ema:.5f} {time.perf_counter() - t0:.0f}s")
+            el = time.perf_counter() - t0
+            log(f"unet step {step}/{budget.total} loss(ema) {ema:.5f} {el:.0f}s {step / el:.2f} it/s")
     unet.eval()
     return dict(steps_run=step, schedule_steps=budget.total, first_losses=first, final_loss_ema=ema,
                 seconds=time.perf_counter() - t0, prompts=prompts)
@@ -368,7 +385,7 @@ def check_steps(k: int, folder: Path = TRAINED_DIR, threads: Optional[int] = Non
     comps["vae"].requires_grad_(False)
     comps["unet"].requires_grad_(True)
     unet_out = train_unet(comps, photos, st, 0.0, record["unet"]["schedule_steps"], stop_after=k,
-                          log=lambda *_: None)
+                          log=lambda *_: None, prefill=False)
     return dict(vae=vae_out["first_losses"], unet=unet_out["first_losses"])
 
 

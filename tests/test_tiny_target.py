@@ -1,0 +1,70 @@
+"""The shipped trained tiny target: integrity, reproducibility of its training, a quality guard."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from spdbench.targets.tiny import TRAINED_DIR
+from spdbench.targets import train_tiny
+
+RECORD = TRAINED_DIR / train_tiny.TRAINING_JSON
+pytestmark = pytest.mark.skipif(not RECORD.is_file(), reason="trained tiny target not shipped")
+
+
+@pytest.fixture(scope="module")
+def record() -> dict:
+    return json.loads(RECORD.read_text())
+
+
+@pytest.fixture(scope="module")
+def target():
+    from spdbench import load_target
+
+    return load_target("tiny")
+
+
+def test_shipped_files_load_and_match_record(target, record):
+    assert target.name == "tiny"
+    assert train_tiny.weight_hashes(TRAINED_DIR) == record["weights_sha256"]
+    assert len(record["weights_sha256"]) == 3  # vae, unet, text_encoder
+    assert math.isclose(target.scaling_factor, record["scaling_factor"], rel_tol=1e-9)
+    assert train_tiny.folder_bytes(TRAINED_DIR) < 25e6
+    # no held-out (test split) photo was trained on
+    names = {d["name"] for d in record["data"]}
+    assert not names & set(train_tiny.FORBIDDEN)
+
+
+def test_first_steps_reproduce(record):
+    """Rerun the first 3 optimizer steps of each stage from the seed: same losses."""
+    threads = torch.get_num_threads()
+    try:
+        got = train_tiny.check_steps(3, TRAINED_DIR)
+    finally:
+        torch.set_num_threads(threads)
+    for stage in ("vae", "unet"):
+        want = record[stage]["first_losses"][:3]
+        assert got[stage] == pytest.approx(want, rel=1e-5), stage
+
+
+def test_refuses_to_overwrite_without_force(tmp_path):
+    with pytest.raises(SystemExit, match="--force"):
+        train_tiny.main(["--out", str(TRAINED_DIR)])
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--force"):
+        train_tiny.check_overwrite(tmp_path, force=False)
+    train_tiny.check_overwrite(tmp_path, force=True)  # allowed with --force
+    train_tiny.check_overwrite(tmp_path / "new", force=False)  # a fresh folder is fine
+
+
+def test_heldout_reconstruction_psnr(target):
+    """CI guard of the recorded figure (>= 20 dB on 16 crops): > 18 dB on one photo's 4 crops."""
+    from spdbench.targets.evaluate_tiny import heldout_crops, psnr
+
+    x = heldout_crops(n_photos=1)
+    assert x.shape == (4, 3, 128, 128)
+    with torch.no_grad():
+        value = float(psnr(target.reconstruct(x), x).mean())
+    assert value > 18.0
