@@ -198,10 +198,12 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
             adv_edits = editor.edit(adv_all, PROMPTS[pk], seeds)
             edit_s = time.perf_counter() - t0
             t0 = time.perf_counter()
+            purified_edits = {name: editor.edit(img, PROMPTS[pk], seeds) for name, img in purified_imgs.items()}
+            edit_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
             protection = metrics_mod.score(adv_edits, clean_edits)
+            purified = {name: metrics_mod.score(e, clean_edits) for name, e in purified_edits.items()}
             score_s = time.perf_counter() - t0
-            purified = {name: metrics_mod.score(editor.edit(img, PROMPTS[pk], seeds), clean_edits)
-                        for name, img in purified_imgs.items()}
             for sp, idx in splits.items():
                 p = protections[sp]
                 n = len(idx)

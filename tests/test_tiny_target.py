@@ -38,7 +38,11 @@ def test_shipped_files_load_and_match_record(target, record):
 
 
 def test_first_steps_reproduce(record):
-    """Rerun the first 3 optimizer steps of each stage from the seed: same losses."""
+    """Rerun the first 3 optimizer steps of each stage from the seed: same losses.
+
+    The UNet stage encodes with the *shipped* VAE encoder, so this also shows the decoder
+    refinement (stage 3) left the encoder, and thus the latent space, as the UNet was trained on.
+    """
     threads = torch.get_num_threads()
     try:
         got = train_tiny.check_steps(3, TRAINED_DIR)
@@ -68,3 +72,40 @@ def test_heldout_reconstruction_psnr(target):
     with torch.no_grad():
         value = float(psnr(target.reconstruct(x), x).mean())
     assert value > 18.0
+
+
+def test_decoder_refinement_record(record):
+    ref = record.get("decoder_refinement")
+    if ref is None:
+        pytest.skip("no decoder refinement recorded")
+    assert ref["steps_run"] == ref["schedule_steps"] > 0
+    assert len(ref["first_losses"]) == 5
+    assert ref["threads"] == ref["settings"]["threads"]
+    assert set(record["weights_sha256_before_refinement"]) == set(record["weights_sha256"])
+    # only the VAE file changes: the UNet and text encoder are untouched
+    for k in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert record["weights_sha256"][k] == record["weights_sha256_before_refinement"][k]
+
+
+def test_refine_decoder_trains_only_the_decoder():
+    from spdbench.targets.tiny import build_tiny_components
+
+    vae = build_tiny_components(0)["vae"]
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    ds = train_tiny.DecoderSettings(batch=2, crop=32, warmup=1)
+    threads = torch.get_num_threads()
+    try:
+        out = train_tiny.refine_decoder(vae, train_tiny.training_photos(), ds, steps=2, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["steps_run"] == 2
+    after = vae.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if k.startswith(("encoder.", "quant_conv.")))
+    assert not torch.equal(before["decoder.conv_in.weight"], after["decoder.conv_in.weight"])
+
+
+def test_refinement_cli_needs_force_and_from_shipped():
+    with pytest.raises(SystemExit, match="--from-shipped"):
+        train_tiny.main(["--out", str(TRAINED_DIR), "--refine-decoder-steps", "1"])
+    with pytest.raises(SystemExit, match="--force"):
+        train_tiny.main(["--out", str(TRAINED_DIR), "--refine-decoder-steps", "1", "--from-shipped"])

@@ -9,11 +9,18 @@ Usage::
 
     python -m spdbench.targets.train_tiny [--out DIR] [--force] [--vae-minutes M]
         [--unet-minutes M] [--seed S] [--threads T] [--check-steps K]
+    python -m spdbench.targets.train_tiny --refine-decoder-steps N --from-shipped --force
 
 Budgets are wall clock, but every run records the step counts and the cosine schedule lengths, so
 `--vae-steps/--unet-steps` reproduce a run by steps. `--check-steps K` reruns only the first K
 optimizer steps of each stage from the seed (the UNet stage on the shipped VAE) and prints the
 losses, which `tests/test_tiny_target.py` compares with `training.json`.
+
+Stage 3, decoder refinement (`--refine-decoder-steps N --from-shipped`): the encoder (and
+quant_conv) stay frozen, so the latent space -- and with it the trained UNet, the scaling factor
+and every attack that targets the encoder -- is unchanged; only post_quant_conv + decoder are
+trained further to reconstruct training crops from posterior samples. It runs a fixed number of
+steps on the shipped folder and writes it back (tmp folder, then move; needs --force).
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ from PIL import Image
 from ..data import BUNDLED, Photo, bundled_split, read_image, sha256_file
 from .tiny import SCHEDULER_CONFIG, TRAINED_DIR, VAE_CONFIG, build_tiny_components
 
-SCRIPT_VERSION = "1"
+SCRIPT_VERSION = "2"
 TRAINING_JSON = "training.json"
 
 # Extra permissively licensed photos shipped by installed packages; none is in the test split.
@@ -92,6 +99,19 @@ class Settings:
     scale_max: float = 1.0
     gain: float = 0.10
     calib_steps: int = 30         # steps timed before the cosine length is fixed from the budget
+
+
+@dataclass
+class DecoderSettings:
+    """Stage 3 (decoder refinement); steps, not minutes, so a run is reproducible by itself."""
+    seed: int = 0
+    threads: int = 1
+    batch: int = 16
+    crop: int = 64
+    lr: float = 1e-3
+    warmup: int = 50
+    ssim_weight: float = 0.05     # weight of (1 - SSIM) on [0, 1] next to MSE on [-1, 1]
+    gain: float = 0.10
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -278,6 +298,125 @@ def latent_std(vae, photos, st: Settings, n: int = 256) -> float:
     return float(torch.cat(zs).std())
 
 
+# --- decoder refinement (stage 3) ---------------------------------------------------------
+def decoder_parameters(vae) -> list:
+    return list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+
+
+def refine_decoder(vae, photos, ds: DecoderSettings, steps: int, stop_after: Optional[int] = None,
+                   log=print) -> dict:
+    """Train only post_quant_conv + decoder; the encoder and quant_conv are frozen.
+
+    Loss: MSE on [-1, 1] + ds.ssim_weight * (1 - SSIM) on [0, 1] (piq, no downsampling), decoding
+    a posterior *sample* (drawn from an explicit generator), as img2img's encode does.
+    Adam, linear warm-up, then cosine to 5% over exactly `steps` steps; grad clip 1.
+    """
+    import piq
+
+    g = torch.Generator().manual_seed(ds.seed * 1000 + 5)
+    sampler = CropSampler(photos, ds.crop, ds.gain, g)
+    vae.requires_grad_(False)
+    params = decoder_parameters(vae)
+    for prm in params:
+        prm.requires_grad_(True)
+    vae.eval()
+    vae.decoder.train()
+    opt = torch.optim.Adam(params, lr=ds.lr)
+    first, step, t0, ema, ema_mse = [], 0, time.perf_counter(), None, None
+    while step < steps and (stop_after is None or step < stop_after):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, ds.lr, ds.warmup, steps)
+        x = sampler.batch(ds.batch)
+        xm = x * 2.0 - 1.0
+        with torch.no_grad():
+            dist = vae.encode(xm).latent_dist
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, xm)
+        loss = mse
+        if ds.ssim_weight:
+            s = piq.ssim(((rec + 1.0) / 2.0).clamp(0, 1), x, data_range=1.0, downsample=False)
+            loss = mse + ds.ssim_weight * (1.0 - s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        v, m = float(loss.detach()), float(mse.detach())
+        if step < 5:
+            first.append(v)
+        ema = v if ema is None else 0.99 * ema + 0.01 * v
+        ema_mse = m if ema_mse is None else 0.99 * ema_mse + 0.01 * m
+        step += 1
+        if step % 100 == 0:
+            el = time.perf_counter() - t0
+            psnr = 10 * math.log10(4.0 / max(ema_mse, 1e-12))
+            log(f"decoder step {step}/{steps} loss(ema) {ema:.5f} mse(ema) {ema_mse:.5f} (~{psnr:.1f} dB) "
+                f"{el:.0f}s {step / el:.2f} it/s")
+    vae.eval()
+    vae.requires_grad_(False)
+    return dict(steps_run=step, schedule_steps=steps, first_losses=first, final_loss_ema=ema,
+                final_mse_ema=ema_mse, seconds=time.perf_counter() - t0)
+
+
+def run_refinement(folder: Path, steps: int, force: bool, threads: int = 1, evaluate_after: bool = True,
+                   argv: Optional[Sequence[str]] = None, log=print) -> dict:
+    """Stage 3 on a shipped folder: refine its decoder, re-evaluate, write the folder back."""
+    from .base import Target
+    from .sd15 import load_sd15
+
+    check_overwrite(folder, force)
+    record = json.loads((folder / TRAINING_JSON).read_text())
+    if "decoder_refinement" in record:
+        raise SystemExit(f"{folder} already holds a refined decoder; refusing to refine twice")
+    ds = DecoderSettings(seed=record["settings"]["seed"], threads=threads,
+                         gain=record["settings"]["gain"])
+    torch.set_num_threads(ds.threads)
+    photos = training_photos()
+    shipped = load_sd15(folder, name="tiny")
+    comps = shipped.components()
+    vae = comps["vae"]
+    enc_before = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    t0 = time.perf_counter()
+    log(f"decoder refinement: {steps} steps, threads {ds.threads}, settings {ds.__dict__}")
+    rec = refine_decoder(vae, photos, ds, steps, log=log)
+    after = vae.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in enc_before.items()), "encoder changed"
+    for m in comps.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False)
+            m.eval()
+    rec["settings"] = ds.__dict__
+    rec["threads"] = ds.threads
+    rec["frozen"] = "vae.encoder + vae.quant_conv (latent space, scaling factor, UNet unchanged)"
+    rec["trained"] = "vae.post_quant_conv + vae.decoder"
+    rec["command"] = " ".join(["python -m spdbench.targets.train_tiny"] + list(argv or []))
+    rec["script_version"] = SCRIPT_VERSION
+    rec["heldout_before"] = record.get("heldout")
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    target = Target(**comps, name="tiny", source="spdbench:tiny-trained")
+    target.save_pretrained(tmp)
+    record["script_version"] = SCRIPT_VERSION
+    record["weights_sha256_before_refinement"] = record.get("weights_sha256")
+    record["decoder_refinement"] = rec
+    if evaluate_after:
+        from .evaluate_tiny import evaluate
+
+        log("evaluating on held-out photos ...")
+        record["heldout"] = evaluate(target)
+        log(json.dumps(record["heldout"], indent=1))
+    rec["wall_seconds"] = time.perf_counter() - t0
+    record["weights_sha256"] = weight_hashes(tmp)
+    record["folder_bytes"] = folder_bytes(tmp)
+    (tmp / TRAINING_JSON).write_text(json.dumps(record, indent=1))
+    check_overwrite(folder, force)
+    shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    log(f"saved {folder} ({record['folder_bytes'] / 1e6:.1f} MB); refinement {rec['seconds'] / 60:.1f} min")
+    return record
+
+
 # --- UNet stage -----------------------------------------------------------------------------
 @torch.no_grad()
 def prompt_table(components: dict, photos: Sequence[Photo]) -> tuple[list[str], torch.Tensor]:
@@ -401,7 +540,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-steps", type=int, default=None, metavar="K")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out figures")
+    ap.add_argument("--refine-decoder-steps", type=int, default=None, metavar="N",
+                    help="stage 3 only: refine the decoder of --out for N steps (needs --from-shipped)")
+    ap.add_argument("--from-shipped", action="store_true", help="start from the model already in --out")
     args = ap.parse_args(argv)
+
+    if args.refine_decoder_steps is not None:
+        if not args.from_shipped:
+            raise SystemExit("--refine-decoder-steps works on an existing model: pass --from-shipped")
+        run_refinement(args.out, args.refine_decoder_steps, args.force, threads=args.threads,
+                       evaluate_after=not args.no_eval,
+                       argv=list(argv if argv is not None else sys.argv[1:]),
+                       log=lambda msg: print(msg, flush=True))
+        return 0
 
     if args.check_steps is not None:
         out = check_steps(args.check_steps, args.out, threads=args.threads)
