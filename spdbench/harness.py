@@ -43,6 +43,11 @@ class RunResult:
     out: Path
     computed: list[str] = field(default_factory=list)   # cell ids computed in this call
     reused: list[str] = field(default_factory=list)     # cell ids found finished (resume)
+    #: clean-edit cache counters of this call: images served from the cache / edited anew, and
+    #: every img2img image run (clean misses + protected + purified) -- counted, not timed
+    clean_cache_hits: int = 0
+    clean_cache_misses: int = 0
+    edits_run: int = 0
 
     @property
     def failed(self) -> list[Record]:
@@ -229,6 +234,8 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
                 result.records.append(rec)
                 result.computed.append(rec.cell_id)
     bar.close()
+    result.clean_cache_hits, result.clean_cache_misses = editor.cache_hits, editor.cache_misses
+    result.edits_run = editor.edits_run
     write_jsonl(load_records(out, strict=False), out / "records.jsonl")
     return result
 
