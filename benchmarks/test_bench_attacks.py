@@ -57,3 +57,55 @@ def test_attack_step_sd15_gpu(benchmark, sd15_random, name):
     benchmark.pedantic(once, rounds=2, iterations=1, warmup_rounds=1)
     benchmark.extra_info["seconds_per_iteration"] = benchmark.stats.stats.median / STEPS
     benchmark.extra_info["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+@pytest.fixture(scope="module")
+def sd15_any():
+    """SD1.5 architecture (random weights) on CUDA in fp16 if present, else on CPU in fp32."""
+    from spdbench.targets.sd15_arch import build_sd15_random
+
+    if torch.cuda.is_available():
+        return build_sd15_random(device="cuda", dtype=torch.float16)
+    return build_sd15_random(device="cpu", dtype=torch.float32)
+
+
+def _sync(t):
+    if t.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("op", ["vae_encoder_fwd_bwd", "unet_fwd_cfg", "vae_decode"])
+def test_sd15_primitive_ops(benchmark, sd15_any, op):
+    """The three operations the full protocol is made of, at 512x512 on the SD1.5 architecture.
+
+    An attack iteration on the encoder objectives is one `vae_encoder_fwd_bwd` per image; an edit
+    at strength 0.5 / 50 steps is 25 `unet_fwd_cfg` (batch 2: conditional + unconditional) plus one
+    encode and one `vae_decode`. docs/performance.md multiplies these by the protocol's counts.
+    """
+    t = sd15_any
+    x = spdbench.load_photos(n=1, size=512).to(t.device, t.dtype)
+    benchmark.group = f"SD1.5 arch ops, 1 x 512px, {t.device.type} {str(t.dtype).replace('torch.', '')}"
+    if op == "vae_encoder_fwd_bwd":
+        def once():
+            d = torch.zeros_like(x, requires_grad=True)
+            enc = t.encode(x + d)
+            enc.mean.float().pow(2).sum().backward()
+            _sync(d)
+    elif op == "unet_fwd_cfg":
+        z = torch.randn(2, 4, 64, 64, device=t.device, dtype=t.dtype)
+        ctx = t.encode_prompt(["add some snow", ""])
+        step = torch.tensor(500, device=t.device)
+
+        @torch.no_grad()
+        def once():
+            t.unet(z, step, encoder_hidden_states=ctx).sample
+            _sync(z)
+    else:
+        z = torch.randn(1, 4, 64, 64, device=t.device, dtype=t.dtype)
+
+        @torch.no_grad()
+        def once():
+            t.decode(z)
+            _sync(z)
+    benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(device=str(t.device), dtype=str(t.dtype), threads=torch.get_num_threads())

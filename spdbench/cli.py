@@ -89,6 +89,8 @@ def cmd_run(args) -> int:
                  **common)
     print(ranking_markdown(ranking(result.records)))
     print(f"\n{len(result.computed)} cell(s) computed, {len(result.reused)} reused; records in {result.out}/records")
+    print(f"clean edits: {result.clean_cache_hits} from the cache, {result.clean_cache_misses} computed; "
+          f"{result.edits_run} img2img edits run")
     for rec in result.failed:
         print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
     return EXIT_FAILED_CELLS if result.failed else EXIT_OK

@@ -134,7 +134,9 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     check_images(images, "images")
     if len(names) != len(images):
         raise InputError(f"got {len(images)} images but {len(names)} image names")
-    images = images.to(target.device, torch.float32)
+    if target.device.type == "cuda" and images.device.type == "cpu":
+        images = images.float().pin_memory()  # one asynchronous copy; the set then stays on the GPU
+    images = images.to(target.device, torch.float32, non_blocking=True)
     compile_s = None
     if compile_backend:
         t0 = time.perf_counter()

@@ -40,8 +40,8 @@ def test_shipped_files_load_and_match_record(target, record):
 def test_first_steps_reproduce(record):
     """Rerun the first 3 optimizer steps of each stage from the seed: same losses.
 
-    The UNet stage encodes with the *shipped* VAE encoder, so this also shows the decoder
-    refinement (stage 3) left the encoder, and thus the latent space, as the UNet was trained on.
+    The UNet stage encodes with the *shipped* VAE encoder, so the check also fails if the shipped
+    encoder (the latent space the UNet was trained on) ever changes without a retrained UNet.
     """
     threads = torch.get_num_threads()
     try:
@@ -72,19 +72,6 @@ def test_heldout_reconstruction_psnr(target):
     with torch.no_grad():
         value = float(psnr(target.reconstruct(x), x).mean())
     assert value > 18.0
-
-
-def test_decoder_refinement_record(record):
-    ref = record.get("decoder_refinement")
-    if ref is None:
-        pytest.skip("no decoder refinement recorded")
-    assert ref["steps_run"] == ref["schedule_steps"] > 0
-    assert len(ref["first_losses"]) == 5
-    assert ref["threads"] == ref["settings"]["threads"]
-    assert set(record["weights_sha256_before_refinement"]) == set(record["weights_sha256"])
-    # only the VAE file changes: the UNet and text encoder are untouched
-    for k in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
-        assert record["weights_sha256"][k] == record["weights_sha256_before_refinement"][k]
 
 
 def test_refine_decoder_trains_only_the_decoder():
