@@ -208,8 +208,10 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
             purified_edits = {name: editor.edit(img, PROMPTS[pk], seeds) for name, img in purified_imgs.items()}
             edit_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            protection = metrics_mod.score(adv_edits, clean_edits)
-            purified = {name: metrics_mod.score(e, clean_edits) for name, e in purified_edits.items()}
+            # one call: the clean edits' features are computed once for every comparison
+            scored = metrics_mod.score_many({"": adv_edits, **purified_edits}, clean_edits)
+            protection = scored.pop("")
+            purified = scored
             score_s = time.perf_counter() - t0
             for sp, idx in splits.items():
                 p = protections[sp]

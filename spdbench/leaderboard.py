@@ -81,6 +81,9 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = ci.mean, ci.low, ci.high
         row["imp_psnr"] = float(np.mean([r.imperceptibility_mean.get("psnr", np.nan) for r in recs]))
         row["seconds_per_image"] = float(np.mean([r.timing.per_image_s for r in recs]))
+        dev = [r.timing.attack_device_s / max(1, len(r.image_names)) for r in recs
+               if r.timing.attack_device_s is not None]
+        row["device_seconds_per_image"] = float(np.mean(dev)) if dev else None
         fits = [r.timing.fit_wall_s for r in recs if r.timing.fit_wall_s is not None]
         row["fit_seconds"] = max(fits) if fits else None
         mems = [r.timing.peak_memory_bytes for r in recs if r.timing.peak_memory_bytes]
@@ -116,13 +119,14 @@ def ranking_markdown(r: pd.DataFrame) -> str:
     after = [c for c in r.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))]
     head = (["method", "suite", "eps", "SSIM ↓", "PSNR ↓", "VIFp ↓", "FSIM ↓"]
             + [f"SSIM after {c[len('ssim_after_'):]} ↓" for c in after]
-            + ["imperceptibility PSNR ↑", "s / image", "fit s", "images"])
+            + ["imperceptibility PSNR ↑", "s / image", "device s / image", "fit s", "peak MB", "images"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in r.iterrows():
         cells = [row["method"], row["suite"], row["eps_label"]] + [_with_ci(row, m) for m in PROTECTION]
         cells += [_with_ci(row, c) for c in after]
-        cells += [_fmt(row.get("imp_psnr")), _fmt(row.get("seconds_per_image")), _fmt(row.get("fit_seconds")),
-                  _fmt(row.get("n_images"))]
+        cells += [_fmt(row.get("imp_psnr")), _fmt(row.get("seconds_per_image")),
+                  _fmt(row.get("device_seconds_per_image")), _fmt(row.get("fit_seconds")),
+                  _fmt(row.get("peak_memory_mb")), _fmt(row.get("n_images"))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

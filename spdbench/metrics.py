@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .errors import InputError, UnknownNameError, did_you_mean
 from .images import check_images
 
-__all__ = ["ssim", "psnr", "vifp", "fsim", "score", "MetricInfo", "METRICS", "get_metric",
+__all__ = ["ssim", "psnr", "vifp", "fsim", "score", "score_many", "MetricInfo", "METRICS", "get_metric",
            "list_metrics", "DEFAULT_METRICS", "PSNR_MAX_DB"]
 
 PSNR_MAX_DB = 100.0
@@ -241,12 +241,13 @@ def _phase_congruency(lum: torch.Tensor) -> torch.Tensor:
     amplitude = eo.abs()                                      # (N, O, S, h, w)
     an_all = amplitude.sum(dim=(1, 2)) + eps                  # (N, h, w)
     sum_eo = eo.sum(dim=2, keepdim=True)                      # (N, O, 1, h, w)
-    x_energy = sum_eo.abs() + eps
+    sum_abs = sum_eo.abs()
+    x_energy = sum_abs + eps
     # sum_s (e*me + o*mo) = |sum_eo|^2 / x_energy exactly; only the |.| term needs every scale
     mean = torch.view_as_real(sum_eo / x_energy)
     parts = torch.view_as_real(eo)
     cross = parts[..., 0] * mean[..., 1] - parts[..., 1] * mean[..., 0]
-    energy = sum_eo.abs().square() / x_energy - cross.abs().sum(dim=2, keepdim=True)
+    energy = sum_abs.square() / x_energy - cross.abs().sum(dim=2, keepdim=True)
     # noise threshold from the median response of the smallest scale (Kovesi's estimate)
     median_e2n = amplitude[:, :, 0].square().flatten(2).median(dim=-1).values  # (N, O)
     noise_power = (-median_e2n / math.log(0.5)) / em_n
@@ -264,25 +265,40 @@ def _similarity(a: torch.Tensor, b: torch.Tensor, constant: float) -> torch.Tens
 _YIQ = ((0.299, 0.587, 0.114), (0.5959, -0.2746, -0.3213), (0.2115, -0.5227, 0.3112))
 
 
-def _fsim_fast(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    n = x.shape[0]
-    both = torch.cat([x, y]) * 255.0
-    f = max(1, round(min(x.shape[-2:]) / 256))
+def _fsim_features(images: torch.Tensor) -> torch.Tensor:
+    """Per-image FSIMc features (N, 5, h, w): Y, I, Q, phase congruency, gradient magnitude.
+
+    Half of FSIM's cost is the reference's features; computing them once lets `score_many` score
+    several distorted versions of the same reference (protection, and after each purifier) for
+    little more than the distorted images' own features.
+    """
+    img = images * 255.0
+    f = max(1, round(min(img.shape[-2:]) / 256))
     if f > 1:
-        both = F.avg_pool2d(both, f)
-    yiq = torch.einsum("nchw,kc->nkhw", both, torch.tensor(_YIQ, dtype=both.dtype, device=both.device))
+        img = F.avg_pool2d(img, f)
+    yiq = torch.einsum("nchw,kc->nkhw", img, torch.tensor(_YIQ, dtype=img.dtype, device=img.device))
     lum = yiq[:, :1].contiguous()
     pc = _phase_congruency(lum)
-    scharr = torch.tensor([[-3.0, 0.0, 3.0], [-10.0, 0.0, 10.0], [-3.0, 0.0, 3.0]], device=x.device) / 16
+    scharr = torch.tensor([[-3.0, 0.0, 3.0], [-10.0, 0.0, 10.0], [-3.0, 0.0, 3.0]], device=img.device) / 16
     grads = F.conv2d(lum, torch.stack([scharr, scharr.t()]).unsqueeze(1), padding=1)
     grad_mag = grads.square().sum(dim=1, keepdim=True).sqrt()
-    pc_x, pc_y = pc[:n], pc[n:]
+    return torch.cat([yiq, pc, grad_mag], dim=1)
+
+
+def _fsim_compare(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+    """FSIMc from the features of the distorted (fx) and reference (fy) images, shape (N,)."""
+    pc_x, pc_y = fx[:, 3:4], fy[:, 3:4]
     pc_max = torch.maximum(pc_x, pc_y)
-    s = _similarity(pc_x, pc_y, _FSIM_T1) * _similarity(grad_mag[:n], grad_mag[n:], _FSIM_T2) * pc_max
-    s_i = _similarity(yiq[:n, 1:2], yiq[n:, 1:2], _FSIM_T3)
-    s_q = _similarity(yiq[:n, 2:3], yiq[n:, 2:3], _FSIM_T4)
+    s = _similarity(pc_x, pc_y, _FSIM_T1) * _similarity(fx[:, 4:5], fy[:, 4:5], _FSIM_T2) * pc_max
+    s_i = _similarity(fx[:, 1:2], fy[:, 1:2], _FSIM_T3)
+    s_q = _similarity(fx[:, 2:3], fy[:, 2:3], _FSIM_T4)
     s = s * torch.abs(s_i * s_q) ** _FSIM_LAMBDA
     return s.sum(dim=(1, 2, 3)) / pc_max.sum(dim=(1, 2, 3))
+
+
+def _fsim_fast(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    feats = _fsim_features(torch.cat([x, y]))  # one batched pass for both
+    return _fsim_compare(feats[: x.shape[0]], feats[x.shape[0]:])
 
 
 def _fsim_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -394,18 +410,41 @@ def score(x: torch.Tensor, y: torch.Tensor, names: Iterable[str] = DEFAULT_METRI
     (default: ~2 images at 512 px, which keeps each chunk's maps cache-sized on CPU and memory
     bounded on GPU), running every metric on a chunk before moving on.
     """
+    return score_many({"x": x}, y, names, chunk)["x"]
+
+
+@torch.no_grad()
+def score_many(distorted: Mapping[str, torch.Tensor], y: torch.Tensor, names: Iterable[str] = DEFAULT_METRICS,
+               chunk: Optional[int] = None) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Score several distorted batches against ONE reference batch: {key: {metric: (N,)}}.
+
+    Why: the harness compares the clean edits with the protected edits and with the edits of every
+    purified image; the reference's FSIM features (the costly part) are computed once per chunk
+    instead of once per comparison. Each result equals `score(distorted[key], y)`.
+    """
     if isinstance(names, str):
         names = (names,)
     infos = [get_metric(n) for n in names]
     if not infos:
         raise InputError("score() needs at least one metric name")
-    x, y = _prepare(x, y, max(i.min_size for i in infos))
-    step = chunk if chunk is not None else _default_chunk(x)
+    if not distorted:
+        raise InputError("score_many() needs at least one distorted batch")
+    min_size = max(i.min_size for i in infos)
+    prepared = {}
+    for key, x in distorted.items():
+        prepared[key], y32 = _prepare(x, y, min_size)
+    step = chunk if chunk is not None else _default_chunk(y32)
     if step < 1:
         raise InputError(f"chunk must be >= 1, got {chunk}")
-    parts: Dict[str, list] = {i.name: [] for i in infos}
-    for start in range(0, x.shape[0], step):
-        xs, ys = x[start:start + step], y[start:start + step]
-        for info in infos:
-            parts[info.name].append(info.kernel(xs, ys))
-    return {name: torch.cat(vals).float() for name, vals in parts.items()}
+    parts: Dict[str, Dict[str, list]] = {k: {i.name: [] for i in infos} for k in prepared}
+    for start in range(0, y32.shape[0], step):
+        ys = y32[start:start + step]
+        fy = _fsim_features(ys) if any(i.name == "fsim" for i in infos) else None
+        for key, x in prepared.items():
+            xs = x[start:start + step]
+            for info in infos:
+                if info.name == "fsim":
+                    parts[key]["fsim"].append(_fsim_compare(_fsim_features(xs), fy))
+                else:
+                    parts[key][info.name].append(info.kernel(xs, ys))
+    return {k: {name: torch.cat(vals).float() for name, vals in p.items()} for k, p in parts.items()}

@@ -168,3 +168,16 @@ def test_mismatched_shapes_and_too_small():
         metrics.ssim(a, torch.rand(2, 3, 64, 32))
     with pytest.raises(InputError, match="41|small|size"):
         metrics.vifp(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+
+
+def test_score_many_equals_score_per_batch(pairs):
+    x, y = pairs
+    g = torch.Generator().manual_seed(3)
+    other = (y + 0.1 * torch.rand(y.shape, generator=g)).clamp(0, 1)
+    many = metrics.score_many({"a": x, "b": other}, y, chunk=4)
+    for key, batch in (("a", x), ("b", other)):
+        single = metrics.score(batch, y)
+        for name in metrics.DEFAULT_METRICS:
+            np.testing.assert_allclose(many[key][name].numpy(), single[name].numpy(), atol=1e-6)
+    with pytest.raises(InputError, match="shape"):
+        metrics.score_many({"a": x[:, :, :64]}, y)
