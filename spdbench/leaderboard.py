@@ -184,7 +184,11 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
     md = (f"# {title}\n\nProtection = similarity between the edit of the clean photo and the edit of the "
           "protected photo (same prompt, settings and seed); lower is stronger. Imperceptibility PSNR is "
           "between the photo and its protected version; higher is less visible. Ranking on the test split, "
-          "mean over prompts.\n\n## Ranking\n\n" + ranking_markdown(rank) +
+          "mean over prompts; `[low, high]` is a 95% bootstrap interval over images (seeded). Every record "
+          "carries its attack parameters, suite settings, seeds, model fingerprint, library versions and "
+          "perturbation hash: `spdbench verify FOLDER` recomputes each stored perturbation's norm and "
+          "re-runs a sample of cells from those settings, and the same `spdbench run` settings "
+          "recompute an entry from scratch.\n\n## Ranking\n\n" + ranking_markdown(rank) +
           "\n\n## Table 1 layout (mean over eps)\n\n" + table1_markdown(t1) +
           (f"\n\n![metrics vs eps]({plot.name})" if plot else "") + note + "\n")
     if "md" in formats:
