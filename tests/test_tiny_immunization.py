@@ -6,9 +6,12 @@ attack and weakened copies on 4 held-out crops (the top-left 128x128 quadrant of
 test-split photo, never trained on), pass every result through the harness rule (apply_budget:
 project, clamp, 8-bit quantize) and compare the attack's own objective (lower = stronger).
 
-Margins come from measured values (CPU, seed 0; see docs/tiny-immunization.md): photoguard-encoder
-mean objective 7316 (30 steps) vs 7839 (1 step, ratio 0.93) vs 11116 (eps 2/255, ratio 0.66), uniform
-noise 11588; pca-minus mean log10 KL 11.366 (40 steps) vs 11.589 (1 step, -0.22).
+Margins come from measured values (CPU, 1 thread, seed 0, the shipped target of 2026-11-23; see
+docs/tiny-immunization.md): photoguard-encoder mean objective 5956 (30 steps; 100 steps give the
+same) vs 6109 (1 step = one full-eps sign step, ratio 0.975) vs 8571 (eps 2/255, ratio 0.69),
+uniform noise 8810 (ratio 0.68); pca-minus log10 KL 40 steps minus 1 step: mean -0.185, every
+image below -0.11. On this target one full-eps step already gets close to the optimum, so the
+budget cut (2/255) is the sharp regression signal and the 1-step cut is checked image by image.
 """
 from __future__ import annotations
 
@@ -62,10 +65,10 @@ def test_photoguard_encoder_full_beats_weakened(target, crops):
     noise = apply_budget(crops, get_attack("uniform-noise")(crops, target, EPS16,
                                                              torch.Generator().manual_seed(SEED)), EPS16)
     f_noise = attack.objective(noise, target, crops).double()
-    # measured: 7316 vs 7839 (1 step) vs 11116 (2/255) vs 11588 (noise)
-    assert full.mean() < 0.96 * one_step.mean(), (full.tolist(), one_step.tolist())
-    assert full.mean() < 0.75 * small_eps.mean(), (full.tolist(), small_eps.tolist())
-    assert full.mean() < 0.75 * f_noise.mean(), (full.tolist(), f_noise.tolist())
+    # measured: 5956 vs 6109 (1 step, 0.975) vs 8571 (2/255, 0.69) vs 8810 (noise, 0.68)
+    assert full.mean() < 0.99 * one_step.mean(), (full.tolist(), one_step.tolist())
+    assert full.mean() < 0.8 * small_eps.mean(), (full.tolist(), small_eps.tolist())
+    assert full.mean() < 0.8 * f_noise.mean(), (full.tolist(), f_noise.tolist())
     assert bool((full < one_step).all()) and bool((full < small_eps).all())
 
 
@@ -73,7 +76,7 @@ def test_pca_minus_full_beats_one_step(target, crops):
     # preset "guo": 40 sign steps of 2/255 from delta = 0, so 1 step is also the eps-2/255 attack
     _, full = objective_after_budget(target, crops, EPS16, "pca-minus", preset="guo")
     _, one_step = objective_after_budget(target, crops, EPS16, "pca-minus", preset="guo", steps=1)
-    # the KL to N(0, 1e-8 I) is ~1e11 and varies by orders of magnitude: compare log10 (measured -0.22)
+    # the KL to N(0, 1e-8 I) is ~1e11 and varies by orders of magnitude: compare log10 (measured -0.185)
     gap = (full.log10() - one_step.log10())
     assert gap.mean() < -0.1, gap.tolist()
     assert bool((gap < 0).all()), gap.tolist()

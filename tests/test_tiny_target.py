@@ -96,3 +96,10 @@ def test_refinement_cli_needs_force_and_from_shipped():
         train_tiny.main(["--out", str(TRAINED_DIR), "--refine-decoder-steps", "1"])
     with pytest.raises(SystemExit, match="--force"):
         train_tiny.main(["--out", str(TRAINED_DIR), "--refine-decoder-steps", "1", "--from-shipped"])
+
+
+def test_unet_continuation_cli_needs_force_and_from_shipped():
+    with pytest.raises(SystemExit, match="--from-shipped"):
+        train_tiny.main(["--out", str(TRAINED_DIR), "--continue-unet-steps", "1"])
+    with pytest.raises(SystemExit, match="--force"):
+        train_tiny.main(["--out", str(TRAINED_DIR), "--continue-unet-steps", "1", "--from-shipped"])

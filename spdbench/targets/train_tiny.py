@@ -358,10 +358,33 @@ def refine_decoder(vae, photos, ds: DecoderSettings, steps: int, stop_after: Opt
                 final_mse_ema=ema_mse, seconds=time.perf_counter() - t0)
 
 
+def _write_back(folder: Path, comps: dict, record: dict, force: bool, evaluate_after: bool, log=print) -> None:
+    """Save a later stage's model to `<folder>.tmp`, re-evaluate it, record hashes, move it into place."""
+    from .base import Target
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    target = Target(**comps, name="tiny", source="spdbench:tiny-trained")
+    target.save_pretrained(tmp)
+    record["script_version"] = SCRIPT_VERSION
+    if evaluate_after:
+        from .evaluate_tiny import evaluate
+
+        log("evaluating on held-out photos ...")
+        record["heldout"] = evaluate(target)
+        log(json.dumps(record["heldout"], indent=1))
+    record["weights_sha256"] = weight_hashes(tmp)
+    record["folder_bytes"] = folder_bytes(tmp)
+    (tmp / TRAINING_JSON).write_text(json.dumps(record, indent=1))
+    check_overwrite(folder, force)
+    shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
 def run_refinement(folder: Path, steps: int, force: bool, threads: int = 1, evaluate_after: bool = True,
                    argv: Optional[Sequence[str]] = None, log=print) -> dict:
     """Stage 3 on a shipped folder: refine its decoder, re-evaluate, write the folder back."""
-    from .base import Target
     from .sd15 import load_sd15
 
     check_overwrite(folder, force)
@@ -392,28 +415,54 @@ def run_refinement(folder: Path, steps: int, force: bool, threads: int = 1, eval
     rec["command"] = " ".join(["python -m spdbench.targets.train_tiny"] + list(argv or []))
     rec["script_version"] = SCRIPT_VERSION
     rec["heldout_before"] = record.get("heldout")
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    target = Target(**comps, name="tiny", source="spdbench:tiny-trained")
-    target.save_pretrained(tmp)
-    record["script_version"] = SCRIPT_VERSION
     record["weights_sha256_before_refinement"] = record.get("weights_sha256")
     record["decoder_refinement"] = rec
-    if evaluate_after:
-        from .evaluate_tiny import evaluate
-
-        log("evaluating on held-out photos ...")
-        record["heldout"] = evaluate(target)
-        log(json.dumps(record["heldout"], indent=1))
-    rec["wall_seconds"] = time.perf_counter() - t0
-    record["weights_sha256"] = weight_hashes(tmp)
-    record["folder_bytes"] = folder_bytes(tmp)
-    (tmp / TRAINING_JSON).write_text(json.dumps(record, indent=1))
-    check_overwrite(folder, force)
-    shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    rec["wall_seconds"] = time.perf_counter() - t0  # training; evaluation is recorded apart
+    _write_back(folder, comps, record, force, evaluate_after, log)
     log(f"saved {folder} ({record['folder_bytes'] / 1e6:.1f} MB); refinement {rec['seconds'] / 60:.1f} min")
+    return record
+
+
+def run_unet_continuation(folder: Path, steps: int, lr: float, force: bool, threads: int = 2,
+                          evaluate_after: bool = True, argv: Optional[Sequence[str]] = None, log=print) -> dict:
+    """Stage 2b on a shipped folder: train its UNet `steps` more steps (VAE and text encoder frozen).
+
+    Why: with a good VAE the img2img fidelity is limited by the UNet's denoising, which is
+    step-limited; continuing (fresh warm-up + cosine at a lower lr, same data pipeline and seeds
+    offset by the stage) is cheaper than retraining. The VAE, hence the latent space and every
+    encoder attack's numbers, stays bitwise as it was.
+    """
+    from dataclasses import replace
+
+    from .sd15 import load_sd15
+
+    check_overwrite(folder, force)
+    record = json.loads((folder / TRAINING_JSON).read_text())
+    st = replace(Settings(**record["settings"]), threads=threads, unet_lr=lr,
+                 seed=record["settings"]["seed"] + 100 * (1 + len(record.get("unet_continuations", []))))
+    torch.set_num_threads(st.threads)
+    photos = training_photos()
+    comps = load_sd15(folder, name="tiny").components()
+    vae_before = {k: v.clone() for k, v in comps["vae"].state_dict().items()}
+    for m in comps.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False)
+    comps["unet"].requires_grad_(True)
+    t0 = time.perf_counter()
+    log(f"UNet continuation: {steps} steps, lr {lr}, threads {st.threads}, data seed {st.seed}")
+    # minutes only arms the safety net (stop past 1.5x + 60 s); at >= 1 it/s it never fires
+    rec = train_unet(comps, photos, st, minutes=steps / 60.0, steps=steps, log=log)
+    comps["unet"].requires_grad_(False)
+    comps["unet"].eval()
+    after = comps["vae"].state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in vae_before.items()), "VAE changed"
+    rec.update(settings=dict(st.__dict__), command=" ".join(["python -m spdbench.targets.train_tiny"] + list(argv or [])),
+               script_version=SCRIPT_VERSION, heldout_before=record.get("heldout"),
+               weights_sha256_before=record.get("weights_sha256"))
+    rec["wall_seconds"] = time.perf_counter() - t0
+    record.setdefault("unet_continuations", []).append(rec)
+    _write_back(folder, comps, record, force, evaluate_after, log)
+    log(f"saved {folder} ({record['folder_bytes'] / 1e6:.1f} MB); continuation {rec['wall_seconds'] / 60:.1f} min")
     return record
 
 
@@ -542,8 +591,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out figures")
     ap.add_argument("--refine-decoder-steps", type=int, default=None, metavar="N",
                     help="stage 3 only: refine the decoder of --out for N steps (needs --from-shipped)")
+    ap.add_argument("--continue-unet-steps", type=int, default=None, metavar="N",
+                    help="stage 2b only: train the UNet of --out N more steps (needs --from-shipped)")
+    ap.add_argument("--continue-unet-lr", type=float, default=5e-4)
     ap.add_argument("--from-shipped", action="store_true", help="start from the model already in --out")
     args = ap.parse_args(argv)
+
+    if args.continue_unet_steps is not None:
+        if not args.from_shipped:
+            raise SystemExit("--continue-unet-steps works on an existing model: pass --from-shipped")
+        run_unet_continuation(args.out, args.continue_unet_steps, args.continue_unet_lr, args.force,
+                              threads=args.threads, evaluate_after=not args.no_eval,
+                              argv=list(argv if argv is not None else sys.argv[1:]),
+                              log=lambda msg: print(msg, flush=True))
+        return 0
 
     if args.refine_decoder_steps is not None:
         if not args.from_shipped:
