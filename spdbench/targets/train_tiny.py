@@ -95,6 +95,8 @@ class Settings:
     unet_lr: float = 1e-3
     unet_warmup: int = 50
     bank_size: int = 2048         # encoded 128x128 crops the UNet samples from
+    unet_t_focus: float = 0.0     # share of UNet samples drawn from t < unet_t_max (the edit range)
+    unet_t_max: int = 500
     scale_min: float = 0.25
     scale_max: float = 1.0
     gain: float = 0.10
@@ -245,6 +247,32 @@ class Budget:
         return time.perf_counter() - self.start > 1.5 * self.seconds + 60
 
 
+class LossTrack:
+    """Clipped optimizer step plus the loss bookkeeping every stage records (first 5, EMA).
+
+    Why one class: the first losses are what the determinism test replays, so every stage must
+    record them the same way.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, params) -> None:
+        self.opt, self.params = opt, list(params)
+        self.first: list[float] = []
+        self.ema: Optional[float] = None
+        self.step = 0
+
+    def descend(self, loss: torch.Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        v = float(loss.detach())  # one sync a step: CPU training, the log needs it anyway
+        if self.step < 5:
+            self.first.append(v)
+        self.ema = v if self.ema is None else 0.99 * self.ema + 0.01 * v
+        self.step += 1
+        return v
+
+
 # --- VAE stage ------------------------------------------------------------------------------
 def vae_loss(vae, x: torch.Tensor, g: torch.Generator, kl_weight: float) -> torch.Tensor:
     """MSE on [-1,1] + per-pixel KL; posterior sampled from the generator."""
@@ -264,29 +292,21 @@ def train_vae(vae, photos, st: Settings, minutes: float, steps: Optional[int], s
     opt = torch.optim.Adam(vae.parameters(), lr=st.vae_lr)
     vae.train()
     budget = Budget(minutes, steps, st.calib_steps)
-    losses, first, step, t0, ema = [], [], 0, time.perf_counter(), None
-    while not budget.done(step) and (stop_after is None or step < stop_after):
+    track, t0 = LossTrack(opt, vae.parameters()), time.perf_counter()
+    while not budget.done(track.step) and (stop_after is None or track.step < stop_after):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, st.vae_lr, st.vae_warmup, budget.total)
+            group["lr"] = lr_at(track.step, st.vae_lr, st.vae_warmup, budget.total)
         x = sampler.batch(st.vae_batch)
-        loss = vae_loss(vae, x, g, st.vae_kl)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        v = float(loss.detach())
-        if step < 5:
-            first.append(v)
-        ema = v if ema is None else 0.99 * ema + 0.01 * v
-        step += 1
+        track.descend(vae_loss(vae, x, g, st.vae_kl))
+        step, ema = track.step, track.ema
         budget.update(step)
         if step % 200 == 0:
             psnr = 10 * math.log10(4.0 / max(ema, 1e-12))
             el = time.perf_counter() - t0
             log(f"vae step {step}/{budget.total} loss(ema) {ema:.5f} (~{psnr:.1f} dB) {el:.0f}s {step / el:.2f} it/s")
     vae.eval()
-    return dict(steps_run=step, schedule_steps=budget.total, first_losses=first, final_loss_ema=ema,
-                seconds=time.perf_counter() - t0)
+    return dict(steps_run=track.step, schedule_steps=budget.total, first_losses=track.first,
+                final_loss_ema=track.ema, seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -322,10 +342,10 @@ def refine_decoder(vae, photos, ds: DecoderSettings, steps: int, stop_after: Opt
     vae.eval()
     vae.decoder.train()
     opt = torch.optim.Adam(params, lr=ds.lr)
-    first, step, t0, ema, ema_mse = [], 0, time.perf_counter(), None, None
-    while step < steps and (stop_after is None or step < stop_after):
+    track, t0, ema_mse = LossTrack(opt, params), time.perf_counter(), None
+    while track.step < steps and (stop_after is None or track.step < stop_after):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, ds.lr, ds.warmup, steps)
+            group["lr"] = lr_at(track.step, ds.lr, ds.warmup, steps)
         x = sampler.batch(ds.batch)
         xm = x * 2.0 - 1.0
         with torch.no_grad():
@@ -337,16 +357,10 @@ def refine_decoder(vae, photos, ds: DecoderSettings, steps: int, stop_after: Opt
         if ds.ssim_weight:
             s = piq.ssim(((rec + 1.0) / 2.0).clamp(0, 1), x, data_range=1.0, downsample=False)
             loss = mse + ds.ssim_weight * (1.0 - s)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        v, m = float(loss.detach()), float(mse.detach())
-        if step < 5:
-            first.append(v)
-        ema = v if ema is None else 0.99 * ema + 0.01 * v
+        track.descend(loss)
+        m = float(mse.detach())
         ema_mse = m if ema_mse is None else 0.99 * ema_mse + 0.01 * m
-        step += 1
+        step, ema = track.step, track.ema
         if step % 100 == 0:
             el = time.perf_counter() - t0
             psnr = 10 * math.log10(4.0 / max(ema_mse, 1e-12))
@@ -354,7 +368,7 @@ def refine_decoder(vae, photos, ds: DecoderSettings, steps: int, stop_after: Opt
                 f"{el:.0f}s {step / el:.2f} it/s")
     vae.eval()
     vae.requires_grad_(False)
-    return dict(steps_run=step, schedule_steps=steps, first_losses=first, final_loss_ema=ema,
+    return dict(steps_run=track.step, schedule_steps=steps, first_losses=track.first, final_loss_ema=track.ema,
                 final_mse_ema=ema_mse, seconds=time.perf_counter() - t0)
 
 
@@ -424,13 +438,15 @@ def run_refinement(folder: Path, steps: int, force: bool, threads: int = 1, eval
 
 
 def run_unet_continuation(folder: Path, steps: int, lr: float, force: bool, threads: int = 2,
-                          evaluate_after: bool = True, argv: Optional[Sequence[str]] = None, log=print) -> dict:
+                          t_focus: float = 0.0, t_max: int = 500, evaluate_after: bool = True,
+                          argv: Optional[Sequence[str]] = None, log=print) -> dict:
     """Stage 2b on a shipped folder: train its UNet `steps` more steps (VAE and text encoder frozen).
 
     Why: with a good VAE the img2img fidelity is limited by the UNet's denoising, which is
     step-limited; continuing (fresh warm-up + cosine at a lower lr, same data pipeline and seeds
-    offset by the stage) is cheaper than retraining. The VAE, hence the latent space and every
-    encoder attack's numbers, stays bitwise as it was.
+    offset by the stage) is cheaper than retraining. `t_focus` puts that share of the samples at
+    t < `t_max`, where every suite's edits (strength <= 0.5) do their denoising. The VAE, hence
+    the latent space and every encoder attack's numbers, stays bitwise as it was.
     """
     from dataclasses import replace
 
@@ -438,7 +454,7 @@ def run_unet_continuation(folder: Path, steps: int, lr: float, force: bool, thre
 
     check_overwrite(folder, force)
     record = json.loads((folder / TRAINING_JSON).read_text())
-    st = replace(Settings(**record["settings"]), threads=threads, unet_lr=lr,
+    st = replace(Settings(**record["settings"]), threads=threads, unet_lr=lr, unet_t_focus=t_focus, unet_t_max=t_max,
                  seed=record["settings"]["seed"] + 100 * (1 + len(record.get("unet_continuations", []))))
     torch.set_num_threads(st.threads)
     photos = training_photos()
@@ -449,7 +465,8 @@ def run_unet_continuation(folder: Path, steps: int, lr: float, force: bool, thre
             m.requires_grad_(False)
     comps["unet"].requires_grad_(True)
     t0 = time.perf_counter()
-    log(f"UNet continuation: {steps} steps, lr {lr}, threads {st.threads}, data seed {st.seed}")
+    log(f"UNet continuation: {steps} steps, lr {lr}, t-focus {t_focus} below {t_max}, threads {st.threads}, "
+        f"data seed {st.seed}")
     # minutes only arms the safety net (stop past 1.5x + 60 s); at >= 1 it/s it never fires
     rec = train_unet(comps, photos, st, minutes=steps / 60.0, steps=steps, log=log)
     comps["unet"].requires_grad_(False)
@@ -495,11 +512,11 @@ def train_unet(components: dict, photos, st: Settings, minutes: float, steps: Op
     opt = torch.optim.AdamW(unet.parameters(), lr=st.unet_lr, weight_decay=1e-4)
     unet.train()
     budget = Budget(minutes, steps, st.calib_steps)
-    first, step, t0, ema = [], 0, time.perf_counter(), None
+    track, t0 = LossTrack(opt, unet.parameters()), time.perf_counter()
     n_suite = len(SUITE_PROMPTS)
-    while not budget.done(step) and (stop_after is None or step < stop_after):
+    while not budget.done(track.step) and (stop_after is None or track.step < stop_after):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, st.unet_lr, st.unet_warmup, budget.total)
+            group["lr"] = lr_at(track.step, st.unet_lr, st.unet_warmup, budget.total)
         b = st.unet_batch
         pick = torch.randint(len(bank), (b,), generator=g).tolist()
         mean, std = bank.get(pick)
@@ -513,25 +530,20 @@ def train_unet(components: dict, photos, st: Settings, minutes: float, steps: Op
         cond = emb[rows]
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=g)
+        if st.unet_t_focus > 0:  # extra draws only when asked: the default stream stays as recorded
+            low = torch.rand(b, generator=g) < st.unet_t_focus
+            t = torch.where(low, torch.randint(0, st.unet_t_max, (b,), generator=g), t)
         noisy = noise_sched.add_noise(z, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        v = float(loss.detach())
-        if step < 5:
-            first.append(v)
-        ema = v if ema is None else 0.99 * ema + 0.01 * v
-        step += 1
+        track.descend(F.mse_loss(pred, noise))
+        step, ema = track.step, track.ema
         budget.update(step)
         if step % 100 == 0:
             el = time.perf_counter() - t0
             log(f"unet step {step}/{budget.total} loss(ema) {ema:.5f} {el:.0f}s {step / el:.2f} it/s")
     unet.eval()
-    return dict(steps_run=step, schedule_steps=budget.total, first_losses=first, final_loss_ema=ema,
-                seconds=time.perf_counter() - t0, prompts=prompts)
+    return dict(steps_run=track.step, schedule_steps=budget.total, first_losses=track.first,
+                final_loss_ema=track.ema, seconds=time.perf_counter() - t0, prompts=prompts)
 
 
 # --- saving / guard -------------------------------------------------------------------------
@@ -567,12 +579,14 @@ def check_steps(k: int, folder: Path = TRAINED_DIR, threads: Optional[int] = Non
     photos = training_photos()
     comps = build_tiny_components(st.seed)
     vae_rec = record["vae"]
-    vae_out = train_vae(comps["vae"], photos, st, 0.0, vae_rec["schedule_steps"], stop_after=k, log=lambda *_: None)
+    # minutes=inf: no wall-clock safety net here, a loaded machine must not cut the replay short
+    vae_out = train_vae(comps["vae"], photos, st, math.inf, vae_rec["schedule_steps"], stop_after=k,
+                        log=lambda *_: None)
     shipped = load_sd15(folder)
     comps["vae"] = shipped.vae
     comps["vae"].requires_grad_(False)
     comps["unet"].requires_grad_(True)
-    unet_out = train_unet(comps, photos, st, 0.0, record["unet"]["schedule_steps"], stop_after=k,
+    unet_out = train_unet(comps, photos, st, math.inf, record["unet"]["schedule_steps"], stop_after=k,
                           log=lambda *_: None, prefill=False)
     return dict(vae=vae_out["first_losses"], unet=unet_out["first_losses"])
 
@@ -594,6 +608,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--continue-unet-steps", type=int, default=None, metavar="N",
                     help="stage 2b only: train the UNet of --out N more steps (needs --from-shipped)")
     ap.add_argument("--continue-unet-lr", type=float, default=5e-4)
+    ap.add_argument("--continue-unet-t-focus", type=float, default=0.0, metavar="P",
+                    help="stage 2b: share of samples drawn at t < --continue-unet-t-max")
+    ap.add_argument("--continue-unet-t-max", type=int, default=500)
     ap.add_argument("--from-shipped", action="store_true", help="start from the model already in --out")
     args = ap.parse_args(argv)
 
@@ -601,7 +618,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.from_shipped:
             raise SystemExit("--continue-unet-steps works on an existing model: pass --from-shipped")
         run_unet_continuation(args.out, args.continue_unet_steps, args.continue_unet_lr, args.force,
-                              threads=args.threads, evaluate_after=not args.no_eval,
+                              threads=args.threads, t_focus=args.continue_unet_t_focus,
+                              t_max=args.continue_unet_t_max, evaluate_after=not args.no_eval,
                               argv=list(argv if argv is not None else sys.argv[1:]),
                               log=lambda msg: print(msg, flush=True))
         return 0
