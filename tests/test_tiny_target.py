@@ -74,6 +74,21 @@ def test_heldout_reconstruction_psnr(target):
     assert value > 18.0
 
 
+def test_denoise_probe_loses_structure_with_noise(target):
+    """The trained UNet denoises: x0 error grows and SSIM falls with t, and at small t the one-step
+    estimate is close to plain reconstruction (a random UNet would give noise at every t)."""
+    from spdbench.targets.evaluate_tiny import denoise_probe, heldout_crops, ssim
+
+    x = heldout_crops(n_photos=1)
+    probe = denoise_probe(target, x, timesteps=(20, 300, 500))
+    x0_mse = [probe[t]["x0_mse"] for t in ("20", "300", "500")]
+    ssims = [probe[t]["ssim"] for t in ("20", "300", "500")]
+    assert x0_mse == sorted(x0_mse) and ssims == sorted(ssims, reverse=True)
+    with torch.no_grad():
+        rec = float(ssim(target.reconstruct(x), x).mean())
+    assert ssims[0] > rec - 0.1
+
+
 def test_refine_decoder_trains_only_the_decoder():
     from spdbench.targets.tiny import build_tiny_components
 

@@ -5,7 +5,8 @@ about as well as a plain x8 bicubic down/up, and (b) img2img edits stay close to
 strength and move away as strength grows. Held-out = the bundled *test* split (never trained on),
 each photo centre-resized to 256x256 and cut into 4 quadrants of 128x128 = 16 images.
 
-Run: ``python -m spdbench.targets.evaluate_tiny [FOLDER]`` (default: the shipped "tiny").
+Run: ``python -m spdbench.targets.evaluate_tiny [FOLDER] [--probe]`` (default: the shipped
+"tiny"; ``--probe`` prints the per-timestep denoising probe instead).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..data import load_photos
 
 PROMPT = "add some snow"
 STRENGTHS = (0.3, 0.5, 0.8)
+PROBE_T = (20, 100, 200, 300, 500)
 
 
 def heldout_crops(n_photos: Optional[int] = None) -> torch.Tensor:
@@ -75,6 +77,35 @@ def img2img_ssim(target, x: torch.Tensor, strengths: Sequence[float] = STRENGTHS
     return out
 
 
+@torch.no_grad()
+def denoise_probe(target, x: torch.Tensor, timesteps: Sequence[int] = PROBE_T, prompt: str = PROMPT,
+                  seed: int = 1) -> dict:
+    """Per timestep t: one UNet call on the clean latent noised to t, its x0 estimate, decoded.
+
+    Why: tells whether img2img fidelity is limited by the denoiser (x0 error at the start of the
+    edit) or by the later steps; at strength s the edit starts near t = 1000 s.
+    """
+    vae, unet = target.vae, target.unet
+    dev, dt = x.new_empty(0).device, next(unet.parameters()).dtype
+    sf = float(vae.config.scaling_factor)
+    z0 = vae.encode((x * 2.0 - 1.0).to(dt)).latent_dist.mean * sf
+    tok = target.tokenizer([prompt] * len(x), padding="max_length", truncation=True,
+                           max_length=target.tokenizer.model_max_length, return_tensors="pt")
+    emb = target.text_encoder(tok.input_ids.to(dev))[0]
+    abar = target.scheduler.alphas_cumprod
+    out = {}
+    for t in timesteps:
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(dev, dt)
+        a = float(abar[t])
+        zt = a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
+        eps = unet(zt, torch.full((len(x),), t, device=dev), encoder_hidden_states=emb).sample
+        x0 = (zt - (1 - a) ** 0.5 * eps) / a ** 0.5
+        dec = (vae.decode(x0 / sf).sample.float() / 2 + 0.5).clamp(0, 1).cpu()
+        out[str(t)] = dict(alpha_bar=a, eps_mse=float((eps - noise).pow(2).mean()),
+                           x0_mse=float((x0 - z0).pow(2).mean()), ssim=float(ssim(dec, x.cpu()).mean()))
+    return out
+
+
 def evaluate(target, n_photos: Optional[int] = None) -> dict:
     """All held-out figures as a JSON-able dict."""
     x = heldout_crops(n_photos)
@@ -90,8 +121,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import load_target
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    probe = "--probe" in argv
+    argv = [a for a in argv if a != "--probe"]
     target = load_target(argv[0] if argv else "tiny")
-    print(json.dumps(evaluate(target), indent=1))
+    if probe:
+        print(json.dumps(denoise_probe(target, heldout_crops()), indent=1))
+    else:
+        print(json.dumps(evaluate(target), indent=1))
     return 0
 
 
