@@ -89,12 +89,13 @@ def test_denoise_probe_loses_structure_with_noise(target):
     assert ssims[0] > rec - 0.1
 
 
-def test_refine_decoder_trains_only_the_decoder():
+@pytest.mark.parametrize("latent_noise", [0.0, 0.3])
+def test_refine_decoder_trains_only_the_decoder(latent_noise):
     from spdbench.targets.tiny import build_tiny_components
 
     vae = build_tiny_components(0)["vae"]
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    ds = train_tiny.DecoderSettings(batch=2, crop=32, warmup=1)
+    ds = train_tiny.DecoderSettings(batch=2, crop=32, warmup=1, latent_noise=latent_noise)
     threads = torch.get_num_threads()
     try:
         out = train_tiny.refine_decoder(vae, train_tiny.training_photos(), ds, steps=2, log=lambda *_: None)

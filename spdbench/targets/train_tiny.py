@@ -114,6 +114,7 @@ class DecoderSettings:
     warmup: int = 50
     ssim_weight: float = 0.05     # weight of (1 - SSIM) on [0, 1] next to MSE on [-1, 1]
     gain: float = 0.10
+    latent_noise: float = 0.0     # max std (scaled-latent units) of noise added before decoding
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -351,6 +352,9 @@ def refine_decoder(vae, photos, ds: DecoderSettings, steps: int, stop_after: Opt
         with torch.no_grad():
             dist = vae.encode(xm).latent_dist
             z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+            if ds.latent_noise > 0:  # decode what a denoiser hands over: latents with some error left
+                sigma = torch.rand(len(z), 1, 1, 1, generator=g) * ds.latent_noise
+                z = z + sigma / float(vae.config.scaling_factor) * torch.randn(z.shape, generator=g)
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, xm)
         loss = mse
@@ -372,6 +376,19 @@ def refine_decoder(vae, photos, ds: DecoderSettings, steps: int, stop_after: Opt
                 final_mse_ema=ema_mse, seconds=time.perf_counter() - t0)
 
 
+def scrub_saved(saved: Path, source: Path) -> None:
+    """Keep a re-saved folder free of this machine's paths: components loaded from `source`
+    record `_name_or_path`, and a reloaded tokenizer writes runtime keys; both are dropped (the
+    tokenizer is frozen, so its files are copied back unchanged)."""
+    for cfg in saved.glob("*/config.json"):
+        data = json.loads(cfg.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if (source / "tokenizer").is_dir() and saved.resolve() != source.resolve():
+        shutil.rmtree(saved / "tokenizer", ignore_errors=True)
+        shutil.copytree(source / "tokenizer", saved / "tokenizer")
+
+
 def _write_back(folder: Path, comps: dict, record: dict, force: bool, evaluate_after: bool, log=print) -> None:
     """Save a later stage's model to `<folder>.tmp`, re-evaluate it, record hashes, move it into place."""
     from .base import Target
@@ -381,6 +398,7 @@ def _write_back(folder: Path, comps: dict, record: dict, force: bool, evaluate_a
         shutil.rmtree(tmp)
     target = Target(**comps, name="tiny", source="spdbench:tiny-trained")
     target.save_pretrained(tmp)
+    scrub_saved(tmp, folder)
     record["script_version"] = SCRIPT_VERSION
     if evaluate_after:
         from .evaluate_tiny import evaluate
@@ -397,7 +415,7 @@ def _write_back(folder: Path, comps: dict, record: dict, force: bool, evaluate_a
 
 
 def run_refinement(folder: Path, steps: int, force: bool, threads: int = 1, evaluate_after: bool = True,
-                   argv: Optional[Sequence[str]] = None, log=print) -> dict:
+                   argv: Optional[Sequence[str]] = None, log=print, latent_noise: float = 0.0) -> dict:
     """Stage 3 on a shipped folder: refine its decoder, re-evaluate, write the folder back."""
     from .sd15 import load_sd15
 
@@ -406,7 +424,7 @@ def run_refinement(folder: Path, steps: int, force: bool, threads: int = 1, eval
     if "decoder_refinement" in record:
         raise SystemExit(f"{folder} already holds a refined decoder; refusing to refine twice")
     ds = DecoderSettings(seed=record["settings"]["seed"], threads=threads,
-                         gain=record["settings"]["gain"])
+                         gain=record["settings"]["gain"], latent_noise=latent_noise)
     torch.set_num_threads(ds.threads)
     photos = training_photos()
     shipped = load_sd15(folder, name="tiny")
@@ -603,6 +621,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-steps", type=int, default=None, metavar="K")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out figures")
+    ap.add_argument("--refine-latent-noise", type=float, default=0.0, metavar="S",
+                    help="stage 3: decode latents with noise of std U(0, S) (scaled units) added")
     ap.add_argument("--refine-decoder-steps", type=int, default=None, metavar="N",
                     help="stage 3 only: refine the decoder of --out for N steps (needs --from-shipped)")
     ap.add_argument("--continue-unet-steps", type=int, default=None, metavar="N",
@@ -628,7 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.from_shipped:
             raise SystemExit("--refine-decoder-steps works on an existing model: pass --from-shipped")
         run_refinement(args.out, args.refine_decoder_steps, args.force, threads=args.threads,
-                       evaluate_after=not args.no_eval,
+                       evaluate_after=not args.no_eval, latent_noise=args.refine_latent_noise,
                        argv=list(argv if argv is not None else sys.argv[1:]),
                        log=lambda msg: print(msg, flush=True))
         return 0
