@@ -389,8 +389,13 @@ def scrub_saved(saved: Path, source: Path) -> None:
         shutil.copytree(source / "tokenizer", saved / "tokenizer")
 
 
-def _write_back(folder: Path, comps: dict, record: dict, force: bool, evaluate_after: bool, log=print) -> None:
-    """Save a later stage's model to `<folder>.tmp`, re-evaluate it, record hashes, move it into place."""
+def _write_back(folder: Path, comps: dict, record: dict, force: bool, evaluate_after: bool, log=print,
+                reloaded: bool = True) -> None:
+    """Save a model to `<folder>.tmp`, evaluate it, record hashes, then move it into place.
+
+    `reloaded`: the components were loaded from `folder` (a later stage), so the saved configs
+    are scrubbed of load-time keys.
+    """
     from .base import Target
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -398,7 +403,8 @@ def _write_back(folder: Path, comps: dict, record: dict, force: bool, evaluate_a
         shutil.rmtree(tmp)
     target = Target(**comps, name="tiny", source="spdbench:tiny-trained")
     target.save_pretrained(tmp)
-    scrub_saved(tmp, folder)
+    if reloaded:
+        scrub_saved(tmp, folder)
     record["script_version"] = SCRIPT_VERSION
     if evaluate_after:
         from .evaluate_tiny import evaluate
@@ -409,8 +415,9 @@ def _write_back(folder: Path, comps: dict, record: dict, force: bool, evaluate_a
     record["weights_sha256"] = weight_hashes(tmp)
     record["folder_bytes"] = folder_bytes(tmp)
     (tmp / TRAINING_JSON).write_text(json.dumps(record, indent=1))
-    check_overwrite(folder, force)
-    shutil.rmtree(folder)
+    if folder.exists():
+        check_overwrite(folder, force)
+        shutil.rmtree(folder)
     os.replace(tmp, folder)
 
 
@@ -681,13 +688,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     comps["unet"].requires_grad_(False)
     log(f"unet done: {unet_rec['steps_run']} steps")
 
-    from .base import Target
-
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    target = Target(**comps, name="tiny", source="spdbench:tiny-trained")
-    target.save_pretrained(tmp)
     record = dict(
         script="spdbench.targets.train_tiny", script_version=SCRIPT_VERSION,
         command=" ".join(["python -m spdbench.targets.train_tiny"] + list(argv if argv is not None else sys.argv[1:])),
@@ -699,19 +699,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         vae=vae_rec, latent_std=std, scaling_factor=1.0 / std,
         unet=unet_rec, wall_seconds=time.perf_counter() - t_start,
     )
-    if not args.no_eval:
-        from .evaluate_tiny import evaluate
-
-        log("evaluating on held-out photos ...")
-        record["heldout"] = evaluate(target)
-        log(json.dumps(record["heldout"], indent=1))
-    record["weights_sha256"] = weight_hashes(tmp)
-    record["folder_bytes"] = folder_bytes(tmp)
-    (tmp / TRAINING_JSON).write_text(json.dumps(record, indent=1))
-    if args.out.exists():
-        check_overwrite(args.out, args.force)
-        shutil.rmtree(args.out)
-    os.replace(tmp, args.out)
+    _write_back(args.out, comps, record, args.force, not args.no_eval, log, reloaded=False)
     log(f"saved {args.out} ({record['folder_bytes'] / 1e6:.1f} MB) in {record['wall_seconds'] / 60:.1f} min")
     return 0
 
