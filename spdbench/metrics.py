@@ -308,24 +308,25 @@ def _fsim_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # --- public per-metric functions ---------------------------------------------------------------------
-def _chunked(fn: Callable, x: torch.Tensor, y: torch.Tensor, chunk: Optional[int]) -> torch.Tensor:
-    if chunk is None or chunk >= x.shape[0]:
-        return fn(x, y)
-    return torch.cat([fn(x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
-
-
 def _default_chunk(x: torch.Tensor) -> int:
     """Images per pass: small enough to keep a chunk's maps cache/memory friendly (~2 at 512 px)."""
     return max(1, (1 << 19) // (x.shape[-2] * x.shape[-1]))
 
 
+def _one_metric(x: torch.Tensor, y: torch.Tensor, min_size: int, fast: Callable, ref: Callable,
+                reference: bool) -> torch.Tensor:
+    """Validate, then piq itself (`reference`) or our kernel over cache-sized chunks."""
+    x, y = _prepare(x, y, min_size)
+    if reference:
+        return ref(x, y).float()
+    step = _default_chunk(x)
+    return torch.cat([fast(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)])
+
+
 @torch.no_grad()
 def ssim(x: torch.Tensor, y: torch.Tensor, *, reference: bool = False) -> torch.Tensor:
     """SSIM of each distorted image x[i] against reference y[i], shape (N,); see module docstring."""
-    x, y = _prepare(x, y, _SSIM_SIZE)
-    if reference:
-        return _ssim_reference(x, y).float()
-    return _chunked(_ssim_fast, x, y, _default_chunk(x))
+    return _one_metric(x, y, _SSIM_SIZE, _ssim_fast, _ssim_reference, reference)
 
 
 @torch.no_grad()
@@ -338,19 +339,13 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def vifp(x: torch.Tensor, y: torch.Tensor, *, reference: bool = False) -> torch.Tensor:
     """Pixel-domain VIF of distorted x against REFERENCE y on BT.601 luminance, shape (N,)."""
-    x, y = _prepare(x, y, _VIF_MIN_SIZE)
-    if reference:
-        return _vif_reference(x, y).float()
-    return _chunked(_vif_fast, x, y, _default_chunk(x))
+    return _one_metric(x, y, _VIF_MIN_SIZE, _vif_fast, _vif_reference, reference)
 
 
 @torch.no_grad()
 def fsim(x: torch.Tensor, y: torch.Tensor, *, reference: bool = False) -> torch.Tensor:
     """Chromatic FSIM (FSIMc) of distorted x against reference y, shape (N,)."""
-    x, y = _prepare(x, y)
-    if reference:
-        return _fsim_reference(x, y).float()
-    return _chunked(_fsim_fast, x, y, _default_chunk(x))
+    return _one_metric(x, y, 1, _fsim_fast, _fsim_reference, reference)
 
 
 # --- registry ----------------------------------------------------------------------------------------

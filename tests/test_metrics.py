@@ -6,26 +6,14 @@ fast == piq it is held to properties any FSIM must have (identity = 1, range, mo
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import spdbench
 from spdbench import metrics
 from spdbench.errors import InputError, UnknownNameError
-
-
-def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    out = []
-    for img in x:
-        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-        out.append(torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255)
-    return torch.stack(out)
+from spdbench.purify import jpeg as _jpeg
 
 
 @pytest.fixture(scope="module")

@@ -85,22 +85,17 @@ def denoise_probe(target, x: torch.Tensor, timesteps: Sequence[int] = PROBE_T, p
     Why: tells whether img2img fidelity is limited by the denoiser (x0 error at the start of the
     edit) or by the later steps; at strength s the edit starts near t = 1000 s.
     """
-    vae, unet = target.vae, target.unet
-    dev, dt = x.new_empty(0).device, next(unet.parameters()).dtype
-    sf = float(vae.config.scaling_factor)
-    z0 = vae.encode((x * 2.0 - 1.0).to(dt)).latent_dist.mean * sf
-    tok = target.tokenizer([prompt] * len(x), padding="max_length", truncation=True,
-                           max_length=target.tokenizer.model_max_length, return_tensors="pt")
-    emb = target.text_encoder(tok.input_ids.to(dev))[0]
+    z0 = target.encode(x).latents  # scaled posterior means, on the target's device and dtype
+    emb = target.encode_prompt([prompt] * len(x))
     abar = target.scheduler.alphas_cumprod
     out = {}
     for t in timesteps:
-        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(dev, dt)
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0.device, z0.dtype)
         a = float(abar[t])
         zt = a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
-        eps = unet(zt, torch.full((len(x),), t, device=dev), encoder_hidden_states=emb).sample
+        eps = target.unet(zt, torch.full((len(x),), t, device=z0.device), encoder_hidden_states=emb).sample
         x0 = (zt - (1 - a) ** 0.5 * eps) / a ** 0.5
-        dec = (vae.decode(x0 / sf).sample.float() / 2 + 0.5).clamp(0, 1).cpu()
+        dec = target.decode(x0).cpu()
         out[str(t)] = dict(alpha_bar=a, eps_mse=float((eps - noise).pow(2).mean()),
                            x0_mse=float((x0 - z0).pow(2).mean()), ssim=float(ssim(dec, x.cpu()).mean()))
     return out

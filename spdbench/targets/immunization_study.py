@@ -72,12 +72,10 @@ def cluster_diff_ci(a: Sequence[float], b: Sequence[float], groups: Sequence[str
     """Paired bootstrap of mean(a) - mean(b) that resamples whole photos (all crops of a photo together)."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     keys = sorted(set(groups))
-    per = np.array([d[[g == k for g in groups]].mean() for k in keys])  # equal crops per photo
-    rng = np.random.default_rng(seed)
-    means = per[rng.integers(0, per.size, size=(n_boot, per.size))].mean(axis=1)
-    q = (1 - level) / 2
-    return dict(mean=float(per.mean()), low=float(np.quantile(means, q)), high=float(np.quantile(means, 1 - q)),
-                per_photo=dict(zip(keys, map(float, per))))
+    # equal crops per photo: resampling photos = the plain bootstrap of the per-photo mean differences
+    per = [float(d[[g == k for g in groups]].mean()) for k in keys]
+    return dict(**_interval(bootstrap_ci(per, n_boot=n_boot, level=level, seed=seed)),
+                per_photo=dict(zip(keys, per)))
 
 
 def paired(a, b, groups) -> dict:

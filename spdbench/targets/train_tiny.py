@@ -9,7 +9,8 @@ Usage::
 
     python -m spdbench.targets.train_tiny [--out DIR] [--force] [--vae-minutes M]
         [--unet-minutes M] [--seed S] [--threads T] [--check-steps K]
-    python -m spdbench.targets.train_tiny --refine-decoder-steps N --from-shipped --force
+    python -m spdbench.targets.train_tiny --refine-decoder-steps N [--refine-latent-noise S] --from-shipped --force
+    python -m spdbench.targets.train_tiny --continue-unet-steps N [--continue-unet-t-focus P] --from-shipped --force
 
 Budgets are wall clock, but every run records the step counts and the cosine schedule lengths, so
 `--vae-steps/--unet-steps` reproduce a run by steps. `--check-steps K` reruns only the first K
@@ -19,8 +20,11 @@ losses, which `tests/test_tiny_target.py` compares with `training.json`.
 Stage 3, decoder refinement (`--refine-decoder-steps N --from-shipped`): the encoder (and
 quant_conv) stay frozen, so the latent space -- and with it the trained UNet, the scaling factor
 and every attack that targets the encoder -- is unchanged; only post_quant_conv + decoder are
-trained further to reconstruct training crops from posterior samples. It runs a fixed number of
-steps on the shipped folder and writes it back (tmp folder, then move; needs --force).
+trained further to reconstruct training crops from posterior samples (plus latent noise of std
+U(0, S) with --refine-latent-noise S, as the shipped model was: an edit decodes the denoiser's
+estimate, not a clean posterior sample). It runs a fixed number of steps on the shipped folder
+and writes it back (tmp folder, then move; needs --force). Stage 2b (--continue-unet-steps)
+trains the UNet further on the same frozen VAE in the same way.
 """
 from __future__ import annotations
 
@@ -376,6 +380,22 @@ def refine_decoder(vae, photos, ds: DecoderSettings, steps: int, stop_after: Opt
                 final_mse_ema=ema_mse, seconds=time.perf_counter() - t0)
 
 
+def _command(argv: Optional[Sequence[str]]) -> str:
+    """The command line a record stores, so the stage can be rerun from it."""
+    return " ".join(["python -m spdbench.targets.train_tiny"] + list(argv or []))
+
+
+def _snapshot(module: torch.nn.Module, prefixes: tuple = ("",)) -> dict:
+    """Copies of the parameters/buffers whose names start with `prefixes` (all by default)."""
+    return {k: v.clone() for k, v in module.state_dict().items() if k.startswith(prefixes)}
+
+
+def _assert_unchanged(module: torch.nn.Module, before: dict, what: str) -> None:
+    """A later stage promises to leave `what` bitwise as it was; hold it to that before saving."""
+    after = module.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items()), f"{what} changed"
+
+
 def scrub_saved(saved: Path, source: Path) -> None:
     """Keep a re-saved folder free of this machine's paths: components loaded from `source`
     record `_name_or_path`, and a reloaded tokenizer writes runtime keys; both are dropped (the
@@ -437,12 +457,11 @@ def run_refinement(folder: Path, steps: int, force: bool, threads: int = 1, eval
     shipped = load_sd15(folder, name="tiny")
     comps = shipped.components()
     vae = comps["vae"]
-    enc_before = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    enc_before = _snapshot(vae, ("encoder.", "quant_conv."))
     t0 = time.perf_counter()
     log(f"decoder refinement: {steps} steps, threads {ds.threads}, settings {ds.__dict__}")
     rec = refine_decoder(vae, photos, ds, steps, log=log)
-    after = vae.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in enc_before.items()), "encoder changed"
+    _assert_unchanged(vae, enc_before, "encoder")
     for m in comps.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False)
@@ -451,7 +470,7 @@ def run_refinement(folder: Path, steps: int, force: bool, threads: int = 1, eval
     rec["threads"] = ds.threads
     rec["frozen"] = "vae.encoder + vae.quant_conv (latent space, scaling factor, UNet unchanged)"
     rec["trained"] = "vae.post_quant_conv + vae.decoder"
-    rec["command"] = " ".join(["python -m spdbench.targets.train_tiny"] + list(argv or []))
+    rec["command"] = _command(argv)
     rec["script_version"] = SCRIPT_VERSION
     rec["heldout_before"] = record.get("heldout")
     record["weights_sha256_before_refinement"] = record.get("weights_sha256")
@@ -484,7 +503,7 @@ def run_unet_continuation(folder: Path, steps: int, lr: float, force: bool, thre
     torch.set_num_threads(st.threads)
     photos = training_photos()
     comps = load_sd15(folder, name="tiny").components()
-    vae_before = {k: v.clone() for k, v in comps["vae"].state_dict().items()}
+    vae_before = _snapshot(comps["vae"])
     for m in comps.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False)
@@ -496,9 +515,8 @@ def run_unet_continuation(folder: Path, steps: int, lr: float, force: bool, thre
     rec = train_unet(comps, photos, st, minutes=steps / 60.0, steps=steps, log=log)
     comps["unet"].requires_grad_(False)
     comps["unet"].eval()
-    after = comps["vae"].state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in vae_before.items()), "VAE changed"
-    rec.update(settings=dict(st.__dict__), command=" ".join(["python -m spdbench.targets.train_tiny"] + list(argv or [])),
+    _assert_unchanged(comps["vae"], vae_before, "VAE")
+    rec.update(settings=dict(st.__dict__), command=_command(argv),
                script_version=SCRIPT_VERSION, heldout_before=record.get("heldout"),
                weights_sha256_before=record.get("weights_sha256"))
     rec["wall_seconds"] = time.perf_counter() - t0
@@ -639,7 +657,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="stage 2b: share of samples drawn at t < --continue-unet-t-max")
     ap.add_argument("--continue-unet-t-max", type=int, default=500)
     ap.add_argument("--from-shipped", action="store_true", help="start from the model already in --out")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
 
     if args.continue_unet_steps is not None:
         if not args.from_shipped:
@@ -647,8 +667,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_unet_continuation(args.out, args.continue_unet_steps, args.continue_unet_lr, args.force,
                               threads=args.threads, t_focus=args.continue_unet_t_focus,
                               t_max=args.continue_unet_t_max, evaluate_after=not args.no_eval,
-                              argv=list(argv if argv is not None else sys.argv[1:]),
-                              log=lambda msg: print(msg, flush=True))
+                              argv=argv, log=log)
         return 0
 
     if args.refine_decoder_steps is not None:
@@ -656,8 +675,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit("--refine-decoder-steps works on an existing model: pass --from-shipped")
         run_refinement(args.out, args.refine_decoder_steps, args.force, threads=args.threads,
                        evaluate_after=not args.no_eval, latent_noise=args.refine_latent_noise,
-                       argv=list(argv if argv is not None else sys.argv[1:]),
-                       log=lambda msg: print(msg, flush=True))
+                       argv=argv, log=log)
         return 0
 
     if args.check_steps is not None:
@@ -674,9 +692,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     comps = build_tiny_components(st.seed)
     for m in ("unet", "text_encoder"):
         comps[m].requires_grad_(False)
-    print(f"training photos: {[p.name for p in photos]}; threads {st.threads}", flush=True)
-
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    log(f"training photos: {[p.name for p in photos]}; threads {st.threads}")
     vae_rec = train_vae(comps["vae"], photos, st, args.vae_minutes, args.vae_steps, log=log)
     comps["vae"].requires_grad_(False)
     std = latent_std(comps["vae"], photos, st)
@@ -690,7 +706,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     record = dict(
         script="spdbench.targets.train_tiny", script_version=SCRIPT_VERSION,
-        command=" ".join(["python -m spdbench.targets.train_tiny"] + list(argv if argv is not None else sys.argv[1:])),
+        command=_command(argv),
         settings=st.__dict__, threads=st.threads,
         text_encoder="frozen at its seeded random init (build_tiny_components(seed)); prompts embedded once",
         torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
