@@ -1,14 +1,17 @@
 """`run`: the harness. It owns the data, the split, the budget, the seeds and the scorer.
 
-Data flow: suite -> images + split -> attack (only what it may see) -> validated, projected,
-quantized protection -> paired edits (same prompt, settings and seed per image; clean edits
-cached) -> metrics -> one record per (attack, eps, prompt, split) cell -> leaderboard.
+A run reads as a pipeline of stages, each owning its inputs and outputs:
+plan (attack_plan: parameters, budgets and where each came from) -> cells (ids, what is done)
+-> protect (the attack runs in its worker process and sees only what it may: isolation.py,
+worker.py) -> enforce (protect.enforce: validate, project, clamp, quantize) -> edit (editing.py,
+clean edits cached) -> score (metrics.py) -> record (results.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,21 +21,25 @@ import torch
 from safetensors.torch import load_file, save
 
 from . import metrics as metrics_mod
-from .attacks.base import Attack, get_attack
+from .attack_plan import AttackPlan, plan
+from .attacks.base import Attack
 from .budget import Budget, format_eps
 from .data import split_indices
 from .editing import PROMPTS, Editor, image_seed
 from .errors import AttackError, InputError, SpdbenchError, UnknownNameError, did_you_mean
 from .images import check_images
-from .protect import Protection, fit_universal, protect
+from .isolation import AttackWorker
+from .protect import Protection, SplitOutput, enforce, fit_split, perturb_split
 from .provenance import environment
 from .purify import get_purifier
 from .results import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes, cell_id,
-                      finished_cells, write_jsonl, write_record, load_records)
+                      finished_cells, load_records, write_jsonl, write_record)
 from .suites import Suite, get_suite
 from .targets import Target, load_target
 
 log = logging.getLogger("spdbench")
+
+ISOLATION_MODES = ("process", "none")
 
 
 @dataclass
@@ -48,10 +55,16 @@ class RunResult:
     clean_cache_hits: int = 0
     clean_cache_misses: int = 0
     edits_run: int = 0
+    #: where each setting came from ("suite", "preset:NAME", "explicit", "default")
+    param_sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[Record]:
         return [r for r in self.records if r.status == Status.error]
+
+    @property
+    def flagged(self) -> list[Record]:
+        return [r for r in self.records if r.flags]
 
     @property
     def ok(self) -> bool:
@@ -66,19 +79,6 @@ class RunResult:
 
 def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256((t.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _resolve_attack(attack: Union[str, Attack], suite: Suite, params: Optional[dict]) -> Attack:
-    if isinstance(attack, Attack):
-        if params:
-            raise InputError("pass attack parameters either to get_attack() or to run(), not both")
-        return attack
-    params = dict(params or {})
-    cls = get_attack(attack).__class__
-    # the suite's iteration budget applies to every optimizing attack unless set explicitly
-    if suite.attack_steps is not None and "steps" in cls.defaults and "steps" not in params and "preset" not in params:
-        params["steps"] = suite.attack_steps
-    return cls(**params)
 
 
 def _resolve_prompts(keys: Sequence[str]) -> list[str]:
@@ -106,6 +106,122 @@ def load_protection(path: Union[str, Path], images: torch.Tensor) -> torch.Tenso
     return ((images * 255).round() + delta255.to(images.dtype)).clamp(0, 255) / 255
 
 
+# --- stage: protect (the attack runs where it may see only its inputs) -------------------------
+class AttackRunner:
+    """Runs one attack's cell groups: in a worker process (isolation "process", the default), or in
+    this process for debugging (isolation "none": recorded, refused by verify and submit)."""
+
+    def __init__(self, isolation: str, target: Target, timeout_s: Optional[float]) -> None:
+        self.isolation, self.target, self.timeout_s = isolation, target, timeout_s
+        self.worker: Optional[AttackWorker] = None
+        self.start_s: Optional[float] = None
+
+    def run(self, attack: Attack, budget: Budget, jobs: dict[str, dict], batch_size: int) -> tuple[dict, float]:
+        """{split name: SplitOutput}, and the harness-measured wall seconds of the whole group."""
+        if self.isolation == "none":
+            return self._in_process(attack, budget, jobs, batch_size)
+        if self.worker is None or not self.worker.alive:
+            self.close()
+            self.worker = AttackWorker(self.target)
+            self.start_s = self.worker.start()
+        try:
+            result = self.worker.run(attack=attack, budget=budget, universal=attack.universal, batch_size=batch_size,
+                                     splits={k: {"images": v["images"].cpu(), "seed": v["seed"]}
+                                             for k, v in jobs.items()},
+                                     timeout=self.timeout_s)
+        except AttackError:
+            self.close()  # the next group starts from a fresh process and a fresh model copy
+            raise
+        return result.splits, result.wall_s
+
+    def _in_process(self, attack: Attack, budget: Budget, jobs: dict, batch_size: int) -> tuple[dict, float]:
+        from .model_calls import ModelCallCounter
+
+        fingerprint = self.target.fingerprint
+        out: dict[str, SplitOutput] = {}
+        t0 = time.perf_counter()
+        for name, job in jobs.items():
+            with ModelCallCounter(self.target) as counter:
+                if attack.universal:
+                    res = fit_split(attack, self.target, job["images"], budget, seed=job["seed"])
+                else:
+                    res = perturb_split(attack, self.target, job["images"], budget, batch_size=batch_size,
+                                        seed=job["seed"])
+            res.model_calls = counter.per_image(len(job["images"]))
+            out[name] = res
+        wall = time.perf_counter() - t0
+        if self.target.fingerprint_now() != fingerprint:
+            raise AttackError(f"attack {attack.name!r} changed the target's weights (isolation 'none')")
+        return out, wall
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+    def __enter__(self) -> "AttackRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _group_flags(attack: Attack, outputs: dict[str, SplitOutput], protections: dict[Split, Protection],
+                 isolation: str) -> list[str]:
+    """Visible warnings: never let a run that did nothing read as a plain ok."""
+    flags = []
+    if any(p.zero_delta for p in protections.values()):
+        flags.append("zero-delta")
+    curves = [o.loss_curve for o in outputs.values() if len(o.loss_curve) >= 2]
+    if curves and all(max(c) == min(c) for c in curves):
+        flags.append("loss-flat")
+    if any(p.over_budget_images for p in protections.values()):
+        flags.append("budget-projected")
+    if isolation == "none":
+        flags.append("isolation-none")
+    return flags
+
+
+def _check_outputs(attack: Attack, outputs: dict[str, SplitOutput], dtype: torch.dtype) -> None:
+    """A non-finite loss during optimization is an error of the group, never a zero step."""
+    for name, out in outputs.items():
+        bad = [i for i, v in enumerate(out.loss_curve) if not math.isfinite(v)]
+        if bad:
+            raise AttackError(f"attack {attack.name!r}: non-finite loss at step {bad[0]} on the {name} split "
+                              f"(target dtype {str(dtype).replace('torch.', '')})")
+
+
+def _protect_group(runner: AttackRunner, attack: Attack, target: Target, images: torch.Tensor, splits: dict,
+                   budget: Budget, suite: Suite) -> tuple[dict[Split, Protection], list[str]]:
+    """Run the attack on what it may see, then enforce the budget on what came back."""
+    if attack.universal:
+        jobs = {"fit": {"images": images[splits[Split.train]], "seed": suite.attack_seed}}
+    else:
+        jobs = {sp.value: {"images": images[idx], "seed": suite.attack_seed + 1000 * (sp == Split.test)}
+                for sp, idx in splits.items()}
+    outputs, wall = runner.run(attack, budget, jobs, suite.attack_batch_size)
+    _check_outputs(attack, outputs, target.dtype)
+    protections: dict[Split, Protection] = {}
+    n_all = sum(len(idx) for idx in splits.values())
+    for sp, idx in splits.items():
+        x = images[idx]
+        out = outputs["fit"] if attack.universal else outputs[sp.value]
+        t0 = time.perf_counter()
+        adv, returned, over, applied, zero = enforce(out.delta.to(x.device), x, budget, attack.name,
+                                                     universal=attack.universal)
+        if attack.universal:  # the fit is a one-off cost; applying the delta is this split's cost
+            wall_s, fit_s = time.perf_counter() - t0, wall
+        else:
+            wall_s, fit_s = wall * len(idx) / n_all, None
+        protections[sp] = Protection(adv=adv, wall_s=wall_s, device_s=out.device_s,
+                                     peak_memory_bytes=out.peak_memory_bytes, max_norm_returned=returned,
+                                     over_budget_images=over, max_norm_applied=applied, loss_curve=out.loss_curve,
+                                     fit_wall_s=fit_s, oom_events=out.oom_events, model_calls=out.model_calls,
+                                     zero_delta=zero)
+    return protections, _group_flags(attack, outputs, protections, runner.isolation)
+
+
+# --- the run -----------------------------------------------------------------------------------
 def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Union[None, str, float, Sequence] = None,
         out: Union[str, Path, None] = None, *, norm: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
         attack_params: Optional[dict[str, Any]] = None, target: Union[str, Target, None] = None,
@@ -113,16 +229,25 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         data: Union[str, Path, None] = None, manifest: Union[str, Path, None] = None,
         device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
         resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: bool = False,
-        purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None) -> RunResult:
-    """Run one attack over a suite's budget grid and prompts; write and return the records.
+        purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None,
+        isolation: str = "process", attack_timeout_s: Optional[float] = None) -> RunResult:
+    """Run one attack over its budgets and the suite's prompts; write and return the records.
 
-    Finished cells in `out` are reused (resume); a failing cell is recorded with its error and the
-    run goes on with the others.
+    The attack runs in its own worker process (`isolation="process"`); `isolation="none"` runs it
+    here for debugging and marks every record so. Finished cells in `out` are reused (resume); a
+    failing cell group is recorded with its error and the run goes on with the others.
     """
+    if isolation not in ISOLATION_MODES:
+        raise InputError(f"isolation must be one of {list(ISOLATION_MODES)}, got {isolation!r}")
     suite = get_suite(suite)
-    attack = _resolve_attack(attack, suite, attack_params)
-    eps_list = [eps] if isinstance(eps, (str, float, int)) else list(eps or suite.eps)
-    budgets = [Budget(norm or suite.norm, e) for e in eps_list]
+    if attack_timeout_s is not None:
+        if not (isinstance(attack_timeout_s, (int, float)) and attack_timeout_s > 0):
+            raise InputError(f"attack_timeout_s must be a number of seconds > 0, got {attack_timeout_s!r}")
+        from dataclasses import replace
+
+        suite = replace(suite, attack_timeout_s=float(attack_timeout_s))
+    the_plan: AttackPlan = plan(attack, suite, params=attack_params, eps=eps, norm=norm)
+    attack = the_plan.attack
     prompt_keys = _resolve_prompts(prompts or suite.prompts)
     purifier_list = [get_purifier(p) for p in (suite.purifiers if purifiers is None else purifiers)]
     if not isinstance(target, Target):
@@ -134,6 +259,7 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     check_images(images, "images")
     if len(names) != len(images):
         raise InputError(f"got {len(images)} images but {len(names)} image names")
+    images = images.detach().clone()  # the harness's own copy: nobody else holds a reference to it
     if target.device.type == "cuda" and images.device.type == "cpu":
         images = images.float().pin_memory()  # one asynchronous copy; the set then stays on the GPU
     images = images.to(target.device, torch.float32, non_blocking=True)
@@ -153,90 +279,51 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     data_sha = hashlib.sha256("".join(shas).encode()).hexdigest()
     suite_cfg = suite.to_dict()
     suite_cfg["purifiers"] = [p.name for p in purifier_list]
-    # the grid being run (eps list, prompts) is not part of a cell's identity: cells are shared across grids
-    id_cfg = {k: v for k, v in suite_cfg.items() if k not in ("eps", "prompts", "description")}
+    # the grid being run (eps list, prompts) is not part of a cell's identity: cells are shared across
+    # grids; the device type and dtype are (CPU and CUDA generators draw different noise for one seed)
+    id_cfg = {k: v for k, v in suite_cfg.items() if k not in ("eps", "prompts", "description", "attack_timeout_s")}
+    id_cfg["device_type"], id_cfg["dtype"] = target.device.type, str(target.dtype).replace("torch.", "")
     done = finished_cells(out) if resume else {}
     env = environment(target.device)
     tinfo = TargetInfo(name=target.name, source=target.source, fingerprint=target.fingerprint,
                        dtype=str(target.dtype).replace("torch.", ""), device=str(target.device))
-    result = RunResult(records=[], out=out)
+    result = RunResult(records=[], out=out, param_sources=dict(the_plan.sources))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(budgets) * len(prompt_keys), desc=f"{attack.name} on {suite.name}", unit="cell",
+    bar = tqdm(total=len(the_plan.budgets) * len(prompt_keys), desc=f"{attack.name} on {suite.name}", unit="cell",
                disable=not progress, leave=False)
-    for budget in budgets:
-        bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
-        ids = {(pk, sp): cell_id(attack.name, _jsonable(attack.params), id_cfg, budget.norm,
-                                 format_eps(budget.eps), pk, sp.value, target.fingerprint, data_sha)
-               for pk in prompt_keys for sp in splits}
-        if all(i in done for i in ids.values()):
-            result.records.extend(done[i] for i in ids.values())
-            result.reused.extend(ids.values())
-            continue
-        base = dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
-                    universal=attack.universal, suite=suite.name, suite_config=suite_cfg, norm=budget.norm, eps=budget.eps,
-                    eps_label=format_eps(budget.eps), attack_seed=suite.attack_seed, split_seed=suite.split_seed,
-                    target=tinfo, edit=suite.edit.to_dict(), provenance=env,
-                    metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT_METRICS})
-        try:
-            protections, pfile, psha = _protect_all(attack, target, images, splits, budget, suite, out, base)
-        except SpdbenchError as exc:
-            for (pk, sp), cid in ids.items():
-                rec = Record(cell_id=cid, status=Status.error, error=str(exc), prompt_key=pk, prompt=PROMPTS[pk],
-                             split=sp, **base)
-                write_record(rec, out)
-                result.records.append(rec)
-                result.computed.append(cid)
-            log.error("cell group %s %s failed: %s", attack.name, budget, exc)
-            continue
-        adv_all = torch.empty_like(images)
-        for sp, idx in splits.items():
-            adv_all[idx] = protections[sp].adv
-        imperceptibility = metrics_mod.score(adv_all, images)
-        purified_imgs = {p.name: p(adv_all, target) for p in purifier_list}
-        for pk in prompt_keys:
-            bar.update(1)
-            if all(ids[(pk, sp)] in done for sp in splits):
-                result.records.extend(done[ids[(pk, sp)]] for sp in splits)
-                result.reused.extend(ids[(pk, sp)] for sp in splits)
+    with AttackRunner(isolation, target, suite.attack_timeout_s) as runner:
+        for budget in the_plan.budgets:
+            bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
+            ids = {(pk, sp): cell_id(attack.name, _jsonable(attack.params), id_cfg, budget.norm,
+                                     format_eps(budget.eps), pk, sp.value, target.fingerprint, data_sha)
+                   for pk in prompt_keys for sp in splits}
+            if all(i in done for i in ids.values()):
+                result.records.extend(done[i] for i in ids.values())
+                result.reused.extend(ids.values())
+                bar.update(len(prompt_keys))
                 continue
-            t0 = time.perf_counter()
-            clean_edits = editor.edit_clean(images, PROMPTS[pk], seeds)
-            adv_edits = editor.edit(adv_all, PROMPTS[pk], seeds)
-            edit_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            purified_edits = {name: editor.edit(img, PROMPTS[pk], seeds) for name, img in purified_imgs.items()}
-            edit_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            # one call: the clean edits' features are computed once for every comparison
-            scored = metrics_mod.score_many({"": adv_edits, **purified_edits}, clean_edits)
-            protection = scored.pop("")
-            purified = scored
-            score_s = time.perf_counter() - t0
-            for sp, idx in splits.items():
-                p = protections[sp]
-                n = len(idx)
-                rec = Record(
-                    cell_id=ids[(pk, sp)], prompt_key=pk, prompt=PROMPTS[pk], split=sp,
-                    image_names=[names[i] for i in idx], image_sha256=[shas[i] for i in idx],
-                    edit_seeds=[seeds[i] for i in idx],
-                    protection={m: v[idx].tolist() for m, v in protection.items()},
-                    protection_mean={m: float(v[idx].mean()) for m, v in protection.items()},
-                    imperceptibility={m: v[idx].tolist() for m, v in imperceptibility.items()},
-                    imperceptibility_mean={m: float(v[idx].mean()) for m, v in imperceptibility.items()},
-                    purified={n: {m: v[idx].tolist() for m, v in sc.items()} for n, sc in purified.items()},
-                    purified_mean={n: {m: float(v[idx].mean()) for m, v in sc.items()} for n, sc in purified.items()},
-                    timing=Timing(compile_s=compile_s, attack_wall_s=p.wall_s, attack_device_s=p.device_s, fit_wall_s=p.fit_wall_s,
-                                  per_image_s=p.wall_s / n, edit_wall_s=edit_s * n / len(images),
-                                  score_wall_s=score_s * n / len(images), peak_memory_bytes=p.peak_memory_bytes),
-                    validation=Validation(max_norm_returned=p.max_norm_returned,
-                                          over_budget_images=p.over_budget_images,
-                                          projected=p.over_budget_images > 0),
-                    oom_events=p.oom_events + editor.oom_events,
-                    loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha, **base)
-                write_record(rec, out)
-                result.records.append(rec)
-                result.computed.append(rec.cell_id)
+            base = dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
+                        universal=attack.universal, suite=suite.name, suite_config=suite_cfg, norm=budget.norm,
+                        eps=budget.eps, eps_label=format_eps(budget.eps), attack_seed=suite.attack_seed,
+                        split_seed=suite.split_seed, target=tinfo, edit=suite.edit.to_dict(), provenance=env,
+                        metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT_METRICS},
+                        isolation=isolation, param_sources=dict(the_plan.sources))
+            try:
+                protections, flags, pfile, psha = _stored_or_new(runner, attack, target, images, splits, budget,
+                                                                 suite, out, base)
+            except SpdbenchError as exc:
+                for (pk, sp), cid in ids.items():
+                    rec = Record(cell_id=cid, status=Status.error, error=str(exc), prompt_key=pk, prompt=PROMPTS[pk],
+                                 split=sp, **base)
+                    write_record(rec, out)
+                    result.records.append(rec)
+                    result.computed.append(cid)
+                log.error("cell group %s %s failed: %s", attack.name, budget, exc)
+                bar.update(len(prompt_keys))
+                continue
+            _edit_score_record(result, editor, images, names, shas, seeds, splits, protections, flags, pfile, psha,
+                               purifier_list, target, prompt_keys, ids, done, base, compile_s, runner.start_s, out, bar)
     bar.close()
     result.clean_cache_hits, result.clean_cache_misses = editor.cache_hits, editor.cache_misses
     result.edits_run = editor.edits_run
@@ -244,11 +331,66 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     return result
 
 
-def _protect_all(attack: Attack, target: Target, images: torch.Tensor, splits: dict, budget: Budget, suite: Suite,
-                 out: Path, base: dict) -> tuple[dict, str, str]:
+def _edit_score_record(result: RunResult, editor: Editor, images, names, shas, seeds, splits, protections, flags,
+                       pfile, psha, purifier_list, target, prompt_keys, ids, done, base, compile_s, start_s, out,
+                       bar) -> None:
+    """Stages edit -> score -> record for one cell group (every prompt and both splits)."""
+    adv_all = torch.empty_like(images)
+    for sp, idx in splits.items():
+        adv_all[idx] = protections[sp].adv
+    imperceptibility = metrics_mod.score(adv_all, images)
+    purified_imgs = {p.name: p(adv_all, target) for p in purifier_list}
+    for pk in prompt_keys:
+        bar.update(1)
+        if all(ids[(pk, sp)] in done for sp in splits):
+            result.records.extend(done[ids[(pk, sp)]] for sp in splits)
+            result.reused.extend(ids[(pk, sp)] for sp in splits)
+            continue
+        t0 = time.perf_counter()
+        clean_edits = editor.edit_clean(images, PROMPTS[pk], seeds)
+        adv_edits = editor.edit(adv_all, PROMPTS[pk], seeds)
+        purified_edits = {name: editor.edit(img, PROMPTS[pk], seeds) for name, img in purified_imgs.items()}
+        edit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # one call: the clean edits' features are computed once for every comparison
+        scored = metrics_mod.score_many({"": adv_edits, **purified_edits}, clean_edits)
+        protection = scored.pop("")
+        score_s = time.perf_counter() - t0
+        for sp, idx in splits.items():
+            p = protections[sp]
+            n = len(idx)
+            rec = Record(
+                cell_id=ids[(pk, sp)], prompt_key=pk, prompt=PROMPTS[pk], split=sp,
+                image_names=[names[i] for i in idx], image_sha256=[shas[i] for i in idx],
+                edit_seeds=[seeds[i] for i in idx],
+                protection={m: v[idx].tolist() for m, v in protection.items()},
+                protection_mean={m: float(v[idx].mean()) for m, v in protection.items()},
+                imperceptibility={m: v[idx].tolist() for m, v in imperceptibility.items()},
+                imperceptibility_mean={m: float(v[idx].mean()) for m, v in imperceptibility.items()},
+                purified={n_: {m: v[idx].tolist() for m, v in sc.items()} for n_, sc in scored.items()},
+                purified_mean={n_: {m: float(v[idx].mean()) for m, v in sc.items()} for n_, sc in scored.items()},
+                timing=Timing(compile_s=compile_s, attack_wall_s=p.wall_s, attack_device_s=p.device_s,
+                              fit_wall_s=p.fit_wall_s, per_image_s=p.wall_s / n, edit_wall_s=edit_s * n / len(images),
+                              score_wall_s=score_s * n / len(images), peak_memory_bytes=p.peak_memory_bytes,
+                              worker_start_s=start_s),
+                validation=Validation(max_norm_returned=p.max_norm_returned, over_budget_images=p.over_budget_images,
+                                      projected=p.over_budget_images > 0, max_norm_applied=p.max_norm_applied),
+                oom_events=p.oom_events + editor.oom_events, flags=list(flags), model_calls=p.model_calls,
+                loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha, **base)
+            write_record(rec, out)
+            result.records.append(rec)
+            result.computed.append(rec.cell_id)
+
+
+_META_KEYS = ("wall_s", "device_s", "peak_memory_bytes", "max_norm_returned", "over_budget_images",
+              "max_norm_applied", "fit_wall_s", "loss_curve", "oom_events", "model_calls", "zero_delta")
+
+
+def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images: torch.Tensor, splits: dict,
+                   budget: Budget, suite: Suite, out: Path, base: dict) -> tuple[dict, list[str], str, str]:
     """Protect every split once per budget; reuse a stored protection when resuming."""
     key = hashlib.sha256(repr((attack.name, sorted(base["attack_params"].items()), suite.name, budget.label,
-                               base["target"].fingerprint, _sha(images))).encode()).hexdigest()[:16]
+                               base["target"].fingerprint, target.device.type, _sha(images))).encode()).hexdigest()[:16]
     rel = f"perturbations/{attack.name}__{budget.norm}-{format_eps(budget.eps).replace('/', 'o')}__{key}.safetensors"
     path = out / rel
     if path.is_file():
@@ -256,43 +398,26 @@ def _protect_all(attack: Attack, target: Target, images: torch.Tensor, splits: d
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        adv = load_protection(path, images)
-        stored = _protections_from_meta(meta, adv, splits)
-        return stored, rel, delta_sha256(load_file(str(path))["delta255"])
-    protections: dict = {}
-    if attack.universal:
-        train = images[splits[Split.train]]
-        delta, clock, norm, over = fit_universal(attack, target, train, budget, suite.attack_seed)
-        for sp, idx in splits.items():
-            p = protect(attack, target, images[idx], budget, batch_size=suite.attack_batch_size,
-                        seed=suite.attack_seed, fitted_delta=delta)
-            p.fit_wall_s, p.max_norm_returned, p.over_budget_images = clock.wall_s, norm, over
-            p.peak_memory_bytes = clock.peak_memory_bytes
-            p.loss_curve = list(attack.loss_history)
-            protections[sp] = p
-    else:
-        for sp, idx in splits.items():
-            protections[sp] = protect(attack, target, images[idx], budget, batch_size=suite.attack_batch_size,
-                                      seed=suite.attack_seed + 1000 * (sp == Split.test))
+        if meta.get("format") == "spdbench-perturbation/2":
+            adv = load_protection(path, images)
+            stored = _protections_from_meta(meta, adv, splits)
+            return stored, json.loads(meta["flags"]), rel, delta_sha256(load_file(str(path))["delta255"])
+    protections, flags = _protect_group(runner, attack, target, images, splits, budget, suite)
     adv_all = torch.empty_like(images)
     for sp, idx in splits.items():
         adv_all[idx] = protections[sp].adv
-    meta = {f"{sp.value}.{k}": json.dumps(getattr(p, k)) for sp, p in protections.items()
-            for k in ("wall_s", "device_s", "peak_memory_bytes", "max_norm_returned", "over_budget_images",
-                      "fit_wall_s", "loss_curve", "oom_events")}
-    meta["format"] = "spdbench-perturbation/1"
+    meta = {f"{sp.value}.{k}": json.dumps(getattr(p, k)) for sp, p in protections.items() for k in _META_KEYS}
+    meta["format"] = "spdbench-perturbation/2"
+    meta["flags"] = json.dumps(flags)
     sha = _save_protection(path, adv_all, images, meta)
-    return protections, rel, sha
+    return protections, flags, rel, sha
 
 
 def _protections_from_meta(meta: dict[str, str], adv: torch.Tensor, splits: dict) -> dict:
     out = {}
     for sp, idx in splits.items():
-        get = lambda k: json.loads(meta[f"{sp.value}.{k}"])  # noqa: E731 - data only, never code
-        out[sp] = Protection(adv=adv[idx], wall_s=get("wall_s"), device_s=get("device_s"),
-                             peak_memory_bytes=get("peak_memory_bytes"), max_norm_returned=get("max_norm_returned"),
-                             over_budget_images=get("over_budget_images"), loss_curve=get("loss_curve"),
-                             fit_wall_s=get("fit_wall_s"), oom_events=get("oom_events"))
+        values = {k: json.loads(meta[f"{sp.value}.{k}"]) for k in _META_KEYS}  # data only, never code
+        out[sp] = Protection(adv=adv[idx], **values)
     return out
 
 

@@ -1,8 +1,13 @@
-"""Running an untrusted attack under the harness's authority: inputs it may see, output checks, timing.
+"""Running an attack, and enforcing the budget on what comes back.
 
-The attack is handed only what it may use (a universal attack gets the training split, a per-image
-attack one batch at a time); what it returns is checked for type, shape, device, dtype and
-finiteness, projected onto the budget (the excess is reported, not used), clamped and quantized.
+Two sides, kept apart because they run in different processes (docs/architecture.md):
+- `run_attack` is the *attack side*: it calls untrusted attack code on exactly what the attack may
+  see (one split's images for a per-image attack, the training images for a universal one) and
+  returns plain data (`AttackOutput`). In the default mode it runs inside the worker process
+  (worker.py); with `isolation="none"` it runs in the harness's process, for debugging only.
+- `enforce` is the *harness side*: it checks the returned delta (type, shape, dtype, finite),
+  projects it onto the budget (the excess is reported, not used), clamps x + delta to [0, 1] and
+  quantizes to 8 bits, and measures the norm actually applied.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .attacks.base import Attack, UniversalAttack
+from .attacks.base import Attack
 from .budget import Budget, apply_budget
 from .errors import AttackError, SpdbenchError
 
@@ -48,26 +53,28 @@ def timed(device: torch.device) -> Iterator[Clock]:
         clock.wall_s = time.perf_counter() - start
 
 
+# --- the attack side ---------------------------------------------------------------------------
 @dataclass
-class Protection:
-    """The protected images of one split and what it cost."""
+class SplitOutput:
+    """What the attack returned for one split (per-image) or for the fit (universal): plain data."""
 
-    adv: torch.Tensor
-    wall_s: float
-    device_s: Optional[float]
-    peak_memory_bytes: Optional[int]
-    max_norm_returned: float
-    over_budget_images: int
+    delta: torch.Tensor                  # raw, before the harness enforces anything
     loss_curve: list[float] = field(default_factory=list)
-    fit_wall_s: Optional[float] = None
-    oom_events: list[dict] = field(default_factory=list)  # batch halvings after CUDA OOM
+    wall_s: float = 0.0                  # measured where the attack ran
+    device_s: Optional[float] = None
+    peak_memory_bytes: Optional[int] = None
+    oom_events: list[dict] = field(default_factory=list)
+    model_calls: dict[str, float] = field(default_factory=dict)  # per image
 
 
 def validate_delta(delta, like: torch.Tensor, attack_name: str, universal: bool = False) -> torch.Tensor:
-    """Refuse malformed attack output with an error that says what was wrong."""
+    """Refuse malformed attack output with an error that says what was wrong; returns a plain tensor
+    (a subclass of torch.Tensor is turned into a plain one, so none of its methods run later)."""
     expected = (1,) + tuple(like.shape[1:]) if universal else tuple(like.shape)
     if not isinstance(delta, torch.Tensor):
         raise AttackError(f"attack {attack_name!r} returned {type(delta).__name__}, expected a torch.Tensor delta")
+    if type(delta) is not torch.Tensor:
+        delta = torch.Tensor._make_subclass(torch.Tensor, delta.detach())  # plain data, no overrides
     if tuple(delta.shape) != expected:
         raise AttackError(f"attack {attack_name!r} returned a delta of shape {tuple(delta.shape)}, expected {expected}")
     if delta.device != like.device:
@@ -85,52 +92,8 @@ def _call_attack(fn, attack: Attack, *args):
         return fn(*args)
     except SpdbenchError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the attack is untrusted code
+    except BaseException as exc:  # noqa: BLE001 - untrusted code: KeyboardInterrupt/SystemExit too
         raise AttackError(f"attack {attack.name!r} raised {type(exc).__name__}: {exc}") from exc
-
-
-def _enforce(delta: torch.Tensor, images: torch.Tensor, budget: Budget) -> tuple[torch.Tensor, float, int]:
-    norms = budget.norms(delta)
-    over = int((norms > budget.eps + 1e-6).sum())
-    return apply_budget(images, delta, budget), float(norms.max()), over
-
-
-def protect(attack: Attack, target, images: torch.Tensor, budget: Budget, *, batch_size: int,
-            seed: int, fitted_delta: Optional[torch.Tensor] = None) -> Protection:
-    """Protect `images` (one split) with a per-image attack, or apply a fitted universal delta."""
-    device = images.device
-    if attack.universal:
-        assert fitted_delta is not None, "fit the universal attack first"
-        with timed(device) as clock:
-            delta = fitted_delta.expand_as(images)
-            adv, max_norm, over = _enforce(delta, images, budget)
-        return Protection(adv, clock.wall_s, clock.device_s, clock.peak_memory_bytes, max_norm, over)
-    advs, curves, max_norm, over_total, ooms = [], [], 0.0, 0, []
-    with timed(device) as clock:
-        start, b = 0, 0
-        while start < len(images):
-            batch = images[start:start + batch_size]
-            # the seed follows the first image of the batch, so a retry after OOM stays deterministic
-            gen = torch.Generator(device=device).manual_seed(seed + start)
-            try:
-                raw = _call_attack(attack, attack, batch, target, budget, gen)
-            except AttackError as exc:
-                if not _is_oom(exc.__cause__) or batch_size == 1:
-                    raise
-                ooms.append({"batch_size": batch_size, "retry_with": batch_size // 2})
-                batch_size //= 2
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            delta = validate_delta(raw, batch, attack.name)
-            adv, m, over = _enforce(delta, batch, budget)
-            advs.append(adv)
-            max_norm, over_total = max(max_norm, m), over_total + over
-            if attack.loss_history:
-                curves.append(list(attack.loss_history))
-            start, b = start + len(batch), b + 1
-    return Protection(torch.cat(advs), clock.wall_s, clock.device_s, clock.peak_memory_bytes, max_norm,
-                      over_total, loss_curve=_mean_curve(curves), oom_events=ooms)
 
 
 def _is_oom(exc: Optional[BaseException]) -> bool:
@@ -139,22 +102,82 @@ def _is_oom(exc: Optional[BaseException]) -> bool:
                                 or "out of memory" in str(exc).lower())
 
 
-def fit_universal(attack: UniversalAttack, target, train_images: torch.Tensor, budget: Budget,
-                  seed: int) -> tuple[torch.Tensor, Clock, float, int]:
-    """Fit on the training split only; returns (projected delta, clock, max norm returned, over-budget)."""
-    with timed(train_images.device) as clock:
-        gen = torch.Generator(device=train_images.device).manual_seed(seed)
-        raw = _call_attack(attack.fit, attack, train_images, target, budget, gen)
-        delta = validate_delta(raw, train_images, attack.name, universal=True)
-    norm = float(budget.norms(delta).max())
-    over = int(norm > budget.eps + 1e-6)
-    delta = budget.project(delta)
-    attack.delta = delta
-    return delta, clock, norm, over
-
-
 def _mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
     if not curves:
         return []
     n = min(len(c) for c in curves)
     return [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+
+
+def perturb_split(attack: Attack, target, images: torch.Tensor, budget: Budget, *, batch_size: int,
+                  seed: int) -> SplitOutput:
+    """A per-image attack over one split, batch by batch; the batch's seed follows its first image,
+    so a retry after CUDA OOM (batch halved) stays deterministic."""
+    device = images.device
+    deltas, curves, ooms = [], [], []
+    with timed(device) as clock:
+        start = 0
+        while start < len(images):
+            batch = images[start:start + batch_size]
+            gen = torch.Generator(device=device).manual_seed(seed + start)
+            try:
+                raw = _call_attack(attack, attack, batch.clone(), target, Budget(budget.norm, budget.eps), gen)
+            except AttackError as exc:
+                if not _is_oom(exc.__cause__) or batch_size == 1:
+                    raise
+                ooms.append({"batch_size": batch_size, "retry_with": batch_size // 2})
+                batch_size //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            deltas.append(validate_delta(raw, batch, attack.name).float())
+            if attack.loss_history:
+                curves.append([float(v) for v in attack.loss_history])
+            start += len(batch)
+    return SplitOutput(torch.cat(deltas), _mean_curve(curves), clock.wall_s, clock.device_s,
+                       clock.peak_memory_bytes, ooms)
+
+
+def fit_split(attack: Attack, target, train_images: torch.Tensor, budget: Budget, *, seed: int) -> SplitOutput:
+    """Fit a universal attack on the training images only; the raw delta (1, 3, H, W)."""
+    with timed(train_images.device) as clock:
+        gen = torch.Generator(device=train_images.device).manual_seed(seed)
+        raw = _call_attack(attack.fit, attack, train_images.clone(), target, Budget(budget.norm, budget.eps), gen)
+        delta = validate_delta(raw, train_images, attack.name, universal=True).float()
+    curve = [float(v) for v in attack.loss_history]
+    return SplitOutput(delta, curve, clock.wall_s, clock.device_s, clock.peak_memory_bytes)
+
+
+# --- the harness side --------------------------------------------------------------------------
+@dataclass
+class Protection:
+    """The protected images of one split, what the attack returned, and what it cost."""
+
+    adv: torch.Tensor
+    wall_s: float
+    device_s: Optional[float]
+    peak_memory_bytes: Optional[int]
+    max_norm_returned: float
+    over_budget_images: int
+    max_norm_applied: float = 0.0
+    loss_curve: list[float] = field(default_factory=list)
+    fit_wall_s: Optional[float] = None
+    oom_events: list[dict] = field(default_factory=list)  # batch halvings after CUDA OOM
+    model_calls: dict[str, float] = field(default_factory=dict)
+    zero_delta: bool = False
+
+
+def enforce(raw: torch.Tensor, images: torch.Tensor, budget: Budget, attack_name: str,
+            universal: bool = False) -> tuple[torch.Tensor, float, int, float, bool]:
+    """Check and apply a raw delta: (adv, max norm returned, images over budget, max norm applied,
+    all-zero delta). A universal delta (1, 3, H, W) is broadcast here, by the harness."""
+    if universal:
+        raw = validate_delta(raw, images[:1], attack_name, universal=True)
+        delta = raw.expand_as(images)
+    else:
+        delta = validate_delta(raw, images, attack_name)
+    norms = budget.norms(delta)
+    adv = apply_budget(images, delta, budget)
+    applied = budget.norms(adv - images)
+    zero = not bool((delta != 0).any())
+    return adv, float(norms.max()), int((norms > budget.eps + 1e-6).sum()), float(applied.max()), zero

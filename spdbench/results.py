@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import tempfile
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import RecordError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RECORD_KIND = "spdbench-record"
+#: the flag a record gets when any number in it is NaN or infinite
+NON_FINITE_FLAG = "non-finite"
+#: every model of a record: extra keys are an error, and NaN/Infinity are written as the JSON strings
+#: "NaN", "Infinity", "-Infinity" (standard JSON that reads back into floats) instead of null, which
+#: made the record unreadable -- recomputed forever on resume and refused by leaderboard/verify
+_CONFIG = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+log = logging.getLogger(__name__)
 
 
 class Split(str, Enum):
@@ -33,7 +44,7 @@ class Status(str, Enum):
 
 
 class Timing(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _CONFIG
     attack_wall_s: float = 0.0          # optimization wall time for the images of this cell's split
     attack_device_s: Optional[float] = None  # device-synchronized time (CUDA events), None on CPU
     fit_wall_s: Optional[float] = None  # universal attacks: one-off fit cost
@@ -42,19 +53,22 @@ class Timing(BaseModel):
     score_wall_s: float = 0.0
     peak_memory_bytes: Optional[int] = None
     compile_s: Optional[float] = None   # torch.compile warm-up, reported apart from the attack time
+    worker_start_s: Optional[float] = None  # spawning the attack worker + loading its model copy (isolation)
 
 
 class Validation(BaseModel):
     """What the harness found in the attack's output before it enforced the budget."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _CONFIG
     max_norm_returned: float = 0.0
     over_budget_images: int = 0
     projected: bool = False
+    #: largest per-image norm of the stored (projected, clamped, 8-bit quantized) perturbation
+    max_norm_applied: Optional[float] = None
 
 
 class TargetInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _CONFIG
     name: str
     source: str
     fingerprint: str
@@ -65,7 +79,7 @@ class TargetInfo(BaseModel):
 class Record(BaseModel):
     """One cell's result. Numbers are numbers; enums for the axes; validated on read and write."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _CONFIG
     kind: str = Field(RECORD_KIND, pattern=f"^{RECORD_KIND}$")
     schema_version: int = SCHEMA_VERSION
     cell_id: str
@@ -105,6 +119,23 @@ class Record(BaseModel):
     perturbation_file: Optional[str] = None
     perturbation_sha256: Optional[str] = None
     provenance: dict[str, Any] = {}
+    #: "process": the attack ran in its own worker process (the only mode verify/submit accept);
+    #: "none": in the harness's process, for debugging only
+    isolation: str = "process"
+    #: visible warnings about this cell, never silently ok: "zero-delta", "loss-flat",
+    #: "non-finite" (a NaN/Inf number in the record), ...
+    flags: list[str] = []
+    #: where each setting that defines the run came from: {"steps": "suite", "eps": "preset:madry",
+    #: "step_size": "default", ...}; values "default" | "suite" | "preset:NAME" | "explicit"
+    param_sources: dict[str, str] = {}
+    #: model work per protected image, counted in the worker: {"vae_encoder_fwd": ..,
+    #: "vae_encoder_bwd": .., "unet_fwd": .., "unet_bwd": .., "vae_decoder_fwd": .., "vae_decoder_bwd": ..}
+    model_calls: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _flag_non_finite(self) -> "Record":
+        flag_non_finite(self)
+        return self
 
 
 def cell_id(attack: str, params: dict, suite: dict, norm: str, eps_label: str, prompt_key: str, split: str,
@@ -118,23 +149,106 @@ def cell_id(attack: str, params: dict, suite: dict, norm: str, eps_label: str, p
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write-then-rename, so a kill at any moment leaves either the old file or the new one."""
+    """Write-then-rename, so a kill at any moment leaves either the old file or the new one.
+
+    The file gets the mode a plain open() would give it (0666 minus the umask), not mkstemp's
+    0600. A write the file system refuses (full disk, read-only folder, no permission, a file where
+    a folder should be) removes the temporary file and raises one `runfolder.DiskError` line
+    naming the file (an OSError subclass, so `except OSError` still holds).
+    """
+    from .runfolder import disk_error, file_mode
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: Optional[str] = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as exc:
+        raise disk_error(exc, path, "write") from None
+    finally:
+        if tmp is not None:  # any failure, a KeyboardInterrupt included: no partial file stays
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def non_finite_fields(record: Record) -> list[str]:
+    """Dotted paths of every NaN/Inf number in the record (e.g. 'loss_curve.3', 'protection_mean.ssim')."""
+    found: list[str] = []
+
+    def walk(obj: Any, where: str) -> None:
+        if isinstance(obj, float):
+            if not math.isfinite(obj):
+                found.append(where)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{where}.{i}")
+
+    walk(record.model_dump(), "")
+    return found
+
+
+def flag_non_finite(record: Record) -> bool:
+    """Add NON_FINITE_FLAG to `record.flags` when any number in it is NaN/Inf: such a record is kept
+    (it reads back) but is never silently ok. Returns whether the record has non-finite numbers."""
+    bad = non_finite_fields(record)
+    if bad and NON_FINITE_FLAG not in record.flags:
+        record.flags.append(NON_FINITE_FLAG)
+    return bool(bad)
+
+
+def remove_stale_temp(folder: Union[str, Path], min_age_s: float = 0.0) -> list[Path]:
+    """Delete the `.NAME.*.tmp` files that a killed `atomic_write_bytes` left under `folder`
+    (records/, perturbations/, cache/, ...), and return them.
+
+    Call it when a run starts on a folder it holds: no writer is live there, so every temporary
+    file is stale. For a folder other runs may be writing to (a shared cache), pass `min_age_s`
+    so that only files older than that are removed. Symbolic links are not followed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for root, _dirs, files in os.walk(folder, followlinks=False):
+        for name in files:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            path = Path(root) / name
+            try:
+                st = path.lstat()
+                if min_age_s > 0 and now - st.st_mtime < min_age_s:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue  # removed meanwhile: nothing left to clean
+            removed.append(path)
+    if removed:
+        log.info("removed %d stale temporary file(s) under %s", len(removed), folder)
+    return sorted(removed)
 
 
 def write_record(record: Record, folder: Union[str, Path]) -> Path:
+    """Validate-flag-write one record atomically; non-finite numbers are flagged (they may have been
+    set after the record was built) and stored so that they read back."""
     path = Path(folder) / "records" / f"{record.cell_id}.json"
+    bad = non_finite_fields(record)
+    if bad:
+        flag_non_finite(record)
+        log.warning("record %s holds non-finite numbers (%s%s); flagged %r", record.cell_id,
+                    ", ".join(bad[:4]), ", ..." if len(bad) > 4 else "", NON_FINITE_FLAG)
     atomic_write_bytes(path, record.model_dump_json(indent=1).encode())
     return path
 

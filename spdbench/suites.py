@@ -32,6 +32,9 @@ class Suite:
     split_seed: int = 0
     attack_seed: int = 0
     purifiers: tuple[str, ...] = ()  # optional robustness stage (purify.PURIFIERS)
+    #: wall-clock limit for one cell group's attack (both splits, or the universal fit); the
+    #: worker is stopped past it and the group is recorded as an error
+    attack_timeout_s: Optional[float] = 3600.0
     description: str = ""
 
     def to_dict(self) -> dict:
@@ -73,14 +76,14 @@ SUITES: dict[str, Suite] = {
     "sd15-quick": Suite(
         name="sd15-quick", target=SD15_HUB_ID, image_size=512, eps=("16/255",),
         prompts=("P1", "P2", "P3", "P4"), edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222),
-        n_images=8, attack_steps=100, attack_batch_size=4,
+        n_images=8, attack_steps=100, attack_batch_size=4, attack_timeout_s=4 * 3600.0,
         description="Stable Diffusion 1.5, 8 bundled photos at 512 px, one GPU, minutes",
     ),
     "sd15-spd": Suite(
         name="sd15-spd", target=SD15_HUB_ID, image_size=512,
         eps=("4/255", "13/255", "22/255", "31/255", "40/255"), prompts=("P1", "P2", "P3", "P4"),
         edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222), data="manifest",
-        attack_steps=500, attack_batch_size=4,
+        attack_steps=500, attack_batch_size=4, attack_timeout_s=48 * 3600.0,
         description="the SPD protocol: SD1.5, 100 ImageNet images at 512 px split 64:36, eps 4..40/255, 500 iters",
     ),
 }
@@ -89,6 +92,9 @@ SUITES: dict[str, Suite] = {
 def get_suite(name: Union[str, Suite], **overrides) -> Suite:
     if isinstance(name, Suite):
         return replace(name, **overrides) if overrides else name
+    if not isinstance(name, str):
+        raise InputError(f"suite must be a suite name ({', '.join(SUITES)}) or a Suite, got "
+                         f"{type(name).__name__} {name!r:.60}")
     if name not in SUITES:
         raise UnknownNameError(f"unknown suite {name!r}.{did_you_mean(name, SUITES)} Available: {', '.join(SUITES)}")
     suite = SUITES[name]

@@ -49,6 +49,13 @@ class Target:
             module.requires_grad_(False)
         self._pipe = None
         self._fingerprint: Optional[str] = None
+        #: the `load_target` name that rebuilds this model (set by load_target; None = built by hand)
+        self.load_spec: Optional[str] = None
+
+    def fingerprint_now(self) -> str:
+        """The weights' hash recomputed now (not cached): detects in-process tampering."""
+        self._fingerprint = None
+        return self.fingerprint
 
     # --- components ----------------------------------------------------------------------
     @property

@@ -1,0 +1,148 @@
+"""Attacks written as a hostile author would, one per case the outside review measured on 4814849.
+
+Module-level classes: the harness hands them to the worker process by reference (this module is
+importable there), exactly as a plugin's attack would travel. Where an attack needs to report
+what it saw, it writes to the file named by the SPDBENCH_TEST_SPY environment variable.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import sys
+import time
+
+import torch
+
+import spdbench
+
+
+def _spy(line: str) -> None:
+    path = os.environ.get("SPDBENCH_TEST_SPY")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def image_sha(image: torch.Tensor) -> str:
+    return hashlib.sha256((image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+                          .numpy().tobytes()).hexdigest()
+
+
+class InPlaceMutation(spdbench.Attack):
+    """Moves the reference the harness enforces against: writes into its input batch."""
+
+    def perturb(self, images, target, budget, generator=None):
+        images.add_(128 / 255).clamp_(0, 1)
+        return torch.zeros_like(images)
+
+
+class BudgetMutation(spdbench.Attack):
+    """Enlarges the budget object it was handed, then uses it."""
+
+    def perturb(self, images, target, budget, generator=None):
+        object.__setattr__(budget, "eps", 1.0)
+        return budget.project(torch.full_like(images, 0.5))
+
+
+class _NoOpTensor(torch.Tensor):
+    """A tensor whose clamp/amax/abs lie, so projection and norm checks see nothing."""
+
+    def clamp(self, *args, **kwargs):
+        return self
+
+    def amax(self, *args, **kwargs):
+        return torch.zeros(self.shape[0])
+
+    def abs(self):
+        return torch.zeros_like(torch.Tensor(self))
+
+
+class TensorSubclass(spdbench.Attack):
+    def perturb(self, images, target, budget, generator=None):
+        return torch.full_like(images, 0.5).as_subclass(_NoOpTensor)
+
+
+class _Peeker(torch.Tensor):
+    """A universal delta that, when broadcast over the images, looks at them and adapts per image."""
+
+    def expand_as(self, other):
+        for i in range(other.shape[0]):
+            _spy("expand_as " + image_sha(other[i]))
+        return (0.5 - torch.Tensor(other)).clamp(-1, 1)
+
+
+class UniversalPeek(spdbench.UniversalAttack):
+    def fit(self, train_images, target, budget, generator=None):
+        return torch.zeros_like(train_images[:1]).as_subclass(_Peeker)
+
+
+class HeapWalker(spdbench.UniversalAttack):
+    """Looks for image tensors anywhere in its process: gc objects and every stack frame."""
+
+    def fit(self, train_images, target, budget, generator=None):
+        seen = set()
+
+        def note(obj):
+            if isinstance(obj, torch.Tensor) and obj.dim() == 4 and obj.shape[1] == 3 and id(obj) not in seen:
+                seen.add(id(obj))
+                for i in range(obj.shape[0]):
+                    _spy("heap " + image_sha(obj[i]))
+
+        for obj in gc.get_objects():
+            note(obj)
+        for frame in sys._current_frames().values():
+            while frame is not None:
+                for value in list(frame.f_locals.values()):
+                    note(value)
+                frame = frame.f_back
+        return torch.zeros_like(train_images[:1])
+
+
+class WeightTamper(spdbench.Attack):
+    """Zeroes the decoder it was handed: in one process this would ruin every edit."""
+
+    def perturb(self, images, target, budget, generator=None):
+        with torch.no_grad():
+            for p in target.vae.decoder.parameters():
+                p.zero_()
+        return torch.zeros_like(images)
+
+
+class Exits(spdbench.Attack):
+    def perturb(self, images, target, budget, generator=None):
+        sys.exit(0)
+
+
+class HardExit(spdbench.Attack):
+    def perturb(self, images, target, budget, generator=None):
+        os._exit(0)
+
+
+class Interrupts(spdbench.Attack):
+    def perturb(self, images, target, budget, generator=None):
+        raise KeyboardInterrupt
+
+
+class Sleeps(spdbench.Attack):
+    def perturb(self, images, target, budget, generator=None):
+        time.sleep(120)
+        return torch.zeros_like(images)
+
+
+class NaNLoss(spdbench.Attack):
+    """Reports a loss curve that went non-finite, and returns a delta anyway."""
+
+    def perturb(self, images, target, budget, generator=None):
+        self.loss_history = [1.0, float("nan"), float("nan")]
+        return budget.random(images, generator)
+
+
+class ClaimsSteps(spdbench.Attack):
+    """An optimizing attack whose steps the suite must set, instance or name alike."""
+
+    defaults = {"steps": 100}
+
+    def perturb(self, images, target, budget, generator=None):
+        _spy(f"steps {self.steps}")
+        return torch.zeros_like(images)
