@@ -35,7 +35,9 @@ def _run_task(task: Task, suite, out: str, run_kwargs: dict, threads: int) -> li
     from .harness import run
 
     torch.set_num_threads(threads)  # same thread count as the driver: bitwise-equal numbers
-    res = run(task.attack, suite=suite, eps=[task.eps], out=Path(out) / task.attack, **task.kwargs(), **run_kwargs)
+    # tasks of one attack share its folder and run in parallel: each locks its own eps scope
+    res = run(task.attack, suite=suite, eps=[task.eps], out=Path(out) / task.attack, **task.kwargs(),
+              lock_scope=f"eps-{task.eps.replace('/', 'o')}", **run_kwargs)
     return [r.cell_id for r in res.records]
 
 

@@ -1,4 +1,4 @@
-"""The `spdbench` command: list | run | leaderboard | submit | verify.
+"""The `spdbench` command: list | run | leaderboard | submit | verify | doctor.
 
 Every user error (SpdbenchError) is printed as one line on stderr with exit code 2; a run with
 failed cells exits 1 after finishing the others; success is 0.
@@ -56,37 +56,55 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
+def _eps_arg(text: Optional[str]) -> Optional[list[str]]:
+    """--eps as a list; an empty value or item is an error, never 'the suite's grid'."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise InputError(f"--eps {text!r} holds an empty budget; expected comma-separated budgets such as "
+                         "4/255,16/255 (leave --eps out for the suite's grid)")
+    return items
+
+
 def cmd_run(args) -> int:
     from .harness import run
     from .leaderboard import ranking, ranking_markdown
+    from .runfolder import RunLock, prepare_out
+    from .suites import get_suite
+    from .targets import parse_device
 
     params = _params(args.param or [])
     if args.preset:
         params["preset"] = args.preset
-    eps = args.eps.split(",") if args.eps else None
+    eps = _eps_arg(args.eps)
+    parse_device(args.device)  # before any folder is created or model built
+    get_suite(args.suite)
     prompts = args.prompts.split(",") if args.prompts else None
     purifiers = args.purifiers.split(",") if args.purifiers else None
     common = dict(norm=args.norm, prompts=prompts, target=args.target, data=args.data, manifest=args.manifest,
                   device=args.device, dtype=args.dtype, resume=args.resume, purifiers=purifiers,
-                  compile_backend=args.compile_backend)
+                  compile_backend=args.compile_backend, isolation=args.isolation,
+                  attack_timeout_s=args.attack_timeout)
     attacks = args.attack.split(",")
     if args.backend != "serial" or len(attacks) > 1:
         from .backends import run_grid
         from .results import Status
-        from .suites import get_suite
 
-        out = Path(args.out) if args.out else Path("spdbench-runs") / f"{args.suite}-grid"
+        out = prepare_out(Path(args.out) if args.out else Path("spdbench-runs") / f"{args.suite}-grid")
         suite = get_suite(args.suite)
-        records = run_grid(attacks, suite, eps or list(suite.eps), out, backend=args.backend,
-                           attack_params=params, ray_address=args.ray_address, **common)
+        with RunLock(out):
+            records = run_grid(attacks, suite, eps or list(suite.eps), out, backend=args.backend,
+                               attack_params=params, ray_address=args.ray_address, **common)
         print(ranking_markdown(ranking(records)))
         failed = [r for r in records if r.status == Status.error]
         for rec in failed:
             print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
         return EXIT_FAILED_CELLS if failed else EXIT_OK
-    out = Path(args.out) if args.out else Path("spdbench-runs") / f"{args.suite}-{args.attack}"
-    result = run(args.attack, suite=args.suite, eps=eps, out=out, attack_params=params, progress=not args.quiet,
-                 **common)
+    out = prepare_out(Path(args.out) if args.out else Path("spdbench-runs") / f"{args.suite}-{args.attack}")
+    with RunLock(out):
+        result = run(args.attack, suite=args.suite, eps=eps, out=out, attack_params=params,
+                     progress=not args.quiet, **common)
     print(ranking_markdown(ranking(result.records)))
     print(f"\n{len(result.computed)} cell(s) computed, {len(result.reused)} reused; records in {result.out}/records")
     print(f"clean edits: {result.clean_cache_hits} from the cache, {result.clean_cache_misses} computed; "
@@ -97,36 +115,46 @@ def cmd_run(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from .leaderboard import build, ranking, ranking_markdown
-    from .results import load_records
+    from .leaderboard import build, load_checked, ranking, ranking_markdown
 
     dirs = [Path(d) for d in (args.records or ["spdbench-runs"])]
     folders = []
     for d in dirs:
-        if not d.exists():
-            raise InputError(f"records folder {d} does not exist")
-        folders += sorted({p.parent.parent for p in d.rglob("records/*.json")})
+        if not d.is_dir():
+            raise InputError(f"--records {str(d)!r} is not an existing folder (expected a folder of run folders)")
+        folders += sorted({p.parent.parent for p in d.rglob("records/*.json")
+                           if not any(part.startswith(".") for part in p.relative_to(d).parts)})
     if not folders:
-        raise InputError(f"no records found under {', '.join(map(str, dirs))}")
-    records = load_records(folders)
+        raise InputError(f"--records: no records found under {', '.join(map(str, dirs))}")
+    records, skipped = load_checked(folders)
+    for name, reason in skipped:
+        print(f"LEFT OUT {name}: {reason}", file=sys.stderr)
     out = Path(args.out) if args.out else dirs[0] / "leaderboard"
-    formats = args.format.split(",")
-    written = build(records, out, formats)
+    written = build(records, out, args.format.split(","), skipped=skipped)
     print(ranking_markdown(ranking(records)))
     for fmt, path in written.items():
         print(f"wrote {fmt}: {path}")
     return EXIT_OK
 
 
+def _print_report(report) -> None:
+    for line in report.checks:
+        print(f"  ok  {line}")
+    for p in report.problems:
+        print(f"REJECTED: {p}", file=sys.stderr)
+    print(f"seed {report.seed} (repeat this verification with --seed {report.seed})")
+
+
 def cmd_verify(args) -> int:
     from .submission import verify
 
     report = verify(args.folder, sample=args.sample, tolerance=args.tolerance, rerun=not args.no_rerun,
-                    device=args.device)
-    for p in report.problems:
-        print(f"REJECTED: {p}", file=sys.stderr)
+                    attack_rerun=not args.no_attack_rerun, seed=args.seed, device=args.device, data=args.data,
+                    manifest=args.manifest)
+    _print_report(report)
     if report.ok:
-        print(f"verified {len(report.records)} record(s); re-ran {len(report.rerun)}: {', '.join(report.rerun)}")
+        what = "re-measured" if report.remeasured else "checked (NOT re-measured: --no-rerun)"
+        print(f"verified: {len(report.records)} record(s) {what}; {report.compared} per-image values compared")
     return EXIT_OK if report.ok else EXIT_FAILED_CELLS
 
 
@@ -134,16 +162,71 @@ def cmd_submit(args) -> int:
     from .leaderboard import build_from_dirs
     from .submission import submit
 
-    report, dest = submit(args.folder, leaderboard_dir=args.leaderboard, name=args.name, sample=args.sample,
-                          tolerance=args.tolerance, device=args.device)
-    for p in report.problems:
-        print(f"REJECTED: {p}", file=sys.stderr)
+    report, dest = submit(args.folder, leaderboard_dir=args.leaderboard, name=args.name, replace=args.replace,
+                          sample=args.sample, tolerance=args.tolerance, seed=args.seed, device=args.device,
+                          data=args.data, manifest=args.manifest)
+    _print_report(report)
     if dest is None:
+        print("refused: nothing in the leaderboard changed", file=sys.stderr)
         return EXIT_FAILED_CELLS
     entries = sorted(p for p in (Path(args.leaderboard) / "entries").iterdir() if p.is_dir())
-    build_from_dirs(entries, args.leaderboard)
+    _, skipped = build_from_dirs(entries, args.leaderboard)
+    for name, reason in skipped:
+        print(f"LEFT OUT {name}: {reason}", file=sys.stderr)
     print(f"accepted: {dest}; leaderboard rebuilt in {args.leaderboard}")
     return EXIT_OK
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import command
+
+    return command(bench=args.bench, quick=args.quick, device=args.device, dtypes=args.dtypes, attacks=args.attacks,
+                   out=args.out, steps=args.steps, compile_backend=args.compile_backend, time_limit=args.time_limit,
+                   cost=args.cost, build_all=args.build_all, json_out=args.json)
+
+
+def _positive(text: str) -> int:
+    """--sample: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images per cell >= 1, got {text!r}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    """--tolerance: a number in (0, 1) (nan, inf and 0 would make every value pass or none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def _formats(text: str) -> str:
+    """--format: a non-empty comma list of md, csv, html (a format nobody writes is an error, not exit 0)."""
+    known = ("md", "csv", "html")
+    items = [t.strip() for t in text.split(",")]
+    bad = [t for t in items if t not in known]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown format(s) {', '.join(map(repr, bad))} in {text!r}; expected a "
+                                         f"comma-separated list of {', '.join(known)}")
+    return ",".join(items)
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse names the option in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,28 +258,61 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local one)")
     s.add_argument("--compile", dest="compile_backend", nargs="?", const="inductor", default=None,
                    help="torch.compile the VAE and UNet (backend, default inductor); compile time is recorded apart")
+    s.add_argument("--isolation", default="process", choices=["process", "none"],
+                   help="process (default): the attack runs in its own worker process and sees only what it may; "
+                        "none: in this process, for debugging only (recorded; verify and submit refuse it)")
+    s.add_argument("--attack-timeout", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock limit per cell group's attack (default: the suite's attack_timeout_s)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("leaderboard", help="aggregate records into Markdown / CSV / HTML")
     s.add_argument("--records", action="append", help="folder(s) holding run folders (default spdbench-runs)")
     s.add_argument("--out", help="output folder (default RECORDS/leaderboard)")
-    s.add_argument("--format", default="md,csv,html")
+    s.add_argument("--format", default="md,csv,html", type=_formats, help="comma-separated: md, csv, html")
     s.set_defaults(fn=cmd_leaderboard)
 
     for name, fn, helptext in (("verify", cmd_verify, "re-check a run folder as an untrusted submission"),
                                ("submit", cmd_submit, "verify a run folder and add it to the leaderboard")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("folder")
-        s.add_argument("--sample", type=int, default=1, help="cells to re-run")
-        s.add_argument("--tolerance", type=float, default=2e-3)
-        s.add_argument("--device", default=None)
+        s.add_argument("--sample", type=_positive, default=2,
+                       help="images re-edited from every cell (default 2; a random draw, see --seed)")
+        s.add_argument("--tolerance", type=_tolerance, default=2e-3,
+                       help="largest |claimed - re-measured| per image (x100 for PSNR in dB; default 2e-3)")
+        s.add_argument("--seed", type=_count, default=None,
+                       help="seed of the random draw (default: unpredictable; the report prints it)")
+        s.add_argument("--device", default=None, help="default: the device type the entry was measured on")
+        s.add_argument("--data", help="image folder of the suite (suites whose photos are not bundled)")
+        s.add_argument("--manifest", help="spdbench-manifest/1 JSON listing the suite's images (with --data)")
         if name == "verify":
-            s.add_argument("--no-rerun", action="store_true")
+            s.add_argument("--no-rerun", action="store_true",
+                           help="check files, claims and perturbations only; re-measure nothing (reported)")
+            s.add_argument("--no-attack-rerun", action="store_true",
+                           help="re-measure the sample but do not re-run the attack (reported)")
         else:
             s.add_argument("--leaderboard", default="leaderboard")
-            s.add_argument("--name")
+            s.add_argument("--name", help="entry name (default: the folder's name)")
+            s.add_argument("--replace", action="store_true",
+                           help="replace an existing entry of that name (kept until the new one is in place)")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("doctor", help="check this machine; --bench: every attack x dtype on the SD1.5 architecture")
+    s.add_argument("--json", action="store_true", help="the environment checks as JSON")
+    s.add_argument("--build-all", action="store_true", help="also build the SD1.5 architecture (slow on CPU)")
+    s.add_argument("--bench", action="store_true", help="benchmark and check every attack (exit 1 on any failure)")
+    s.add_argument("--quick", action="store_true", help="with --bench: tiny-random at 64 px on CPU (CI, minutes)")
+    s.add_argument("--device", default=None, help="with --bench: default cuda (full) or cpu (--quick)")
+    s.add_argument("--dtypes", default=None, help="with --bench: comma list (default float32,float16,bfloat16)")
+    s.add_argument("--attacks", default=None, help="with --bench: comma list (default every registered attack)")
+    s.add_argument("--steps", type=_positive, default=None, help="with --bench: timed iterations per attack")
+    s.add_argument("--compile-backend", default=None,
+                   help="with --bench: torch.compile backend for the encoder attack (default inductor; quick: eager)")
+    s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="with --bench: stop starting new cells after this long (what is left is reported, exit 1)")
+    s.add_argument("--out", help="with --bench: report folder (default spdbench-doctor/bench-MODE-DEVICE-TIME)")
+    s.add_argument("--cost", metavar="BENCH_JSON", help="print the sd15-spd protocol's hours per attack from a bench JSON")
+    s.set_defaults(fn=cmd_doctor)
     return p
 
 

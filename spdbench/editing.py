@@ -2,13 +2,14 @@
 
 Clean and immunized images are edited with the same prompt, settings and generator seed per image,
 so the only difference between the two edits is the perturbation. Clean edits do not depend on the
-attack, so they are computed once and cached on disk by content hash.
+attack, so they are computed once and cached on disk by content hash (image, prompt, settings,
+model, dtype, device type), and every entry is checked when read.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -18,6 +19,9 @@ from safetensors.torch import load_file, save
 
 from .errors import InputError, UnknownNameError, did_you_mean
 from .images import check_images
+from .results import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 PROMPTS: dict[str, str] = {
     "P1": "make it like a watercolor painting",
@@ -59,10 +63,26 @@ def image_seed(settings: EditSettings, image: torch.Tensor) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def cache_entry_problem(entry: Optional[torch.Tensor], shape: Sequence[int]) -> Optional[str]:
+    """Why a clean edit (read from the cache or about to be written to it) cannot be trusted, or None.
+
+    A stored edit must be a float image of the clean image's shape, finite, in [0, 1] and not
+    constant: a file of zeros of the right shape was once used silently (SSIM 0.0016).
+    """
+    if entry is None:
+        return "no tensor named 'edit'"
+    if not entry.is_floating_point():
+        return f"dtype {entry.dtype}, expected a float tensor"
+    if tuple(entry.shape) != tuple(shape):
+        return f"shape {tuple(entry.shape)}, expected {tuple(shape)}"
+    if not bool(torch.isfinite(entry).all()):
+        return "non-finite values (NaN/Inf)"
+    lo, hi = float(entry.min()), float(entry.max())
+    if lo < 0 or hi > 1:
+        return f"values in [{lo:.4g}, {hi:.4g}], expected [0, 1]"
+    if hi == lo:
+        return f"every value is {lo:.4g} (a constant image is not an edit)"
+    return None
 
 
 class Editor:
@@ -74,6 +94,8 @@ class Editor:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.batch_size = max(1, int(batch_size))
         self.cache_hits = self.cache_misses = self.edits_run = 0
+        #: file names of cache entries found bad on read (recomputed and overwritten), in order
+        self.cache_rejected: list[str] = []
         self.oom_events: list[dict] = []
 
     def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
@@ -110,7 +132,10 @@ class Editor:
         return torch.cat(outs)
 
     def _key(self, image: torch.Tensor, text: str) -> str:
-        blob = json.dumps([self.settings.to_dict(), text, self.target.fingerprint, str(self.target.dtype)])
+        # the device type is part of the key: CPU and CUDA generators give different noise for one seed
+        device_type = torch.device(self.target.device).type
+        blob = json.dumps([self.settings.to_dict(), text, self.target.fingerprint, str(self.target.dtype),
+                           device_type])
         data = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()
         return hashlib.sha256(blob.encode() + data).hexdigest()
 
@@ -126,18 +151,37 @@ class Editor:
         for i, k in enumerate(keys):
             path = self.cache_dir / f"{k}.safetensors"
             if path.is_file():
-                try:
-                    out[i] = load_file(str(path))["edit"].to(images.device)
+                entry = self._read_entry(path, images.shape[1:])
+                if entry is not None:
+                    out[i] = entry.to(images.device)
                     self.cache_hits += 1
                     continue
-                except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
-                    pass
             todo.append(i)
         if todo:
             self.cache_misses += len(todo)
             edited = self.edit(images[todo], text, [seeds[i] for i in todo])
             for j, i in enumerate(todo):
                 out[i] = edited[j]
-                _atomic_write(self.cache_dir / f"{keys[i]}.safetensors",
-                              save({"edit": edited[j].detach().cpu().contiguous()}))
+                name = f"{keys[i]}.safetensors"
+                problem = cache_entry_problem(edited[j], images.shape[1:])
+                if problem is not None:  # never store what would be rejected on every later read
+                    log.warning("clean edit for cache entry %s not cached: %s", name, problem)
+                    continue
+                data = save({"edit": edited[j].detach().float().cpu().contiguous()})
+                atomic_write_bytes(self.cache_dir / name, data)
         return torch.stack(out).to(images.device)
+
+    def _read_entry(self, path: Path, shape: Sequence[int]) -> Optional[torch.Tensor]:
+        """The cached edit at `path`, or None (warned and counted in `cache_rejected`) when the file
+        is unreadable or its content fails `cache_entry_problem`: it is then recomputed."""
+        try:
+            entry: Optional[torch.Tensor] = load_file(str(path)).get("edit")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is one bad entry, not a failed run
+            problem: Optional[str] = f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+        else:
+            problem = cache_entry_problem(entry, shape)
+        if problem is None:
+            return entry.float()
+        self.cache_rejected.append(path.name)
+        log.warning("clean-edit cache entry %s rejected and recomputed: %s", path.name, problem)
+        return None

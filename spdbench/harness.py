@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save
 from . import metrics as metrics_mod
 from .attack_plan import AttackPlan, plan
 from .attacks.base import Attack
-from .budget import Budget, format_eps
+from .budget import Budget, effective_eps, format_eps
 from .data import split_indices
 from .editing import PROMPTS, Editor, image_seed
 from .errors import AttackError, InputError, SpdbenchError, UnknownNameError, did_you_mean
@@ -32,8 +32,10 @@ from .isolation import AttackWorker
 from .protect import Protection, SplitOutput, enforce, fit_split, perturb_split
 from .provenance import environment
 from .purify import get_purifier
+from .runfolder import DiskError, RunLock, prepare_out
+from .data import check_size_multiple
 from .results import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes, cell_id,
-                      finished_cells, load_records, write_jsonl, write_record)
+                      finished_cells, load_records, remove_stale_temp, write_jsonl, write_record)
 from .suites import Suite, get_suite
 from .targets import Target, load_target
 
@@ -55,6 +57,8 @@ class RunResult:
     clean_cache_hits: int = 0
     clean_cache_misses: int = 0
     edits_run: int = 0
+    #: clean-edit cache files found bad on read (wrong shape, non-finite, constant, ...) and recomputed
+    clean_cache_rejected: list[str] = field(default_factory=list)
     #: where each setting came from ("suite", "preset:NAME", "explicit", "default")
     param_sources: dict[str, str] = field(default_factory=dict)
 
@@ -230,7 +234,8 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
         resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: bool = False,
         purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None,
-        isolation: str = "process", attack_timeout_s: Optional[float] = None) -> RunResult:
+        isolation: str = "process", attack_timeout_s: Optional[float] = None,
+        lock_scope: Optional[str] = None) -> RunResult:
     """Run one attack over its budgets and the suite's prompts; write and return the records.
 
     The attack runs in its own worker process (`isolation="process"`); `isolation="none"` runs it
@@ -250,13 +255,26 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     attack = the_plan.attack
     prompt_keys = _resolve_prompts(prompts or suite.prompts)
     purifier_list = [get_purifier(p) for p in (suite.purifiers if purifiers is None else purifiers)]
-    if not isinstance(target, Target):
-        target = load_target(target or suite.target, device=device, dtype=dtype)
     if images is None:
         images, names = suite.load_images(data, manifest)
     else:
         names = list(image_names) if image_names is not None else [f"image-{i}" for i in range(len(images))]
     check_images(images, "images")
+    if not isinstance(target, Target):
+        target = load_target(target or suite.target, device=device, dtype=dtype)
+    # every input is checked before anything is created (the CLI checks --out before the model load)
+    out = prepare_out(out or Path("spdbench-runs") / suite.name)  # one line if it cannot hold a run
+    # one writer per folder: a second run on it stops with one line; a grid's parallel tasks on one
+    # attack folder (backends.py) each lock their own scope
+    with RunLock(out, scope=lock_scope):
+        return _run_locked(suite, the_plan, prompt_keys, purifier_list, target, images, names, out, cache_dir,
+                           resume, progress, compile_backend, isolation)
+
+
+def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, target: Target, images, names,
+                out: Path, cache_dir, resume: bool, progress: bool, compile_backend, isolation: str) -> RunResult:
+    attack = the_plan.attack
+    check_size_multiple(images, target.latent_factor, "images")
     if len(names) != len(images):
         raise InputError(f"got {len(images)} images but {len(names)} image names")
     images = images.detach().clone()  # the harness's own copy: nobody else holds a reference to it
@@ -269,8 +287,12 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         target.accelerate(compile_backend=compile_backend)
         target.warmup(images)
         compile_s = time.perf_counter() - t0
-    out = Path(out or Path("spdbench-runs") / suite.name)
-    out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temp(out, min_age_s=60)  # a parallel task (Ray) may be writing right now
+    if cache_dir is not None and not Path(cache_dir).resolve().is_relative_to(out.resolve()):
+        stale += remove_stale_temp(cache_dir, min_age_s=600)  # a shared cache may have live writers
+    if stale:
+        log.warning("removed %d temporary file(s) left by a killed write: %s", len(stale),
+                    ", ".join(str(p) for p in stale[:5]))
     train_idx, test_idx = split_indices(len(images), suite.split_seed)
     splits = {Split.train: train_idx, Split.test: test_idx}
     editor = Editor(target, suite.edit, cache_dir=cache_dir or out / "cache", batch_size=suite.attack_batch_size)
@@ -292,7 +314,15 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
 
     bar = tqdm(total=len(the_plan.budgets) * len(prompt_keys), desc=f"{attack.name} on {suite.name}", unit="cell",
                disable=not progress, leave=False)
+    common = dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
+                  universal=attack.universal, suite=suite.name, suite_config=suite_cfg, attack_seed=suite.attack_seed,
+                  split_seed=suite.split_seed, target=tinfo, edit=suite.edit.to_dict(), provenance=env,
+                  metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT_METRICS},
+                  isolation=isolation, param_sources=dict(the_plan.sources))
     with AttackRunner(isolation, target, suite.attack_timeout_s) as runner:
+        ctx = _Run(result=result, runner=runner, attack=attack, target=target, suite=suite, out=out, images=images,
+                   names=names, shas=shas, seeds=seeds, splits=splits, editor=editor, purifiers=purifier_list,
+                   prompt_keys=prompt_keys, done=done, common=common, compile_s=compile_s, bar=bar)
         for budget in the_plan.budgets:
             bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
             ids = {(pk, sp): cell_id(attack.name, _jsonable(attack.params), id_cfg, budget.norm,
@@ -303,44 +333,73 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
                 result.reused.extend(ids.values())
                 bar.update(len(prompt_keys))
                 continue
-            base = dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
-                        universal=attack.universal, suite=suite.name, suite_config=suite_cfg, norm=budget.norm,
-                        eps=budget.eps, eps_label=format_eps(budget.eps), attack_seed=suite.attack_seed,
-                        split_seed=suite.split_seed, target=tinfo, edit=suite.edit.to_dict(), provenance=env,
-                        metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT_METRICS},
-                        isolation=isolation, param_sources=dict(the_plan.sources))
-            try:
-                protections, flags, pfile, psha = _stored_or_new(runner, attack, target, images, splits, budget,
-                                                                 suite, out, base)
-            except SpdbenchError as exc:
-                for (pk, sp), cid in ids.items():
-                    rec = Record(cell_id=cid, status=Status.error, error=str(exc), prompt_key=pk, prompt=PROMPTS[pk],
-                                 split=sp, **base)
-                    write_record(rec, out)
-                    result.records.append(rec)
-                    result.computed.append(cid)
-                log.error("cell group %s %s failed: %s", attack.name, budget, exc)
-                bar.update(len(prompt_keys))
-                continue
-            _edit_score_record(result, editor, images, names, shas, seeds, splits, protections, flags, pfile, psha,
-                               purifier_list, target, prompt_keys, ids, done, base, compile_s, runner.start_s, out, bar)
+            _run_group(ctx, budget, ids)
     bar.close()
     result.clean_cache_hits, result.clean_cache_misses = editor.cache_hits, editor.cache_misses
     result.edits_run = editor.edits_run
+    result.clean_cache_rejected = list(editor.cache_rejected)
     write_jsonl(load_records(out, strict=False), out / "records.jsonl")
     return result
 
 
-def _edit_score_record(result: RunResult, editor: Editor, images, names, shas, seeds, splits, protections, flags,
-                       pfile, psha, purifier_list, target, prompt_keys, ids, done, base, compile_s, start_s, out,
-                       bar) -> None:
+@dataclass
+class _Run:
+    """What every cell group of one run shares (the harness's side only)."""
+
+    result: RunResult
+    runner: AttackRunner
+    attack: Attack
+    target: Target
+    suite: Suite
+    out: Path
+    images: torch.Tensor
+    names: list
+    shas: list
+    seeds: list
+    splits: dict
+    editor: Editor
+    purifiers: list
+    prompt_keys: list
+    done: dict
+    common: dict
+    compile_s: Optional[float]
+    bar: Any
+
+
+def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
+    """One cell group (one budget): protect, then edit, score and record every prompt and split."""
+    base = dict(ctx.common, norm=budget.norm, eps=budget.eps, eps_label=format_eps(budget.eps))
+    try:
+        protections, flags, pfile, psha = _stored_or_new(ctx.runner, ctx.attack, ctx.target, ctx.images, ctx.splits,
+                                                         budget, ctx.suite, ctx.out, base)
+    except DiskError:
+        raise  # a full or read-only disk ends the run with one line; nothing to record
+    except SpdbenchError as exc:
+        for (pk, sp), cid in ids.items():
+            rec = Record(cell_id=cid, status=Status.error, error=str(exc), prompt_key=pk, prompt=PROMPTS[pk],
+                         split=sp, **base)
+            write_record(rec, ctx.out)
+            ctx.result.records.append(rec)
+            ctx.result.computed.append(cid)
+        log.error("cell group %s %s failed: %s", ctx.attack.name, budget, exc)
+        ctx.bar.update(len(ctx.prompt_keys))
+        return
+    _edit_score_record(ctx, protections, flags, pfile, psha, ids, base)
+
+
+def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, psha: str, ids: dict,
+                       base: dict) -> None:
     """Stages edit -> score -> record for one cell group (every prompt and both splits)."""
+    result, editor, images, names, shas, seeds, splits = (ctx.result, ctx.editor, ctx.images, ctx.names, ctx.shas,
+                                                          ctx.seeds, ctx.splits)
+    target, done, bar, out = ctx.target, ctx.done, ctx.bar, ctx.out
+    compile_s, start_s, purifier_list = ctx.compile_s, ctx.runner.start_s, ctx.purifiers
     adv_all = torch.empty_like(images)
     for sp, idx in splits.items():
         adv_all[idx] = protections[sp].adv
     imperceptibility = metrics_mod.score(adv_all, images)
     purified_imgs = {p.name: p(adv_all, target) for p in purifier_list}
-    for pk in prompt_keys:
+    for pk in ctx.prompt_keys:
         bar.update(1)
         if all(ids[(pk, sp)] in done for sp in splits):
             result.records.extend(done[ids[(pk, sp)]] for sp in splits)
@@ -374,7 +433,8 @@ def _edit_score_record(result: RunResult, editor: Editor, images, names, shas, s
                               score_wall_s=score_s * n / len(images), peak_memory_bytes=p.peak_memory_bytes,
                               worker_start_s=start_s),
                 validation=Validation(max_norm_returned=p.max_norm_returned, over_budget_images=p.over_budget_images,
-                                      projected=p.over_budget_images > 0, max_norm_applied=p.max_norm_applied),
+                                      projected=p.over_budget_images > 0, max_norm_applied=p.max_norm_applied,
+                                      effective_eps=effective_eps(Budget(base['norm'], base['eps']))),
                 oom_events=p.oom_events + editor.oom_events, flags=list(flags), model_calls=p.model_calls,
                 loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha, **base)
             write_record(rec, out)

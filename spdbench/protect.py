@@ -181,3 +181,14 @@ def enforce(raw: torch.Tensor, images: torch.Tensor, budget: Budget, attack_name
     applied = budget.norms(adv - images)
     zero = not bool((delta != 0).any())
     return adv, float(norms.max()), int((norms > budget.eps + 1e-6).sum()), float(applied.max()), zero
+
+
+def protect(attack: Attack, target, images: torch.Tensor, budget: Budget, *, batch_size: int,
+            seed: int) -> Protection:
+    """Both sides in one call, in *this* process (no isolation): for notebooks, tests and quick
+    checks of one's own attack. The harness never uses it for records."""
+    out = perturb_split(attack, target, images, budget, batch_size=batch_size, seed=seed)
+    adv, returned, over, applied, zero = enforce(out.delta.to(images.device), images, budget, attack.name)
+    return Protection(adv=adv, wall_s=out.wall_s, device_s=out.device_s, peak_memory_bytes=out.peak_memory_bytes,
+                      max_norm_returned=returned, over_budget_images=over, max_norm_applied=applied,
+                      loss_curve=out.loss_curve, oom_events=out.oom_events, zero_delta=zero)

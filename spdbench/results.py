@@ -65,6 +65,8 @@ class Validation(BaseModel):
     projected: bool = False
     #: largest per-image norm of the stored (projected, clamped, 8-bit quantized) perturbation
     max_norm_applied: Optional[float] = None
+    #: the largest norm the 8-bit grid can hold within eps (L-inf: floor(255 eps)/255; L2: eps)
+    effective_eps: Optional[float] = None
 
 
 class TargetInfo(BaseModel):

@@ -22,3 +22,31 @@ def photos64():
     import spdbench
 
     return spdbench.load_photos(n=4, size=64)
+
+
+@pytest.fixture
+def test_attacks():
+    """The deliberately broken attacks of harness_helpers, registered by name for this test only."""
+    from harness_helpers import registered_test_attacks
+
+    with registered_test_attacks() as attacks:
+        yield attacks
+
+
+@pytest.fixture(autouse=True)
+def _attack_registry_unchanged():
+    """Every test leaves the attack registry as it found it: a leaked registration changes what the
+    registry-wide tests collect and run, so the suite would pass or fail by test order."""
+    from spdbench.attacks import base
+
+    base._ensure_loaded()  # import the built-ins first, so loading them is not mistaken for a leak
+    before = dict(base._REGISTRY)
+    yield
+    after = dict(base._REGISTRY)
+    if after != before:
+        added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+        removed += sorted(n for n in set(after) & set(before) if after[n] is not before[n])  # replaced
+        base._REGISTRY.clear()
+        base._REGISTRY.update(before)  # restore, so one leaky test does not break the ones after it
+        pytest.fail(f"test changed the attack registry (added {added}, removed {removed}); "
+                    f"register test-only attacks with spdbench.attacks.base.registered()")

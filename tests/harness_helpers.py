@@ -1,9 +1,21 @@
-"""Small, fast suites and attacks for harness tests (tiny-random target, 64 px, few steps)."""
+"""Small, fast suites and attacks for harness tests (tiny-random target, 64 px, few steps).
+
+The deliberately broken attacks below are module-level classes (the attack worker imports them by
+reference) but are registered by name only inside `registered_test_attacks()` -- use the
+`test_attacks` fixture of conftest.py -- so they never leak into `list_attacks()` for other tests.
+"""
 from __future__ import annotations
 
+import uuid
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
 import torch
+from safetensors.torch import save_file
 
 import spdbench
+from spdbench.attacks.base import registered
 from spdbench.editing import EditSettings
 from spdbench.suites import get_suite
 
@@ -21,13 +33,25 @@ def fast_images(n: int = 6):
 
 
 class RecordingUAP(spdbench.UniversalAttack):
-    """Remembers every image it was shown, to prove the test split never reaches fit()."""
+    """Saves every batch fit() was shown to `record_dir` (a file per call, so it works in the attack's
+    worker process too), to prove the test split never reaches fit()."""
 
-    seen: list = []
+    defaults = {"record_dir": ""}
 
     def fit(self, train_images, target, budget, generator=None):
-        type(self).seen.append(train_images.clone())
+        if self.record_dir:
+            out = Path(self.record_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({"images": train_images.detach().float().cpu().contiguous()},
+                      str(out / f"fit-{uuid.uuid4().hex}.safetensors"))
         return budget.random(train_images[:1], generator)
+
+
+def recorded_fits(record_dir) -> list[torch.Tensor]:
+    """The batches RecordingUAP.fit saw, one tensor per call."""
+    from safetensors.torch import load_file
+
+    return [load_file(str(p))["images"] for p in sorted(Path(record_dir).glob("fit-*.safetensors"))]
 
 
 class OverBudget(spdbench.Attack):
@@ -55,8 +79,15 @@ class Raises(spdbench.Attack):
         raise ValueError("boom inside the attack")
 
 
-for _name, _cls in [("test-recording-uap", RecordingUAP), ("test-over-budget", OverBudget),
-                    ("test-nan", ReturnsNaN), ("test-wrong-shape", WrongShape),
-                    ("test-wrong-dtype", WrongDtype), ("test-raises", Raises)]:
-    if _name not in spdbench.attacks.base._REGISTRY:
-        spdbench.register(_name)(_cls)
+#: name -> class of every test-only attack; registered only inside `registered_test_attacks()`
+TEST_ATTACKS = {"test-recording-uap": RecordingUAP, "test-over-budget": OverBudget, "test-nan": ReturnsNaN,
+                "test-wrong-shape": WrongShape, "test-wrong-dtype": WrongDtype, "test-raises": Raises}
+
+
+@contextmanager
+def registered_test_attacks() -> Iterator[dict]:
+    """Register every TEST_ATTACKS name for the `with` block; all are removed on exit."""
+    with ExitStack() as stack:
+        for name, cls in TEST_ATTACKS.items():
+            stack.enter_context(registered(name, cls))
+        yield TEST_ATTACKS

@@ -108,7 +108,7 @@ CASES = [
     ("attack-wrong-device", lambda t: _attack(WrongDevice), AttackError, "on meta"),
     ("record-truncated", lambda t: _record_case(t, '{"kind": "spdbench-record", "sche'), RecordError, "not valid JSON"),
     ("record-foreign", lambda t: _record_case(t, json.dumps({"name": "x"})), RecordError, "not a spdbench record"),
-    ("record-schema", lambda t: _record_case(t, json.dumps({"kind": "spdbench-record", "schema_version": 1})),
+    ("record-schema", lambda t: _record_case(t, json.dumps({"kind": "spdbench-record", "schema_version": 2})),
      RecordError, "fails the schema"),
     ("record-version", lambda t: _record_case(t, json.dumps({"kind": "spdbench-record", "schema_version": 99})),
      RecordError, "schema_version 99"),

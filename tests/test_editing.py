@@ -5,8 +5,12 @@ properties that must hold for any weights.
 """
 from __future__ import annotations
 
+import shutil
+from types import SimpleNamespace
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import spdbench
 from spdbench.editing import PROMPTS, EditSettings, Editor, image_seed, resolve_prompt
@@ -87,8 +91,82 @@ def test_corrupt_cache_entry_is_recomputed(tmp_path, target, images):
     victim.write_bytes(b"not a safetensors file")
     ed2 = Editor(target, SETTINGS, cache_dir=tmp_path)
     b = ed2.edit_clean(images[:2], "P3", seeds)
-    assert (ed2.cache_hits, ed2.cache_misses) == (1, 1)
+    assert (ed2.cache_hits, ed2.cache_misses) == (1, 1) and ed2.cache_rejected == [victim.name]
     assert (a - b).abs().amax() < 1e-4  # recomputed alone, not in a batch of 2: equal to float noise
+
+
+def test_cache_key_includes_device_type_and_dtype(target, images):
+    """CPU and CUDA generators give different noise for one seed: their clean edits never share an entry."""
+    key = Editor(target, SETTINGS)._key(images[0], "add some snow")
+    assert key == Editor(target, SETTINGS)._key(images[0], "add some snow")
+
+    def twin(device, dtype):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype, fingerprint=target.fingerprint)
+
+    assert key == Editor(twin(target.device, target.dtype), SETTINGS)._key(images[0], "add some snow")
+    others = {Editor(twin("cuda", target.dtype), SETTINGS)._key(images[0], "add some snow"),
+              Editor(twin("cuda:1", target.dtype), SETTINGS)._key(images[0], "add some snow"),
+              Editor(twin("cpu", torch.float16), SETTINGS)._key(images[0], "add some snow")}
+    assert key not in others and len(others) == 2, "device index is not part of the key, the device type is"
+
+
+@pytest.fixture(scope="module")
+def filled_cache(tmp_path_factory, target, images):
+    """A clean-edit cache of two images, and the edits it holds."""
+    folder = tmp_path_factory.mktemp("cache")
+    seeds = [image_seed(SETTINGS, im) for im in images[:2]]
+    edits = Editor(target, SETTINGS, cache_dir=folder).edit_clean(images[:2], "P3", seeds)
+    return folder, seeds, edits
+
+
+def _with(t: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
+    out = t.clone()
+    out[index] = value
+    return out
+
+
+BAD_ENTRIES = {
+    "zeros": lambda e: {"edit": torch.zeros_like(e)},  # used silently before: SSIM 0.0016
+    "constant": lambda e: {"edit": torch.full_like(e, 0.5)},
+    "nan": lambda e: {"edit": _with(e, (1, 5, 7), float("nan"))},  # one bad pixel is enough
+    "inf": lambda e: {"edit": _with(e, (0, 0, 0), float("inf"))},
+    "wrong-shape": lambda e: {"edit": e[:, :32, :32].contiguous()},
+    "out-of-range": lambda e: {"edit": e * 255},
+    "integer": lambda e: {"edit": (e * 255).to(torch.uint8)},
+    "no-edit-key": lambda e: {"other": e},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_ENTRIES) + ["not-safetensors"])
+def test_bad_cache_entry_is_rejected_named_and_recomputed(tmp_path, target, images, filled_cache, kind, caplog):
+    folder, seeds, edits = filled_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(folder, cache)
+    victim = sorted(cache.glob("*.safetensors"))[0]
+    good = load_file(str(victim))["edit"]
+    if kind == "not-safetensors":
+        victim.write_bytes(b"\x00" * 64)
+    else:
+        save_file(BAD_ENTRIES[kind](good), str(victim))
+    ed = Editor(target, SETTINGS, cache_dir=cache)
+    with caplog.at_level("WARNING", logger="spdbench.editing"):
+        out = ed.edit_clean(images[:2], "P3", seeds)  # never aborts the run
+    assert ed.cache_rejected == [victim.name] and (ed.cache_hits, ed.cache_misses) == (1, 1)
+    assert victim.name in caplog.text
+    assert (out - edits).abs().amax() < 1e-4
+    again = Editor(target, SETTINGS, cache_dir=cache)
+    again.edit_clean(images[:2], "P3", seeds)
+    assert (again.cache_hits, again.cache_rejected) == (2, []), "the recomputed entry replaced the bad file"
+    assert not list(cache.glob(".*.tmp"))
+
+
+def test_non_finite_fresh_edit_is_not_cached(tmp_path, target, images, monkeypatch, caplog):
+    ed = Editor(target, SETTINGS, cache_dir=tmp_path)
+    monkeypatch.setattr(ed, "_edit_batch", lambda x, prompt, seeds: torch.full_like(x, float("nan")))
+    with caplog.at_level("WARNING", logger="spdbench.editing"):
+        out = ed.edit_clean(images[:2], "P3", [1, 2])
+    assert out.isnan().all() and list(tmp_path.iterdir()) == []
+    assert "not cached" in caplog.text and "non-finite" in caplog.text
 
 
 def test_edit_rejects_bad_input(target, images):

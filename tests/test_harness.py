@@ -8,7 +8,7 @@ from spdbench.data import split_indices
 from spdbench.errors import UnknownNameError
 from spdbench.results import Status, load_records, read_record
 
-from harness_helpers import RecordingUAP, fast_images, fast_suite
+from harness_helpers import fast_images, fast_suite, recorded_fits
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +43,20 @@ def test_clean_and_protected_edits_share_seeds_and_none_is_identity(tmp_path, ta
         assert rec.protection_mean["ssim"] == pytest.approx(1.0, abs=1e-5), "same seed + same image = same edit"
 
 
-def test_universal_attack_never_sees_test_images(tmp_path, target):
+def test_universal_attack_never_sees_test_images(tmp_path, target, test_attacks):
     images = fast_images(6)
-    RecordingUAP.seen.clear()
-    spdbench.run("test-recording-uap", suite=fast_suite(), out=tmp_path, target=target, images=images)
+    spdbench.run("test-recording-uap", suite=fast_suite(), out=tmp_path / "run", target=target, images=images,
+                 attack_params={"record_dir": str(tmp_path / "seen")})
     train, test = split_indices(6)
-    assert len(RecordingUAP.seen) == 1
-    seen = RecordingUAP.seen[0]
+    fits = recorded_fits(tmp_path / "seen")
+    assert len(fits) == 1
+    seen = fits[0]
     assert torch.equal(seen, images[train])
     for i in test:
         assert not any(torch.equal(images[i], s) for s in seen)
 
 
-def test_over_budget_delta_is_projected_and_flagged(tmp_path, target):
+def test_over_budget_delta_is_projected_and_flagged(tmp_path, target, test_attacks):
     res = spdbench.run("test-over-budget", suite=fast_suite(), out=tmp_path, target=target, images=fast_images(4))
     assert res.ok
     for rec in res.records:
@@ -66,7 +67,7 @@ def test_over_budget_delta_is_projected_and_flagged(tmp_path, target):
 
 @pytest.mark.parametrize("name,needle", [("test-nan", "NaN"), ("test-wrong-shape", "shape"),
                                          ("test-wrong-dtype", "dtype"), ("test-raises", "boom inside")])
-def test_bad_attack_output_is_an_error_record_and_run_continues(tmp_path, target, name, needle):
+def test_bad_attack_output_is_an_error_record_and_run_continues(tmp_path, target, name, needle, test_attacks):
     res = spdbench.run(name, suite=fast_suite(), out=tmp_path, target=target, images=fast_images(4),
                        eps=["8/255", "16/255"])
     assert not res.ok and len(res.failed) == 4

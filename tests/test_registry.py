@@ -65,6 +65,7 @@ def test_entry_point_plugin_is_listed_and_usable(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
     monkeypatch.setattr(attack_base, "_REGISTRY", dict(attack_base._REGISTRY))
+    monkeypatch.setattr(attack_base, "_entry_points_loaded", attack_base._entry_points_loaded)  # restored after
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = attack_base.load_entry_points(force=True)
@@ -81,3 +82,48 @@ def test_cli_list_prints_attacks():
     out = subprocess.run([sys.executable, "-m", "spdbench.cli", "list"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "uniform-noise" in out.stdout and "none" in out.stdout
+
+
+class _Scoped(spdbench.Attack):
+    def perturb(self, images, target, budget, generator=None):
+        return torch.zeros_like(images)
+
+
+def test_registered_is_scoped_and_restores_the_class_name():
+    assert "scoped-test" not in spdbench.list_attacks()
+    with attack_base.registered("scoped-test", _Scoped) as cls:
+        assert cls is _Scoped and "scoped-test" in spdbench.list_attacks()
+        assert spdbench.get_attack("scoped-test").name == "scoped-test"
+    assert "scoped-test" not in spdbench.list_attacks()
+    assert "name" not in vars(_Scoped) and _Scoped().name == "_Scoped"
+    with pytest.raises(KeyError), attack_base.registered("scoped-test", _Scoped):
+        raise KeyError("a failing test body")
+    assert "scoped-test" not in spdbench.list_attacks(), "removed even when the block raises"
+
+
+def test_registered_refuses_a_taken_name_and_leaves_it():
+    owner = attack_base.attack_class("uniform-noise")
+    with pytest.raises(RegistryError, match="already registered"):
+        with attack_base.registered("uniform-noise", _Scoped):
+            pass
+    assert attack_base.attack_class("uniform-noise") is owner and "name" not in vars(_Scoped)
+
+
+def test_unregister():
+    with attack_base.registered("scoped-test", _Scoped):
+        assert attack_base.unregister("scoped-test") is _Scoped
+        assert "scoped-test" not in spdbench.list_attacks()
+    with pytest.raises(UnknownNameError, match="'scoped-tset'.*not registered"):
+        attack_base.unregister("scoped-tset")
+
+
+def test_harness_helpers_register_nothing_on_import():
+    """Importing the deliberately broken test attacks must not put them in the registry: the
+    registry-wide tests (test_attacks.py) collect `list_attacks()` and would run them."""
+    import harness_helpers
+
+    assert not set(spdbench.list_attacks()) & set(harness_helpers.TEST_ATTACKS)
+
+
+def test_test_attacks_fixture_registers_them(test_attacks):
+    assert set(test_attacks) <= set(spdbench.list_attacks())

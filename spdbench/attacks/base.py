@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import warnings
-from typing import Any, Callable, ClassVar, Optional, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, Optional, TypeVar
 
 import torch
 
@@ -51,14 +52,40 @@ class Attack:
         if preset is not None:
             merged.update(self.presets[preset])
         merged.update(params)
-        if not self.name:  # an unregistered class used directly still gets a readable name
-            self.name = type(self).__name__
+        # on the instance, so it travels with the attack to its worker process (where the
+        # registration that set the class attribute never happened)
+        self.name = self.name or type(self).__name__
         self.preset = preset
         self.params: dict[str, Any] = merged
+        #: the parameters the caller gave by name: the harness never overrides these
+        self.explicit_params: frozenset[str] = frozenset(params)
         for key, value in merged.items():
             setattr(self, key, value)
         #: loss per iteration of the last call (host floats, copied once at the end)
         self.loss_history: list[float] = []
+
+    def configure(self, **params: Any) -> "Attack":
+        """A copy of this attack with `params` set (the harness applies the suite's step budget
+        here, for instances and names alike); unknown names are an error, as in `__init__`."""
+        import copy
+
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise InputError(f"attack {self.name!r} got unknown parameter(s) {unknown};"
+                             f" accepted: {sorted(self.defaults) or 'none'}")
+        new = copy.copy(self)
+        new.params = {**self.params, **params}
+        for key, value in params.items():
+            setattr(new, key, value)
+        return new
+
+    def param_source(self, key: str) -> str:
+        """Where parameter `key` came from: "explicit", "preset:NAME" or "default"."""
+        if key in self.explicit_params:
+            return "explicit"
+        if self.preset is not None and key in self.presets.get(self.preset, {}):
+            return f"preset:{self.preset}"
+        return "default"
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -126,6 +153,38 @@ def register(name: str) -> Callable[[A], A]:
         return cls
 
     return decorator
+
+
+def unregister(name: str) -> type[Attack]:
+    """Remove `name` from the registry and return its class (tests, notebooks). A built-in removed
+    this way does not come back in this process; an unknown name is an UnknownNameError."""
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"cannot unregister attack {name!r}: it is not registered."
+                               f"{did_you_mean(name, _REGISTRY)}")
+    return _REGISTRY.pop(name)
+
+
+@contextmanager
+def registered(name: str, cls: A) -> Iterator[A]:
+    """Register `cls` as `name` for the `with` block only, then restore the registry and the class's
+    `name` exactly, so that test-only attacks never leak into later tests (`list_attacks()` is read
+    at collection time by the registry-wide tests). A name already taken is a RegistryError, and
+    nothing is changed then."""
+    had_own_name = "name" in vars(cls) if isinstance(cls, type) else False
+    old_name = vars(cls).get("name") if had_own_name else None
+    register(name)(cls)
+    try:
+        yield cls
+    finally:
+        if _REGISTRY.get(name) is cls:
+            del _REGISTRY[name]
+        if had_own_name:
+            cls.name = old_name
+        else:
+            try:
+                delattr(cls, "name")
+            except AttributeError:
+                pass
 
 
 def load_entry_points(force: bool = False) -> list[str]:

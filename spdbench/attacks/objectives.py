@@ -4,6 +4,13 @@ An optimization attack is a per-image loss (`objective_loss`) handed to `optim.o
 per-image attacks (photoguard.py, pca.py) and their universal SPD variants (spd.py) call the *same*
 `objective_loss`, so a fix to an objective fixes both. Every objective is computed in float32
 whatever the target's dtype, returns one value per image, and lower means a stronger attack.
+
+Low precision: the gradient flows back into a float16/bfloat16 model, so it must be representable
+there (float16 overflows at 65504). An objective whose gradient is not (PCA-'s KL to N(0, v I)
+has d/dmu = mu / v, ~1e8 x mu for v = 1e-8) declares a `loss_scale`: the optimized loss is the
+objective times it, computed in float32 before the backward pass reaches the model. The sign
+step, the normalized L2 step and Adam do not depend on the scale; `objective` and `loss_history`
+stay in the objective's own units. Anything still non-finite is an error (`optim.optimize`).
 """
 from __future__ import annotations
 
@@ -146,7 +153,8 @@ class OptimizedAttack(Attack):
     Subclasses write only `objective_loss(target, adv, clean, generator=None) -> (N,)`: a
     differentiable float32 loss per image, lower = stronger. `perturb` starts from `init`, runs
     `steps` projected steps of the batch mean and keeps `images + delta` in [0, 1];
-    `loss_history` is that batch mean before each step (the mean of `objective`).
+    `loss_history` is that batch mean before each step (the mean of `objective`, unscaled:
+    the optimizer sees it times `loss_scale`).
     """
 
     has_objective: ClassVar[bool] = True
@@ -163,6 +171,12 @@ class OptimizedAttack(Attack):
         randomness of stochastic objectives (None: their fixed evaluation draws)."""
         raise NotImplementedError
 
+    @property
+    def loss_scale(self) -> float:
+        """Positive factor on the optimized loss that keeps its gradient representable in a
+        float16/bfloat16 model (1.0: the objective's gradient already is). See the module doc."""
+        return 1.0
+
     def objective(self, adv: torch.Tensor, target, clean: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.objective_loss(target, adv, clean).float()
@@ -173,13 +187,16 @@ class OptimizedAttack(Attack):
         generator = ensure_generator(generator)
         delta = clamp_to_image(images, budget.project(start_delta(self.init, images, budget, generator)))
 
+        scale = self.loss_scale
+
         def loss_fn(d: torch.Tensor) -> torch.Tensor:
-            return self.objective_loss(target, images + d, images, generator).mean()
+            return self.objective_loss(target, images + d, images, generator).mean() * scale
 
         result = optimize(loss_fn, delta, budget, steps=self.steps,
                           step_size=resolve_step_size(self.step_size, budget, self.steps),
                           optimizer=self.optimizer, schedule=self.schedule, images=images,
-                          stop_below=self.params.get("stop_below"))
+                          stop_below=self.params.get("stop_below"), loss_scale=scale,
+                          label=f"attack {self.name!r}", model_dtype=target.dtype)
         self.loss_history = result.losses
         return result.delta
 

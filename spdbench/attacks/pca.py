@@ -71,6 +71,8 @@ class PCAMinus(OptimizedAttack):
     Presets: "guo" = the reference code (L-inf eps 16/255, step 2/255 sign, 40 steps, delta = 0 start).
     Shapes: images (N, 3, H, W) in [0, 1] -> delta (N, 3, H, W); objective (N,) = KL in nats
         (of order d / v: ~1e12 for SD at 512x512 with v = 1e-8; only its order matters).
+        The optimizer minimizes v * KL (`loss_scale`, same direction, a gradient float16 can
+        hold); `objective` and `loss_history` are the KL itself.
     Usage: `delta = get_attack("pca-minus", preset="guo")(x, target, Budget("linf", "16/255"), g)`
     """
 
@@ -88,3 +90,10 @@ class PCAMinus(OptimizedAttack):
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
         posterior = target.encode(adv)
         return kl_to_isotropic_gaussian(posterior.mean, posterior.logvar, float(self.v))
+
+    @property
+    def loss_scale(self) -> float:
+        """v: the KL's gradient is mu / v (and (sigma^2 / v - 1) / 2 for logvar), ~1e8 x mu for
+        v = 1e-8, which overflows a float16 encoder's backward pass (every gradient became NaN,
+        `sign(NaN)` = 0: delta stayed exactly zero). v * KL has gradient mu: the same direction."""
+        return float(self.v)

@@ -63,6 +63,11 @@ class SPDAttack(UniversalAttack):
     def objective(self, adv: torch.Tensor, target, clean: torch.Tensor) -> torch.Tensor:
         return self.per_image.objective(adv, target, clean)
 
+    @property
+    def loss_scale(self) -> float:
+        """The per-image attack's (its gradient must fit a float16 model here too)."""
+        return self.per_image.loss_scale
+
     def _batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
         """Index batches forever: all images each step, or `batch_size` of a fresh permutation per
         epoch (an incomplete last batch is dropped, so every step averages the same count)."""
@@ -80,10 +85,11 @@ class SPDAttack(UniversalAttack):
         check_norm(self, budget)
         generator = ensure_generator(generator)
         batches = self._batches(train_images.shape[0], generator)
+        scale = self.loss_scale  # applied per chunk: each chunk's backward runs on its own
 
         def chunk_sum(delta: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
             adv = (images + delta).clamp(0.0, 1.0)  # what applying delta_u gives
-            return self.objective_loss(target, adv, images, generator).sum()
+            return self.objective_loss(target, adv, images, generator).sum() * scale
 
         def loss_fn(delta: torch.Tensor) -> torch.Tensor:
             images = train_images[next(batches).to(train_images.device)]
@@ -92,7 +98,8 @@ class SPDAttack(UniversalAttack):
         start = start_delta(self.init, train_images[:1], budget, generator)
         result = optimize(loss_fn, budget.project(start), budget, steps=self.steps,
                           step_size=resolve_step_size(self.step_size, budget, self.steps),
-                          optimizer=self.optimizer, schedule=self.schedule)
+                          optimizer=self.optimizer, schedule=self.schedule, loss_scale=scale,
+                          label=f"attack {self.name!r}", model_dtype=target.dtype)
         self.delta = result.delta
         self.loss_history = result.losses
         return self.delta

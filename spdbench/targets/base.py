@@ -95,7 +95,8 @@ class Target:
             h = hashlib.sha256()
             for module in (self.vae, self.unet, self.text_encoder):
                 for key, tensor in sorted(module.state_dict().items()):
-                    h.update(key.encode())
+                    # torch.compile wraps modules (keys gain "_orig_mod."); the weights are the same
+                    h.update(key.replace("_orig_mod.", "").encode())
                     h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
