@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import load_file, save
 
 from . import metrics as metrics_mod
+from . import perturbation_file
+from .perturbation_file import delta_sha256  # noqa: F401 - public name kept for callers
 from .attack_plan import AttackPlan, plan
 from .attacks.base import Attack
 from .budget import Budget, effective_eps, format_eps
@@ -34,7 +35,7 @@ from .provenance import environment
 from .purify import get_purifier
 from .runfolder import DiskError, RunLock, prepare_out
 from .data import check_size_multiple
-from .results import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes, cell_id,
+from .results import (Record, Split, Status, TargetInfo, Timing, Validation, cell_id,
                       finished_cells, load_records, remove_stale_temp, write_jsonl, write_record)
 from .suites import Suite, get_suite
 from .targets import Target, load_target
@@ -92,22 +93,10 @@ def _resolve_prompts(keys: Sequence[str]) -> list[str]:
     return list(keys)
 
 
-def _save_protection(path: Path, adv: torch.Tensor, images: torch.Tensor, meta: dict[str, str]) -> str:
-    """Store delta exactly as integers on the 8-bit grid (int16, -255..255); safetensors, no pickle."""
-    delta255 = torch.round((adv - images) * 255).to(torch.int16).cpu().contiguous()
-    atomic_write_bytes(path, save({"delta255": delta255}, metadata=meta))
-    return delta_sha256(delta255)
-
-
-def delta_sha256(delta255: torch.Tensor) -> str:
-    """Hash of the perturbation itself (not of the file, whose metadata holds timings)."""
-    return hashlib.sha256(delta255.to(torch.int16).contiguous().numpy().tobytes()).hexdigest()
-
-
 def load_protection(path: Union[str, Path], images: torch.Tensor) -> torch.Tensor:
-    """Protected images from a stored delta file (the inverse of _save_protection)."""
-    delta255 = load_file(str(path))["delta255"].to(images.device)
-    return ((images * 255).round() + delta255.to(images.dtype)).clamp(0, 255) / 255
+    """Protected images from a stored perturbation file (perturbation_file owns the format)."""
+    delta255, _ = perturbation_file.load_delta(path)
+    return perturbation_file.apply_delta(images, delta255)
 
 
 # --- stage: protect (the attack runs where it may see only its inputs) -------------------------
@@ -454,22 +443,17 @@ def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images:
     rel = f"perturbations/{attack.name}__{budget.norm}-{format_eps(budget.eps).replace('/', 'o')}__{key}.safetensors"
     path = out / rel
     if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        if meta.get("format") == "spdbench-perturbation/2":
-            adv = load_protection(path, images)
-            stored = _protections_from_meta(meta, adv, splits)
-            return stored, json.loads(meta["flags"]), rel, delta_sha256(load_file(str(path))["delta255"])
+        delta255, meta = perturbation_file.load_delta(path, shape=tuple(images.shape))
+        if meta.get("format") == perturbation_file.FORMAT:
+            stored = _protections_from_meta(meta, perturbation_file.apply_delta(images, delta255), splits)
+            return stored, json.loads(meta["flags"]), rel, perturbation_file.delta_sha256(delta255)
     protections, flags = _protect_group(runner, attack, target, images, splits, budget, suite)
     adv_all = torch.empty_like(images)
     for sp, idx in splits.items():
         adv_all[idx] = protections[sp].adv
     meta = {f"{sp.value}.{k}": json.dumps(getattr(p, k)) for sp, p in protections.items() for k in _META_KEYS}
-    meta["format"] = "spdbench-perturbation/2"
     meta["flags"] = json.dumps(flags)
-    sha = _save_protection(path, adv_all, images, meta)
+    sha = perturbation_file.save_delta(path, perturbation_file.delta_from_adv(adv_all, images), meta)
     return protections, flags, rel, sha
 
 
