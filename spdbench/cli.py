@@ -186,13 +186,13 @@ def cmd_doctor(args) -> int:
 
 
 def _positive(text: str) -> int:
-    """--sample: a whole number >= 1."""
+    """A whole number >= 1 (--sample, --steps)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of images per cell >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
 
 

@@ -28,7 +28,7 @@ from .budget import Budget, effective_eps, format_eps
 from .data import split_indices
 from .editing import PROMPTS, Editor, image_seed
 from .errors import AttackError, InputError, SpdbenchError, UnknownNameError, did_you_mean
-from .images import check_images
+from .images import check_images, image_sha256
 from .isolation import AttackWorker
 from .protect import Protection, SplitOutput, enforce, fit_split, perturb_split
 from .provenance import environment
@@ -82,8 +82,7 @@ class RunResult:
         return records_frame(self.records)
 
 
-def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256((t.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()
+_sha = image_sha256  # the images' record hash (images.py owns it)
 
 
 def _resolve_prompts(keys: Sequence[str]) -> list[str]:

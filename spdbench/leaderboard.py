@@ -1,20 +1,24 @@
 """Leaderboard: records -> pandas -> Markdown / CSV / HTML tables and metric-vs-eps plots.
 
 Two views: the seed paper's Table 1 layout (prompt x split rows, metric x method columns,
-averaged over eps) and a ranking (one row per method and eps). Every number comes from records.
+averaged over eps) and a ranking (one row per method and eps). Every number is derived from the
+records' per-image values (a stated `*_mean` is never read); every name is escaped where it is
+rendered; a folder that fails its checks is reported by name and left out, never breaking the build.
 """
 from __future__ import annotations
 
-import html
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
-from .results import Record, Status, load_records
+from .errors import InputError, RecordError
+from .results import Record, Status
 from .stats import bootstrap_ci
 
+FORMATS = ("md", "csv", "html")
 PROTECTION = ("ssim", "psnr", "vifp", "fsim")
 LABELS = {"ssim": "SSIM", "psnr": "PSNR", "vifp": "VIFp", "fsim": "FSIM"}
 
@@ -23,8 +27,21 @@ def method_label(record: Record) -> str:
     return f"{record.attack}[{record.preset}]" if record.preset else record.attack
 
 
+def _mean(values: Sequence[float]) -> Optional[float]:
+    """Mean of per-image values (None for an empty list): the only way a mean enters a table."""
+    return float(np.mean(np.asarray(values, dtype=np.float64))) if len(values) else None
+
+
+def md_escape(value) -> str:
+    """Text safe inside a Markdown table cell: no line breaks or control characters, `|` and
+    Markdown punctuation backslash-escaped, and <, >, & as HTML entities (no raw HTML)."""
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", str(value))
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", text)
+
+
 def records_frame(records: Iterable[Record]) -> pd.DataFrame:
-    """One row per ok record: axes, protection and imperceptibility means, costs."""
+    """One row per ok record: axes, protection and imperceptibility means (of the per-image values), costs."""
     rows = []
     for r in records:
         if r.status != Status.ok:
@@ -34,8 +51,8 @@ def records_frame(records: Iterable[Record]) -> pd.DataFrame:
                    n_images=len(r.image_names), universal=r.universal,
                    seconds_per_image=r.timing.per_image_s, fit_seconds=r.timing.fit_wall_s,
                    peak_memory_mb=(r.timing.peak_memory_bytes or 0) / 2**20 or None, cell_id=r.cell_id)
-        row.update({m: r.protection_mean.get(m) for m in PROTECTION})
-        row.update({f"imp_{m}": r.imperceptibility_mean.get(m) for m in PROTECTION})
+        row.update({m: _mean(r.protection.get(m, [])) for m in PROTECTION})
+        row.update({f"imp_{m}": _mean(r.imperceptibility.get(m, [])) for m in PROTECTION})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -79,7 +96,8 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
             per_image = np.mean(np.asarray(per_prompt, dtype=np.float64), axis=0)
             ci = bootstrap_ci(per_image, seed=seed)
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = ci.mean, ci.low, ci.high
-        row["imp_psnr"] = float(np.mean([r.imperceptibility_mean.get("psnr", np.nan) for r in recs]))
+        imp = [_mean(r.imperceptibility.get("psnr", [])) for r in recs]
+        row["imp_psnr"] = float(np.mean(imp)) if imp and None not in imp else None
         row["seconds_per_image"] = float(np.mean([r.timing.per_image_s for r in recs]))
         dev = [r.timing.attack_device_s / max(1, len(r.image_names)) for r in recs
                if r.timing.attack_device_s is not None]
@@ -88,11 +106,41 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
         row["fit_seconds"] = max(fits) if fits else None
         mems = [r.timing.peak_memory_bytes for r in recs if r.timing.peak_memory_bytes]
         row["peak_memory_mb"] = max(mems) / 2**20 if mems else None
+        row["steps"] = _steps_label(recs[0])
+        row["model_calls"] = _calls_label(recs[0])
+        row["flags"] = ", ".join(sorted({f for r in recs for f in r.flags})) or None
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     return df.sort_values(["suite", "eps", "ssim"]).reset_index(drop=True)
+
+
+_SOURCE = {"suite": "suite", "explicit": "set", "default": "default"}
+
+
+def _steps_label(rec: Record) -> Optional[str]:
+    """The attack's steps and where they came from ("40 (suite)", "1000 (preset madry)")."""
+    steps = rec.attack_params.get("steps")
+    if steps is None:
+        return None
+    src = rec.param_sources.get("steps", "")
+    src = f"preset {src.split(':', 1)[1]}" if src.startswith("preset:") else _SOURCE.get(src, src)
+    return f"{steps} ({src})" if src else str(steps)
+
+
+def _calls_label(rec: Record) -> Optional[str]:
+    """Network passes per image (forward/backward) the attack made: the hardware-independent cost.
+    For a universal attack, per training image of its fit."""
+    calls = rec.model_calls
+    if not calls or not any(calls.values()):
+        return None
+    parts = []
+    for short, net in (("enc", "vae_encoder"), ("unet", "unet"), ("dec", "vae_decoder")):
+        fwd, bwd = calls.get(f"{net}_fwd", 0), calls.get(f"{net}_bwd", 0)
+        if fwd or bwd:
+            parts.append(f"{short} {fwd:.4g}/{bwd:.4g}")
+    return " · ".join(parts)
 
 
 def _fmt(v) -> str:
@@ -113,31 +161,22 @@ def _with_ci(row, col: str) -> str:
 
 
 def ranking_markdown(r: pd.DataFrame) -> str:
-    """The ranking as a Markdown table; metric cells read `mean [95% CI]`."""
+    """The ranking as a Markdown table; metric cells read `mean [95% CI]`; every cell escaped."""
     if r.empty:
         return "(no finished records)"
-    after = [c for c in r.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))]
-    head = (["method", "suite", "eps", "SSIM ↓", "PSNR ↓", "VIFp ↓", "FSIM ↓"]
-            + [f"SSIM after {c[len('ssim_after_'):]} ↓" for c in after]
-            + ["imperceptibility PSNR ↑", "s / image", "device s / image", "fit s", "peak MB", "images"])
+    head, rows = _ranking_rows(r)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, row in r.iterrows():
-        cells = [row["method"], row["suite"], row["eps_label"]] + [_with_ci(row, m) for m in PROTECTION]
-        cells += [_with_ci(row, c) for c in after]
-        cells += [_fmt(row.get("imp_psnr")), _fmt(row.get("seconds_per_image")),
-                  _fmt(row.get("device_seconds_per_image")), _fmt(row.get("fit_seconds")),
-                  _fmt(row.get("peak_memory_mb")), _fmt(row.get("n_images"))]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["| " + " | ".join(md_escape(c) for c in cells) + " |" for cells in rows]
     return "\n".join(lines)
 
 
 def table1_markdown(t: pd.DataFrame) -> str:
     if t.empty:
         return "(no records)"
-    head = ["prompt", "split"] + [f"{m} {meth}" for m, meth in t.columns]
+    head = ["prompt", "split"] + [f"{m} {md_escape(meth)}" for m, meth in t.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (prompt, split), row in t.iterrows():
-        lines.append("| " + " | ".join([prompt, split] + [_fmt(v) for v in row.values]) + " |")
+        lines.append("| " + " | ".join([md_escape(prompt), md_escape(split)] + [_fmt(v) for v in row.values]) + " |")
     return "\n".join(lines)
 
 
@@ -166,59 +205,152 @@ def plot_metric_vs_eps(df: pd.DataFrame, path: Path, split: str = "test") -> Opt
     return path
 
 
-def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequence[str] = ("md", "csv", "html"),
-          title: str = "spdbench leaderboard") -> dict[str, Path]:
-    """Write the leaderboard files; returns {format: path}."""
+def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequence[str] = FORMATS,
+          title: str = "spdbench leaderboard", skipped: Sequence[tuple[str, str]] = ()) -> dict[str, Path]:
+    """Write the leaderboard files; returns {format: path}. `skipped`: (folder name, reason) of the
+    folders left out, listed on the page."""
+    formats = list(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise InputError(f"--format {','.join(formats)!r}: expected one or more of {', '.join(FORMATS)} "
+                         "separated by commas")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     df = records_frame(records)
     rank, t1 = ranking(records), table1(df)
     written: dict[str, Path] = {}
-    failed = [r for r in records if r.status != Status.ok]
-    note = (f"\n\n{len(failed)} failed cell(s): " + ", ".join(r.cell_id for r in failed)) if failed else ""
+    failed = [r.cell_id for r in records if r.status != Status.ok]
     if "csv" in formats:
         written["csv"] = out_dir / "leaderboard.csv"
         rank.to_csv(written["csv"], index=False)
         t1.to_csv(out_dir / "table1.csv")
     plot = plot_metric_vs_eps(df, out_dir / "metrics_vs_eps.png") if "html" in formats or "md" in formats else None
-    md = (f"# {title}\n\nProtection = similarity between the edit of the clean photo and the edit of the "
-          "protected photo (same prompt, settings and seed); lower is stronger. Imperceptibility PSNR is "
-          "between the photo and its protected version; higher is less visible. Ranking on the test split, "
-          "mean over prompts; `[low, high]` is a 95% bootstrap interval over images (seeded). Every record "
-          "carries its attack parameters, suite settings, seeds, model fingerprint, library versions and "
-          "perturbation hash: `spdbench verify FOLDER` recomputes each stored perturbation's norm and "
-          "re-runs a sample of cells from those settings, and the same `spdbench run` settings "
-          "recompute an entry from scratch.\n\n## Ranking\n\n" + ranking_markdown(rank) +
-          "\n\n## Table 1 layout (mean over eps)\n\n" + table1_markdown(t1) +
-          (f"\n\n![metrics vs eps]({plot.name})" if plot else "") + note + "\n")
     if "md" in formats:
         written["md"] = out_dir / "README.md"
-        written["md"].write_text(md)
+        written["md"].write_text(_markdown(title, rank, t1, plot, failed, skipped))
     if "html" in formats:
         written["html"] = out_dir / "index.html"
-        body = _markdown_table_to_html(ranking_markdown(rank))
-        body1 = t1.to_html(float_format=lambda v: f"{v:.4f}", na_rep="–") if not t1.empty else ""
-        img = f'<img src="{plot.name}" alt="metrics vs eps" style="max-width:100%">' if plot else ""
-        written["html"].write_text(
-            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-            "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>Lower protection similarity = stronger immunization. "
-            f"Ranking on the test split.</p><h2>Ranking</h2>{body}<h2>Table 1 layout</h2>{body1}{img}"
-            f"<p>{html.escape(note)}</p></body></html>")
+        written["html"].write_text(_html(title, rank, t1, plot, failed, skipped))
     return written
 
 
-def _markdown_table_to_html(md: str) -> str:
-    """The same table (with its CI cells) as HTML, so the page and the Markdown never disagree."""
-    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
-    if len(lines) < 2:
-        return f"<p>{html.escape(md)}</p>"
-    cells = [[html.escape(c.strip()) for c in ln.strip("|").split("|")] for ln in lines]
-    head = "".join(f"<th>{c}</th>" for c in cells[0])
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[2:])
-    return f"<table class='rank'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+INTRO = ("Protection = similarity between the edit of the clean photo and the edit of the protected photo "
+         "(same prompt, settings and seed); lower is stronger. Imperceptibility PSNR is between the photo and "
+         "its protected version; higher is less visible. Ranking on the test split, mean over prompts; "
+         "`[low, high]` is a 95% bootstrap interval over images (seeded). Every number is computed here from "
+         "the records' per-image values. Each entry was verified when submitted (`spdbench verify`: its files "
+         "under the entry schema, its claims against its suite and stored perturbations, a random sample of "
+         "images from every cell re-edited, one cell group re-run with the attack); see docs/security.md.")
 
 
-def build_from_dirs(dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path], formats=("md", "csv", "html")):
-    return build(load_records(dirs), out_dir, formats)
+def _notes_md(failed: Sequence[str], skipped: Sequence[tuple[str, str]]) -> str:
+    out = ""
+    if failed:
+        out += f"\n\n{len(failed)} failed cell(s): " + ", ".join(md_escape(c) for c in failed)
+    if skipped:
+        out += "\n\n## Left out (failed their checks)\n\n" + "\n".join(
+            f"- {md_escape(name)}: {md_escape(reason)}" for name, reason in skipped)
+    return out
+
+
+def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped) -> str:
+    return (f"# {md_escape(title)}\n\n{INTRO}\n\n## Ranking\n\n" + ranking_markdown(rank) +
+            "\n\n## Table 1 layout (mean over eps)\n\n" + table1_markdown(t1) +
+            (f"\n\n![metrics vs eps]({plot.name})" if plot else "") + _notes_md(failed, skipped) + "\n")
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>
+<h1>{{ title }}</h1>
+<p>{{ intro }}</p>
+<h2>Ranking</h2>
+{% if rank_rows %}<table class="rank"><thead><tr>{% for h in rank_head %}<th>{{ h }}</th>{% endfor %}</tr></thead>
+<tbody>{% for row in rank_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
+{% else %}<p>(no finished records)</p>{% endif %}
+<h2>Table 1 layout (mean over eps)</h2>
+{% if t1_rows %}<table class="table1"><thead><tr>{% for h in t1_head %}<th>{{ h }}</th>{% endfor %}</tr></thead>
+<tbody>{% for row in t1_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
+{% else %}<p>(no records)</p>{% endif %}
+{% if plot %}<img src="{{ plot }}" alt="metrics vs eps" style="max-width:100%">{% endif %}
+{% if failed %}<p>{{ failed|length }} failed cell(s): {{ failed|join(", ") }}</p>{% endif %}
+{% if skipped %}<h2>Left out (failed their checks)</h2><ul>
+{% for name, reason in skipped %}<li>{{ name }}: {{ reason }}</li>{% endfor %}</ul>{% endif %}
+</body></html>
+"""
+
+
+def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The ranking table as plain text cells (the same cells as the Markdown, unescaped)."""
+    after = [c for c in r.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))]
+    head = (["method", "suite", "eps", "SSIM ↓", "PSNR ↓", "VIFp ↓", "FSIM ↓"]
+            + [f"SSIM after {c[len('ssim_after_'):]} ↓" for c in after]
+            + ["imperceptibility PSNR ↑", "s / image", "device s / image", "fit s", "peak MB", "images", "steps",
+               "model passes / image (fwd/bwd)", "flags"])
+    rows = []
+    for _, row in r.iterrows():
+        cells = [str(row["method"]), str(row["suite"]), str(row["eps_label"])]
+        cells += [_with_ci(row, m) for m in PROTECTION] + [_with_ci(row, c) for c in after]
+        cells += [_fmt(row.get(k)) for k in ("imp_psnr", "seconds_per_image", "device_seconds_per_image",
+                                              "fit_seconds", "peak_memory_mb", "n_images", "steps",
+                                              "model_calls", "flags")]
+        rows.append(cells)
+    return head, rows
+
+
+def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped) -> str:
+    """The page from a Jinja2 template with autoescaping on: every name is text, never markup."""
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    rank_head, rank_rows = _ranking_rows(rank) if not rank.empty else ([], [])
+    t1_head = ["prompt", "split"] + [f"{m} {meth}" for m, meth in t1.columns] if not t1.empty else []
+    t1_rows = [[str(p), str(s)] + [_fmt(v) for v in row.values] for (p, s), row in t1.iterrows()] if not t1.empty else []
+    return env.from_string(_PAGE).render(
+        title=title, intro=INTRO, rank_head=rank_head, rank_rows=rank_rows, t1_head=t1_head, t1_rows=t1_rows,
+        plot=plot.name if plot else None, failed=list(failed), skipped=list(skipped))
+
+
+def load_checked(dirs: Sequence[Union[str, Path]]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """The records of every folder that passes its checks, and (folder name, reason) for the others.
+
+    A leaderboard entry (a folder with a manifest) gets the full claim checks of `verify` except
+    re-measurement; a local run folder the lighter ones (failed cells and partial grids allowed).
+    Either way the numbers the build derives are well defined: whole per-image lists, finite values,
+    safe names, one record per cell. Hidden folders (a submit in progress) are not entries.
+    """
+    from . import claims, entry_schema
+
+    records: list[Record] = []
+    skipped: list[tuple[str, str]] = []
+    owners: dict[tuple, str] = {}  # method key -> the folder that holds it
+    for d in dirs:
+        d = Path(d)
+        if d.name.startswith("."):
+            continue
+        try:
+            entry = entry_schema.scan(d)
+        except RecordError as exc:
+            skipped.append((d.name, str(exc)))
+            continue
+        checked = claims.check(entry, strict=entry.is_entry)
+        if checked.problems:
+            skipped.append((d.name, checked.problems[0]))
+            continue
+        keys = {claims.method_key(r) for r in checked.records}
+        taken = sorted({owners[k] for k in keys if k in owners})
+        if taken:
+            skipped.append((d.name, f"holds the same method and suite as {taken[0]} (one folder per row)"))
+            continue
+        owners.update({k: d.name for k in keys})
+        records += checked.records
+    return records, skipped
+
+
+def build_from_dirs(dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path], formats: Sequence[str] = FORMATS,
+                    title: str = "spdbench leaderboard") -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Check each folder, leave out (and list) the broken ones, build from the rest:
+    ({format: path}, [(folder name, reason), ...])."""
+    records, skipped = load_checked(dirs)
+    return build(records, out_dir, formats, title, skipped), skipped
