@@ -101,7 +101,7 @@ def _load(name: Union[str, Path], device, dtype) -> Target:
         if not (TRAINED_DIR / "model_index.json").is_file():
             raise TargetLoadError(
                 f"the trained tiny target is not installed ({TRAINED_DIR} is missing); "
-                "use 'tiny-random' or train it with `python -m spdbench.targets.train_tiny`"
+                "use 'tiny-random' or train it with `python -m spdbench.zoo.train_tiny`"
             )
         return load_sd15(TRAINED_DIR, device=device, dtype=dtype, name="tiny")
     if seeded:

@@ -6,7 +6,7 @@ scaled-linear betas), just narrow. The tokenizer is SD1.5's real vocabulary, der
 BPE file (shipped in assets/clip_tokenizer), so prompts tokenize to SD1.5's ids.
 
 `build_tiny(seed)` gives random weights (plumbing tests, target name "tiny-random"); the trained
-weights shipped in `assets/tiny-trained` are target "tiny" (see train_tiny.py).
+weights shipped in `assets/tiny-trained` are target "tiny" (see spdbench/zoo/train_tiny.py).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Crops of one photo are not independent; next to the per-image bootstrap the reco
 photo-level (cluster) bootstrap over the 4 photos, which is crude (35 distinct resamples) but shows
 how much of the per-image interval's width rests on treating the crops as independent.
 
-Run: ``python -m spdbench.targets.immunization_study [--target tiny] [--out docs/tiny-immunization.json]``
+Run: ``python -m spdbench.zoo.immunization_study [--target tiny] [--out docs/tiny-immunization.json]``
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def edit_report(target, x, protected: dict, groups, strength: float) -> dict:
 
 
 def run_study(target_name: str = "tiny", threads: Optional[int] = 1) -> dict:
-    from . import load_target
+    from ..targets import load_target
 
     if threads:
         torch.set_num_threads(threads)
@@ -168,7 +168,7 @@ def run_study(target_name: str = "tiny", threads: Optional[int] = 1) -> dict:
     noise, adv_noise, noise_s = protect("uniform-noise", {}, NOISE_SEED, x, target, budget)
     protected = {"uniform-noise": adv_noise}
     record: dict = dict(
-        study="spdbench.targets.immunization_study",
+        study="spdbench.zoo.immunization_study",
         target=dict(name=target_name, fingerprint=target.fingerprint),
         images=dict(n=len(x), size=128, photos=sorted(set(groups), key=groups.index),
                     description="16 crops 128x128 = the 4 quadrants of each of the 4 bundled test-split "
@@ -245,7 +245,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spdbench.targets.immunization_study",
+    parser = argparse.ArgumentParser(prog="python -m spdbench.zoo.immunization_study",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="tiny")
     parser.add_argument("--out", default="docs/tiny-immunization.json")
