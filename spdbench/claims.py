@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-from pydantic import ValidationError
 
 from .budget import Budget, format_eps
 from .editing import PROMPTS
 from .entry_schema import EntryFiles, check_name
 from .errors import RecordError, SpdbenchError
 from .metrics import DEFAULT_METRICS
-from .results import RECORD_KIND, SCHEMA_VERSION, Record, Status, non_finite_fields
+from .results import Record, Status, non_finite_fields, record_from_data
 
 #: the range each metric's per-image values can take (psnr is capped at 100 dB)
 RANGES = {"ssim": (-1.0, 1.0), "psnr": (0.0, 100.0), "vifp": (0.0, math.inf), "fsim": (0.0, 1.0)}
@@ -69,17 +68,7 @@ class Claims:
 
 def parse_record(data: Any, rel: str) -> Record:
     """A record from parsed JSON (see results.read_record: kind, schema version, then the model)."""
-    if not isinstance(data, dict) or data.get("kind") != RECORD_KIND:
-        raise RecordError(f"{rel} is not a spdbench record (missing kind={RECORD_KIND!r})")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise RecordError(f"{rel} has schema_version {data.get('schema_version')!r}; this spdbench reads "
-                          f"{SCHEMA_VERSION} (re-run the entry with this spdbench)")
-    try:
-        return Record.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise RecordError(f"{rel} fails the record schema at {'.'.join(map(str, first['loc']))!r}: "
-                          f"{first['msg']}") from None
+    return record_from_data(data, rel)
 
 
 def check(entry: EntryFiles, suite=None, strict: bool = True) -> Claims:

@@ -264,17 +264,23 @@ def read_record(path: Union[str, Path]) -> Record:
         raise RecordError(f"cannot read record {path}: {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RecordError(f"record {path} is not valid JSON (truncated or corrupt?): {exc}") from None
+    return record_from_data(data, str(path))
+
+
+def record_from_data(data: Any, name: str) -> Record:
+    """Parsed JSON -> Record, checked in order: kind, schema version, then the schema; every
+    problem is one RecordError line naming `name` (a file, or a submission's relative path)."""
     if not isinstance(data, dict) or data.get("kind") != RECORD_KIND:
-        raise RecordError(f"{path} is not a spdbench record (missing kind={RECORD_KIND!r})")
+        raise RecordError(f"{name} is not a spdbench record (missing kind={RECORD_KIND!r})")
     if data.get("schema_version") != SCHEMA_VERSION:
-        raise RecordError(f"record {path} has schema_version {data.get('schema_version')!r}; "
-                          f"this spdbench reads {SCHEMA_VERSION}")
+        raise RecordError(f"record {name} has schema_version {data.get('schema_version')!r}; "
+                          f"this spdbench reads {SCHEMA_VERSION} (re-run it with this spdbench)")
     try:
         return Record.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise RecordError(f"record {path} fails the schema at {where!r}: {first['msg']}") from None
+        raise RecordError(f"record {name} fails the schema at {where!r}: {first['msg']}") from None
 
 
 def record_paths(folder: Union[str, Path]) -> list[Path]:
