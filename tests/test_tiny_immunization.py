@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from spdbench import Budget
-from spdbench.zoo.immunization_study import protect
+from spdbench.zoo.immunization_study import protect_crops as protect
 from spdbench.targets.tiny import TRAINED_DIR
 
 pytestmark = pytest.mark.skipif(not (TRAINED_DIR / "model_index.json").is_file(),

@@ -11,7 +11,7 @@ b) the edit: SSIM(edit(x), edit(x + delta)) per image for noise and for the atta
 
 Images: the bundled *test* split (never trained on; 4 photos), each centre-resized to 256x256 and
 cut into 4 quadrants of 128x128 = 16 images. Every protected image goes through
-`budget.apply_budget` (project, clamp, 8-bit quantize: the harness rule). Edits use `Editor` with
+`protect.protect` (validate, project, clamp, 8-bit quantize: the harness rule). Edits use `Editor` with
 a per-image seed from the *clean* image (`image_seed`), shared by the clean, noise and attack edits.
 
 Crops of one photo are not independent; next to the per-image bootstrap the record holds a
@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..budget import Budget, apply_budget, format_eps
+from ..budget import Budget, format_eps
 from ..stats import bootstrap_ci, bootstrap_diff_ci
 
 PROMPT = "add some snow"
@@ -86,15 +86,16 @@ def paired(a, b, groups) -> dict:
                 fraction_positive=float(np.mean(np.asarray(a) > np.asarray(b))))
 
 
-def protect(name: str, params: dict, seed: int, x: torch.Tensor, target, budget: Budget) -> tuple:
+def protect_crops(name: str, params: dict, seed: int, x: torch.Tensor, target, budget: Budget) -> tuple:
+    """(attack, protected crops, seconds): one batch through the library's in-process `protect`
+    (the harness's validation and budget enforcement; the study runs its own trusted attacks)."""
     from .. import get_attack
+    from ..protect import protect
 
     attack = get_attack(name, **params)
     t0 = time.perf_counter()
-    delta = attack(x, target, budget, torch.Generator().manual_seed(seed))
-    seconds = time.perf_counter() - t0
-    adv = apply_budget(x, delta.detach(), budget)
-    return attack, adv, seconds
+    result = protect(attack, target, x, budget, batch_size=len(x), seed=seed)
+    return attack, result.adv, time.perf_counter() - t0
 
 
 def posterior_moments(target, images: torch.Tensor) -> dict:
@@ -165,7 +166,7 @@ def run_study(target_name: str = "tiny", threads: Optional[int] = 1) -> dict:
     target = load_target(target_name)
     budget = Budget("linf", EPS)
     x, groups = heldout_images()
-    noise, adv_noise, noise_s = protect("uniform-noise", {}, NOISE_SEED, x, target, budget)
+    noise, adv_noise, noise_s = protect_crops("uniform-noise", {}, NOISE_SEED, x, target, budget)
     protected = {"uniform-noise": adv_noise}
     record: dict = dict(
         study="spdbench.zoo.immunization_study",
@@ -184,7 +185,7 @@ def run_study(target_name: str = "tiny", threads: Optional[int] = 1) -> dict:
         objective={}, edits={},
     )
     for name, (params, seed) in ATTACKS.items():
-        attack, adv, seconds = protect(name, params, seed, x, target, budget)
+        attack, adv, seconds = protect_crops(name, params, seed, x, target, budget)
         protected[name] = adv
         record["attacks"][name] = dict(params=dict(attack.params),
                                        preset=attack.preset, seed=seed, seconds=seconds,
