@@ -21,7 +21,6 @@ import torch
 
 from . import metrics as metrics_mod
 from . import perturbation_file
-from .perturbation_file import delta_sha256  # noqa: F401 - public name kept for callers
 from .attack_plan import AttackPlan, plan
 from .attacks.base import Attack
 from .budget import Budget, effective_eps, format_eps
@@ -30,7 +29,7 @@ from .editing import PROMPTS, Editor, image_seed
 from .errors import AttackError, InputError, SpdbenchError, UnknownNameError, did_you_mean
 from .images import check_images, image_sha256
 from .isolation import AttackWorker
-from .protect import Protection, SplitOutput, enforce, fit_split, perturb_split
+from .protect import Protection, SplitOutput, enforce, run_jobs
 from .provenance import environment
 from .purify import get_purifier
 from .runfolder import DiskError, RunLock, prepare_out
@@ -82,7 +81,6 @@ class RunResult:
         return records_frame(self.records)
 
 
-_sha = image_sha256  # the images' record hash (images.py owns it)
 
 
 def _resolve_prompts(keys: Sequence[str]) -> list[str]:
@@ -127,20 +125,9 @@ class AttackRunner:
         return result.splits, result.wall_s
 
     def _in_process(self, attack: Attack, budget: Budget, jobs: dict, batch_size: int) -> tuple[dict, float]:
-        from .model_calls import ModelCallCounter
-
         fingerprint = self.target.fingerprint
-        out: dict[str, SplitOutput] = {}
         t0 = time.perf_counter()
-        for name, job in jobs.items():
-            with ModelCallCounter(self.target) as counter:
-                if attack.universal:
-                    res = fit_split(attack, self.target, job["images"], budget, seed=job["seed"])
-                else:
-                    res = perturb_split(attack, self.target, job["images"], budget, batch_size=batch_size,
-                                        seed=job["seed"])
-            res.model_calls = counter.per_image(len(job["images"]))
-            out[name] = res
+        out = run_jobs(attack, self.target, budget, jobs, batch_size)
         wall = time.perf_counter() - t0
         if self.target.fingerprint_now() != fingerprint:
             raise AttackError(f"attack {attack.name!r} changed the target's weights (isolation 'none')")
@@ -285,7 +272,7 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
     splits = {Split.train: train_idx, Split.test: test_idx}
     editor = Editor(target, suite.edit, cache_dir=cache_dir or out / "cache", batch_size=suite.attack_batch_size)
     seeds = [image_seed(suite.edit, images[i]) for i in range(len(images))]
-    shas = [_sha(images[i]) for i in range(len(images))]
+    shas = [image_sha256(images[i]) for i in range(len(images))]
     data_sha = hashlib.sha256("".join(shas).encode()).hexdigest()
     suite_cfg = suite.to_dict()
     suite_cfg["purifiers"] = [p.name for p in purifier_list]
@@ -438,7 +425,7 @@ def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images:
                    budget: Budget, suite: Suite, out: Path, base: dict) -> tuple[dict, list[str], str, str]:
     """Protect every split once per budget; reuse a stored protection when resuming."""
     key = hashlib.sha256(repr((attack.name, sorted(base["attack_params"].items()), suite.name, budget.label,
-                               base["target"].fingerprint, target.device.type, _sha(images))).encode()).hexdigest()[:16]
+                               base["target"].fingerprint, target.device.type, image_sha256(images))).encode()).hexdigest()[:16]
     rel = f"perturbations/{attack.name}__{budget.norm}-{format_eps(budget.eps).replace('/', 'o')}__{key}.safetensors"
     path = out / rel
     if path.is_file():
@@ -468,7 +455,7 @@ def _jsonable(params: dict) -> dict:
     out = {}
     for k, v in params.items():
         if isinstance(v, torch.Tensor):
-            out[k] = f"tensor(shape={tuple(v.shape)}, sha256={_sha(v)[:12]})"
+            out[k] = f"tensor(shape={tuple(v.shape)}, sha256={image_sha256(v)[:12]})"
         elif isinstance(v, (str, int, float, bool, type(None), list, tuple, dict)):
             out[k] = v
         else:

@@ -125,8 +125,7 @@ class AttackWorker:
             self.start()
         expected = {name: ((1,) + tuple(job["images"].shape[1:]) if universal else tuple(job["images"].shape))
                     for name, job in splits.items()}
-        request = dict(kind="run", attack=attack, budget=budget, universal=universal, batch_size=batch_size,
-                       splits=splits)
+        request = dict(kind="run", attack=attack, budget=budget, batch_size=batch_size, splits=splits)
         t0 = time.perf_counter()
         reply, tensors = self._ask(request, expected, timeout, f"running {getattr(attack, 'name', 'the attack')}")
         wall = time.perf_counter() - t0

@@ -148,6 +148,25 @@ def fit_split(attack: Attack, target, train_images: torch.Tensor, budget: Budget
     return SplitOutput(delta, curve, clock.wall_s, clock.device_s, clock.peak_memory_bytes)
 
 
+def run_jobs(attack: Attack, target, budget: Budget, jobs: dict[str, dict], batch_size: int) -> dict[str, SplitOutput]:
+    """The attack side of one cell group, wherever it runs (worker, or in-process for debugging):
+    `jobs` maps a split name to {"images", "seed"}; a universal attack fits on its one job. Each
+    output carries the model passes the attack made per image (model_calls.py)."""
+    from .model_calls import ModelCallCounter
+
+    out: dict[str, SplitOutput] = {}
+    for name, job in jobs.items():
+        images = job["images"].to(target.device)
+        with ModelCallCounter(target) as counter:
+            if attack.universal:
+                res = fit_split(attack, target, images, budget, seed=job["seed"])
+            else:
+                res = perturb_split(attack, target, images, budget, batch_size=batch_size, seed=job["seed"])
+        res.model_calls = counter.per_image(len(images))
+        out[name] = res
+    return out
+
+
 # --- the harness side --------------------------------------------------------------------------
 @dataclass
 class Protection:

@@ -40,24 +40,13 @@ def _load(request: dict[str, Any]):
 
 
 def _run(request: dict[str, Any], target) -> bytes:
-    from .model_calls import ModelCallCounter
-    from .protect import fit_split, perturb_split
+    from .protect import run_jobs
 
-    attack, budget = request["attack"], request["budget"]
-    reports, tensors = {}, {}
-    for name, job in request["splits"].items():
-        images = job["images"].to(target.device)
-        with ModelCallCounter(target) as counter:
-            if request["universal"]:
-                out = fit_split(attack, target, images, budget, seed=job["seed"])
-            else:
-                out = perturb_split(attack, target, images, budget, batch_size=request["batch_size"],
-                                    seed=job["seed"])
-        reports[name] = dict(loss_curve=out.loss_curve, wall_s=out.wall_s, device_s=out.device_s,
-                             peak_memory_bytes=out.peak_memory_bytes, oom_events=out.oom_events,
-                             model_calls=counter.per_image(len(images)))
-        tensors[name] = out.delta
-    return wire.encode({"kind": "result", "splits": reports}, tensors)
+    outputs = run_jobs(request["attack"], target, request["budget"], request["splits"], request["batch_size"])
+    reports = {name: dict(loss_curve=o.loss_curve, wall_s=o.wall_s, device_s=o.device_s,
+                          peak_memory_bytes=o.peak_memory_bytes, oom_events=o.oom_events, model_calls=o.model_calls)
+               for name, o in outputs.items()}
+    return wire.encode({"kind": "result", "splits": reports}, {name: o.delta for name, o in outputs.items()})
 
 
 def main(read_fd: int, write_fd: int) -> None:

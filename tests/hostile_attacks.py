@@ -7,7 +7,6 @@ what it saw, it writes to the file named by the SPDBENCH_TEST_SPY environment va
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import sys
 import time
@@ -24,9 +23,7 @@ def _spy(line: str) -> None:
             f.write(line + "\n")
 
 
-def image_sha(image: torch.Tensor) -> str:
-    return hashlib.sha256((image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-                          .numpy().tobytes()).hexdigest()
+from spdbench.images import image_sha256 as image_sha  # noqa: E402 - the records' image hash
 
 
 class InPlaceMutation(spdbench.Attack):
