@@ -10,6 +10,8 @@ refuses a NaN/Inf loss or gradient at any step.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -80,7 +82,10 @@ def test_attack_works_in_low_precision_or_says_why(name, dtype, targets, photos)
     attacked, noisy = objective(attack, photos, delta, judge), objective(attack, photos, noise, judge)
     assert attacked < noisy, f"{name} on {dtype}: objective {attacked:.6g} is not below noise's {noisy:.6g}"
     curve = attack.loss_history
-    assert len(curve) == FAST["steps"] and curve[-1] < curve[0], f"{name} on {dtype}: loss {curve}"
+    assert len(curve) == FAST["steps"] and all(math.isfinite(v) for v in curve), f"{name} on {dtype}: {curve}"
+    if not attack.stochastic:  # one random draw per step (t, noise) makes a stochastic curve noisy
+        first, last = (-curve[0], -curve[-1]) if attack.maximize else (curve[0], curve[-1])
+        assert last < first, f"{name} on {dtype}: loss {curve}"
 
 
 def test_pca_minus_float16_moves_and_matches_float32(targets, photos):

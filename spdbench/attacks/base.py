@@ -210,7 +210,7 @@ def load_entry_points(force: bool = False) -> list[str]:
 
 
 def _ensure_loaded() -> None:
-    from . import baselines, pca, photoguard, spd  # noqa: F401  (register built-ins)
+    from . import baselines, diffprotect, pca, photoguard, spd  # noqa: F401  (register built-ins)
 
     load_entry_points()
 

@@ -1,9 +1,10 @@
-"""What the optimization attacks share: the per-image objectives and the one attack skeleton.
+"""What the optimization attacks share: the per-image objectives and the public gradient-attack base.
 
 An optimization attack is a per-image loss (`objective_loss`) handed to `optim.optimize`. The
 per-image attacks (photoguard.py, pca.py) and their universal SPD variants (spd.py) call the *same*
 `objective_loss`, so a fix to an objective fixes both. Every objective is computed in float32
-whatever the target's dtype, returns one value per image, and lower means a stronger attack.
+whatever the target's dtype and returns one value per image; `GradientAttack.maximize` says
+whether higher or lower means a stronger attack.
 
 Low precision: the gradient flows back into a float16/bfloat16 model, so it must be representable
 there (float16 overflows at 65504). An objective whose gradient is not (PCA-'s KL to N(0, v I)
@@ -147,18 +148,30 @@ def kl_to_isotropic_gaussian(mean: torch.Tensor, logvar: torch.Tensor, v: float)
 
 
 # --- the skeleton ----------------------------------------------------------------------------
-class OptimizedAttack(Attack):
-    """A per-image attack that minimizes `objective_loss` with `optim.optimize` (PGD or Adam).
+class GradientAttack(Attack):
+    """The public base of a per-image gradient attack: write the objective, the base owns the loop.
 
-    Subclasses write only `objective_loss(target, adv, clean, generator=None) -> (N,)`: a
-    differentiable float32 loss per image, lower = stronger. `perturb` starts from `init`, runs
-    `steps` projected steps of the batch mean and keeps `images + delta` in [0, 1];
-    `loss_history` is that batch mean before each step (the mean of `objective`, unscaled:
-    the optimizer sees it times `loss_scale`).
+    A subclass writes `objective_loss(target, adv, clean, generator=None) -> (N,)`: a differentiable
+    float32 loss per image, and sets `maximize` (False: lower loss = stronger protection; True:
+    higher). `perturb` then runs `optim.optimize` -- PGD (sign step for L-inf, per-image normalized
+    gradient for L2) or Adam, the step schedule, a zero or random start drawn from the generator,
+    projection onto the budget and [0, 1] after every step, the loss curve -- for `steps`
+    iterations, which the harness sets from the suite (equal cost) or the preset.
+
+    `loss_history`: the batch mean of `objective_loss` before each step, in its own units (it
+    rises for a maximizing attack). `objective(adv, target, clean)` is the evaluation form used
+    by every "beats noise" check: no gradient, `generator=None` (a stochastic objective uses its
+    fixed evaluation draws), and *lower = stronger* whatever `maximize` says.
+    The universal SPD variants (spd.py) reuse `objective_loss` and `maximize` unchanged.
     """
 
     has_objective: ClassVar[bool] = True
     norms: ClassVar[tuple[str, ...]] = ALL_NORMS
+    #: True when the attack ascends `objective_loss` (AdvDM, SDS(+)); False when it descends it
+    maximize: ClassVar[bool] = False
+    #: True when each step's loss is one random draw (of t, noise, ...): the loss curve is then a
+    #: noisy estimate that need not move monotonically; `objective()` uses fixed draws
+    stochastic: ClassVar[bool] = False
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
         super().__init__(preset, **params)
@@ -167,8 +180,9 @@ class OptimizedAttack(Attack):
 
     def objective_loss(self, target, adv: torch.Tensor, clean: torch.Tensor,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Differentiable per-image loss (N,), float32; lower = stronger. `generator` feeds the
-        randomness of stochastic objectives (None: their fixed evaluation draws)."""
+        """Differentiable per-image loss (N,), float32, optimized in the direction `maximize` says.
+        `generator` feeds the randomness of stochastic objectives (None: their fixed evaluation
+        draws)."""
         raise NotImplementedError
 
     @property
@@ -179,7 +193,8 @@ class OptimizedAttack(Attack):
 
     def objective(self, adv: torch.Tensor, target, clean: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.objective_loss(target, adv, clean).float()
+            value = self.objective_loss(target, adv, clean).float()
+        return -value if self.maximize else value
 
     def perturb(self, images: torch.Tensor, target, budget: Budget,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -194,8 +209,8 @@ class OptimizedAttack(Attack):
 
         result = optimize(loss_fn, delta, budget, steps=self.steps,
                           step_size=resolve_step_size(self.step_size, budget, self.steps),
-                          optimizer=self.optimizer, schedule=self.schedule, images=images,
-                          stop_below=self.params.get("stop_below"), loss_scale=scale,
+                          optimizer=self.optimizer, maximize=self.maximize, schedule=self.schedule,
+                          images=images, stop_below=self.params.get("stop_below"), loss_scale=scale,
                           label=f"attack {self.name!r}", model_dtype=target.dtype)
         self.loss_history = result.losses
         return result.delta

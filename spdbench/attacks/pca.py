@@ -16,7 +16,7 @@ import torch
 from ..budget import Budget
 from ..errors import InputError
 from .base import register
-from .objectives import ITERATION_DEFAULTS, OptimizedAttack, kl_to_isotropic_gaussian
+from .objectives import ITERATION_DEFAULTS, GradientAttack, kl_to_isotropic_gaussian
 
 #: ZhongliangGuo/PosteriorCollapseAttack main.py / vae_attack.py: eps 16/255, alpha 2/255 sign
 #: steps, 40 iterations, delta = 0 start, delta clipped to eps then x + delta to [0, 1]
@@ -26,7 +26,7 @@ _PCA_DEFAULTS = {**ITERATION_DEFAULTS, "init": "zero"}
 
 
 @register("pca-plus")
-class PCAPlus(OptimizedAttack):
+class PCAPlus(GradientAttack):
     """PCA+: push the VAE posterior of x + delta away from the prior, max KL(q(z|x+delta) || N(0, I)).
 
     Paper: Guo et al., "A Gray-Box Attack Against Latent Diffusion Model-Based Image Editing by
@@ -54,7 +54,7 @@ class PCAPlus(OptimizedAttack):
 
 
 @register("pca-minus")
-class PCAMinus(OptimizedAttack):
+class PCAMinus(GradientAttack):
     """PCA-: collapse the VAE posterior of x + delta to a point, min KL(q(z|x+delta) || N(0, v I)).
 
     Paper: Guo et al., "A Gray-Box Attack Against Latent Diffusion Model-Based Image Editing by

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..budget import Budget
 from ..errors import InputError
 from .base import register
-from .objectives import (ITERATION_DEFAULTS, OptimizedAttack, check_choice, draw, latent_distance,
+from .objectives import (ITERATION_DEFAULTS, GradientAttack, check_choice, draw, latent_distance,
                          resize_image)
 
 
@@ -37,7 +37,7 @@ def _match_batch(tensor: torch.Tensor, n: int, name: str) -> torch.Tensor:
 
 
 @register("photoguard-encoder")
-class PhotoGuardEncoder(OptimizedAttack):
+class PhotoGuardEncoder(GradientAttack):
     """PhotoGuard's encoder attack: pull the VAE latent of x + delta toward a target latent.
 
     Paper: Salman et al., "Raising the Cost of Malicious AI-Powered Image Editing", ICML 2023
@@ -112,7 +112,7 @@ class PhotoGuardEncoder(OptimizedAttack):
 
 
 @register("photoguard-diffusion")
-class PhotoGuardDiffusion(OptimizedAttack):
+class PhotoGuardDiffusion(GradientAttack):
     """PhotoGuard's diffusion attack: pull the img2img *edit* of x + delta toward a target image.
 
     Paper: Salman et al., "Raising the Cost of Malicious AI-Powered Image Editing", ICML 2023
@@ -160,6 +160,7 @@ class PhotoGuardDiffusion(OptimizedAttack):
     }
     preset_budgets: ClassVar[dict[str, Budget]] = {"madry": Budget("l2", 8.0), "madry-linf": Budget("linf", 0.05)}
 
+    stochastic: ClassVar[bool] = True
     _AUTOCAST = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
@@ -225,18 +226,11 @@ class PhotoGuardDiffusion(OptimizedAttack):
             return contextlib.nullcontext()
         return torch.autocast(device_type=target.device.type, dtype=dtype)
 
-    def _noise_eps(self, target, sched, t: int, latents: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """One guided UNet call: the noise prediction for `latents` at timestep t."""
-        n = latents.shape[0]
-        cfg = emb.shape[0] == 2
-        model_in = torch.cat([latents, latents]) if cfg else latents
-        model_in = sched.scale_model_input(model_in, t)
-        cond = emb.repeat_interleave(n, dim=0)  # [uncond]*n + [prompt]*n
-        eps = target.unet(model_in, t, encoder_hidden_states=cond).sample
-        if cfg:
-            uncond, text = eps.chunk(2)
-            eps = uncond + self.guidance_scale * (text - uncond)
-        return eps
+    def _noise_eps(self, target, t: int, latents: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """One (guided) UNet call through `Target.predict_noise`: emb is [uncond, prompt] with CFG."""
+        if emb.shape[0] == 2:
+            return target.predict_noise(latents, t, emb[1:], guidance=self.guidance_scale, uncond=emb[:1])
+        return target.predict_noise(latents, t, emb)
 
     @staticmethod
     def _decode(target, latents: torch.Tensor) -> torch.Tensor:
@@ -253,10 +247,9 @@ class PhotoGuardDiffusion(OptimizedAttack):
         with self._autocast(target):
             z0 = target.encode(adv).latents
             emb = self.embeddings(target).to(z0.dtype)
-            t0 = torch.full((z0.shape[0],), timesteps[0], dtype=torch.long, device=z0.device)
-            z = sched.add_noise(z0, noise.to(z0.dtype), t0)
+            z = target.add_noise(z0, noise, timesteps[0])
             for i, t in enumerate(timesteps):
-                eps = run(functools.partial(self._noise_eps, target, sched, t), z, emb)
+                eps = run(functools.partial(self._noise_eps, target, t), z, emb)
                 vn = variance_noise[i].to(z.dtype) if variance_noise is not None and self.eta > 0 else None
                 z = sched.step(eps, t, z, eta=float(self.eta), variance_noise=vn).prev_sample
             return run(functools.partial(self._decode, target), z)

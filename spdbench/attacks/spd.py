@@ -16,8 +16,9 @@ from ..errors import InputError
 from ..images import check_images
 from ..optim import optimize
 from .base import UniversalAttack, register
-from .objectives import (ALL_NORMS, OptimizedAttack, check_iteration_params, check_norm, chunked_mean,
+from .objectives import (ALL_NORMS, GradientAttack, check_iteration_params, check_norm, chunked_mean,
                          ensure_generator, resolve_step_size, start_delta)
+from .diffprotect import AdvDM, Mist, SDSMinus, SDSPlus
 from .pca import PCAMinus, PCAPlus
 from .photoguard import PhotoGuardEncoder
 
@@ -37,11 +38,11 @@ _BLOG = dict(steps=500, init="zero", batch_size=None, schedule="constant")
 class SPDAttack(UniversalAttack):
     """Base of the SPD attacks: a universal delta minimizing the mean of a per-image objective.
 
-    Subclasses set `objective_attack` (an `OptimizedAttack` class) and `objective_params` (its
+    Subclasses set `objective_attack` (an `GradientAttack` class) and `objective_params` (its
     parameters that define the objective, forwarded with the same names and defaults).
     """
 
-    objective_attack: ClassVar[type[OptimizedAttack]]
+    objective_attack: ClassVar[type[GradientAttack]]
     objective_params: ClassVar[tuple[str, ...]] = ()
     has_objective: ClassVar[bool] = True
     norms: ClassVar[tuple[str, ...]] = ALL_NORMS
@@ -62,6 +63,16 @@ class SPDAttack(UniversalAttack):
 
     def objective(self, adv: torch.Tensor, target, clean: torch.Tensor) -> torch.Tensor:
         return self.per_image.objective(adv, target, clean)
+
+    @property
+    def stochastic(self) -> bool:
+        """The per-image objective's: one random draw per step makes the loss curve noisy."""
+        return self.per_image.stochastic
+
+    @property
+    def maximize(self) -> bool:
+        """The per-image attack's direction (AdvDM's loss is ascended here too)."""
+        return self.per_image.maximize
 
     @property
     def loss_scale(self) -> float:
@@ -98,8 +109,8 @@ class SPDAttack(UniversalAttack):
         start = start_delta(self.init, train_images[:1], budget, generator)
         result = optimize(loss_fn, budget.project(start), budget, steps=self.steps,
                           step_size=resolve_step_size(self.step_size, budget, self.steps),
-                          optimizer=self.optimizer, schedule=self.schedule, loss_scale=scale,
-                          label=f"attack {self.name!r}", model_dtype=target.dtype)
+                          optimizer=self.optimizer, maximize=self.maximize, schedule=self.schedule,
+                          loss_scale=scale, label=f"attack {self.name!r}", model_dtype=target.dtype)
         self.delta = result.delta
         self.loss_history = result.losses
         return self.delta
@@ -175,3 +186,35 @@ class SPDPCAMinus(SPDAttack):
     defaults: ClassVar[dict[str, Any]] = {**SPD_DEFAULTS, "v": PCAMinus.defaults["v"]}
     presets: ClassVar[dict[str, dict[str, Any]]] = {"blog": dict(_BLOG, optimizer="pgd"),
                                                     "blog-adam": dict(_BLOG, optimizer="adam")}
+
+
+_DIFF_PROTECT_PARAMS = ("prompt", "eval_samples", "eval_seed")
+
+
+def _diffprotect_spd(class_name: str, name: str, per_image: type[GradientAttack], what: str, objective: str,
+                     extra_params: tuple[str, ...] = ()) -> type[SPDAttack]:
+    """An SPD class over one Diff-Protect objective: its parameters forwarded, nothing else new."""
+    params = _DIFF_PROTECT_PARAMS + extra_params
+    extra = "\n        " + ", ".join(f"{p}: {per_image.defaults[p]!r}" for p in params) + f", as {per_image.name}."
+    cls = type(class_name, (SPDAttack,), dict(
+        __qualname__=class_name,
+        __doc__=_DOC.format(what=what, paper=f"{per_image.name} (Diff-Protect, ICLR 2024)",
+                            objective=objective, extra=extra, name=name),
+        __module__=__name__,
+        objective_attack=per_image,
+        objective_params=params,
+        defaults={**SPD_DEFAULTS, **{p: per_image.defaults[p] for p in params}},
+        presets={"blog": dict(_BLOG, optimizer="pgd"), "blog-adam": dict(_BLOG, optimizer="adam")},
+    ))
+    return register(name)(cls)
+
+
+SPDAdvDM = _diffprotect_spd("SPDAdvDM", "spd-advdm", AdvDM, "SPD over AdvDM: one delta_u raising every image's denoising error.",
+                            "-L_sem (ascended)")
+SPDSDSPlus = _diffprotect_spd("SPDSDSPlus", "spd-sds-plus", SDSPlus, "SPD over SDS(+): one delta_u ascending L_sem by score distillation.",
+                              "-L_sem via the SDS gradient")
+SPDSDSMinus = _diffprotect_spd("SPDSDSMinus", "spd-sds-minus", SDSMinus,
+                               "SPD over SDS(-): one delta_u descending L_sem by score distillation.",
+                               "L_sem via the SDS gradient")
+SPDMist = _diffprotect_spd("SPDMist", "spd-mist", Mist, "SPD over Mist: one delta_u pulling every latent toward the pattern's.",
+                           "L_tex - rate * L_sem", ("target_image", "rate"))

@@ -125,8 +125,7 @@ class Target:
         enc.mean.float().sum().backward()
         with torch.no_grad():
             emb = self.encode_prompt([""])
-            t = torch.tensor([500], device=self.device)
-            self.unet(enc.latents.detach(), t, encoder_hidden_states=emb)
+            self.predict_noise(enc.latents.detach(), 500, emb)
             self.decode(enc.latents.detach())
 
     # --- operations attacks need ---------------------------------------------------------
@@ -152,6 +151,77 @@ class Target:
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0]
+
+    # --- diffusion primitives (the public author API; docs/writing-an-attack.md) ------------
+    @property
+    def num_train_timesteps(self) -> int:
+        """T: timesteps run 0 .. T-1 (1000 for SD1.5)."""
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """abar_t for t = 0 .. T-1, float32 on the target's device (the scheduler's own table)."""
+        abar = getattr(self, "_abar", None)
+        if abar is None or abar.device != self.device:
+            abar = self.scheduler.alphas_cumprod.detach().to(self.device, torch.float32)
+            self._abar = abar
+        return abar
+
+    def latents(self, images: torch.Tensor, sample: bool = False,
+                noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scaled latents z = scaling_factor * (mu + sigma * xi) of [0,1] images, *differentiable*
+        (gradients flow back to `images` through the encoder), in the model's dtype.
+
+        sample=False: the posterior mean (xi = 0). sample=True: a reparameterized posterior sample;
+        `noise` is xi, a standard normal of the latents' shape (draw it from your generator so the
+        attack is deterministic), required then -- a hidden global-RNG draw would not be.
+        """
+        enc = self.encode(images)
+        if not sample:
+            return enc.latents
+        if noise is None:
+            raise ValueError("Target.latents(sample=True) needs noise: a standard normal of shape "
+                             f"{tuple(enc.mean.shape)} drawn from the attack's generator")
+        std = (0.5 * enc.logvar).exp()
+        return (enc.mean + std * noise.to(enc.mean.device, enc.mean.dtype)) * self.scaling_factor
+
+    def _timesteps(self, t, n: int) -> torch.Tensor:
+        """`t` (an int, or a tensor of n timesteps) as a long tensor (n,) on the device."""
+        t = torch.as_tensor(t, device=self.device)
+        if t.dtype.is_floating_point:
+            raise TypeError(f"timesteps must be integers 0..{self.num_train_timesteps - 1}, got {t.dtype}")
+        t = t.long().reshape(-1)
+        return t.expand(n) if t.numel() == 1 else t
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """z_t = sqrt(abar_t) z + sqrt(1 - abar_t) noise (the forward process q(z_t | z)); `t` an int
+        or one timestep per image; coefficients in float32, result in `latents`' dtype."""
+        abar = self.alphas_cumprod[self._timesteps(t, latents.shape[0])].view(-1, 1, 1, 1)
+        out = abar.sqrt() * latents.float() + (1.0 - abar).sqrt() * noise.to(latents.device).float()
+        return out.to(latents.dtype)
+
+    def predict_noise(self, noisy_latents: torch.Tensor, t, cond: torch.Tensor,
+                      guidance: float = 1.0, uncond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """eps_theta(z_t, t, c): the UNet's noise prediction, in the model's dtype, differentiable.
+
+        `cond`: prompt embeddings from `encode_prompt`, (1 or N, 77, D). `guidance` > 1 applies
+        classifier-free guidance against `uncond` (default: the empty prompt's embedding), at the
+        cost of a second UNet pass: eps_u + guidance * (eps_c - eps_u).
+        """
+        n = noisy_latents.shape[0]
+        z = noisy_latents.to(self.dtype)
+        t = self._timesteps(t, n)
+        cond = cond.to(self.device, self.dtype)
+        cond = cond.expand(n, -1, -1) if cond.shape[0] == 1 else cond
+        if guidance <= 1.0:
+            return self.unet(z, t, encoder_hidden_states=cond).sample
+        if uncond is None:
+            uncond = self.encode_prompt([""])
+        uncond = uncond.to(self.device, self.dtype)
+        uncond = uncond.expand(n, -1, -1) if uncond.shape[0] == 1 else uncond
+        eps_u, eps_c = self.unet(torch.cat([z, z]), torch.cat([t, t]),
+                                 encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)

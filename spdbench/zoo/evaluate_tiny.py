@@ -113,13 +113,13 @@ def denoise_probe(target, x: torch.Tensor, timesteps: Sequence[int] = PROBE_T, p
     """
     z0 = target.encode(x).latents  # scaled posterior means, on the target's device and dtype
     emb = target.encode_prompt([prompt] * len(x))
-    abar = target.scheduler.alphas_cumprod
+    abar = target.alphas_cumprod
     out = {}
     for t in timesteps:
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0.device, z0.dtype)
         a = float(abar[t])
-        zt = a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
-        eps = target.unet(zt, torch.full((len(x),), t, device=z0.device), encoder_hidden_states=emb).sample
+        zt = target.add_noise(z0, noise, t)
+        eps = target.predict_noise(zt, t, emb)
         x0 = (zt - (1 - a) ** 0.5 * eps) / a ** 0.5
         dec = target.decode(x0).float().cpu().clamp(0.0, 1.0)
         out[str(t)] = dict(alpha_bar=a, eps_mse=float((eps - noise).pow(2).mean()),
