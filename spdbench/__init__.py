@@ -1,9 +1,11 @@
 """spdbench: one harness and one scorer for image immunization against diffusion editing.
 
-Public API (DESIGN §4b): list_attacks, get_attack, register, Attack, UniversalAttack, Budget,
-load_target, load_photos, run, metrics.
+Public API (DESIGN §4b): list_attacks, get_attack, register, Attack, UniversalAttack, GradientAttack
+(the author's base: write the objective, it owns the loop), Budget, load_target, load_photos, run,
+metrics, testing.check_attack (docs/writing-an-attack.md).
 """
 from .attacks import Attack, UniversalAttack, get_attack, list_attacks, register
+from .attacks.objectives import GradientAttack
 from .budget import Budget, apply_budget, format_eps, parse_eps
 from .data import load_photos
 from .errors import (AttackError, BudgetError, InputError, RecordError, RegistryError, SpdbenchError,
@@ -13,7 +15,7 @@ from .targets import Target, load_target
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attack", "UniversalAttack", "get_attack", "list_attacks", "register",
+    "Attack", "UniversalAttack", "GradientAttack", "get_attack", "list_attacks", "register",
     "Budget", "apply_budget", "format_eps", "parse_eps", "load_photos", "Target", "load_target",
     "SpdbenchError", "InputError", "BudgetError", "UnknownNameError", "RegistryError",
     "TargetLoadError", "AttackError", "RecordError", "run", "metrics", "__version__",
@@ -26,6 +28,6 @@ def __getattr__(name: str):
 
     if name == "run":
         return importlib.import_module(".harness", __name__).run
-    if name in ("metrics", "harness", "leaderboard", "editing", "suites"):
+    if name in ("metrics", "harness", "leaderboard", "editing", "suites", "testing"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'spdbench' has no attribute {name!r}")

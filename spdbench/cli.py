@@ -35,13 +35,18 @@ def _params(pairs: Sequence[str]) -> dict[str, Any]:
 
 def cmd_list(args) -> int:
     from .attacks import attack_class, list_attacks
+    from .attacks.base import attack_source
     from .suites import SUITES
 
     rows = []
     for name in list_attacks():
         cls = attack_class(name)
+        doc = (cls.__doc__ or "").strip()
+        source = attack_source(cls)
         rows.append(dict(name=name, universal=cls.universal, presets=sorted(cls.presets),
-                         doc=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""))
+                         doc=doc.splitlines()[0] if doc else "(no description: give the class a docstring)",
+                         plugin=None if source["distribution"] == "spdbench" else
+                         f"{source['distribution']} {source['version']}"))
     if args.json:
         print(json.dumps({"attacks": rows, "suites": {k: v.description for k, v in SUITES.items()}}, indent=1))
         return EXIT_OK
@@ -49,7 +54,8 @@ def cmd_list(args) -> int:
     for r in rows:
         kind = "universal" if r["universal"] else "per-image"
         presets = f" presets: {', '.join(r['presets'])}" if r["presets"] else ""
-        print(f"  {r['name']:<22} {kind:<10} {r['doc']}{presets}")
+        plugin = f" [plugin: {r['plugin']}]" if r["plugin"] else ""
+        print(f"  {r['name']:<22} {kind:<10} {r['doc']}{presets}{plugin}")
     print("suites:")
     for name, suite in SUITES.items():
         print(f"  {name:<22} {suite.description}")

@@ -22,7 +22,7 @@ import torch
 from . import metrics as metrics_mod
 from . import perturbation_file
 from .attack_plan import AttackPlan, plan
-from .attacks.base import Attack
+from .attacks.base import Attack, attack_source
 from .budget import Budget, effective_eps, format_eps
 from .data import split_indices
 from .editing import PROMPTS, Editor, image_seed
@@ -293,7 +293,7 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
                   universal=attack.universal, suite=suite.name, suite_config=suite_cfg, attack_seed=suite.attack_seed,
                   split_seed=suite.split_seed, target=tinfo, edit=suite.edit.to_dict(), provenance=env,
                   metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT_METRICS},
-                  isolation=isolation, param_sources=dict(the_plan.sources))
+                  isolation=isolation, param_sources=dict(the_plan.sources), attack_source=attack_source(attack))
     with AttackRunner(isolation, target, suite.attack_timeout_s) as runner:
         ctx = _Run(result=result, runner=runner, attack=attack, target=target, suite=suite, out=out, images=images,
                    names=names, shas=shas, seeds=seeds, splits=splits, editor=editor, purifiers=purifier_list,

@@ -1,13 +1,19 @@
-"""pytest plugin (registered under `pytest11`): fixtures so an attack author tests in three lines.
+"""pytest plugin (registered under `pytest11`): an attack author's tests in three lines.
 
-    @pytest.mark.spdbench
-    def test_my_attack(spdbench_run):
-        assert spdbench_run(MyAttack(), eps="16/255").ok
+    @pytest.mark.spdbench(eps=["16/255"])
+    def test_my_attack(spdbench_check):
+        spdbench_check(MyAttack)   # fails unless it stays in budget, is deterministic and *protects*
 
-Options: --spdbench-suite (default smoke), --spdbench-target (default: the suite's),
---spdbench-baseline DIR (regression mode: fail when protection weakens significantly).
-To use a custom suite, override the session-scoped `spdbench_suite` fixture in a conftest.py
-(or the test module) with `@pytest.fixture(scope="session")`.
+`spdbench_check(attack, **kw)` runs `spdbench.testing.check_attack` (seconds on 2 CPU cores: the
+trained tiny target, 64 px, few steps) and fails the test with every failed check listed; it
+returns the report. `spdbench_run(attack, **run_kwargs)` runs the whole harness on the suite
+(minutes), for end-to-end tests. The `spdbench` marker's keyword arguments are the defaults of
+both fixtures in that test (check_attack's `eps`, `norms`, `steps`, `params`, ... or `run`'s).
+
+Options: --spdbench-suite (default smoke), --spdbench-target (default: the suite's, and the
+trained tiny target for spdbench_check), --spdbench-baseline DIR (regression mode: fail when
+protection weakens significantly). To use a custom suite, override the session-scoped
+`spdbench_suite` fixture in a conftest.py (or the test module) with `@pytest.fixture(scope="session")`.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ def pytest_addoption(parser) -> None:
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "spdbench: a test that runs an attack through the spdbench harness")
+    config.addinivalue_line("markers", "spdbench(**defaults): a test of an attack through spdbench; the keyword "
+                            "arguments are the defaults of spdbench_check / spdbench_run in that test")
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +70,30 @@ def _spdbench_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("spdbench-edit-cache")
 
 
+def _marker_defaults(request) -> dict:
+    marker = request.node.get_closest_marker("spdbench")
+    return dict(marker.kwargs) if marker is not None else {}
+
+
+@pytest.fixture
+def spdbench_check(request) -> Callable[..., Any]:
+    """`spdbench_check(attack, **check_attack_kwargs) -> AttackReport`; fails the test on any failed check."""
+    from spdbench.testing import check_attack
+
+    defaults = _marker_defaults(request)
+    target = request.config.getoption("--spdbench-target")
+    if target and "target" not in defaults:
+        defaults["target"] = target
+
+    def _check(attack, **kwargs):
+        report = check_attack(attack, **{**defaults, **kwargs})
+        if not report.ok:
+            pytest.fail(str(report), pytrace=False)
+        return report
+
+    return _check
+
+
 @pytest.fixture
 def spdbench_run(request, spdbench_suite, spdbench_target, _spdbench_cache, tmp_path) -> Callable[..., Any]:
     """`spdbench_run(attack, **run_kwargs) -> RunResult`, on the session's target, into tmp_path.
@@ -76,7 +107,10 @@ def spdbench_run(request, spdbench_suite, spdbench_target, _spdbench_cache, tmp_
 
     baseline = request.config.getoption("--spdbench-baseline")
 
+    defaults = _marker_defaults(request)
+
     def _run(attack, **kwargs):
+        kwargs = {**defaults, **kwargs}
         kwargs.setdefault("out", tmp_path / "run")
         kwargs.setdefault("cache_dir", _spdbench_cache)
         result = run(attack, suite=spdbench_suite, target=spdbench_target, **kwargs)

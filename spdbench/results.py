@@ -133,6 +133,9 @@ class Record(BaseModel):
     #: model work per protected image, counted in the worker: {"vae_encoder_fwd": ..,
     #: "vae_encoder_bwd": .., "unet_fwd": .., "unet_bwd": .., "vae_decoder_fwd": .., "vae_decoder_bwd": ..}
     model_calls: dict[str, float] = {}
+    #: where the attack's code came from: {"distribution": "spdbench" | the plugin's package,
+    #: "version": ..., "module": ...}; "distribution" is "unknown" for code no installed package holds
+    attack_source: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _flag_non_finite(self) -> "Record":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterator, Optional, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Optional, TypeVar, Union
 
 import torch
 
@@ -190,8 +190,12 @@ def registered(name: str, cls: A) -> Iterator[A]:
 def load_entry_points(force: bool = False) -> list[str]:
     """Import third-party attacks from the `spdbench.attacks` entry-point group.
 
-    A plugin that fails to import is reported with a warning and skipped, so one broken package
-    does not break every command. Returns the names that loaded.
+    The contract (docs/writing-an-attack.md): each entry point names one `Attack` subclass, and
+    the entry-point name is its registry name (a plugin needs no `@register`; if it uses one with
+    another name, the entry-point name wins and the other is dropped, with a warning). A plugin
+    that fails to import, names something else or takes a name already in use is reported with a
+    warning naming its distribution and skipped, so one broken package does not break every
+    command. Returns the names that loaded.
     """
     global _entry_points_loaded
     if _entry_points_loaded and not force:
@@ -199,14 +203,44 @@ def load_entry_points(force: bool = False) -> list[str]:
     _entry_points_loaded = True
     loaded = []
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
+        where = f"attack plugin {ep.name!r} of {dist} ({ep.value})"
         try:
             obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Attack) and obj not in _REGISTRY.values():
-                register(ep.name)(obj)
+            if not (isinstance(obj, type) and issubclass(obj, Attack)):
+                raise RegistryError(f"the entry point must name a subclass of spdbench.Attack, got {obj!r}")
+            other = [n for n, c in _REGISTRY.items() if c is obj and n != ep.name]
+            if other:
+                warnings.warn(f"spdbench: {where} is also @register-ed as {other}; the entry-point name "
+                              f"{ep.name!r} is its registry name")
+                for n in other:
+                    del _REGISTRY[n]
+            register(ep.name)(obj)
             loaded.append(ep.name)
         except Exception as exc:  # noqa: BLE001 - isolate broken plugins
-            warnings.warn(f"spdbench: could not load attack plugin {ep.name!r} ({ep.value}): {exc}")
+            warnings.warn(f"spdbench: could not load {where}: {exc}")
     return loaded
+
+
+def attack_source(attack: Union[Attack, type]) -> dict[str, str]:
+    """The installed distribution (name and version) whose files hold the attack's class.
+
+    Why: a leaderboard record must say which code made it; a plugin's version changes its numbers.
+    Found from the module's top-level package via `importlib.metadata.packages_distributions`;
+    code that no installed distribution holds (a notebook, a test file) is "unknown".
+    """
+    cls = attack if isinstance(attack, type) else type(attack)
+    module = cls.__module__
+    top = module.split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top, [])
+    if not dists:
+        return {"distribution": "unknown", "version": "unknown", "module": module}
+    name = dists[0]
+    try:
+        version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"distribution": name, "version": version, "module": module}
 
 
 def _ensure_loaded() -> None:

@@ -167,6 +167,9 @@ class GradientAttack(Attack):
 
     has_objective: ClassVar[bool] = True
     norms: ClassVar[tuple[str, ...]] = ALL_NORMS
+    #: the loop's parameters (steps, step_size, optimizer, schedule, init, stop_below); a subclass
+    #: adds its own with `defaults = {**GradientAttack.defaults, "my_param": 1.0}`
+    defaults: ClassVar[dict[str, Any]] = dict(ITERATION_DEFAULTS)
     #: True when the attack ascends `objective_loss` (AdvDM, SDS(+)); False when it descends it
     maximize: ClassVar[bool] = False
     #: True when each step's loss is one random draw (of t, noise, ...): the loss curve is then a
