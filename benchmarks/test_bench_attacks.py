@@ -17,6 +17,30 @@ def _attacks():
     return out
 
 
+def saved_activation_bytes(attack, x, target) -> int:
+    """Bytes autograd keeps for the backward pass of one step's loss (distinct storages, weights
+    excluded): the activation memory of an iteration, measurable on CPU where no peak-memory
+    counter exists."""
+    seen: dict[int, int] = {}
+    weights = {w.untyped_storage().data_ptr() for m in (target.vae, target.unet, target.text_encoder)
+               for w in m.parameters()}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
+            try:
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):
+                pass
+        return t
+
+    delta = torch.zeros_like(x, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = attack.objective_loss(target, x + delta, x, torch.Generator().manual_seed(0)).mean()
+    del loss
+    return sum(seen.values())
+
+
 @pytest.mark.parametrize("name", _attacks())
 def test_attack_step_tiny_cpu(benchmark, name):
     target = spdbench.load_target("tiny")
@@ -30,6 +54,8 @@ def test_attack_step_tiny_cpu(benchmark, name):
     else:
         benchmark.pedantic(lambda: attack(x, target, budget, gen()), rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info["seconds_per_iteration"] = benchmark.stats.stats.median / STEPS
+    if hasattr(attack, "objective_loss"):
+        benchmark.extra_info["saved_activation_mb"] = saved_activation_bytes(attack, x, target) / 2**20
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ tests and behind the pytest plugin's `spdbench_check` fixture:
   the test photos this is the check that it generalizes.
 
 It runs on the trained `tiny` target at 64 px with few steps: seconds per attack on 2 CPU cores.
+It calls the attack in this process (it tests the author's own code; it is not a leaderboard run,
+which isolates attack code in a worker process).
 A random-weight model is not enough here: its UNet's denoising error barely depends on the image,
 so a diffusion objective cannot be beaten there by any attack.
 """
