@@ -102,6 +102,31 @@ def photos(split: str, root: Optional[Path], list_path: Path = DATA_LIST, verify
     return out
 
 
+HALVES = ("a", "b")
+
+
+def half_of(sha256: str) -> str:
+    """Which half of the list a photo falls in: "a" if its sha256's first hex digit is 0-7, else "b".
+
+    Why: sibling models (tiny-b) are trained on disjoint halves of the train split to see how much
+    a figure depends on the exact photos. The rule reads only the photo's own recorded hash, so a
+    photo never changes half when others are added to or dropped from the list (the real list:
+    157 a / 151 b).
+    """
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise InputError(f"half_of: expected a 64-digit sha256, got {sha256!r}")
+    return HALVES[0] if int(sha256[0], 16) < 8 else HALVES[1]
+
+
+def select_half(entries: Sequence, half: Optional[str]) -> list:
+    """The entries (list dicts or ZooPhoto) of one half; half=None keeps them all."""
+    if half is None:
+        return list(entries)
+    if half not in HALVES:
+        raise InputError(f"--photo-half {half!r}: expected one of {HALVES}")
+    return [e for e in entries if half_of(e["sha256"] if isinstance(e, dict) else e.sha256) == half]
+
+
 def _check_disjoint(data: dict) -> None:
     """Held-out packages never feed training, and the bundled test split is never trained on."""
     from ..data import bundled_split

@@ -10,6 +10,7 @@ Usage::
     python -m spdbench.zoo.train_tiny [--out DIR] [--force] [--vae-minutes M]
         [--unet-minutes M] [--seed S] [--threads T] [--check-steps K]
         [--data list --photos DIR [--refine-minutes M --refine-latent-noise S]]   # v3, docs/zoo.md
+        [--data list --photo-half a|b ...]   # a sibling on one half of the train split (tiny-b)
     python -m spdbench.zoo.train_tiny --refine-decoder-steps N [--refine-latent-noise S] --from-shipped --force
     python -m spdbench.zoo.train_tiny --continue-unet-steps N [--continue-unet-t-focus P] --from-shipped --force
 
@@ -116,6 +117,9 @@ class Settings:
     data: str = "bundled"
     scale_mode: str = "fraction"
     clock: str = "wall"           # what --vae-minutes/--unet-minutes measure: "wall" or "cpu" time
+    # "a"/"b": only that half of the list's train split (photos.half_of, by each photo's sha256);
+    # None: all of it. Sibling models on disjoint halves show how much a figure owes the photos.
+    photo_half: Optional[str] = None
 
 
 @dataclass
@@ -141,13 +145,16 @@ def caption_of(photo) -> str:
 
 
 def training_photos(data: str = "bundled", photos_dir: Optional[Path] = None,
-                    data_list: Path = photo_list.DATA_LIST) -> list:
-    """The training photos: v2's bundled set, or the data list's train split (hash-checked).
+                    data_list: Path = photo_list.DATA_LIST, half: Optional[str] = None) -> list:
+    """The training photos: v2's bundled set, or the data list's train split (hash-checked),
+    optionally only one half of it (`half`, see photos.half_of).
 
     Either way no bundled test photo can slip in (asserted here, and by photos._check_disjoint).
     """
+    if half is not None and data != "list":
+        raise InputError(f"--photo-half {half!r} needs --data list (the bundled set is not split)")
     if data == "list":
-        photos = photo_list.photos("train", photos_dir, data_list)
+        photos = photo_list.select_half(photo_list.photos("train", photos_dir, data_list), half)
         test = {p.path.resolve() for p in BUNDLED if p.name in FORBIDDEN}
         assert not [p.name for p in photos if p.path.resolve() in test], "bundled test photos in the data list"
         return photos
@@ -550,7 +557,8 @@ def _write_back(folder: Path, comps: dict, record: dict, force: bool, evaluate_a
 
 def record_photos(record: dict, photos_dir: Optional[Path]) -> list:
     """The training photos a record was trained on (v2 records predate the data list)."""
-    return training_photos(record["settings"].get("data", "bundled"), photos_dir)
+    return training_photos(record["settings"].get("data", "bundled"), photos_dir,
+                           half=record["settings"].get("photo_half"))
 
 
 def run_refinement(folder: Path, steps: int, force: bool, threads: int = 1, evaluate_after: bool = True,
@@ -722,7 +730,8 @@ def folder_bytes(folder: Path) -> int:
 
 def _settings_from(args) -> Settings:
     st = Settings(seed=args.seed, threads=args.threads, data=args.data,
-                  scale_mode="short_side" if args.data == "list" else "fraction", clock=args.clock)
+                  scale_mode="short_side" if args.data == "list" else "fraction", clock=args.clock,
+                  photo_half=args.photo_half)
     if args.bank_size is not None:
         st.bank_size = args.bank_size
     return st
@@ -742,6 +751,9 @@ def data_record(photos: Sequence, st: Settings, data_list: Path) -> dict:
     if st.data == "list":
         out.update(data_list=data_list.name, data_list_sha256=sha256_file(data_list),
                    draw_weights="per package, share proportional to sqrt(photos in the package)")
+        if st.photo_half is not None:
+            out.update(photo_half=st.photo_half, photos_in_half=len(rows),
+                       photo_half_rule="half a: the photo's sha256 starts with 0-7; b: with 8-f (photos.half_of)")
     return out
 
 
@@ -800,6 +812,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--data-list", type=Path, default=photo_list.DATA_LIST)
     ap.add_argument("--photos", type=Path, default=None, metavar="DIR",
                     help="where `python -m spdbench.zoo.photos fetch DIR` put the Debian photos")
+    ap.add_argument("--photo-half", choices=photo_list.HALVES, default=None,
+                    help="with --data list: train on that half of the train split only (by sha256; a sibling model)")
     ap.add_argument("--bank-size", type=int, default=None, help="UNet latent bank size (default 2048)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="what the --*-minutes budgets measure (cpu: this process's CPU time; for shared machines)")
@@ -840,7 +854,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     st = _settings_from(args)
     torch.set_num_threads(st.threads)
     torch.manual_seed(st.seed)  # belt and braces; every random draw below uses explicit generators
-    photos = training_photos(st.data, args.photos, args.data_list)
+    photos = training_photos(st.data, args.photos, args.data_list, st.photo_half)
     t_start = time.perf_counter()
     comps = build_tiny_components(st.seed)
     for m in ("unet", "text_encoder"):
