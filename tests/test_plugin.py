@@ -1,9 +1,12 @@
 """The pytest plugin as an attack author uses it (pytester runs a separate pytest session)."""
 import textwrap
+
+import pytest
 from pathlib import Path
 
 
 
+@pytest.mark.slow
 def test_attack_author_three_line_test(pytester):
     helpers = Path(__file__).parent
     pytester.makeconftest(f"import sys; sys.path.insert(0, {str(helpers)!r})")
@@ -62,6 +65,7 @@ SHORT_TEST = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_short_check_asserts_protection_and_the_marker_sets_defaults(pytester):
     """The README's short test: an attack that protects passes in seconds; one returning zeros (which
     `spdbench_run(...).ok` let through) fails, naming the failed checks."""
