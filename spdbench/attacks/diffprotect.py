@@ -36,7 +36,7 @@ import torch
 from ..budget import Budget
 from ..errors import InputError
 from .base import register
-from .objectives import ITERATION_DEFAULTS, GradientAttack, check_choice, draw, resize_image
+from .objectives import ITERATION_DEFAULTS, GradientAttack, check_choice, draw, latent_shape, resize_image
 
 #: xavihart/Diff-Protect configs/attack/base.yaml + code/diff_mist.py: L-inf eps 16/255, sign
 #: step 1/255 (2/255 on [-1, 1]), 100 iterations, constant step, prompt "a photo"
@@ -82,11 +82,6 @@ class Draws:
     xi: torch.Tensor
     t: torch.Tensor
     eps: torch.Tensor
-
-
-def latent_shape(target, images: torch.Tensor) -> tuple[int, int, int, int]:
-    f = target.latent_factor
-    return (images.shape[0], int(target.vae.config.latent_channels), images.shape[2] // f, images.shape[3] // f)
 
 
 def draw_step(target, images: torch.Tensor, generator: torch.Generator) -> Draws:
@@ -182,6 +177,11 @@ class _PatternMixin:
         mean, std = self.pattern_posterior(target, like)
         xi = draw("randn", (like.shape[0],) + tuple(mean.shape[1:]), generator, target.device)
         return (mean + std * xi.to(mean.dtype)) * target.scaling_factor
+
+    def texture_loss(self, target, z: torch.Tensor, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """L_tex = sum (z - z(x_T))^2 per image (N,), float32, against a fresh sample of the pattern."""
+        z_target = self.pattern_latents(target, like, generator)
+        return per_image_sum((z.float() - z_target.float()).pow(2))
 
 
 _ARGS = """
@@ -297,11 +297,10 @@ class SDST(_PatternMixin, _SDS):
 
     def step_loss(self, target, adv: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         sds = self.sds(target, adv, generator)
-        z_target = self.pattern_latents(target, adv, generator)
+        z_target = self.pattern_latents(target, adv, generator)  # drawn before x's second sample
         xi2 = draw("randn", latent_shape(target, adv), generator, target.device)
         z = target.latents(adv, sample=True, noise=xi2)
-        texture = per_image_sum((z.float() - z_target.float()).pow(2))
-        return float(self.rate) * sds + texture
+        return float(self.rate) * sds + per_image_sum((z.float() - z_target.float()).pow(2))
 
 
 @register("mist")
@@ -333,6 +332,4 @@ class Mist(_PatternMixin, DiffProtectAttack):
         d = draw_step(target, adv, generator)
         z = target.latents(adv, sample=True, noise=d.xi)
         semantic = per_image_mean(denoising_error(target, z, d, self.condition(target)).pow(2))
-        z_target = self.pattern_latents(target, adv, generator)
-        texture = per_image_sum((z.float() - z_target.float()).pow(2))
-        return texture - float(self.rate) * semantic
+        return self.texture_loss(target, z, adv, generator) - float(self.rate) * semantic

@@ -87,6 +87,12 @@ def draw(kind: str, shape, generator: Optional[torch.Generator], device, dtype=t
     return fn(tuple(shape), generator=generator, device=where, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def latent_shape(target, images: torch.Tensor) -> tuple[int, int, int, int]:
+    """(N, C, h, w) of the target's latents for `images` (N, 3, H, W)."""
+    f = target.latent_factor
+    return (images.shape[0], int(target.vae.config.latent_channels), images.shape[2] // f, images.shape[3] // f)
+
+
 def ensure_generator(generator: Optional[torch.Generator]) -> torch.Generator:
     """`generator`, or a CPU generator seeded from torch's global RNG (so `torch.manual_seed`
     still makes a run reproducible, and stochastic objectives get fresh draws every step)."""

@@ -19,7 +19,7 @@ from ..budget import Budget
 from ..errors import InputError
 from .base import register
 from .objectives import (ITERATION_DEFAULTS, GradientAttack, check_choice, draw, latent_distance,
-                         resize_image)
+                         latent_shape, resize_image)
 
 
 def _as_batch(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -255,9 +255,7 @@ class PhotoGuardDiffusion(GradientAttack):
             return run(functools.partial(self._decode, target), z)
 
     def _draws(self, target, like: torch.Tensor, samples: int, generator: Optional[torch.Generator]):
-        f = target.latent_factor
-        channels = int(target.vae.config.latent_channels)
-        shape = (like.shape[0], channels, like.shape[2] // f, like.shape[3] // f)
+        shape = latent_shape(target, like)
         for _ in range(samples):
             noise = draw("randn", shape, generator, target.device)
             vn = (draw("randn", (self.unroll_steps,) + shape, generator, target.device)
