@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from .attacks.base import Attack
-from .budget import Budget, apply_budget
+from .budget import Budget, apply_budget, quantize_delta
 from .errors import AttackError, SpdbenchError
 
 
@@ -189,17 +189,20 @@ class Protection:
 def enforce(raw: torch.Tensor, images: torch.Tensor, budget: Budget, attack_name: str,
             universal: bool = False) -> tuple[torch.Tensor, float, int, float, bool]:
     """Check and apply a raw delta: (adv, max norm returned, images over budget, max norm applied,
-    all-zero delta). A universal delta (1, 3, H, W) is broadcast here, by the harness."""
+    nothing applied). A universal delta (1, 3, H, W) is quantized once and broadcast here, by the harness."""
     if universal:
         raw = validate_delta(raw, images[:1], attack_name, universal=True)
-        delta = raw.expand_as(images)
+        norms = budget.norms(raw)
+        # u goes on whole 8-bit levels once, so every stored photo carries the same u (quantize_delta)
+        delta = quantize_delta(budget.project(raw), budget).expand_as(images)
     else:
         delta = validate_delta(raw, images, attack_name)
-    norms = budget.norms(delta)
+        norms = budget.norms(delta)
     adv = apply_budget(images, delta, budget)
     applied = budget.norms(adv - images)
-    zero = not bool((delta != 0).any())
-    return adv, float(norms.max()), int((norms > budget.eps + 1e-6).sum()), float(applied.max()), zero
+    zero = not bool((adv != images).any())  # nothing reached the stored photos: flagged, never ok
+    over = int((norms > budget.eps + 1e-6).sum()) * (len(images) if universal else 1)
+    return adv, float(norms.max()), over, float(applied.max()), zero
 
 
 def protect(attack: Attack, target, images: torch.Tensor, budget: Budget, *, batch_size: int,

@@ -164,3 +164,34 @@ def test_real_universal_run_verifies(tmp_path, suite_registered):
     report = verify(out, sample=1, attack_rerun=False)
     assert report.ok, report.problems
     assert any("one universal delta" in c for c in report.checks)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 16 / 255), ("linf", 0.03), ("l2", 0.5)])
+def test_harness_applies_a_half_level_universal_delta_as_one_delta(norm, eps):
+    """A universal u on half levels (SPD's default step 2.5 eps / steps = 0.5/255 at 16/255) used to
+    be rounded photo by photo, so 4.9% of positions differed and `submit` refused the run; the
+    harness now puts u on whole levels once, inside the budget, before it broadcasts it."""
+    import torch
+
+    from spdbench import Budget
+    from spdbench.budget import quantize_within
+    from spdbench.claims import universal_problem
+    from spdbench.protect import enforce
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (8, 3, 24, 24), generator=g).double() / 255
+    budget = Budget(norm, eps)
+    u = budget.project((torch.randint(-40, 41, (1, 3, 24, 24), generator=g) + 0.5).double() / 255)
+    adv, _returned, over, applied, zero = enforce(u.float(), x.float(), budget, "u", universal=True)
+    d = ((adv.double() - x) * 255).round()
+    assert universal_problem(d, (x * 255).round()) is None
+    free = (x * 255 + d > 0) & (x * 255 + d < 255)              # where a photo is not clamped
+    inf = torch.full_like(d, float("inf"))
+    spread = torch.where(free, d, -inf).amax(0) - torch.where(free, d, inf).amin(0)
+    assert bool(spread[free.any(0)].eq(0).all()), "every unclamped pixel carries the same u"
+    assert over == 0 and not zero and applied <= eps + 1e-6
+    assert bool(budget.norms((adv.double() - x)).le(eps + 1e-6).all())
+    # the old per-photo rounding of the same u is what the check refuses (the regression this guards)
+    if norm == "linf":  # (projection onto the L2 ball rescales u off the half levels)
+        old = ((quantize_within(x, (x + u).clamp(0, 1), budget) - x) * 255).round()
+        assert universal_problem(old, (x * 255).round()) is not None
