@@ -13,7 +13,7 @@ import torch
 
 import spdbench
 from spdbench import metrics
-from spdbench.purify import jpeg
+from spdbench.purifiers import jpeg
 
 N, SIZE, ROUNDS = 16, 512, 3
 

@@ -315,7 +315,7 @@ def target_checks(build_all: bool = False) -> list[Check]:
     else:
         offline = "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else "hub not contacted"
         out.append(Check("targets", "SD1.5 weights", f"{SD15_HUB_ID} not cached ({offline}; local cache only)", "info",
-                         f"sd15 suites need it: `huggingface-cli download {SD15_HUB_ID} --local-dir DIR`, then "
+                         f"sd15 suites need it: `hf download {SD15_HUB_ID} --local-dir DIR`, then "
                          "--target DIR"))
     return out
 

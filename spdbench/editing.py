@@ -1,4 +1,4 @@
-"""The img2img editing suite: prompts, explicit settings, per-image seeds, batched edits, clean-edit cache.
+"""The editing suite (img2img, and inpainting on a target that inpaints): prompts, explicit settings, per-image seeds, batched edits, clean-edit cache.
 
 Clean and immunized images are edited with the same prompt, settings and generator seed per image,
 so the only difference between the two edits is the perturbation. Clean edits do not depend on the
@@ -86,7 +86,8 @@ def cache_entry_problem(entry: Optional[torch.Tensor], shape: Sequence[int]) -> 
 
 
 class Editor:
-    """Batched img2img edits through the target's diffusers pipeline, with an on-disk clean cache."""
+    """Batched edits through the target's diffusers pipeline (img2img, or inpainting with a mask per
+    image when the target's UNet inpaints), with an on-disk clean cache."""
 
     def __init__(self, target, settings: EditSettings, cache_dir: Union[str, Path, None] = None,
                  batch_size: int = 8) -> None:
@@ -102,25 +103,51 @@ class Editor:
         return [torch.Generator(device=self.target.device).manual_seed(int(s)) for s in seeds]
 
     @torch.no_grad()
-    def _edit_batch(self, images: torch.Tensor, prompt: str, seeds: Sequence[int]) -> torch.Tensor:
+    def _edit_batch(self, images: torch.Tensor, prompt: str, seeds: Sequence[int],
+                    masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         s = self.settings
-        pipe = self.target.img2img()
-        out = pipe(prompt=[prompt] * len(images), image=images.to(self.target.device, self.target.dtype),
-                   strength=s.strength, num_inference_steps=s.steps, guidance_scale=s.guidance, eta=s.eta,
-                   generator=self._generators(seeds), output_type="pt").images
+        x = images.to(self.target.device, self.target.dtype)
+        common = dict(prompt=[prompt] * len(images), image=x, strength=s.strength, num_inference_steps=s.steps,
+                      guidance_scale=s.guidance, eta=s.eta, generator=self._generators(seeds), output_type="pt")
+        if masks is None:
+            out = self.target.img2img()(**common).images
+        else:  # diffusers' inpainting pipeline: 1 = repaint; the size is the photo's, not the model's default
+            out = self.target.inpaint()(**common, mask_image=masks.to(self.target.device, self.target.dtype),
+                                        height=x.shape[-2], width=x.shape[-1]).images
         self.edits_run += len(images)
         return out.float().clamp(0, 1)
 
-    def edit(self, images: torch.Tensor, prompt: str, seeds: Sequence[int]) -> torch.Tensor:
-        """Edit every image with its own seed; batches shrink by half on out-of-memory."""
+    def _check_masks(self, images: torch.Tensor, masks: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """An inpainting target needs one {0, 1} mask (N, 1, H, W) per image; img2img takes none."""
+        inpainting = bool(getattr(self.target, "inpainting", False))
+        if masks is None:
+            if inpainting:
+                raise InputError(f"target {self.target.name!r} inpaints: masks (N, 1, H, W), 1 = repaint, are required")
+            return None
+        if not inpainting:
+            raise InputError(f"masks were given but target {self.target.name!r} is an img2img model, not inpainting")
+        n, _, h, w = images.shape
+        if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (n, 1, h, w):
+            got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+            raise InputError(f"masks: expected shape {(n, 1, h, w)} (one per image, 1 = repaint), got {got}")
+        if not bool(((masks == 0) | (masks == 1)).all()):
+            raise InputError("masks: expected values 0 (keep) and 1 (repaint) only")
+        return masks.float()
+
+    def edit(self, images: torch.Tensor, prompt: str, seeds: Sequence[int],
+             masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Edit every image with its own seed (and, on an inpainting target, its mask); batches
+        shrink by half on out-of-memory."""
         check_images(images, "images")
         if len(seeds) != len(images):
             raise InputError(f"got {len(images)} images but {len(seeds)} seeds")
+        masks = self._check_masks(images, masks)
         text = resolve_prompt(prompt)
         outs, start, bs = [], 0, self.batch_size
         while start < len(images):
             try:
-                outs.append(self._edit_batch(images[start:start + bs], text, seeds[start:start + bs]))
+                mb = None if masks is None else masks[start:start + bs]
+                outs.append(self._edit_batch(images[start:start + bs], text, seeds[start:start + bs], mb))
                 start += bs
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if "out of memory" not in str(exc).lower() or bs == 1:
@@ -131,21 +158,25 @@ class Editor:
                 bs //= 2
         return torch.cat(outs)
 
-    def _key(self, image: torch.Tensor, text: str) -> str:
+    def _key(self, image: torch.Tensor, text: str, mask: Optional[torch.Tensor] = None) -> str:
         # the device type is part of the key: CPU and CUDA generators give different noise for one seed
         device_type = torch.device(self.target.device).type
         blob = json.dumps([self.settings.to_dict(), text, self.target.fingerprint, str(self.target.dtype),
                            device_type])
         data = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()
+        if mask is not None:  # an inpainting edit is defined by its mask too
+            data += b"mask" + mask.detach().cpu().to(torch.uint8).numpy().tobytes()
         return hashlib.sha256(blob.encode() + data).hexdigest()
 
-    def edit_clean(self, images: torch.Tensor, prompt: str, seeds: Sequence[int]) -> torch.Tensor:
-        """Like `edit`, but each result is cached on disk by (image, prompt, settings, model)."""
+    def edit_clean(self, images: torch.Tensor, prompt: str, seeds: Sequence[int],
+                   masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Like `edit`, but each result is cached on disk by (image, mask, prompt, settings, model)."""
         if self.cache_dir is None:
-            return self.edit(images, prompt, seeds)
+            return self.edit(images, prompt, seeds, masks)
+        masks = self._check_masks(images, masks)
         text = resolve_prompt(prompt)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        keys = [self._key(img, text) for img in images]
+        keys = [self._key(img, text, None if masks is None else masks[i]) for i, img in enumerate(images)]
         out: list[Optional[torch.Tensor]] = [None] * len(images)
         todo = []
         for i, k in enumerate(keys):
@@ -159,7 +190,7 @@ class Editor:
             todo.append(i)
         if todo:
             self.cache_misses += len(todo)
-            edited = self.edit(images[todo], text, [seeds[i] for i in todo])
+            edited = self.edit(images[todo], text, [seeds[i] for i in todo], None if masks is None else masks[todo])
             for j, i in enumerate(todo):
                 out[i] = edited[j]
                 name = f"{keys[i]}.safetensors"

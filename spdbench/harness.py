@@ -31,7 +31,7 @@ from .images import check_images, image_sha256
 from .isolation import AttackWorker
 from .protect import Protection, SplitOutput, enforce, run_jobs
 from .provenance import environment
-from .purify import get_purifier
+from .purifiers import get_purifier
 from .runfolder import DiskError, RunLock, prepare_out
 from .data import check_size_multiple
 from .results import (Record, Split, Status, TargetInfo, Timing, Validation, cell_id,
@@ -276,9 +276,11 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
     data_sha = hashlib.sha256("".join(shas).encode()).hexdigest()
     suite_cfg = suite.to_dict()
     suite_cfg["purifiers"] = [p.name for p in purifier_list]
+    suite_cfg["purifier_settings"] = {p.name: p.to_dict() for p in purifier_list}  # what each name ran as
     # the grid being run (eps list, prompts) is not part of a cell's identity: cells are shared across
     # grids; the device type and dtype are (CPU and CUDA generators draw different noise for one seed)
-    id_cfg = {k: v for k, v in suite_cfg.items() if k not in ("eps", "prompts", "description", "attack_timeout_s")}
+    id_cfg = {k: v for k, v in suite_cfg.items() if k not in ("eps", "prompts", "description", "attack_timeout_s",
+                                                           "purifier_settings")}
     id_cfg["device_type"], id_cfg["dtype"] = target.device.type, str(target.dtype).replace("torch.", "")
     done = finished_cells(out) if resume else {}
     env = environment(target.device)

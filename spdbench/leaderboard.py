@@ -17,6 +17,7 @@ import pandas as pd
 from .errors import InputError, RecordError
 from .results import Record, Status
 from .stats import bootstrap_ci
+from .worst_case import worst_case
 
 FORMATS = ("md", "csv", "html")
 PROTECTION = ("ssim", "psnr", "vifp", "fsim")
@@ -24,7 +25,10 @@ LABELS = {"ssim": "SSIM", "psnr": "PSNR", "vifp": "VIFp", "fsim": "FSIM"}
 
 
 def method_label(record: Record) -> str:
-    return f"{record.attack}[{record.preset}]" if record.preset else record.attack
+    """attack[preset], plus "+EOT(jpeg75, ...)" for an adaptive run: a different method on the board."""
+    label = f"{record.attack}[{record.preset}]" if record.preset else record.attack
+    robust = record.attack_params.get("robust_to") or ()
+    return f"{label} +EOT({', '.join(robust)})" if robust else label
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
@@ -73,8 +77,11 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
 
     Per image, values are first averaged over prompts (the same photos are edited with every
     prompt), then images are resampled. Columns `M`, `M_lo`, `M_hi` for each protection metric,
-    `ssim_after_<purifier>` (+ CI) for each purifier, imperceptibility PSNR, and costs. Sorted by
-    SSIM ascending: lower similarity between clean and protected edits = stronger immunization.
+    `ssim_after_<purifier>` (+ CI) for each purifier, `worst_<M>` (+ CI): each image's protection
+    after the purifier (or none) that best restores its edit (`worst_case.py`), with `worst_by`
+    counting which purifier that was; imperceptibility PSNR, and costs. Sorted by SSIM ascending:
+    lower similarity between clean and protected edits = stronger immunization; `rank_worst` is
+    the rank by worst-case SSIM within the same suite and eps.
     """
     ok = [r for r in records if r.status == Status.ok]
     if any(r.split.value == split for r in ok):
@@ -89,6 +96,13 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
         series = {m: [r.protection.get(m, []) for r in recs] for m in PROTECTION}
         for name in sorted({p for r in recs for p in r.purified}):
             series[f"ssim_after_{name}"] = [r.purified.get(name, {}).get("ssim", []) for r in recs]
+        if any(r.purified for r in recs):  # the per-image worst case over purifiers (worst_case.py)
+            worst = [worst_case(r.protection, r.purified) for r in recs]
+            for m in PROTECTION:
+                series[f"worst_{m}"] = [w.get(m, []) for w, _ in worst]
+            choices = [c for _, cs in worst for c in cs]
+            row["worst_by"] = ", ".join(f"{k} {choices.count(k)}" for k in sorted(set(choices),
+                                                                                 key=lambda k: -choices.count(k)))
         for col, per_prompt in series.items():
             per_prompt = [v for v in per_prompt if v]
             if not per_prompt:
@@ -113,6 +127,8 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    if "worst_ssim" in df.columns:
+        df["rank_worst"] = df.groupby(["suite", "eps"])["worst_ssim"].rank(method="min").astype("Int64")
     return df.sort_values(["suite", "eps", "ssim"]).reset_index(drop=True)
 
 
@@ -144,7 +160,7 @@ def _calls_label(rec: Record) -> Optional[str]:
 
 
 def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and pd.isna(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
         return "–"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
@@ -284,14 +300,19 @@ td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><bod
 def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """The ranking table as plain text cells (the same cells as the Markdown, unescaped)."""
     after = [c for c in r.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))]
+    worst = "worst_ssim" in r.columns
     head = (["method", "suite", "eps", "SSIM ↓", "PSNR ↓", "VIFp ↓", "FSIM ↓"]
+            + (["worst-case SSIM ↓", "worst-case rank", "worst case by (images)"] if worst else [])
             + [f"SSIM after {c[len('ssim_after_'):]} ↓" for c in after]
             + ["imperceptibility PSNR ↑", "s / image", "device s / image", "fit s", "peak MB", "images", "steps",
                "model passes / image (fwd/bwd)", "flags"])
     rows = []
     for _, row in r.iterrows():
         cells = [str(row["method"]), str(row["suite"]), str(row["eps_label"])]
-        cells += [_with_ci(row, m) for m in PROTECTION] + [_with_ci(row, c) for c in after]
+        cells += [_with_ci(row, m) for m in PROTECTION]
+        if worst:
+            cells += [_with_ci(row, "worst_ssim"), _fmt(row.get("rank_worst")), _fmt(row.get("worst_by"))]
+        cells += [_with_ci(row, c) for c in after]
         cells += [_fmt(row.get(k)) for k in ("imp_psnr", "seconds_per_image", "device_seconds_per_image",
                                               "fit_seconds", "peak_memory_mb", "n_images", "steps",
                                               "model_calls", "flags")]

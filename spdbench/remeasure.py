@@ -26,7 +26,7 @@ from .claims import Cell, Claims
 from .data import split_indices
 from .editing import EditSettings, Editor
 from .perturbation_file import apply_delta, delta_sha256
-from .purify import get_purifier
+from .purifiers import get_purifier
 
 SPLITS = ("train", "test")
 

@@ -31,7 +31,7 @@ class Suite:
     attack_batch_size: int = 8
     split_seed: int = 0
     attack_seed: int = 0
-    purifiers: tuple[str, ...] = ()  # optional robustness stage (purify.PURIFIERS)
+    purifiers: tuple[str, ...] = ()  # optional robustness stage (spdbench.purifiers registry)
     #: wall-clock limit for one cell group's attack (both splits, or the universal fit); the
     #: worker is stopped past it and the group is recorded as an error
     attack_timeout_s: Optional[float] = 3600.0

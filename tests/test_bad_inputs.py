@@ -15,7 +15,7 @@ from spdbench.data import load_folder, load_manifest, write_manifest
 from spdbench.errors import (AttackError, BudgetError, InputError, RecordError, TargetLoadError,
                              UnknownNameError)
 from spdbench.protect import protect
-from spdbench.purify import get_purifier
+from spdbench.purifiers import get_purifier
 from spdbench.results import read_record
 from spdbench.targets import load_sd15
 

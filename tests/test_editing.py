@@ -187,3 +187,44 @@ def test_second_harness_run_skips_every_clean_edit(tmp_path, target):
     assert second.ok and len(second.computed) == 4
     assert (second.clean_cache_hits, second.clean_cache_misses) == (12, 0)
     assert second.edits_run == 12  # only the protected images were edited
+
+
+# --- inpainting ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_inpaint_random():
+    """tiny-random with SD-inpainting's 9-channel UNet (the zoo's widening, random weights)."""
+    import spdbench
+    from spdbench.targets import Target
+    from spdbench.zoo.train_inpaint import inpaint_unet_from
+
+    comps = spdbench.load_target("tiny-random").components()
+    comps["unet"] = inpaint_unet_from(comps["unet"])
+    return Target(**comps, name="tiny-inpaint-random")
+
+
+def test_inpainting_edits_take_one_mask_per_image_and_refuse_anything_else(tiny_inpaint_random, tiny_random, tmp_path):
+    import spdbench
+    from spdbench.editing import EditSettings, Editor
+    from spdbench.errors import InputError
+    from spdbench.masks import random_masks
+
+    x = spdbench.load_photos(n=2, size=64)
+    m = random_masks(2, 64, torch.Generator().manual_seed(0), ("box",))
+    ed = Editor(tiny_inpaint_random, EditSettings(strength=1.0, steps=3), cache_dir=tmp_path / "cache")
+    a = ed.edit(x, "P3", [1, 2], masks=m)
+    assert a.shape == x.shape and torch.equal(a, ed.edit(x, "P3", [1, 2], masks=m))
+    with pytest.raises(InputError, match="inpaints: masks"):
+        ed.edit(x, "P3", [1, 2])
+    with pytest.raises(InputError, match=r"masks: expected shape \(2, 1, 64, 64\)"):
+        ed.edit(x, "P3", [1, 2], masks=m[:1])
+    with pytest.raises(InputError, match="0 \\(keep\\) and 1 \\(repaint\\)"):
+        ed.edit(x, "P3", [1, 2], masks=m * 0.5)
+    with pytest.raises(InputError, match="img2img model, not inpainting"):
+        Editor(tiny_random, EditSettings(steps=2)).edit(x, "P3", [1, 2], masks=m)
+    # the clean-edit cache keys on the mask: another mask is another edit, not a cache hit
+    ed.edit_clean(x, "P3", [1, 2], masks=m)
+    other = random_masks(2, 64, torch.Generator().manual_seed(1), ("strokes",))
+    ed.edit_clean(x, "P3", [1, 2], masks=other)
+    assert ed.cache_misses == 4 and ed.cache_hits == 0
+    ed.edit_clean(x, "P3", [1, 2], masks=m)
+    assert ed.cache_hits == 2

@@ -13,7 +13,7 @@ import torch
 import spdbench
 from spdbench import metrics
 from spdbench.errors import InputError, UnknownNameError
-from spdbench.purify import jpeg as _jpeg
+from spdbench.purifiers import jpeg as _jpeg
 
 
 @pytest.fixture(scope="module")

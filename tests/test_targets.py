@@ -71,6 +71,7 @@ def test_unreachable_hub_id_fails_fast_with_advice(monkeypatch):
     assert time.monotonic() - start < 10
     msg = str(info.value)
     assert "runwayml/stable-diffusion-v1-5" in msg and "--local-dir" in msg and "\n" not in msg
+    assert "`hf download" in msg and "--target DIR" in msg, "names the installed CLI and where DIR goes"
 
 
 def test_dtype_and_device_are_arguments(tiny_random):
@@ -78,3 +79,15 @@ def test_dtype_and_device_are_arguments(tiny_random):
     assert t16.vae.dtype == torch.bfloat16 and t16.device.type == "cpu"
     with pytest.raises(TargetLoadError, match="unknown dtype"):
         spdbench.load_target("tiny-random", dtype="float8")
+
+
+def test_loading_the_tiny_target_prints_no_loading_bar(capfd):
+    spdbench.load_target("tiny")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err, err[-300:]
+
+
+def test_inpaint_pipeline_needs_an_inpainting_unet(tiny_random):
+    assert not tiny_random.inpainting
+    with pytest.raises(TargetLoadError, match="not an inpainting model.*9"):
+        tiny_random.inpaint()

@@ -25,6 +25,7 @@ from ..budget import Budget, clamp_to_image
 from ..errors import InputError
 from ..optim import optimize
 from .base import Attack
+from .eot import check_robust_to, expectation
 
 #: the norms an optimization attack supports unless a class narrows it
 ALL_NORMS = ("linf", "l2")
@@ -175,16 +176,23 @@ class GradientAttack(Attack):
     norms: ClassVar[tuple[str, ...]] = ALL_NORMS
     #: the loop's parameters (steps, step_size, optimizer, schedule, init, stop_below); a subclass
     #: adds its own with `defaults = {**GradientAttack.defaults, "my_param": 1.0}`
-    defaults: ClassVar[dict[str, Any]] = dict(ITERATION_DEFAULTS)
+    defaults: ClassVar[dict[str, Any]] = dict(ITERATION_DEFAULTS, robust_to=())
     #: True when the attack ascends `objective_loss` (AdvDM, SDS(+)); False when it descends it
     maximize: ClassVar[bool] = False
     #: True when each step's loss is one random draw (of t, noise, ...): the loss curve is then a
     #: noisy estimate that need not move monotonically; `objective()` uses fixed draws
     stochastic: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every gradient attack can be made adaptive (`robust_to`, eot.py), whatever defaults it declares."""
+        super().__init_subclass__(**kwargs)
+        if "robust_to" not in cls.defaults:
+            cls.defaults = {**cls.defaults, "robust_to": ()}
+
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
         super().__init__(preset, **params)
         check_iteration_params(self)
+        self.robust_to = check_robust_to(self.params.get("robust_to", ()))
         self._cache = TargetCache()
 
     def objective_loss(self, target, adv: torch.Tensor, clean: torch.Tensor,
@@ -213,7 +221,13 @@ class GradientAttack(Attack):
 
         scale = self.loss_scale
 
+        robust_to = check_robust_to(self.params.get("robust_to", ()))
+
         def loss_fn(d: torch.Tensor) -> torch.Tensor:
+            if robust_to:  # adaptive: the objective after each purifier the attacker expects (eot.py)
+                per_image = expectation(lambda a: self.objective_loss(target, a, images, generator),
+                                        images + d, robust_to, generator)
+                return per_image.mean() * scale
             return self.objective_loss(target, images + d, images, generator).mean() * scale
 
         result = optimize(loss_fn, delta, budget, steps=self.steps,

@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError, TargetLoadError
 from .base import Encoding, Target
 from .sd15 import SD15_HUB_ID, load_sd15
-from .tiny import TRAINED_DIR, build_tiny
+from .tiny import INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, build_tiny
 
 __all__ = ["Encoding", "Target", "load_target", "load_sd15", "build_tiny", "SD15_HUB_ID", "parse_dtype",
            "parse_device"]
@@ -85,6 +85,34 @@ def load_target(name: Union[str, Path] = "tiny", device: Union[str, torch.device
     return target
 
 
+def _check_installed(folder: Path, name: str) -> None:
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise TargetLoadError(f"the {name!r} target is not installed ({folder} is missing); train it with "
+                              "spdbench.zoo (docs/zoo.md)")
+
+
+def _load_tiny_inpaint(device, dtype) -> Target:
+    """tiny's VAE, text encoder and tokenizer with the shipped 9-channel UNet, after checking that
+    tiny's weights are the ones the UNet was trained against (a retrained tiny would otherwise
+    pair silently with a stale inpainting UNet)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from ..data import sha256_file
+
+    _check_installed(INPAINT_DIR, "tiny-inpaint")
+    record = json.loads((INPAINT_DIR / "training.json").read_text())
+    for part, want in record["parent_weights_sha256"].items():
+        if part.startswith(("vae/", "text_encoder/")) and sha256_file(TRAINED_DIR / part) != want:
+            raise TargetLoadError(f"tiny-inpaint was trained on another tiny: {part} of {TRAINED_DIR} does not "
+                                  "match its training record; retrain it (python -m spdbench.zoo.train_inpaint)")
+    base = load_sd15(TRAINED_DIR, name="tiny")
+    comps = base.components()
+    comps["unet"] = UNet2DConditionModel.from_pretrained(str(INPAINT_DIR / "unet"))
+    return Target(**comps, name="tiny-inpaint", source="spdbench:tiny-inpaint", device=device, dtype=dtype)
+
+
 def _load(name: Union[str, Path], device, dtype) -> Target:
     dtype = parse_dtype(dtype)
     device = parse_device(device)
@@ -104,6 +132,11 @@ def _load(name: Union[str, Path], device, dtype) -> Target:
                 "use 'tiny-random' or train it with `python -m spdbench.zoo.train_tiny`"
             )
         return load_sd15(TRAINED_DIR, device=device, dtype=dtype, name="tiny")
+    if text == "tiny-b":
+        _check_installed(TINY_B_DIR, text)
+        return load_sd15(TINY_B_DIR, device=device, dtype=dtype, name="tiny-b")
+    if text == "tiny-inpaint":
+        return _load_tiny_inpaint(device, dtype)
     if seeded:
         seed = int(seeded.group(2) or 0)
         if seeded.group(1) == "sd15-arch-random":

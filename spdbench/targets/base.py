@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..errors import TargetLoadError
 from ..images import check_images
 
 
@@ -48,6 +49,7 @@ class Target:
             module.eval()
             module.requires_grad_(False)
         self._pipe = None
+        self._inpaint_pipe = None
         self._fingerprint: Optional[str] = None
         #: the `load_target` name that rebuilds this model (set by load_target; None = built by hand)
         self.load_spec: Optional[str] = None
@@ -81,6 +83,26 @@ class Target:
             )
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
+
+    @property
+    def inpainting(self) -> bool:
+        """An SD-inpainting UNet: 9 input channels (noisy latent, downsampled mask, masked-image latent)."""
+        return int(self.unet.config.in_channels) == 9
+
+    def inpaint(self):
+        """A diffusers StableDiffusionInpaintPipeline over these components (built once)."""
+        if not self.inpainting:
+            raise TargetLoadError(f"target {self.name!r} is not an inpainting model: its UNet takes "
+                                  f"{self.unet.config.in_channels} input channels, inpainting needs 9")
+        if self._inpaint_pipe is None:
+            from diffusers import StableDiffusionInpaintPipeline
+
+            self._inpaint_pipe = StableDiffusionInpaintPipeline(
+                **self.components(), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            self._inpaint_pipe.set_progress_bar_config(disable=True)
+        return self._inpaint_pipe
 
     def save_pretrained(self, folder: Union[str, Path]) -> Path:
         """Save as a diffusers pipeline folder that `load_sd15(folder)` reads back."""

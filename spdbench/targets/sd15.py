@@ -33,7 +33,10 @@ def load_sd15(model_id_or_path: Union[str, Path] = SD15_HUB_ID, device: Union[st
 
     from diffusers.utils import logging as dlog
 
+    from transformers.utils import logging as tlog
+
     dlog.disable_progress_bar()  # loading bars are noise in a benchmark log; our own bars show progress
+    tlog.disable_progress_bar()  # transformers' "Loading weights 36/36" bar of the text encoder
     source = str(model_id_or_path)
     path = Path(source).expanduser()
     kwargs = dict(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
@@ -53,8 +56,8 @@ def load_sd15(model_id_or_path: Union[str, Path] = SD15_HUB_ID, device: Union[st
             raise TargetLoadError(
                 f"could not load model {source!r}: it is not a local folder and the Hugging Face hub "
                 f"did not provide it ({type(exc).__name__}). On a machine with access run "
-                f"`huggingface-cli download {source} --local-dir DIR` (or pipe.save_pretrained(DIR)) "
-                f"and pass DIR instead."
+                f"`hf download {source} --local-dir DIR` (huggingface_hub's CLI; or pipe.save_pretrained(DIR)) "
+                f"and pass DIR as the target (`--target DIR`, or load_target(DIR))."
             ) from None
     return Target(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
                   name=name or path.name if path.exists() else (name or source), source=source,

@@ -17,6 +17,10 @@ import torch
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 TRAINED_DIR = ASSETS / "tiny-trained"
+#: tiny-b: a sibling of tiny trained independently (seed 1, the other half of the photos): transfer
+TINY_B_DIR = ASSETS / "tiny-b"
+#: tiny-inpaint: only a 9-channel UNet; the VAE, text encoder and tokenizer are tiny's
+INPAINT_DIR = ASSETS / "tiny-inpaint"
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4,
