@@ -237,18 +237,23 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     check_images(images, "images")
     if not isinstance(target, Target):
         target = load_target(target or suite.target, device=device, dtype=dtype)
+    # transfer: the editor's own model (same device and dtype); None = the attack's target edits
+    edit_target = load_target(suite.edit_target, device=target.device, dtype=target.dtype) \
+        if suite.edit_target else None
     # every input is checked before anything is created (the CLI checks --out before the model load)
     out = prepare_out(out or Path("spdbench-runs") / suite.name)  # one line if it cannot hold a run
     # one writer per folder: a second run on it stops with one line; a grid's parallel tasks on one
     # attack folder (backends.py) each lock their own scope
     with RunLock(out, scope=lock_scope):
         return _run_locked(suite, the_plan, prompt_keys, purifier_list, target, images, names, out, cache_dir,
-                           resume, progress, compile_backend, isolation)
+                           resume, progress, compile_backend, isolation, edit_target)
 
 
 def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, target: Target, images, names,
-                out: Path, cache_dir, resume: bool, progress: bool, compile_backend, isolation: str) -> RunResult:
+                out: Path, cache_dir, resume: bool, progress: bool, compile_backend, isolation: str,
+                edit_target: Optional[Target] = None) -> RunResult:
     attack = the_plan.attack
+    editing = edit_target or target  # edits and purifies
     check_size_multiple(images, target.latent_factor, "images")
     if len(names) != len(images):
         raise InputError(f"got {len(images)} images but {len(names)} image names")
@@ -270,7 +275,7 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
                     ", ".join(str(p) for p in stale[:5]))
     train_idx, test_idx = split_indices(len(images), suite.split_seed)
     splits = {Split.train: train_idx, Split.test: test_idx}
-    editor = Editor(target, suite.edit, cache_dir=cache_dir or out / "cache", batch_size=suite.attack_batch_size)
+    editor = Editor(editing, suite.edit, cache_dir=cache_dir or out / "cache", batch_size=suite.attack_batch_size)
     seeds = [image_seed(suite.edit, images[i]) for i in range(len(images))]
     shas = [image_sha256(images[i]) for i in range(len(images))]
     data_sha = hashlib.sha256("".join(shas).encode()).hexdigest()
@@ -282,6 +287,10 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
     id_cfg = {k: v for k, v in suite_cfg.items() if k not in ("eps", "prompts", "description", "attack_timeout_s",
                                                            "purifier_settings")}
     id_cfg["device_type"], id_cfg["dtype"] = target.device.type, str(target.dtype).replace("torch.", "")
+    if edit_target is None:
+        id_cfg.pop("edit_target", None)  # white box: cell ids as before transfer suites existed
+    else:
+        id_cfg["edit_target_fingerprint"] = edit_target.fingerprint
     done = finished_cells(out) if resume else {}
     env = environment(target.device)
     tinfo = TargetInfo(name=target.name, source=target.source, fingerprint=target.fingerprint,
@@ -294,6 +303,9 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
     common = dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
                   universal=attack.universal, suite=suite.name, suite_config=suite_cfg, attack_seed=suite.attack_seed,
                   split_seed=suite.split_seed, target=tinfo, edit=suite.edit.to_dict(), provenance=env,
+                  edit_target=None if edit_target is None else TargetInfo(
+                      name=edit_target.name, source=edit_target.source, fingerprint=edit_target.fingerprint,
+                      dtype=str(edit_target.dtype).replace("torch.", ""), device=str(edit_target.device)),
                   metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT_METRICS},
                   isolation=isolation, param_sources=dict(the_plan.sources), attack_source=attack_source(attack))
     with AttackRunner(isolation, target, suite.attack_timeout_s) as runner:
@@ -326,7 +338,7 @@ class _Run:
     result: RunResult
     runner: AttackRunner
     attack: Attack
-    target: Target
+    target: Target        # the attack's (what it protects against)
     suite: Suite
     out: Path
     images: torch.Tensor
@@ -369,7 +381,7 @@ def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, ps
     """Stages edit -> score -> record for one cell group (every prompt and both splits)."""
     result, editor, images, names, shas, seeds, splits = (ctx.result, ctx.editor, ctx.images, ctx.names, ctx.shas,
                                                           ctx.seeds, ctx.splits)
-    target, done, bar, out = ctx.target, ctx.done, ctx.bar, ctx.out
+    target, done, bar, out = ctx.editor.target, ctx.done, ctx.bar, ctx.out  # the editing model purifies
     compile_s, start_s, purifier_list = ctx.compile_s, ctx.runner.start_s, ctx.purifiers
     adv_all = torch.empty_like(images)
     for sp, idx in splits.items():

@@ -106,6 +106,8 @@ class Record(BaseModel):
     attack_seed: int = 0
     split_seed: int = 0
     target: TargetInfo
+    #: the model that edited and purified, when a transfer suite names one other than `target`
+    edit_target: Optional[TargetInfo] = None
     protection: dict[str, list[float]] = {}
     protection_mean: dict[str, float] = {}
     imperceptibility: dict[str, list[float]] = {}

@@ -134,9 +134,17 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
         report.problems.append(f"target: suite {suite.name!r}'s model {suite.target!r} has fingerprint "
                                f"{target.fingerprint}, the records claim {rec.target.fingerprint}")
         return
+    editing = target
+    if suite.edit_target:  # transfer: the edits are the edit target's, and must be re-made with it
+        editing = load_target(suite.edit_target, device=device or measured_on, dtype=rec.target.dtype)
+        claimed = rec.edit_target.fingerprint if rec.edit_target else None
+        if editing.fingerprint != claimed:
+            report.problems.append(f"edit target: suite {suite.name!r}'s editing model {suite.edit_target!r} has "
+                                   f"fingerprint {editing.fingerprint}, the records claim {claimed}")
+            return
     rng = random.Random(report.seed)
     t0 = time.perf_counter()
-    got = remeasure.sample_cells(claims, deltas, suite, target, images, rng, sample, tolerance)
+    got = remeasure.sample_cells(claims, deltas, suite, editing, images, rng, sample, tolerance)
     _merge(report, got)
     report.sampled = got.sampled
     report.remeasured = True

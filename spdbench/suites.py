@@ -32,6 +32,9 @@ class Suite:
     split_seed: int = 0
     attack_seed: int = 0
     purifiers: tuple[str, ...] = ()  # optional robustness stage (spdbench.purifiers registry)
+    #: transfer: the model that edits (and purifies), when it is not the one the attack sees
+    #: (black box: protect against `target`, edit with `edit_target`); None = `target` (white box)
+    edit_target: Optional[str] = None
     #: wall-clock limit for one cell group's attack (both splits, or the universal fit); the
     #: worker is stopped past it and the group is recorded as an error
     attack_timeout_s: Optional[float] = 3600.0
@@ -72,6 +75,13 @@ SUITES: dict[str, Suite] = {
         edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
         attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1", "diffpure0.2"),
         description="offline trained tiny target, 11 bundled photos at 128 px (7 train / 4 test), CPU minutes",
+    ),
+    "smoke-transfer": Suite(
+        name="smoke-transfer", target="tiny", edit_target="tiny-b", image_size=128, eps=("8/255", "16/255"),
+        prompts=("P3", "P4"), edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
+        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1", "diffpure0.2"),
+        description="smoke, but crafted on tiny and edited with tiny-b (trained apart: other seed, other half "
+                    "of the photos): black-box protection beside smoke's white box",
     ),
     "sd15-quick": Suite(
         name="sd15-quick", target=SD15_HUB_ID, image_size=512, eps=("16/255",),

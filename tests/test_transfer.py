@@ -1,0 +1,69 @@
+"""Transfer suites: the attack sees one model, another edits (and purifies) -- black-box protection."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import spdbench
+from spdbench.submission import verify
+from spdbench.suites import SUITES, get_suite
+
+from harness_helpers import fast_suite
+
+#: white box and black box side by side: crafted on tiny-random (seed 0), edited with tiny-random-1
+WHITE = dataclasses.replace(fast_suite(eps=("16/255",), prompts=("P3",), n_images=4, purifiers=("jpeg75",)),
+                            name="test-white")
+BLACK = dataclasses.replace(WHITE, name="test-transfer", edit_target="tiny-random-1")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(SUITES, "test-white", WHITE)
+        mp.setitem(SUITES, "test-transfer", BLACK)
+        root = tmp_path_factory.mktemp("transfer")
+        white = spdbench.run("photoguard-encoder", suite="test-white", out=root / "white")
+        black = spdbench.run("photoguard-encoder", suite="test-transfer", out=root / "black")
+        yield white, black, mp
+
+
+def test_transfer_records_name_both_models_and_share_the_attack(runs):
+    white, black, _ = runs
+    assert white.ok and black.ok
+    edit_fp = spdbench.load_target("tiny-random-1").fingerprint
+    for w, b in zip(sorted(white.records, key=lambda r: r.cell_id), sorted(black.records, key=lambda r: r.cell_id)):
+        assert w.edit_target is None and b.edit_target is not None
+        assert b.edit_target.fingerprint == edit_fp != b.target.fingerprint
+        assert b.target.fingerprint == w.target.fingerprint
+        assert b.perturbation_sha256 == w.perturbation_sha256, "the attack saw the same model in both"
+        assert b.imperceptibility == w.imperceptibility
+        assert b.protection["ssim"] != w.protection["ssim"], "the black-box edits are another model's"
+
+
+def test_a_transfer_run_verifies_with_its_edit_target(runs):
+    _, black, _ = runs
+    report = verify(black.out, sample=1, attack_rerun=True, seed=0)
+    assert report.ok, report.problems
+
+
+def test_a_transfer_record_with_a_forged_edit_target_is_refused(runs, tmp_path):
+    import json
+    import shutil
+
+    _, black, _ = runs
+    forged = tmp_path / "forged"
+    shutil.copytree(black.out, forged)
+    for f in (forged / "records").glob("*.json"):
+        data = json.loads(f.read_text())
+        data["edit_target"]["fingerprint"] = data["target"]["fingerprint"]   # claims the white-box editor
+        f.write_text(json.dumps(data))
+    report = verify(forged, sample=1, attack_rerun=False, seed=0)
+    assert not report.ok and "edit target" in " ".join(report.problems)
+
+
+def test_smoke_transfer_is_registered_against_tiny_b():
+    s = get_suite("smoke-transfer")
+    assert s.target == "tiny" and s.edit_target == "tiny-b"
+    assert {k: v for k, v in dataclasses.asdict(s).items() if k not in ("name", "edit_target", "description")} == \
+        {k: v for k, v in dataclasses.asdict(get_suite("smoke")).items() if k not in ("name", "edit_target", "description")}
