@@ -92,7 +92,8 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
     rows = []
     for (method, suite, norm, eps, label), recs in groups.items():
         row: dict = dict(method=method, suite=suite, norm=norm, eps=eps, eps_label=label,
-                         n_images=len(recs[0].image_names), prompts=len(recs))
+                         n_images=len(recs[0].image_names), prompts=len(recs), target=recs[0].target.name,
+                         edited_with=recs[0].edit_target.name if recs[0].edit_target else None)
         series = {m: [r.protection.get(m, []) for r in recs] for m in PROTECTION}
         for name in sorted({p for r in recs for p in r.purified}):
             series[f"ssim_after_{name}"] = [r.purified.get(name, {}).get("ssim", []) for r in recs]
@@ -174,6 +175,32 @@ def _with_ci(row, col: str) -> str:
     if lo is None or pd.isna(lo):
         return _fmt(row[col])
     return f"{_fmt(row[col])} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def transfer_table(rank: pd.DataFrame) -> pd.DataFrame:
+    """White box beside black box: each transfer row (a suite whose edits are another model's) with
+    the same method and eps measured where the attack's own model edits, if that row exists."""
+    if rank.empty or "edited_with" not in rank.columns or rank["edited_with"].isna().all():
+        return pd.DataFrame()
+    rows = []
+    white = rank[rank["edited_with"].isna()]
+    for _, b in rank[rank["edited_with"].notna()].iterrows():
+        w = white[(white["method"] == b["method"]) & (white["eps"] == b["eps"]) & (white["target"] == b["target"])]
+        wrow = w.iloc[0] if len(w) else None
+        rows.append(dict(method=b["method"], eps_label=b["eps_label"], crafted_on=b["target"],
+                         edited_with=b["edited_with"], white_box=_with_ci(wrow, "ssim") if wrow is not None else "–",
+                         black_box=_with_ci(b, "ssim"), black_box_suite=b["suite"]))
+    return pd.DataFrame(rows)
+
+
+def transfer_markdown(t: pd.DataFrame) -> str:
+    head = ["method", "eps", "crafted on", "edited with", "SSIM white box ↓", "SSIM black box ↓", "suite"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in t.iterrows():
+        cells = [r["method"], r["eps_label"], r["crafted_on"], r["edited_with"], r["white_box"], r["black_box"],
+                 r["black_box_suite"]]
+        lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def ranking_markdown(r: pd.DataFrame) -> str:
@@ -270,7 +297,11 @@ def _notes_md(failed: Sequence[str], skipped: Sequence[tuple[str, str]]) -> str:
 
 
 def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped) -> str:
-    return (f"# {md_escape(title)}\n\n{INTRO}\n\n## Ranking\n\n" + ranking_markdown(rank) +
+    tr = transfer_table(rank)
+    transfer = ("\n\n## Transfer: white box vs black box\n\nThe same attack at the same eps, its edits made by "
+                "the model it was crafted on (white box) and by an independently trained one (black box).\n\n"
+                + transfer_markdown(tr)) if not tr.empty else ""
+    return (f"# {md_escape(title)}\n\n{INTRO}\n\n## Ranking\n\n" + ranking_markdown(rank) + transfer +
             "\n\n## Table 1 layout (mean over eps)\n\n" + table1_markdown(t1) +
             (f"\n\n![metrics vs eps]({plot.name})" if plot else "") + _notes_md(failed, skipped) + "\n")
 

@@ -77,11 +77,11 @@ SUITES: dict[str, Suite] = {
         description="offline trained tiny target, 11 bundled photos at 128 px (7 train / 4 test), CPU minutes",
     ),
     "smoke-transfer": Suite(
-        name="smoke-transfer", target="tiny", edit_target="tiny-b", image_size=128, eps=("8/255", "16/255"),
+        name="smoke-transfer", target="tiny-v3", edit_target="tiny-b", image_size=128, eps=("8/255", "16/255"),
         prompts=("P3", "P4"), edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
         attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1", "diffpure0.2"),
-        description="smoke, but crafted on tiny and edited with tiny-b (trained apart: other seed, other half "
-                    "of the photos): black-box protection beside smoke's white box",
+        description="smoke, but crafted on tiny-v3 and edited with tiny-b (trained apart: other seed, other "
+                    "half of the photos): black-box protection beside white box",
     ),
     "sd15-quick": Suite(
         name="sd15-quick", target=SD15_HUB_ID, image_size=512, eps=("16/255",),

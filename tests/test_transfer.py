@@ -64,6 +64,23 @@ def test_a_transfer_record_with_a_forged_edit_target_is_refused(runs, tmp_path):
 
 def test_smoke_transfer_is_registered_against_tiny_b():
     s = get_suite("smoke-transfer")
-    assert s.target == "tiny" and s.edit_target == "tiny-b"
-    assert {k: v for k, v in dataclasses.asdict(s).items() if k not in ("name", "edit_target", "description")} == \
-        {k: v for k, v in dataclasses.asdict(get_suite("smoke")).items() if k not in ("name", "edit_target", "description")}
+    assert s.target == "tiny-v3" and s.edit_target == "tiny-b"
+    skip = ("name", "target", "edit_target", "description")
+    assert {k: v for k, v in dataclasses.asdict(s).items() if k not in skip} == \
+        {k: v for k, v in dataclasses.asdict(get_suite("smoke")).items() if k not in skip}
+
+
+def test_the_leaderboard_puts_white_and_black_box_side_by_side(runs):
+    from spdbench.leaderboard import ranking, transfer_markdown, transfer_table
+
+    white, black, _ = runs
+    rank = ranking(white.records + black.records)
+    t = transfer_table(rank)
+    assert len(t) == 1
+    row = t.iloc[0]
+    assert row["crafted_on"] == "tiny-random-0" and row["edited_with"] == "tiny-random-1"
+    by_suite = rank.set_index("suite")
+    assert row["white_box"].startswith(f"{by_suite.loc['test-white', 'ssim']:.4f}")
+    assert row["black_box"].startswith(f"{by_suite.loc['test-transfer', 'ssim']:.4f}")
+    assert "tiny-random-1" in transfer_markdown(t)
+    assert transfer_table(ranking(white.records)).empty

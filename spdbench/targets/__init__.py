@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError, TargetLoadError
 from .base import Encoding, Target
 from .sd15 import SD15_HUB_ID, load_sd15
-from .tiny import INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, build_tiny
+from .tiny import ASSETS, INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, V3_DIR, build_tiny
 
 __all__ = ["Encoding", "Target", "load_target", "load_sd15", "build_tiny", "SD15_HUB_ID", "parse_dtype",
            "parse_device"]
@@ -77,7 +77,9 @@ _SEEDED = re.compile(r"^(tiny-random|sd15-arch-random)(?:-(\d{1,9}))?$")
 
 def load_target(name: Union[str, Path] = "tiny", device: Union[str, torch.device, None] = None,
                 dtype: Union[str, torch.dtype, None] = None) -> Target:
-    """"tiny" (the trained offline model shipped in the package), "tiny-random[-SEED]"
+    """"tiny" (the trained offline model shipped in the package), "tiny-v3" (its retrained successor),
+    "tiny-b" (v3's independently trained sibling, for transfer), "tiny-inpaint" (SD-inpainting on
+    v3's VAE and text encoder), "tiny-random[-SEED]"
     (random weights, plumbing only), "sd15-arch-random[-SEED]" (SD1.5's full architecture with random
     weights, for GPU timings), a diffusers folder, or a hub id such as SD15_HUB_ID."""
     target = _load(name, device, dtype)
@@ -103,11 +105,13 @@ def _load_tiny_inpaint(device, dtype) -> Target:
 
     _check_installed(INPAINT_DIR, "tiny-inpaint")
     record = json.loads((INPAINT_DIR / "training.json").read_text())
+    parent = ASSETS / record["parent"]  # the zoo folder whose VAE and text encoder it was trained on
     for part, want in record["parent_weights_sha256"].items():
-        if part.startswith(("vae/", "text_encoder/")) and sha256_file(TRAINED_DIR / part) != want:
-            raise TargetLoadError(f"tiny-inpaint was trained on another tiny: {part} of {TRAINED_DIR} does not "
+        if part.startswith(("vae/", "text_encoder/")) and (
+                not (parent / part).is_file() or sha256_file(parent / part) != want):
+            raise TargetLoadError(f"tiny-inpaint was trained on another model: {part} of {parent} does not "
                                   "match its training record; retrain it (python -m spdbench.zoo.train_inpaint)")
-    base = load_sd15(TRAINED_DIR, name="tiny")
+    base = load_sd15(parent, name=record["parent"])
     comps = base.components()
     comps["unet"] = UNet2DConditionModel.from_pretrained(str(INPAINT_DIR / "unet"))
     return Target(**comps, name="tiny-inpaint", source="spdbench:tiny-inpaint", device=device, dtype=dtype)
@@ -132,6 +136,9 @@ def _load(name: Union[str, Path], device, dtype) -> Target:
                 "use 'tiny-random' or train it with `python -m spdbench.zoo.train_tiny`"
             )
         return load_sd15(TRAINED_DIR, device=device, dtype=dtype, name="tiny")
+    if text == "tiny-v3":
+        _check_installed(V3_DIR, text)
+        return load_sd15(V3_DIR, device=device, dtype=dtype, name="tiny-v3")
     if text == "tiny-b":
         _check_installed(TINY_B_DIR, text)
         return load_sd15(TINY_B_DIR, device=device, dtype=dtype, name="tiny-b")

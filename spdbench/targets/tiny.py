@@ -17,7 +17,10 @@ import torch
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 TRAINED_DIR = ASSETS / "tiny-trained"
-#: tiny-b: a sibling of tiny trained independently (seed 1, the other half of the photos): transfer
+#: tiny v3, trained on the zoo's photo list (docs/zoo.md); becomes "tiny" once the leaderboard is
+#: re-measured on it (until then "tiny" stays v2, which every committed entry was measured on)
+V3_DIR = ASSETS / "tiny-v3"
+#: tiny-b: a sibling of tiny v3 trained independently (seed 1, the other half of the photos): transfer
 TINY_B_DIR = ASSETS / "tiny-b"
 #: tiny-inpaint: only a 9-channel UNet; the VAE, text encoder and tokenizer are tiny's
 INPAINT_DIR = ASSETS / "tiny-inpaint"

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import latent_mask, random_masks
-from ..targets.tiny import INPAINT_DIR, SCHEDULER_CONFIG, TRAINED_DIR
+from ..targets.tiny import INPAINT_DIR, SCHEDULER_CONFIG, V3_DIR
 from .train_tiny import (P_EMPTY, P_SUITE, SUITE_PROMPTS, TRAINING_JSON, CropSampler, LatentBank, LossTrack,
                          StepBudget, _command, caption_of, check_overwrite, folder_bytes, lr_at, package_weights,
                          prompt_table, record_photos, weight_hashes)
@@ -167,7 +167,8 @@ def save(target, out: Path, record: dict, force: bool) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spdbench.zoo.train_inpaint", description=__doc__.split("\n")[0])
-    ap.add_argument("--parent", type=Path, default=TRAINED_DIR, help="the tiny folder it builds on")
+    ap.add_argument("--parent", type=Path, default=V3_DIR, help="the tiny folder it builds on (a folder of "
+                    "spdbench/targets/assets: the loader finds it there by name)")
     ap.add_argument("--out", type=Path, default=INPAINT_DIR)
     ap.add_argument("--photos", type=Path, default=None, metavar="DIR")
     ap.add_argument("--steps", type=int, required=True)
