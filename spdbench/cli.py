@@ -47,8 +47,12 @@ def cmd_list(args) -> int:
                          doc=doc.splitlines()[0] if doc else "(no description: give the class a docstring)",
                          plugin=None if source["distribution"] == "spdbench" else
                          f"{source['distribution']} {source['version']}"))
+    from .purifiers import describe
+
+    purifiers = describe()
     if args.json:
-        print(json.dumps({"attacks": rows, "suites": {k: v.description for k, v in SUITES.items()}}, indent=1))
+        print(json.dumps({"attacks": rows, "suites": {k: v.description for k, v in SUITES.items()},
+                          "purifiers": purifiers}, indent=1))
         return EXIT_OK
     print("attacks:")
     for r in rows:
@@ -59,6 +63,9 @@ def cmd_list(args) -> int:
     print("suites:")
     for name, suite in SUITES.items():
         print(f"  {name:<22} {suite.description}")
+    print("purifiers:")
+    for d in purifiers:
+        print(f"  {d['name']:<22} {d['description']}")
     return EXIT_OK
 
 
@@ -238,17 +245,19 @@ def _count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spdbench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("list", help="registered attacks and suites")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("list", help="registered attacks, suites and purifiers")
+    s.add_argument("--json", action="store_true", help="print the registry as JSON instead of a table")
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("run", help="run an attack through a suite")
-    s.add_argument("--suite", default="smoke")
+    s.add_argument("--suite", default="smoke",
+                   help="the rule book: target, photos, budgets, prompts, edit settings (default smoke; "
+                        "`spdbench list` shows them)")
     s.add_argument("--attack", required=True, help="attack name, or several separated by commas (a grid)")
     s.add_argument("--preset", help="a named parameter preset of the attack (e.g. madry)")
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="attack parameter (JSON value)")
     s.add_argument("--eps", help="comma-separated budgets, e.g. 4/255,16/255 (default: the suite's)")
-    s.add_argument("--norm", choices=["linf", "l2"])
+    s.add_argument("--norm", choices=["linf", "l2"], help="budget norm (default: the suite's, or the preset's)")
     s.add_argument("--prompts", help="comma-separated prompt keys P1..P4 (default: the suite's)")
     s.add_argument("--out", help="run folder (default spdbench-runs/SUITE-ATTACK)")
     s.add_argument("--target", help="override the suite's target: tiny, tiny-random, hub id or folder")
@@ -256,9 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", help="spdbench-manifest/1 JSON listing the protocol images")
     s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse finished cells in --out (default on)")
-    s.add_argument("--device", default=None)
-    s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    s.add_argument("--purifiers", help="also score protection after purifiers, e.g. jpeg75,resize0.5,blur1,diffpure0.2")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default cpu)")
+    s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="model dtype (default float32); images and budgets stay float32")
+    s.add_argument("--purifiers", help="score protection after these purifiers instead of the suite's, e.g. "
+                   "jpeg75,resize0.5,blur1,diffpure0.2 (`spdbench list` shows all)")
     s.add_argument("--backend", default="serial", choices=["serial", "ray"],
                    help="ray: one task per (attack, eps) with one GPU each; --out must be shared by all nodes")
     s.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local one)")
@@ -269,19 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "none: in this process, for debugging only (recorded; verify and submit refuse it)")
     s.add_argument("--attack-timeout", type=float, default=None, metavar="SECONDS",
                    help="wall-clock limit per cell group's attack (default: the suite's attack_timeout_s)")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("leaderboard", help="aggregate records into Markdown / CSV / HTML")
     s.add_argument("--records", action="append", help="folder(s) holding run folders (default spdbench-runs)")
     s.add_argument("--out", help="output folder (default RECORDS/leaderboard)")
-    s.add_argument("--format", default="md,csv,html", type=_formats, help="comma-separated: md, csv, html")
+    s.add_argument("--format", default="md,csv,html", type=_formats,
+                   help="comma-separated formats among md (README.md), csv (leaderboard.csv, table1.csv) and "
+                        "html (index.html); default md,csv,html")
     s.set_defaults(fn=cmd_leaderboard)
 
     for name, fn, helptext in (("verify", cmd_verify, "re-check a run folder as an untrusted submission"),
                                ("submit", cmd_submit, "verify a run folder and add it to the leaderboard")):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("folder")
+        s.add_argument("folder", help="a run folder (spdbench run --out) or an entry folder")
         s.add_argument("--sample", type=_positive, default=2,
                        help="images re-edited from every cell (default 2; a random draw, see --seed)")
         s.add_argument("--tolerance", type=_tolerance, default=2e-3,
@@ -297,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--no-attack-rerun", action="store_true",
                            help="re-measure the sample but do not re-run the attack (reported)")
         else:
-            s.add_argument("--leaderboard", default="leaderboard")
+            s.add_argument("--leaderboard", default="leaderboard",
+                           help="the leaderboard folder entries are added to (default leaderboard)")
             s.add_argument("--name", help="entry name (default: the folder's name)")
             s.add_argument("--replace", action="store_true",
                            help="replace an existing entry of that name (kept until the new one is in place)")
