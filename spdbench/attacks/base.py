@@ -17,6 +17,7 @@ import torch
 from ..budget import Budget
 from ..errors import InputError, RegistryError, UnknownNameError, did_you_mean
 from ..images import check_images
+from ..plugins import load_group
 
 ENTRY_POINT_GROUP = "spdbench.attacks"
 
@@ -201,25 +202,20 @@ def load_entry_points(force: bool = False) -> list[str]:
     if _entry_points_loaded and not force:
         return []
     _entry_points_loaded = True
-    loaded = []
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
-        where = f"attack plugin {ep.name!r} of {dist} ({ep.value})"
-        try:
-            obj = ep.load()
-            if not (isinstance(obj, type) and issubclass(obj, Attack)):
-                raise RegistryError(f"the entry point must name a subclass of spdbench.Attack, got {obj!r}")
-            other = [n for n, c in _REGISTRY.items() if c is obj and n != ep.name]
-            if other:
-                warnings.warn(f"spdbench: {where} is also @register-ed as {other}; the entry-point name "
-                              f"{ep.name!r} is its registry name")
-                for n in other:
-                    del _REGISTRY[n]
-            register(ep.name)(obj)
-            loaded.append(ep.name)
-        except Exception as exc:  # noqa: BLE001 - isolate broken plugins
-            warnings.warn(f"spdbench: could not load {where}: {exc}")
-    return loaded
+
+    def load_one(ep, where: str) -> None:
+        obj = ep.load()
+        if not (isinstance(obj, type) and issubclass(obj, Attack)):
+            raise RegistryError(f"the entry point must name a subclass of spdbench.Attack, got {obj!r}")
+        other = [n for n, c in _REGISTRY.items() if c is obj and n != ep.name]
+        if other:
+            warnings.warn(f"spdbench: {where} is also @register-ed as {other}; the entry-point name "
+                          f"{ep.name!r} is its registry name")
+            for n in other:
+                del _REGISTRY[n]
+        register(ep.name)(obj)
+
+    return load_group(ENTRY_POINT_GROUP, "attack", load_one)
 
 
 def attack_source(attack: Union[Attack, type]) -> dict[str, str]:

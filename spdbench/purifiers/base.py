@@ -10,14 +10,13 @@ deterministically (any randomness from a seed in its settings).
 """
 from __future__ import annotations
 
-import importlib.metadata
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
 from ..errors import RegistryError, UnknownNameError, did_you_mean
+from ..plugins import load_group
 
 ENTRY_POINT_GROUP = "spdbench.purifiers"
 
@@ -73,20 +72,16 @@ def load_entry_points(force: bool = False) -> list[str]:
     if _entry_points_loaded and not force:
         return []
     _entry_points_loaded = True
-    loaded = []
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
-        try:
-            obj = ep.load()
-            if not isinstance(obj, Purifier):
-                raise RegistryError(f"the entry point must name a spdbench.Purifier, got {obj!r}")
-            if obj.name != ep.name:
-                raise RegistryError(f"its Purifier is named {obj.name!r}, not the entry-point name {ep.name!r}")
-            register_purifier(obj)
-            loaded.append(ep.name)
-        except Exception as exc:  # noqa: BLE001 - isolate broken plugins
-            warnings.warn(f"spdbench: could not load purifier plugin {ep.name!r} of {dist} ({ep.value}): {exc}")
-    return loaded
+
+    def load_one(ep, where: str) -> None:
+        obj = ep.load()
+        if not isinstance(obj, Purifier):
+            raise RegistryError(f"the entry point must name a spdbench.Purifier, got {obj!r}")
+        if obj.name != ep.name:
+            raise RegistryError(f"its Purifier is named {obj.name!r}, not the entry-point name {ep.name!r}")
+        register_purifier(obj)
+
+    return load_group(ENTRY_POINT_GROUP, "purifier", load_one)
 
 
 def _ensure_loaded() -> None:

@@ -17,8 +17,6 @@ Run: ``python -m spdbench.zoo.evaluate_inpaint [--photos DIR] [--out FILE]``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,7 +25,7 @@ import torch
 
 from ..masks import random_masks
 from ..stats import bootstrap_ci
-from .evaluate_tiny import heldout_crops, package_crops
+from .evaluate_tiny import emit, eval_parser, heldout_crops, package_crops
 
 STEPS, GUIDANCE, MASK_SEED = 20, 7.5, 4242
 
@@ -101,19 +99,11 @@ def evaluate(target, photos_dir: Optional[Path] = None, n_photos: Optional[int] 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..targets import load_target
 
-    ap = argparse.ArgumentParser(prog="python -m spdbench.zoo.evaluate_inpaint", description=__doc__.split("\n")[0])
-    ap.add_argument("target", nargs="?", default="tiny-inpaint")
-    ap.add_argument("--photos", type=Path, default=None, metavar="DIR")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=None)
+    ap = eval_parser("python -m spdbench.zoo.evaluate_inpaint", __doc__, "tiny-inpaint")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = evaluate(load_target(args.target), photos_dir=args.photos)
-    text = json.dumps(res, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(evaluate(load_target(args.target), photos_dir=args.photos), args.out)
     return 0
 
 

@@ -150,29 +150,38 @@ def evaluate(target, n_photos: Optional[int] = None, photos_dir: Optional[Path] 
     return out
 
 
+def eval_parser(prog: str, doc: str, default_target: str) -> argparse.ArgumentParser:
+    """The zoo evaluations' shared command line: TARGET [--photos DIR] [--threads N] [--out FILE]."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    ap.add_argument("target", nargs="?", default=default_target, help="target name or model folder")
+    ap.add_argument("--photos", type=Path, default=None, metavar="DIR",
+                    help="fetched photos (`python -m spdbench.zoo.photos fetch DIR`): adds the held-out package")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    return ap
+
+
+def emit(result: dict, out: Optional[Path]) -> None:
+    text = json.dumps(result, indent=1)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..targets import load_target
 
-    ap = argparse.ArgumentParser(prog="python -m spdbench.zoo.evaluate_tiny", description=__doc__.split("\n")[0])
-    ap.add_argument("target", nargs="?", default="tiny", help="target name or model folder")
-    ap.add_argument("--photos", type=Path, default=None, metavar="DIR",
-                    help="fetched photos (`python -m spdbench.zoo.photos fetch DIR`): adds the held-out package")
+    ap = eval_parser("python -m spdbench.zoo.evaluate_tiny", __doc__, "tiny")
     ap.add_argument("--probe", action="store_true", help="per-timestep denoising probe instead")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     target = load_target(args.target)
     if args.probe:
         x = package_crops(args.photos)[0] if args.photos else heldout_crops()
-        res = denoise_probe(target, x)
+        emit(denoise_probe(target, x), args.out)
     else:
-        res = evaluate(target, photos_dir=args.photos)
-    text = json.dumps(res, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+        emit(evaluate(target, photos_dir=args.photos), args.out)
     return 0
 
 
