@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,8 +299,17 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
     result = RunResult(records=[], out=out, param_sources=dict(the_plan.sources))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(the_plan.budgets) * len(prompt_keys), desc=f"{attack.name} on {suite.name}", unit="cell",
-               disable=not progress, leave=False)
+    def group_ids(budget: Budget) -> dict:
+        return {(pk, sp): cell_id(attack.name, _jsonable(attack.params), id_cfg, budget.norm,
+                                  format_eps(budget.eps), pk, sp.value, target.fingerprint, data_sha)
+                for pk in prompt_keys for sp in splits}
+
+    all_ids = [group_ids(b) for b in the_plan.budgets]
+    n_cells = sum(len(g) for g in all_ids)            # what the summary counts: one cell per prompt and split
+    n_done = sum(i in done for g in all_ids for i in g.values())
+    if progress and n_done:
+        print(f"resuming: {n_done} of {n_cells} cells already done in {out}", file=sys.stderr, flush=True)
+    bar = tqdm(total=n_cells, desc=f"{attack.name} on {suite.name}", unit="cell", disable=not progress, leave=False)
     common = dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
                   universal=attack.universal, suite=suite.name, suite_config=suite_cfg, attack_seed=suite.attack_seed,
                   split_seed=suite.split_seed, target=tinfo, edit=suite.edit.to_dict(), provenance=env,
@@ -312,15 +322,12 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
         ctx = _Run(result=result, runner=runner, attack=attack, target=target, suite=suite, out=out, images=images,
                    names=names, shas=shas, seeds=seeds, splits=splits, editor=editor, purifiers=purifier_list,
                    prompt_keys=prompt_keys, done=done, common=common, compile_s=compile_s, bar=bar)
-        for budget in the_plan.budgets:
+        for budget, ids in zip(the_plan.budgets, all_ids):
             bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
-            ids = {(pk, sp): cell_id(attack.name, _jsonable(attack.params), id_cfg, budget.norm,
-                                     format_eps(budget.eps), pk, sp.value, target.fingerprint, data_sha)
-                   for pk in prompt_keys for sp in splits}
             if all(i in done for i in ids.values()):
                 result.records.extend(done[i] for i in ids.values())
                 result.reused.extend(ids.values())
-                bar.update(len(prompt_keys))
+                bar.update(len(ids))
                 continue
             _run_group(ctx, budget, ids)
     bar.close()
@@ -371,7 +378,7 @@ def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
             ctx.result.records.append(rec)
             ctx.result.computed.append(cid)
         log.error("cell group %s %s failed: %s", ctx.attack.name, budget, exc)
-        ctx.bar.update(len(ctx.prompt_keys))
+        ctx.bar.update(len(ids))
         return
     _edit_score_record(ctx, protections, flags, pfile, psha, ids, base)
 
@@ -389,7 +396,7 @@ def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, ps
     imperceptibility = metrics_mod.score(adv_all, images)
     purified_imgs = {p.name: p(adv_all, target) for p in purifier_list}
     for pk in ctx.prompt_keys:
-        bar.update(1)
+        bar.update(len(splits))
         if all(ids[(pk, sp)] in done for sp in splits):
             result.records.extend(done[ids[(pk, sp)]] for sp in splits)
             result.reused.extend(ids[(pk, sp)] for sp in splits)

@@ -148,3 +148,15 @@ def test_compile_flag_records_compile_time_apart(tmp_path):
     res = spdbench.run("uniform-noise", suite=fast_suite(), out=tmp_path, target=t, images=fast_images(2),
                        compile_backend="eager")
     assert res.ok and all(r.timing.compile_s is not None and r.timing.compile_s > 0 for r in res.records)
+
+
+def test_a_resumed_run_says_how_much_is_done(tmp_path, capsys):
+    from harness_helpers import fast_suite
+
+    suite = fast_suite(eps=("8/255", "16/255"), prompts=("P3",), n_images=3)
+    spdbench.run("uniform-noise", suite=suite, out=tmp_path / "r", progress=False)
+    assert "resuming" not in capsys.readouterr().err
+    res = spdbench.run("uniform-noise", suite=suite, out=tmp_path / "r", progress=True)
+    err = capsys.readouterr().err
+    assert f"resuming: {len(res.records)} of {len(res.records)} cells already done" in err
+    assert len(res.reused) == len(res.records) == 4

@@ -68,12 +68,12 @@ def _summary(v: torch.Tensor) -> dict:
     return dict(mean=round(float(v.mean()), 3), ci95=[round(ci.low, 3), round(ci.high, 3)])
 
 
-def figures(target, x: torch.Tensor, description: str) -> dict:
-    """Hole and kept PSNR for box and stroke masks on crops `x`."""
+def figures(target, x: torch.Tensor, description: str, kinds: Sequence[str] = ("box", "strokes")) -> dict:
+    """Hole and kept PSNR for each mask kind on crops `x`."""
     rec = target.reconstruct(x).float().cpu().clamp(0, 1)
     out = dict(images=description, n=len(x), prompt="", strength=1.0, steps=STEPS, guidance=GUIDANCE,
                seeds="torch.Generator(i) per crop; masks torch.Generator(4242 + i)")
-    for kind in ("box", "strokes"):
+    for kind in kinds:
         m = masks_for(len(x), kind, x.shape[-1])
         y = inpaint(target, x, m)
         hole, fill = region_psnr(y, x, m), region_psnr(mean_fill(x, m), x, m)
