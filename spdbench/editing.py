@@ -146,8 +146,9 @@ class Editor:
         outs, start, bs = [], 0, self.batch_size
         while start < len(images):
             try:
-                mb = None if masks is None else masks[start:start + bs]
-                outs.append(self._edit_batch(images[start:start + bs], text, seeds[start:start + bs], mb))
+                chunk = (images[start:start + bs], text, seeds[start:start + bs])
+                outs.append(self._edit_batch(*chunk) if masks is None
+                            else self._edit_batch(*chunk, masks[start:start + bs]))
                 start += bs
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if "out of memory" not in str(exc).lower() or bs == 1:
