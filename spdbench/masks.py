@@ -81,3 +81,94 @@ def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     """The mask at latent resolution, as diffusers' inpainting pipeline makes it (nearest)."""
     h, w = mask.shape[-2:]
     return torch.nn.functional.interpolate(mask, size=(h // factor, w // factor))
+
+
+# --- masks as data: one per photo, named like it ------------------------------------------------
+#: the deterministic mask sets every photo has (issue 20): a centre box, and free-form strokes
+#: seeded by the photo's name (so a photo keeps its mask when others are added)
+MASK_SETS = ("centre-box", "strokes")
+
+
+def _name_seed(name: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def centre_box(size: int, frac: float = 0.5) -> torch.Tensor:
+    """(1, size, size): the centred square of side `frac` * size to repaint."""
+    side = round(size * frac)
+    lo = (size - side) // 2
+    m = torch.zeros(1, size, size)
+    m[:, lo:lo + side, lo:lo + side] = 1.0
+    return m
+
+
+def mask_set(kind: str, names: Sequence[str], size: int) -> torch.Tensor:
+    """(N, 1, size, size): the `kind` mask of each named photo (see MASK_SETS)."""
+    if kind == "centre-box":
+        return torch.stack([centre_box(size) for _ in names])
+    if kind == "strokes":
+        return torch.stack([stroke_mask(size, torch.Generator().manual_seed(_name_seed(n))) for n in names])
+    raise ValueError(f"mask set {kind!r}: expected one of {list(MASK_SETS)} or a folder of PNGs (--masks DIR)")
+
+
+def save_masks(masks: torch.Tensor, names: Sequence[str], folder) -> list:
+    """One 8-bit greyscale PNG per photo, `NAME.png`, white (255) = repaint, black (0) = keep."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for m, n in zip(masks, names):
+        arr = (m[0].detach().cpu().numpy() >= 0.5).astype(np.uint8) * 255
+        Image.fromarray(arr, mode="L").save(folder / f"{n}.png")
+        paths.append(folder / f"{n}.png")
+    return paths
+
+
+def load_masks(folder, names: Sequence[str], size: int) -> torch.Tensor:
+    """(N, 1, size, size) from `folder/NAME.png` for each photo name; white (>= 128) = repaint.
+
+    A mask must exist for every photo, be exactly size x size (masks are data: they are not resized
+    behind the user's back) and contain both values; any problem is one line naming the file.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .errors import InputError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--masks {str(folder)!r}: not a folder (expected one PNG per photo, NAME.png)")
+    missing = [n for n in names if not (folder / f"{n}.png").is_file()]
+    if missing:
+        have = sorted(p.stem for p in folder.glob("*.png"))[:5]
+        raise InputError(f"--masks {str(folder)!r}: no mask for photo(s) {missing[:5]} (expected NAME.png per photo; "
+                         f"found {have or 'none'})")
+    out = []
+    for n in names:
+        path = folder / f"{n}.png"
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("L"))
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear line
+            raise InputError(f"--masks: {path} is not a readable image ({type(exc).__name__})") from None
+        if arr.shape != (size, size):
+            raise InputError(f"--masks: {path} is {arr.shape[1]}x{arr.shape[0]}, the suite's photos are {size}x{size}")
+        m = torch.from_numpy((arr >= 128).astype(np.float32))[None]
+        if float(m.sum()) == 0 or float(m.sum()) == m.numel():
+            what = "nothing" if float(m.sum()) == 0 else "everything"
+            raise InputError(f"--masks: {path} repaints {what}; a mask needs white (repaint) and black (keep) pixels")
+        out.append(m)
+    return torch.stack(out)
+
+
+def mask_sha256(mask: torch.Tensor) -> str:
+    """The hash that names one mask in records: sha256 of its {0, 1} bytes."""
+    import hashlib
+
+    return hashlib.sha256((mask.detach().cpu() >= 0.5).to(torch.uint8).numpy().tobytes()).hexdigest()
