@@ -75,11 +75,15 @@ class RunResult:
     def ok(self) -> bool:
         return not self.failed
 
-    def table(self):
-        """Per-cell means as a pandas DataFrame."""
-        from .leaderboard import records_frame
+    def table(self, full: bool = False):
+        """Per-cell means as a pandas DataFrame: method, eps, prompt, split and the four protection
+        metrics (lower = stronger); `full=True` adds every column (imperceptibility, costs, ids)."""
+        from .leaderboard import PROTECTION, records_frame
 
-        return records_frame(self.records)
+        df = records_frame(self.records)
+        if full or df.empty:
+            return df
+        return df[["method", "eps_label", "prompt", "split", *PROTECTION]].rename(columns={"eps_label": "eps"})
 
 
 

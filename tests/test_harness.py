@@ -160,3 +160,12 @@ def test_a_resumed_run_says_how_much_is_done(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"resuming: {len(res.records)} of {len(res.records)} cells already done" in err
     assert len(res.reused) == len(res.records) == 4
+
+
+def test_result_table_is_concise_unless_asked(tmp_path):
+    from harness_helpers import fast_suite
+
+    res = spdbench.run("uniform-noise", suite=fast_suite(prompts=("P3",), n_images=3), out=tmp_path / "t")
+    short, full = res.table(), res.table(full=True)
+    assert list(short.columns) == ["method", "eps", "prompt", "split", "ssim", "psnr", "vifp", "fsim"]
+    assert len(short) == len(full) == len(res.records) and {"imp_psnr", "cell_id"} <= set(full.columns)
