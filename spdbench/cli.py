@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .errors import InputError, SpdbenchError
+from .errors import InputError, SpdbenchError, UnknownNameError
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_USER_ERROR = 0, 1, 2
 
@@ -33,6 +33,14 @@ def _params(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _summary(doc: str) -> str:
+    """A docstring's first sentence, whole: the first paragraph's lines joined, cut after the first
+    '. ' (a description that wraps onto a second line is not cut mid-sentence)."""
+    para = " ".join(line.strip() for line in doc.strip().split("\n\n")[0].splitlines())
+    end = para.find(". ")
+    return para if end < 0 else para[:end + 1]
+
+
 def cmd_list(args) -> int:
     from .attacks import attack_class, list_attacks
     from .attacks.base import attack_source
@@ -44,7 +52,7 @@ def cmd_list(args) -> int:
         doc = (cls.__doc__ or "").strip()
         source = attack_source(cls)
         rows.append(dict(name=name, universal=cls.universal, presets=sorted(cls.presets),
-                         doc=doc.splitlines()[0] if doc else "(no description: give the class a docstring)",
+                         doc=_summary(doc) if doc else "(no description: give the class a docstring)",
                          plugin=None if source["distribution"] == "spdbench" else
                          f"{source['distribution']} {source['version']}"))
     from .purifiers import describe
@@ -120,7 +128,9 @@ def cmd_run(args) -> int:
                      progress=not args.quiet, **common)
     print(ranking_markdown(ranking(result.records)))
     print(f"\n{len(result.computed)} cell(s) computed, {len(result.reused)} reused; records in {result.out}/records")
-    print(f"clean edits: {result.clean_cache_hits} from the cache, {result.clean_cache_misses} computed; "
+    earlier = result.clean_cache_hits - result.clean_cache_hits_own
+    print(f"clean edits: {result.clean_cache_misses} computed, {result.clean_cache_hits_own} reused within this run, "
+          f"{earlier} from earlier runs' cache; "
           f"{result.edits_run} img2img edits run")
     for rec in result.failed:
         print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
@@ -341,10 +351,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except SpdbenchError as exc:
-        print(f"spdbench {args.command}: error: {exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, UnknownNameError) and str(exc).startswith("unknown attack"):
+            hint = (" (an attack registered with @spdbench.register exists only in the Python process that "
+                    "imported it; for the CLI, install it as a package with an entry point in the "
+                    "'spdbench.attacks' group: docs/writing-an-attack.md)")
+        print(f"spdbench {args.command}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted; finished cells are saved, rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # on a line of its own, not glued onto a progress bar's
+        print("\ninterrupted; finished cells are saved, rerun the same command to resume", file=sys.stderr)
         return 130
 
 

@@ -95,6 +95,10 @@ class Editor:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.batch_size = max(1, int(batch_size))
         self.cache_hits = self.cache_misses = self.edits_run = 0
+        #: hits on entries this editor wrote itself (another eps of the same run), counted apart so a
+        #: new folder never reads as "from the cache" of some earlier run
+        self.cache_hits_own = 0
+        self._written: set[str] = set()
         #: file names of cache entries found bad on read (recomputed and overwritten), in order
         self.cache_rejected: list[str] = []
         self.oom_events: list[dict] = []
@@ -187,6 +191,7 @@ class Editor:
                 if entry is not None:
                     out[i] = entry.to(images.device)
                     self.cache_hits += 1
+                    self.cache_hits_own += k in self._written
                     continue
             todo.append(i)
         if todo:
@@ -201,6 +206,7 @@ class Editor:
                     continue
                 data = save({"edit": edited[j].detach().float().cpu().contiguous()})
                 atomic_write_bytes(self.cache_dir / name, data)
+                self._written.add(keys[i])
         return torch.stack(out).to(images.device)
 
     def _read_entry(self, path: Path, shape: Sequence[int]) -> Optional[torch.Tensor]:

@@ -57,6 +57,8 @@ class RunResult:
     #: every img2img image run (clean misses + protected + purified) -- counted, not timed
     clean_cache_hits: int = 0
     clean_cache_misses: int = 0
+    #: of the hits, those on clean edits this run made itself (for another eps)
+    clean_cache_hits_own: int = 0
     edits_run: int = 0
     #: clean-edit cache files found bad on read (wrong shape, non-finite, constant, ...) and recomputed
     clean_cache_rejected: list[str] = field(default_factory=list)
@@ -336,6 +338,7 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
             _run_group(ctx, budget, ids)
     bar.close()
     result.clean_cache_hits, result.clean_cache_misses = editor.cache_hits, editor.cache_misses
+    result.clean_cache_hits_own = editor.cache_hits_own
     result.edits_run = editor.edits_run
     result.clean_cache_rejected = list(editor.cache_rejected)
     write_jsonl(load_records(out, strict=False), out / "records.jsonl")
