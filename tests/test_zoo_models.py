@@ -96,13 +96,19 @@ def test_tiny_inpaint_refuses_a_parent_it_was_not_trained_on(monkeypatch):
 
 
 @pytest.mark.slow
-def test_tiny_inpaint_really_inpaints_on_the_bundled_split():
-    """Box masks on the 16 bundled test crops, prompt "", strength 1: the hole is closer to the truth
-    than a mean-colour fill (paired 95% CI above 0), as recorded; the kept region is near the VAE's."""
+def test_tiny_inpaint_reproduces_its_record_and_reads_the_kept_region():
+    """Box masks on the 16 bundled test crops, prompt "", strength 1, as recorded (same seeds).
+
+    What the tiny inpainter is and is not (measured, docs/zoo.md): its hole is *worse* than a
+    mean-colour fill (-5.1 dB), so it is no painter; but it is conditioned on the photo -- the kept
+    region comes out several dB closer to the truth than the hole, which starts from the same noise --
+    and that conditioning path is what an inpainting protection attacks.
+    """
     from spdbench.zoo.evaluate_inpaint import figures
 
     rec = _record(INPAINT_DIR)["heldout"]["bundled"]["box"]
     got = figures(load_target("tiny-inpaint"), heldout_crops(), "bundled", kinds=("box",))["box"]
     assert got["hole_psnr"]["mean"] == pytest.approx(rec["hole_psnr"]["mean"], abs=0.1)
-    assert got["hole_minus_fill_db"]["ci95"][0] > 0
-    assert got["kept_psnr"]["mean"] > got["kept_psnr_vae_reconstruction"]["mean"] - 1.5
+    assert got["kept_psnr"]["mean"] == pytest.approx(rec["kept_psnr"]["mean"], abs=0.1)
+    assert got["kept_psnr"]["mean"] > got["hole_psnr"]["mean"] + 3.0
+    assert got["kept_psnr"]["mean"] < got["kept_psnr_vae_reconstruction"]["mean"]

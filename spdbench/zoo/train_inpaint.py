@@ -188,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"inpainting UNet on {args.parent} ({len(photos)} photos), {args.steps} steps, threads {st.threads}")
     t0 = time.perf_counter()
     target, rec = train(args.parent, photos, st, args.steps, log=log)
-    record = dict(script="spdbench.zoo.train_inpaint", script_version=SCRIPT_VERSION, command=_command(argv),
+    record = dict(script="spdbench.zoo.train_inpaint", script_version=SCRIPT_VERSION, command=_command(argv, "spdbench.zoo.train_inpaint"),
                   settings=asdict(st), unet=rec, torch=torch.__version__, python=platform.python_version(),
                   machine=platform.machine(), parent=str(args.parent.name),
                   parent_weights_sha256=weight_hashes(args.parent),

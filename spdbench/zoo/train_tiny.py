@@ -494,9 +494,9 @@ def refine_decoder(vae, photos, ds: DecoderSettings, steps: Optional[int], stop_
                 final_mse_ema=ema_mse, seconds=time.perf_counter() - t0, stopped_by=budget.stopped_by)
 
 
-def _command(argv: Optional[Sequence[str]]) -> str:
+def _command(argv: Optional[Sequence[str]], module: str = "spdbench.zoo.train_tiny") -> str:
     """The command line a record stores, so the stage can be rerun from it."""
-    return " ".join(["python -m spdbench.zoo.train_tiny"] + list(argv or []))
+    return " ".join([f"python -m {module}"] + list(argv or []))
 
 
 def _snapshot(module: torch.nn.Module, prefixes: tuple = ("",)) -> dict:
