@@ -441,4 +441,33 @@ def image_problems(claims: Claims, images, names: list[str], suite) -> list[str]
             out.append(f"{cells[0].rel}: the {split} images' sha256 differ from the suite's images")
         elif rec.edit_seeds != [image_seed(settings, images[i]) for i in idx]:
             out.append(f"{cells[0].rel}: edit_seeds are not the suite's per-image seeds")
+    out += mask_problems(claims, images, names, suite)
+    return out
+
+
+def mask_problems(claims: Claims, images, names: list[str], suite) -> list[str]:
+    """Every record has the suite's task; an inpainting record names the suite's mask of each of its
+    photos (by hash), an img2img record none -- a forged or swapped mask is refused here."""
+    from .data import split_indices
+    from .masks import mask_set, mask_sha256
+
+    out = []
+    want = None
+    if suite.masks:
+        masks = mask_set(suite.masks, names, images.shape[-1])
+        want = [mask_sha256(m) for m in masks]
+    train, test = split_indices(len(images), suite.split_seed)
+    for c in claims.ok_cells:
+        rec = c.record
+        if rec.task != suite.task:
+            out.append(f"{c.rel}: task {rec.task!r}, suite {suite.name!r} is {suite.task!r}")
+            continue
+        idx = train if rec.split.value == "train" else test
+        if want is None:
+            if rec.masks is not None:
+                out.append(f"{c.rel}: names masks, but suite {suite.name!r} edits without masks")
+            continue
+        got = (rec.masks or {}).get("sha256")
+        if got != [want[i] for i in idx]:
+            out.append(f"{c.rel}: the masks' sha256 are not suite {suite.name!r}'s {suite.masks!r} masks of its photos")
     return out

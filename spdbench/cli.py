@@ -106,7 +106,7 @@ def cmd_run(args) -> int:
     common = dict(norm=args.norm, prompts=prompts, target=args.target, data=args.data, manifest=args.manifest,
                   device=args.device, dtype=args.dtype, resume=args.resume, purifiers=purifiers,
                   compile_backend=args.compile_backend, isolation=args.isolation,
-                  attack_timeout_s=args.attack_timeout)
+                  attack_timeout_s=args.attack_timeout, masks=args.masks)
     attacks = args.attack.split(",")
     if args.backend != "serial" or len(attacks) > 1:
         from .backends import run_grid
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", help="override the suite's target: tiny, tiny-random, hub id or folder")
     s.add_argument("--data", help="image folder (or the root a --manifest refers to)")
     s.add_argument("--manifest", help="spdbench-manifest/1 JSON listing the protocol images")
+    s.add_argument("--masks", metavar="DIR", help="inpainting suites: your masks, one NAME.png per photo "
+                   "(white = repaint, black = keep), instead of the suite's mask set")
     s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse finished cells in --out (default on)")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default cpu)")

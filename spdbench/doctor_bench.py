@@ -220,11 +220,15 @@ def bench_attack(name: str, steps: int, budget):
 
 
 def _call(attack, images: torch.Tensor, target, budget, seed: int) -> torch.Tensor:
+    from .testing import mask_args
+
     generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same draws on every device
+    masks = mask_args(attack, images)  # centre boxes for an attack that reads inpainting masks
+    attack.set_masks(masks.get("masks"))
     if attack.universal:
-        attack.fit(images, target, budget, generator)
+        attack.fit(images, target, budget, generator, **masks)
         return attack.perturb(images, target, budget)
-    return attack(images, target, budget, generator)
+    return attack(images, target, budget, generator, **masks)
 
 
 def _noise_images(images: torch.Tensor, budget, seed: int) -> torch.Tensor:
@@ -603,13 +607,21 @@ def _run_bench(cfg: BenchConfig, out: Path, log: Callable[[str], None]) -> Bench
         log(f"bench ({cfg.mode}) on {data['target']['device_name']} ({device}): {cfg.target} at {cfg.image_size} px, "
             f"built in {build.seconds:.1f} s; {len(names)} attacks x {', '.join(order)}")
         references: dict[str, _Reference] = {}
+        twin = None  # an inpainting twin of the target, built once, for attacks that read masks
         for dtype in order:
             target = cast_target(base, getattr(torch, dtype))
             for name in names:
                 if over_time(f"{name} {dtype}"):
                     continue
                 images = photos[: cfg.fit_images if _is_universal(name) else cfg.batch]
-                row = run_attack_cell(name, dtype, target, base, images, budget, cfg, references)
+                if _uses_masks(name):
+                    from .targets.inpaint import inpainting_twin
+
+                    twin = twin or inpainting_twin(base, seed=cfg.seed)
+                    row = run_attack_cell(name, dtype, cast_target(twin, getattr(torch, dtype)), twin, images,
+                                          budget, cfg, references)
+                else:
+                    row = run_attack_cell(name, dtype, target, base, images, budget, cfg, references)
                 data["attacks"].append(row)
                 save()
                 log(_cell_line(row, time.perf_counter() - start))
@@ -659,6 +671,12 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _uses_masks(name: str) -> bool:
+    from .attacks import attack_class
+
+    return bool(attack_class(name).uses_masks)
 
 
 def _is_universal(name: str) -> bool:

@@ -33,6 +33,7 @@ from .isolation import AttackWorker
 from .protect import Protection, SplitOutput, enforce, run_jobs
 from .provenance import environment
 from .purifiers import get_purifier
+from .region_metrics import score_region
 from .runfolder import DiskError, RunLock, prepare_out
 from .data import check_size_multiple
 from .results import (Record, Split, Status, TargetInfo, Timing, Validation, cell_id,
@@ -123,8 +124,8 @@ class AttackRunner:
             self.start_s = self.worker.start()
         try:
             result = self.worker.run(attack=attack, budget=budget, universal=attack.universal, batch_size=batch_size,
-                                     splits={k: {"images": v["images"].cpu(), "seed": v["seed"]}
-                                             for k, v in jobs.items()},
+                                     splits={k: {kk: vv.cpu() if isinstance(vv, torch.Tensor) else vv
+                                                 for kk, vv in v.items()} for k, v in jobs.items()},
                                      timeout=self.timeout_s)
         except AttackError:
             self.close()  # the next group starts from a fresh process and a fresh model copy
@@ -178,13 +179,20 @@ def _check_outputs(attack: Attack, outputs: dict[str, SplitOutput], dtype: torch
 
 
 def _protect_group(runner: AttackRunner, attack: Attack, target: Target, images: torch.Tensor, splits: dict,
-                   budget: Budget, suite: Suite) -> tuple[dict[Split, Protection], list[str]]:
-    """Run the attack on what it may see, then enforce the budget on what came back."""
+                   budget: Budget, suite: Suite,
+                   masks: Optional[torch.Tensor] = None) -> tuple[dict[Split, Protection], list[str]]:
+    """Run the attack on what it may see (an inpainting attack also its split's masks), then
+    enforce the budget on what came back."""
     if attack.universal:
         jobs = {"fit": {"images": images[splits[Split.train]], "seed": suite.attack_seed}}
+        fit_idx = {"fit": splits[Split.train]}
     else:
         jobs = {sp.value: {"images": images[idx], "seed": suite.attack_seed + 1000 * (sp == Split.test)}
                 for sp, idx in splits.items()}
+        fit_idx = {sp.value: idx for sp, idx in splits.items()}
+    if attack.uses_masks and masks is not None:
+        for name, idx in fit_idx.items():
+            jobs[name]["masks"] = masks[idx]
     outputs, wall = runner.run(attack, budget, jobs, suite.attack_batch_size)
     _check_outputs(attack, outputs, target.dtype)
     protections: dict[Split, Protection] = {}
@@ -217,12 +225,14 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: bool = False,
         purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None,
         isolation: str = "process", attack_timeout_s: Optional[float] = None,
-        lock_scope: Optional[str] = None) -> RunResult:
+        lock_scope: Optional[str] = None, masks: Union[str, Path, None] = None) -> RunResult:
     """Run one attack over its budgets and the suite's prompts; write and return the records.
 
     The attack runs in its own worker process (`isolation="process"`); `isolation="none"` runs it
     here for debugging and marks every record so. Finished cells in `out` are reused (resume); a
     failing cell group is recorded with its error and the run goes on with the others.
+    On an inpainting suite every photo is edited with its mask (the suite's set, or `masks`: a
+    folder of NAME.png, white = repaint) and also scored on the repainted and the kept region.
     """
     if isolation not in ISOLATION_MODES:
         raise InputError(f"isolation must be one of {list(ISOLATION_MODES)}, got {isolation!r}")
@@ -247,18 +257,48 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     # transfer: the editor's own model (same device and dtype); None = the attack's target edits
     edit_target = load_target(suite.edit_target, device=target.device, dtype=target.dtype) \
         if suite.edit_target else None
+    mask_tensor, mask_set_name = suite_masks(suite, masks, names, images, edit_target or target)
     # every input is checked before anything is created (the CLI checks --out before the model load)
     out = prepare_out(out or Path("spdbench-runs") / suite.name)  # one line if it cannot hold a run
     # one writer per folder: a second run on it stops with one line; a grid's parallel tasks on one
     # attack folder (backends.py) each lock their own scope
     with RunLock(out, scope=lock_scope):
         return _run_locked(suite, the_plan, prompt_keys, purifier_list, target, images, names, out, cache_dir,
-                           resume, progress, compile_backend, isolation, edit_target)
+                           resume, progress, compile_backend, isolation, edit_target, mask_tensor, mask_set_name)
+
+
+def suite_masks(suite: Suite, masks: Union[str, Path, None], names: Sequence[str], images: torch.Tensor,
+                editing: Target) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """The (N, 1, H, W) mask of every photo (1 = repaint) and the set's name, or (None, None) for
+    img2img. An inpainting model needs masks and an img2img model takes none: one line otherwise."""
+    from .masks import load_masks, mask_set
+
+    inpainting = bool(getattr(editing, "inpainting", False))
+    if masks is not None:
+        if not inpainting:
+            raise InputError(f"--masks {str(masks)!r}: the editing model {editing.name!r} is an img2img model; "
+                             "masks apply to inpainting suites (e.g. smoke-inpaint)")
+        return load_masks(masks, names, images.shape[-1]), "folder"
+    if suite.masks is None:
+        if inpainting:
+            raise InputError(f"suite {suite.name!r} edits with {editing.name!r}, an inpainting model, but names no "
+                             "mask set: use an inpainting suite (smoke-inpaint) or pass --masks DIR")
+        return None, None
+    if not inpainting:
+        raise InputError(f"suite {suite.name!r} has masks ({suite.masks!r}) but its editing model {editing.name!r} "
+                         "is an img2img model, not inpainting")
+    if images.shape[-1] != images.shape[-2]:
+        raise InputError(f"mask set {suite.masks!r} needs square photos, got {images.shape[-2]}x{images.shape[-1]}")
+    try:
+        return mask_set(suite.masks, names, images.shape[-1]), suite.masks
+    except ValueError as exc:
+        raise InputError(f"suite {suite.name!r}: {exc}") from None
 
 
 def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, target: Target, images, names,
                 out: Path, cache_dir, resume: bool, progress: bool, compile_backend, isolation: str,
-                edit_target: Optional[Target] = None) -> RunResult:
+                edit_target: Optional[Target] = None, masks: Optional[torch.Tensor] = None,
+                mask_set_name: Optional[str] = None) -> RunResult:
     attack = the_plan.attack
     editing = edit_target or target  # edits and purifies
     check_size_multiple(images, target.latent_factor, "images")
@@ -285,7 +325,14 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
     editor = Editor(editing, suite.edit, cache_dir=cache_dir or out / "cache", batch_size=suite.attack_batch_size)
     seeds = [image_seed(suite.edit, images[i]) for i in range(len(images))]
     shas = [image_sha256(images[i]) for i in range(len(images))]
-    data_sha = hashlib.sha256("".join(shas).encode()).hexdigest()
+    mask_shas = None
+    if masks is not None:
+        from .masks import mask_sha256
+
+        masks = masks.to(target.device, torch.float32)
+        mask_shas = [mask_sha256(m) for m in masks]
+    # a cell is defined by its photos, and on an inpainting suite by their masks too
+    data_sha = hashlib.sha256(("".join(shas) + "".join(mask_shas or [])).encode()).hexdigest()
     suite_cfg = suite.to_dict()
     suite_cfg["purifiers"] = [p.name for p in purifier_list]
     suite_cfg["purifier_settings"] = {p.name: p.to_dict() for p in purifier_list}  # what each name ran as
@@ -323,11 +370,13 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
                       name=edit_target.name, source=edit_target.source, fingerprint=edit_target.fingerprint,
                       dtype=str(edit_target.dtype).replace("torch.", ""), device=str(edit_target.device)),
                   metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT_METRICS},
-                  isolation=isolation, param_sources=dict(the_plan.sources), attack_source=attack_source(attack))
+                  isolation=isolation, param_sources=dict(the_plan.sources), attack_source=attack_source(attack),
+                  task=suite.task)
     with AttackRunner(isolation, target, suite.attack_timeout_s) as runner:
         ctx = _Run(result=result, runner=runner, attack=attack, target=target, suite=suite, out=out, images=images,
                    names=names, shas=shas, seeds=seeds, splits=splits, editor=editor, purifiers=purifier_list,
-                   prompt_keys=prompt_keys, done=done, common=common, compile_s=compile_s, bar=bar)
+                   prompt_keys=prompt_keys, done=done, common=common, compile_s=compile_s, bar=bar,
+                   masks=masks, mask_shas=mask_shas, mask_set=mask_set_name)
         for budget, ids in zip(the_plan.budgets, all_ids):
             bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
             if all(i in done for i in ids.values()):
@@ -367,6 +416,9 @@ class _Run:
     common: dict
     compile_s: Optional[float]
     bar: Any
+    masks: Optional[torch.Tensor] = None     # inpainting: (N, 1, H, W), 1 = repaint
+    mask_shas: Optional[list] = None
+    mask_set: Optional[str] = None
 
 
 def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
@@ -374,7 +426,7 @@ def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
     base = dict(ctx.common, norm=budget.norm, eps=budget.eps, eps_label=format_eps(budget.eps))
     try:
         protections, flags, pfile, psha = _stored_or_new(ctx.runner, ctx.attack, ctx.target, ctx.images, ctx.splits,
-                                                         budget, ctx.suite, ctx.out, base)
+                                                         budget, ctx.suite, ctx.out, base, ctx.masks, ctx.mask_shas)
     except DiskError:
         raise  # a full or read-only disk ends the run with one line; nothing to record
     except SpdbenchError as exc:
@@ -401,6 +453,8 @@ def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, ps
     for sp, idx in splits.items():
         adv_all[idx] = protections[sp].adv
     imperceptibility = metrics_mod.score(adv_all, images)
+    masks = ctx.masks
+    kept = score_region({"": adv_all}, images, 1 - masks)[""] if masks is not None else {}
     purified_imgs = {p.name: p(adv_all, target) for p in purifier_list}
     for pk in ctx.prompt_keys:
         bar.update(len(splits))
@@ -409,14 +463,17 @@ def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, ps
             result.reused.extend(ids[(pk, sp)] for sp in splits)
             continue
         t0 = time.perf_counter()
-        clean_edits = editor.edit_clean(images, PROMPTS[pk], seeds)
-        adv_edits = editor.edit(adv_all, PROMPTS[pk], seeds)
-        purified_edits = {name: editor.edit(img, PROMPTS[pk], seeds) for name, img in purified_imgs.items()}
+        clean_edits = editor.edit_clean(images, PROMPTS[pk], seeds, masks)
+        adv_edits = editor.edit(adv_all, PROMPTS[pk], seeds, masks)
+        purified_edits = {name: editor.edit(img, PROMPTS[pk], seeds, masks) for name, img in purified_imgs.items()}
         edit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         # one call: the clean edits' features are computed once for every comparison
         scored = metrics_mod.score_many({"": adv_edits, **purified_edits}, clean_edits)
         protection = scored.pop("")
+        # inpainting: the same comparisons on the repainted region only (region_metrics.py)
+        region = score_region({"": adv_edits, **purified_edits}, clean_edits, masks) if masks is not None else {}
+        protection_region = region.pop("", {})
         score_s = time.perf_counter() - t0
         for sp, idx in splits.items():
             p = protections[sp]
@@ -439,10 +496,25 @@ def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, ps
                                       projected=p.over_budget_images > 0, max_norm_applied=p.max_norm_applied,
                                       effective_eps=effective_eps(Budget(base['norm'], base['eps']))),
                 oom_events=p.oom_events + editor.oom_events, flags=list(flags), model_calls=p.model_calls,
-                loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha, **base)
+                loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha,
+                **_region_fields(ctx, idx, protection_region, region, kept), **base)
             write_record(rec, out)
             result.records.append(rec)
             result.computed.append(rec.cell_id)
+
+
+def _region_fields(ctx: "_Run", idx, protection_region: dict, purified_region: dict, kept: dict) -> dict:
+    """An inpainting record's masks and its region scores (per image; means derived from them)."""
+    if ctx.masks is None:
+        return {}
+    per = lambda sc: {m: v[idx].tolist() for m, v in sc.items()}  # noqa: E731
+    mean = lambda sc: {m: float(v[idx].mean()) for m, v in sc.items()}  # noqa: E731
+    return dict(masks=dict(set=ctx.mask_set, convention="1 = repaint (white), 0 = keep",
+                           sha256=[ctx.mask_shas[i] for i in idx],
+                           repaint_fraction=[round(float(ctx.masks[i].mean()), 6) for i in idx]),
+                protection_region=per(protection_region), protection_region_mean=mean(protection_region),
+                purified_region={n: per(sc) for n, sc in purified_region.items()},
+                imperceptibility_kept=per(kept), imperceptibility_kept_mean=mean(kept))
 
 
 _META_KEYS = ("wall_s", "device_s", "peak_memory_bytes", "max_norm_returned", "over_budget_images",
@@ -450,10 +522,14 @@ _META_KEYS = ("wall_s", "device_s", "peak_memory_bytes", "max_norm_returned", "o
 
 
 def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images: torch.Tensor, splits: dict,
-                   budget: Budget, suite: Suite, out: Path, base: dict) -> tuple[dict, list[str], str, str]:
+                   budget: Budget, suite: Suite, out: Path, base: dict, masks: Optional[torch.Tensor] = None,
+                   mask_shas: Optional[list] = None) -> tuple[dict, list[str], str, str]:
     """Protect every split once per budget; reuse a stored protection when resuming."""
-    key = hashlib.sha256(repr((attack.name, sorted(base["attack_params"].items()), suite.name, budget.label,
-                               base["target"].fingerprint, target.device.type, image_sha256(images))).encode()).hexdigest()[:16]
+    what = (attack.name, sorted(base["attack_params"].items()), suite.name, budget.label,
+            base["target"].fingerprint, target.device.type, image_sha256(images))
+    if attack.uses_masks and mask_shas:  # a mask-reading attack's delta depends on the masks
+        what += (tuple(mask_shas),)
+    key = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
     rel = f"perturbations/{attack.name}__{budget.norm}-{format_eps(budget.eps).replace('/', 'o')}__{key}.safetensors"
     path = out / rel
     if path.is_file():
@@ -461,7 +537,7 @@ def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images:
         if meta.get("format") == perturbation_file.FORMAT:
             stored = _protections_from_meta(meta, perturbation_file.apply_delta(images, delta255), splits)
             return stored, json.loads(meta["flags"]), rel, perturbation_file.delta_sha256(delta255)
-    protections, flags = _protect_group(runner, attack, target, images, splits, budget, suite)
+    protections, flags = _protect_group(runner, attack, target, images, splits, budget, suite, masks)
     adv_all = torch.empty_like(images)
     for sp, idx in splits.items():
         adv_all[idx] = protections[sp].adv

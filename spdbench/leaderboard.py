@@ -50,7 +50,7 @@ def records_frame(records: Iterable[Record]) -> pd.DataFrame:
     for r in records:
         if r.status != Status.ok:
             continue
-        row = dict(method=method_label(r), attack=r.attack, suite=r.suite, target=r.target.name, norm=r.norm,
+        row = dict(method=method_label(r), attack=r.attack, suite=r.suite, task=r.task, target=r.target.name, norm=r.norm,
                    eps=r.eps, eps_label=r.eps_label, prompt=r.prompt_key, split=r.split.value,
                    n_images=len(r.image_names), universal=r.universal,
                    seconds_per_image=r.timing.per_image_s, fit_seconds=r.timing.fit_wall_s,
@@ -91,10 +91,12 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
         groups.setdefault((method_label(r), r.suite, r.norm, r.eps, r.eps_label), []).append(r)
     rows = []
     for (method, suite, norm, eps, label), recs in groups.items():
-        row: dict = dict(method=method, suite=suite, norm=norm, eps=eps, eps_label=label,
+        row: dict = dict(method=method, suite=suite, task=recs[0].task, norm=norm, eps=eps, eps_label=label,
                          n_images=len(recs[0].image_names), prompts=len(recs), target=recs[0].target.name,
                          edited_with=recs[0].edit_target.name if recs[0].edit_target else None)
         series = {m: [r.protection.get(m, []) for r in recs] for m in PROTECTION}
+        if any(r.protection_region for r in recs):  # inpainting: the repainted region (region_metrics.py)
+            series.update({f"region_{m}": [r.protection_region.get(m, []) for r in recs] for m in ("ssim", "psnr")})
         for name in sorted({p for r in recs for p in r.purified}):
             series[f"ssim_after_{name}"] = [r.purified.get(name, {}).get("ssim", []) for r in recs]
         if any(r.purified for r in recs):  # the per-image worst case over purifiers (worst_case.py)
@@ -113,6 +115,8 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = ci.mean, ci.low, ci.high
         imp = [_mean(r.imperceptibility.get("psnr", [])) for r in recs]
         row["imp_psnr"] = float(np.mean(imp)) if imp and None not in imp else None
+        kept = [_mean(r.imperceptibility_kept.get("psnr", [])) for r in recs]
+        row["kept_psnr"] = float(np.mean(kept)) if kept and None not in kept else None
         row["seconds_per_image"] = float(np.mean([r.timing.per_image_s for r in recs]))
         dev = [r.timing.attack_device_s / max(1, len(r.image_names)) for r in recs
                if r.timing.attack_device_s is not None]
@@ -130,7 +134,19 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
         return df
     if "worst_ssim" in df.columns:
         df["rank_worst"] = df.groupby(["suite", "eps"])["worst_ssim"].rank(method="min").astype("Int64")
-    return df.sort_values(["suite", "eps", "ssim"]).reset_index(drop=True)
+    return df.sort_values(["task", "suite", "eps", "ssim"]).reset_index(drop=True)
+
+
+#: the leaderboard's task groups, in page order, with their section titles
+TASKS = {"img2img": "img2img", "inpaint": "Inpainting (whole image, and the repainted region only)"}
+
+
+def by_task(rank: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The ranking split into its task groups (img2img, inpainting): they are different games."""
+    if rank.empty or "task" not in rank.columns:
+        return [("img2img", rank)]
+    return [(t, rank[rank["task"] == t].dropna(axis=1, how="all").reset_index(drop=True))
+            for t in TASKS if (rank["task"] == t).any()]
 
 
 _SOURCE = {"suite": "suite", "explicit": "set", "default": "default"}
@@ -260,6 +276,8 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     df = records_frame(records)
+    if not df.empty:
+        df = df[df["task"] == "img2img"]  # the seed's Table 1 and figures are img2img
     rank, t1 = ranking(records), table1(df)
     written: dict[str, Path] = {}
     failed = [r.cell_id for r in records if r.status != Status.ok]
@@ -286,6 +304,11 @@ INTRO = ("Protection = similarity between the edit of the clean photo and the ed
          "images from every cell re-edited, one cell group re-run with the attack); see docs/security.md.")
 
 
+INPAINT_NOTE = ("Inpainting: the mask's region is repainted from noise and the rest kept. Protection is scored on "
+                "the whole edit and on the repainted region only (SSIM, PSNR: the metrics with a per-pixel map); "
+                "kept-region PSNR is the perturbation's visibility where the owner keeps the photo.")
+
+
 def _notes_md(failed: Sequence[str], skipped: Sequence[tuple[str, str]]) -> str:
     out = ""
     if failed:
@@ -301,7 +324,11 @@ def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[P
     transfer = ("\n\n## Transfer: white box vs black box\n\nThe same attack at the same eps, its edits made by "
                 "the model it was crafted on (white box) and by an independently trained one (black box).\n\n"
                 + transfer_markdown(tr)) if not tr.empty else ""
-    return (f"# {md_escape(title)}\n\n{INTRO}\n\n## Ranking\n\n" + ranking_markdown(rank) + transfer +
+    groups = by_task(rank)
+    sections = "".join(f"\n\n## Ranking{'' if len(groups) == 1 and task == 'img2img' else ': ' + TASKS[task]}\n\n"
+                       + (INPAINT_NOTE + "\n\n" if task == "inpaint" else "") + ranking_markdown(part)
+                       for task, part in groups)
+    return (f"# {md_escape(title)}\n\n{INTRO}" + sections + transfer +
             "\n\n## Table 1 layout (mean over eps)\n\n" + table1_markdown(t1) +
             (f"\n\n![metrics vs eps]({plot.name})" if plot else "") + _notes_md(failed, skipped) + "\n")
 
@@ -312,10 +339,10 @@ _PAGE = """<!doctype html>
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>
 <h1>{{ title }}</h1>
 <p>{{ intro }}</p>
-<h2>Ranking</h2>
+{% for section, note, rank_head, rank_rows in sections %}<h2>{{ section }}</h2>{% if note %}<p>{{ note }}</p>{% endif %}
 {% if rank_rows %}<table class="rank"><thead><tr>{% for h in rank_head %}<th>{{ h }}</th>{% endfor %}</tr></thead>
 <tbody>{% for row in rank_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
-{% else %}<p>(no finished records)</p>{% endif %}
+{% else %}<p>(no finished records)</p>{% endif %}{% endfor %}
 <h2>Table 1 layout (mean over eps)</h2>
 {% if t1_rows %}<table class="table1"><thead><tr>{% for h in t1_head %}<th>{{ h }}</th>{% endfor %}</tr></thead>
 <tbody>{% for row in t1_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
@@ -332,7 +359,9 @@ def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """The ranking table as plain text cells (the same cells as the Markdown, unescaped)."""
     after = [c for c in r.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))]
     worst = "worst_ssim" in r.columns
+    region = "region_ssim" in r.columns
     head = (["method", "suite", "eps", "SSIM ↓", "PSNR ↓", "VIFp ↓", "FSIM ↓"]
+            + (["SSIM repainted region ↓", "PSNR repainted region ↓", "kept-region PSNR ↑"] if region else [])
             + (["worst-case SSIM ↓", "worst-case rank", "worst case by (images)"] if worst else [])
             + [f"SSIM after {c[len('ssim_after_'):]} ↓" for c in after]
             + ["imperceptibility PSNR ↑", "s / image", "device s / image", "fit s", "peak MB", "images", "steps",
@@ -341,6 +370,8 @@ def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     for _, row in r.iterrows():
         cells = [str(row["method"]), str(row["suite"]), str(row["eps_label"])]
         cells += [_with_ci(row, m) for m in PROTECTION]
+        if region:
+            cells += [_with_ci(row, "region_ssim"), _with_ci(row, "region_psnr"), _fmt(row.get("kept_psnr"))]
         if worst:
             cells += [_with_ci(row, "worst_ssim"), _fmt(row.get("rank_worst")), _fmt(row.get("worst_by"))]
         cells += [_with_ci(row, c) for c in after]
@@ -356,11 +387,14 @@ def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path]
     import jinja2
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    rank_head, rank_rows = _ranking_rows(rank) if not rank.empty else ([], [])
+    groups = by_task(rank)
+    sections = [("Ranking" if len(groups) == 1 and task == "img2img" else f"Ranking: {TASKS[task]}",
+                 INPAINT_NOTE if task == "inpaint" else "", *(_ranking_rows(part) if not part.empty else ([], [])))
+                for task, part in groups]
     t1_head = ["prompt", "split"] + [f"{m} {meth}" for m, meth in t1.columns] if not t1.empty else []
     t1_rows = [[str(p), str(s)] + [_fmt(v) for v in row.values] for (p, s), row in t1.iterrows()] if not t1.empty else []
     return env.from_string(_PAGE).render(
-        title=title, intro=INTRO, rank_head=rank_head, rank_rows=rank_rows, t1_head=t1_head, t1_rows=t1_rows,
+        title=title, intro=INTRO, sections=sections, t1_head=t1_head, t1_rows=t1_rows,
         plot=plot.name if plot else None, failed=list(failed), skipped=list(skipped))
 
 

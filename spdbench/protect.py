@@ -87,9 +87,9 @@ def validate_delta(delta, like: torch.Tensor, attack_name: str, universal: bool 
     return delta.detach()
 
 
-def _call_attack(fn, attack: Attack, *args):
+def _call_attack(fn, attack: Attack, *args, **kwargs):
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except SpdbenchError:
         raise
     except BaseException as exc:  # noqa: BLE001 - untrusted code: KeyboardInterrupt/SystemExit too
@@ -109,8 +109,15 @@ def _mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
     return [sum(c[i] for c in curves) / len(curves) for i in range(n)]
 
 
+def _mask_kwargs(attack: Attack, masks: Optional[torch.Tensor], lo: int = 0, hi: Optional[int] = None) -> dict:
+    """`masks=` for an attack that reads them (Attack.uses_masks); nothing for any other."""
+    if not attack.uses_masks:
+        return {}
+    return {"masks": None if masks is None else masks[lo:hi].clone()}
+
+
 def perturb_split(attack: Attack, target, images: torch.Tensor, budget: Budget, *, batch_size: int,
-                  seed: int) -> SplitOutput:
+                  seed: int, masks: Optional[torch.Tensor] = None) -> SplitOutput:
     """A per-image attack over one split, batch by batch; the batch's seed follows its first image,
     so a retry after CUDA OOM (batch halved) stays deterministic."""
     device = images.device
@@ -121,7 +128,8 @@ def perturb_split(attack: Attack, target, images: torch.Tensor, budget: Budget, 
             batch = images[start:start + batch_size]
             gen = torch.Generator(device=device).manual_seed(seed + start)
             try:
-                raw = _call_attack(attack, attack, batch.clone(), target, Budget(budget.norm, budget.eps), gen)
+                raw = _call_attack(attack, attack, batch.clone(), target, Budget(budget.norm, budget.eps), gen,
+                                   **_mask_kwargs(attack, masks, start, start + len(batch)))
             except AttackError as exc:
                 if not _is_oom(exc.__cause__) or batch_size == 1:
                     raise
@@ -138,11 +146,13 @@ def perturb_split(attack: Attack, target, images: torch.Tensor, budget: Budget, 
                        clock.peak_memory_bytes, ooms)
 
 
-def fit_split(attack: Attack, target, train_images: torch.Tensor, budget: Budget, *, seed: int) -> SplitOutput:
+def fit_split(attack: Attack, target, train_images: torch.Tensor, budget: Budget, *, seed: int,
+              masks: Optional[torch.Tensor] = None) -> SplitOutput:
     """Fit a universal attack on the training images only; the raw delta (1, 3, H, W)."""
     with timed(train_images.device) as clock:
         gen = torch.Generator(device=train_images.device).manual_seed(seed)
-        raw = _call_attack(attack.fit, attack, train_images.clone(), target, Budget(budget.norm, budget.eps), gen)
+        raw = _call_attack(attack.fit, attack, train_images.clone(), target, Budget(budget.norm, budget.eps), gen,
+                           **_mask_kwargs(attack, masks))
         delta = validate_delta(raw, train_images, attack.name, universal=True).float()
     curve = [float(v) for v in attack.loss_history]
     return SplitOutput(delta, curve, clock.wall_s, clock.device_s, clock.peak_memory_bytes)
@@ -150,18 +160,22 @@ def fit_split(attack: Attack, target, train_images: torch.Tensor, budget: Budget
 
 def run_jobs(attack: Attack, target, budget: Budget, jobs: dict[str, dict], batch_size: int) -> dict[str, SplitOutput]:
     """The attack side of one cell group, wherever it runs (worker, or in-process for debugging):
-    `jobs` maps a split name to {"images", "seed"}; a universal attack fits on its one job. Each
-    output carries the model passes the attack made per image (model_calls.py)."""
+    `jobs` maps a split name to {"images", "seed"} (and "masks" on an inpainting suite, for an
+    attack that reads them); a universal attack fits on its one job. Each output carries the model
+    passes the attack made per image (model_calls.py)."""
     from .model_calls import ModelCallCounter
 
     out: dict[str, SplitOutput] = {}
     for name, job in jobs.items():
         images = job["images"].to(target.device)
+        masks = job.get("masks")
+        masks = None if masks is None else masks.to(target.device)
         with ModelCallCounter(target) as counter:
             if attack.universal:
-                res = fit_split(attack, target, images, budget, seed=job["seed"])
+                res = fit_split(attack, target, images, budget, seed=job["seed"], masks=masks)
             else:
-                res = perturb_split(attack, target, images, budget, batch_size=batch_size, seed=job["seed"])
+                res = perturb_split(attack, target, images, budget, batch_size=batch_size, seed=job["seed"],
+                                    masks=masks)
         res.model_calls = counter.per_image(len(images))
         out[name] = res
     return out

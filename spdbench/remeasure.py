@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import metrics
+from .region_metrics import score_region
 from .claims import Cell, Claims
 from .data import split_indices
 from .editing import EditSettings, Editor
@@ -65,14 +66,18 @@ def _values(rec, block: str, metric: str) -> list[float]:
 
 
 def sample_cells(claims: Claims, deltas: dict, suite, target, images: torch.Tensor, rng: random.Random,
-                 per_cell: int, tolerance: float) -> Measured:
+                 per_cell: int, tolerance: float, masks: Optional[torch.Tensor] = None) -> Measured:
     """Re-edit `per_cell` random images of every cell from its stored perturbation; recompute the
     imperceptibility of every image. Edits of one prompt go in one batched call (an edit call has a
-    large fixed cost on CPU; each image keeps its own seed, so batching does not change it)."""
+    large fixed cost on CPU; each image keeps its own seed, so batching does not change it).
+    On an inpainting suite (`masks`: the suite's mask of every photo) each edit uses its photo's
+    mask, and the region scores (repainted region, kept region) are compared too."""
     out = Measured()
     pos = split_positions(len(images), suite.split_seed)
     editor = Editor(target, EditSettings(**suite.edit.to_dict()), cache_dir=None, batch_size=suite.attack_batch_size)
     images = images.to(target.device, torch.float32)
+    if masks is not None:
+        masks = masks.to(target.device, torch.float32)
     groups = claims.groups()
     picks = draw_all(claims, rng, per_cell)    # cell rel -> positions inside its split
     for c in claims.ok_cells:
@@ -83,6 +88,7 @@ def sample_cells(claims: Claims, deltas: dict, suite, target, images: torch.Tens
             continue
         adv = apply_delta(images, deltas[eps].to(images.device))
         imp = metrics.score(adv, images)
+        kept = score_region({"": adv}, images, 1 - masks)[""] if masks is not None else {}
         purified = {p: get_purifier(p)(adv, target) for p in suite.purifiers}  # every image, as the harness does
         for c in cells:
             idx = pos[c.record.split.value]
@@ -90,6 +96,12 @@ def sample_cells(claims: Claims, deltas: dict, suite, target, images: torch.Tens
                 for k, i in enumerate(idx):
                     out.add(f"{c.rel} image {c.record.image_names[k]} imperceptibility", m,
                             c.record.imperceptibility[m][k], imp[m][i], tolerance)
+                for m, v in kept.items():
+                    claimed = c.record.imperceptibility_kept.get(m, [])
+                    if len(claimed) != len(idx):
+                        out.problems.append(f"{c.rel}: kept-region {m} has {len(claimed)} values for {len(idx)} images")
+                        break
+                    out.add(f"{c.rel} image {c.record.image_names[k]} kept region", m, claimed[k], v[i], tolerance)
             job = jobs.setdefault(c.record.prompt, {})
             for k in picks[c.rel]:
                 i = idx[k]
@@ -98,7 +110,8 @@ def sample_cells(claims: Claims, deltas: dict, suite, target, images: torch.Tens
                 job.update({(eps, p, i): img[i] for p, img in purified.items()})
     for prompt, job in jobs.items():
         keys = list(job)
-        edits = editor.edit(torch.stack([job[k] for k in keys]), prompt, [_seed_of(claims, k[2], pos) for k in keys])
+        edits = editor.edit(torch.stack([job[k] for k in keys]), prompt, [_seed_of(claims, k[2], pos) for k in keys],
+                            None if masks is None else torch.stack([masks[k[2]] for k in keys]))
         edited = dict(zip(keys, edits))
         for eps, cells in groups.items():
             pcells = [c for c in cells if c.record.prompt == prompt and eps in deltas]
@@ -106,8 +119,10 @@ def sample_cells(claims: Claims, deltas: dict, suite, target, images: torch.Tens
             if not order:
                 continue
             blocks = ["protection", *suite.purifiers]
-            scored = metrics.score_many({b: torch.stack([edited[(eps, b, i)] for i in order]) for b in blocks},
-                                        torch.stack([edited[("", "clean", i)] for i in order]))
+            distorted = {b: torch.stack([edited[(eps, b, i)] for i in order]) for b in blocks}
+            reference = torch.stack([edited[("", "clean", i)] for i in order])
+            scored = metrics.score_many(distorted, reference)
+            region = score_region(distorted, reference, masks[order]) if masks is not None else {}
             where = {i: n for n, i in enumerate(order)}
             for c in pcells:
                 idx = pos[c.record.split.value]
@@ -116,7 +131,23 @@ def sample_cells(claims: Claims, deltas: dict, suite, target, images: torch.Tens
                         for m in metrics.DEFAULT_METRICS:
                             out.add(f"{c.rel} image {c.record.image_names[k]} {block}", m,
                                     _values(c.record, block, m)[k], sc[m][where[idx[k]]], tolerance)
+                    for block, sc in region.items():
+                        for m, v in sc.items():
+                            claimed = _region_values(c.record, block, m)
+                            if len(claimed) != len(idx):
+                                out.problems.append(f"{c.rel}: {block} repainted-region {m} has {len(claimed)} values "
+                                                    f"for {len(idx)} images")
+                                continue
+                            out.add(f"{c.rel} image {c.record.image_names[k]} {block} (repainted region)", m,
+                                    claimed[k], v[where[idx[k]]], tolerance)
     return out
+
+
+def _region_values(rec, block: str, metric: str) -> list[float]:
+    """A record's per-image repainted-region values of `block` ("protection" or a purifier)."""
+    if block == "protection":
+        return rec.protection_region.get(metric, [])
+    return rec.purified_region.get(block, {}).get(metric, [])
 
 
 def draw(n: int, k: int, rng: random.Random) -> list[int]:
@@ -189,6 +220,17 @@ def _compare_rerun(cells: Sequence[Cell], deltas: dict, result, tolerance: float
             for m in metrics.DEFAULT_METRICS:
                 for k, (a, b) in enumerate(zip(_values(c.record, block, m), _values(r, block, m))):
                     out.add(f"{c.rel} image {c.record.image_names[k]} {block} (attack re-run)", m, a, b, tolerance)
+        regions = {"repainted region": (c.record.protection_region, r.protection_region),
+                   "kept region": (c.record.imperceptibility_kept, r.imperceptibility_kept)}
+        regions.update({f"{p} repainted region": (c.record.purified_region.get(p, {}), r.purified_region.get(p, {}))
+                        for p in c.record.purified_region})
+        for where_, (claimed, fresh_) in regions.items():
+            if set(claimed) != set(fresh_):
+                out.problems.append(f"{c.rel}: {where_} metrics {sorted(claimed)}, the re-run has {sorted(fresh_)}")
+                continue
+            for m in claimed:
+                for k, (a, b) in enumerate(zip(claimed[m], fresh_[m])):
+                    out.add(f"{c.rel} image {c.record.image_names[k]} {where_} (attack re-run)", m, a, b, tolerance)
         for key, value in c.record.model_calls.items():
             got = r.model_calls.get(key)
             if got is None or not abs(got - value) <= 1e-6 * max(1.0, abs(value)):

@@ -138,6 +138,17 @@ class Record(BaseModel):
     #: where the attack's code came from: {"distribution": "spdbench" | the plugin's package,
     #: "version": ..., "module": ...}; "distribution" is "unknown" for code no installed package holds
     attack_source: dict[str, str] = {}
+    #: the leaderboard's task group: "img2img", or "inpaint" (edited with a mask per photo)
+    task: str = Field("img2img", pattern="^(img2img|inpaint)$")
+    #: inpainting only: the mask set, its convention, one sha256 and repaint fraction per image
+    masks: Optional[dict[str, Any]] = None
+    #: inpainting only: protection on the repainted region (SSIM, PSNR: region_metrics.py), per image
+    #: and mean; the same after each purifier; imperceptibility on the kept region
+    protection_region: dict[str, list[float]] = {}
+    protection_region_mean: dict[str, float] = {}
+    purified_region: dict[str, dict[str, list[float]]] = {}
+    imperceptibility_kept: dict[str, list[float]] = {}
+    imperceptibility_kept_mean: dict[str, float] = {}
 
     @model_validator(mode="after")
     def _flag_non_finite(self) -> "Record":

@@ -144,7 +144,10 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
             return
     rng = random.Random(report.seed)
     t0 = time.perf_counter()
-    got = remeasure.sample_cells(claims, deltas, suite, editing, images, rng, sample, tolerance)
+    from .harness import suite_masks
+
+    masks, _ = suite_masks(suite, None, names, images, editing)  # inpainting: the suite's mask of every photo
+    got = remeasure.sample_cells(claims, deltas, suite, editing, images, rng, sample, tolerance, masks)
     _merge(report, got)
     report.sampled = got.sampled
     report.remeasured = True

@@ -13,7 +13,7 @@ import torch
 
 from .editing import EditSettings
 from .errors import InputError, UnknownNameError, did_you_mean
-from .targets import SD15_HUB_ID
+from .targets import SD15_HUB_ID, SD15_INPAINT_HUB_ID
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,16 @@ class Suite:
     #: wall-clock limit for one cell group's attack (both splits, or the universal fit); the
     #: worker is stopped past it and the group is recorded as an error
     attack_timeout_s: Optional[float] = 3600.0
+    #: inpainting suites: the mask set every photo is edited with (spdbench.masks.MASK_SETS:
+    #: "centre-box", "strokes"; 1 = repaint); None for img2img. `run(masks=DIR)` replaces it with
+    #: the user's PNGs. The target (or edit_target) must then be an inpainting model.
+    masks: Optional[str] = None
     description: str = ""
+
+    @property
+    def task(self) -> str:
+        """The leaderboard's task group: "inpaint" when the suite edits with masks, else "img2img"."""
+        return "inpaint" if self.masks else "img2img"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,6 +92,13 @@ SUITES: dict[str, Suite] = {
         description="smoke, but crafted on tiny-v3 and edited with tiny-b (trained apart: other seed, other "
                     "half of the photos): black-box protection beside white box",
     ),
+    "smoke-inpaint": Suite(
+        name="smoke-inpaint", target="tiny-inpaint", image_size=128, eps=("8/255", "16/255"), prompts=("P3", "P4"),
+        edit=EditSettings(strength=1.0, steps=20, guidance=7.5, seed=9222), masks="centre-box",
+        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
+        description="inpainting on the offline tiny-inpaint target: 11 bundled photos at 128 px, the centre box "
+                    "repainted from noise (strength 1), scored on the whole image and on the box, CPU minutes",
+    ),
     "sd15-quick": Suite(
         name="sd15-quick", target=SD15_HUB_ID, image_size=512, eps=("16/255",),
         prompts=("P1", "P2", "P3", "P4"), edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222),
@@ -95,6 +111,14 @@ SUITES: dict[str, Suite] = {
         edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222), data="manifest",
         attack_steps=500, attack_batch_size=4, attack_timeout_s=48 * 3600.0,
         description="the SPD protocol: SD1.5, 100 ImageNet images at 512 px split 64:36, eps 4..40/255, 500 iters",
+    ),
+    "sd15-inpaint": Suite(
+        name="sd15-inpaint", target=SD15_INPAINT_HUB_ID, image_size=512, eps=("8/255", "16/255"),
+        prompts=("P3", "P4"), edit=EditSettings(strength=1.0, steps=50, guidance=7.5, seed=9222, eta=1.0),
+        masks="centre-box", n_images=8, attack_steps=100, attack_batch_size=2, purifiers=("jpeg75", "blur1"),
+        attack_timeout_s=4 * 3600.0,
+        description="Stable Diffusion 1.5 inpainting, 8 bundled photos at 512 px with the centre box repainted "
+                    "(guidance 7.5, eta 1, seed 9222 as in PhotoGuard's inpainting demo; 50 steps), one GPU",
     ),
 }
 

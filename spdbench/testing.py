@@ -88,11 +88,22 @@ def _make(attack: AttackLike, steps: Optional[int], params: dict) -> Attack:
     return made
 
 
+def mask_args(attack: Attack, images: torch.Tensor) -> dict:
+    """`masks=` for an attack that reads the editor's masks (`uses_masks`): the centre box, the
+    smoke-inpaint suite's set; nothing for any other attack."""
+    if not attack.uses_masks:
+        return {}
+    from .masks import centre_box
+
+    return {"masks": torch.stack([centre_box(images.shape[-1]) for _ in images]).to(images.device)}
+
+
 def _protect(attack: Attack, images: torch.Tensor, target, budget: Budget, seed: int,
              train: Optional[torch.Tensor]) -> torch.Tensor:
     if attack.universal:
-        attack.fit(train if train is not None else images, target, budget, torch.Generator().manual_seed(seed))
-    return attack(images, target, budget, torch.Generator().manual_seed(seed))
+        fit_on = train if train is not None else images
+        attack.fit(fit_on, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, fit_on))
+    return attack(images, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, images))
 
 
 def _noise(images: torch.Tensor, budget: Budget, seed: int) -> torch.Tensor:
@@ -139,7 +150,8 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
                  n_images: int = 2, seed: int = 0, params: Optional[dict] = None) -> AttackReport:
     """Run every property check on `attack` (a registered name, a class or an instance).
 
-    `target`: a `load_target` name or a Target (default: the trained tiny target). `eps`: the
+    `target`: a `load_target` name or a Target (default: the trained tiny target; for an attack that
+    reads masks, `uses_masks`, the trained tiny-inpaint target, with centre-box masks). `eps`: the
     L-inf budgets to check; the L2 budget of each is `l2_budget(eps, size)` (the same rms
     perturbation as a quarter of the L-inf ball). `norms`: default every norm the attack declares.
     `steps`: the iteration count set on optimizing attacks (default 8 per image, 20 for a universal
@@ -157,7 +169,14 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
         steps = 20 if probe.universal else 8
     steps = steps or None
     report = AttackReport(probe.name)
+    if probe.uses_masks and isinstance(target, str) and target == "tiny":
+        target = "tiny-inpaint"
     model = load_target(target) if isinstance(target, str) else target
+    if probe.uses_masks and not getattr(model, "inpainting", False):
+        from .errors import InputError
+
+        raise InputError(f"check_attack({probe.name!r}): the attack reads inpainting masks; target "
+                         f"{getattr(model, 'name', model)!r} is not an inpainting model (use 'tiny-inpaint')")
     splits = {s: load_photos(n=n_images, size=size, split=s).to(model.device) for s in ("train", "test")}
     # a universal attack is fit on the whole train split: a delta fit on two photos fits those two
     train = load_photos(size=size, split="train").to(model.device) if probe.universal else splits["train"]
@@ -168,11 +187,13 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
             budget = Budget("linf", e) if norm == "linf" else l2_budget(e, size)
             fitted = _make(attack, steps, params)
             if fitted.universal:
-                fitted.fit(train, model, budget, torch.Generator().manual_seed(seed))
+                fitted.fit(train, model, budget, torch.Generator().manual_seed(seed), **mask_args(fitted, train))
             for split, images in splits.items():
                 setting = f"{budget} {split}"
                 run = fitted if fitted.universal else _make(attack, steps, params)
-                delta = run(images, model, budget, torch.Generator().manual_seed(seed))
+                masks = mask_args(run, images)
+                delta = run(images, model, budget, torch.Generator().manual_seed(seed), **masks)
+                run.set_masks(masks.get("masks"))
                 if not _contract(report, run, delta, images, budget, setting, steps):
                     continue
                 changed = float((apply_budget(images, delta, budget) != quantize_8bit(images)).float().mean())

@@ -20,6 +20,7 @@ from spdbench import AttackError, Budget
 from spdbench.attacks import attack_class
 from spdbench.attacks.pca import PCAMinus
 from spdbench.optim import CHECK_EVERY, optimize
+from spdbench.testing import mask_args
 
 NON_OPTIMIZING = ("none", "uniform-noise")
 OPTIMIZING = [n for n in spdbench.list_attacks() if not n.startswith("test-") and n not in NON_OPTIMIZING]
@@ -46,6 +47,14 @@ def targets():
 
 
 @pytest.fixture(scope="module")
+def inpaint_targets():
+    """The same for attacks that read inpainting masks (DiffusionGuard): the trained tiny-inpaint."""
+    out = {"float32": spdbench.load_target("tiny-inpaint")}
+    out.update({name: spdbench.load_target("tiny-inpaint", dtype=dtype) for name, dtype in LOW.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
 def photos():
     return spdbench.load_photos(n=3, size=64)
 
@@ -61,15 +70,18 @@ def objective(attack, images, delta, target) -> float:
 
 
 def run_attack(attack, images, target, seed=0):
+    masks = mask_args(attack, images)  # centre boxes for an attack that reads masks, else nothing
+    attack.set_masks(masks.get("masks"))
     if attack.universal:  # fit on the images the objective is then compared on
-        attack.fit(images, target, BUDGET, torch.Generator().manual_seed(seed))
-    return attack(images, target, BUDGET, torch.Generator().manual_seed(seed))
+        attack.fit(images, target, BUDGET, torch.Generator().manual_seed(seed), **masks)
+    return attack(images, target, BUDGET, torch.Generator().manual_seed(seed), **masks)
 
 
 @pytest.mark.parametrize("dtype", list(LOW))
 @pytest.mark.parametrize("name", OPTIMIZING)
-def test_attack_works_in_low_precision_or_says_why(name, dtype, targets, photos):
+def test_attack_works_in_low_precision_or_says_why(name, dtype, request, photos):
     attack = make(name)
+    targets = request.getfixturevalue("inpaint_targets" if attack.uses_masks else "targets")
     try:
         delta = run_attack(attack, photos, targets[dtype])
     except AttackError as exc:

@@ -37,6 +37,10 @@ class Attack:
     preset_budgets: ClassVar[dict[str, Budget]] = {}
     #: True when `objective` measures what the attack optimizes (used by the "beats noise" tests)
     has_objective: ClassVar[bool] = False
+    #: True for an inpainting attack that reads the editor's masks (DiffusionGuard): the harness then
+    #: hands `perturb` (and `fit`) a `masks=` (N, 1, H, W) tensor, 1 = repaint, on an inpainting suite
+    #: (None elsewhere); other attacks never see a mask
+    uses_masks: ClassVar[bool] = False
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
         if preset is not None and preset not in self.presets:
@@ -102,10 +106,19 @@ class Attack:
         """Per-image value of what the attack minimizes, shape (N,); lower = stronger."""
         raise NotImplementedError(f"attack {self.name!r} has no objective")
 
+    def set_masks(self, masks: Optional[torch.Tensor]) -> "Attack":
+        """The masks `objective()` scores with, for an attack that reads masks (`uses_masks`): the
+        "beats noise" checks call `objective` without them. A no-op for any other attack."""
+        if self.uses_masks:
+            self._masks = None if masks is None else (masks >= 0.5).float()
+        return self
+
     # --- shared --------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, target, budget: Budget,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_images(images, "images")
+        if self.uses_masks:
+            return self.perturb(images, target, budget, generator, masks=masks)
         return self.perturb(images, target, budget, generator)
 
 
@@ -240,7 +253,7 @@ def attack_source(attack: Union[Attack, type]) -> dict[str, str]:
 
 
 def _ensure_loaded() -> None:
-    from . import baselines, diffprotect, pca, photoguard, spd  # noqa: F401  (register built-ins)
+    from . import baselines, diffprotect, diffusionguard, pca, photoguard, spd  # noqa: F401  (register built-ins)
 
     load_entry_points()
 

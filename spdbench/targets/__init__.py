@@ -9,10 +9,10 @@ import torch
 
 from ..errors import InputError, TargetLoadError
 from .base import Encoding, Target
-from .sd15 import SD15_HUB_ID, load_sd15
+from .sd15 import SD15_HUB_ID, SD15_INPAINT_HUB_ID, load_sd15
 from .tiny import ASSETS, INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, V3_DIR, build_tiny
 
-__all__ = ["Encoding", "Target", "load_target", "load_sd15", "build_tiny", "SD15_HUB_ID", "parse_dtype",
+__all__ = ["Encoding", "Target", "load_target", "load_sd15", "build_tiny", "SD15_HUB_ID", "SD15_INPAINT_HUB_ID", "parse_dtype",
            "parse_device"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,

@@ -222,16 +222,44 @@ class Target:
         out = abar.sqrt() * latents.float() + (1.0 - abar).sqrt() * noise.to(latents.device).float()
         return out.to(latents.dtype)
 
+    def inpaint_condition(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The inpainting UNet's extra input channels (N, 5, h, w): the mask at latent resolution and
+        the scaled latent (posterior mean) of the masked photo, *differentiable* in `images`.
+
+        The pipeline's rule: the masked photo is the photo with the repaint region (mask 1) set to 0
+        in the model's [-1, 1] space (mid grey). `masks` None means "repaint everything" (mask all
+        ones), the condition under which an inpainting UNet acts as a text-to-image model.
+        """
+        from ..masks import latent_mask
+
+        n, _, h, w = images.shape
+        if masks is None:
+            masks = torch.ones(n, 1, h, w, device=self.device)
+        m = masks.to(self.device, torch.float32)
+        keep = (m < 0.5).to(self.dtype)
+        masked = self.vae.encode(self.to_model(images) * keep).latent_dist.mean * self.scaling_factor
+        return torch.cat([latent_mask(m, self.latent_factor).to(self.dtype), masked.to(self.dtype)], dim=1)
+
     def predict_noise(self, noisy_latents: torch.Tensor, t, cond: torch.Tensor,
-                      guidance: float = 1.0, uncond: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      guidance: float = 1.0, uncond: Optional[torch.Tensor] = None,
+                      inpaint: Optional[torch.Tensor] = None) -> torch.Tensor:
         """eps_theta(z_t, t, c): the UNet's noise prediction, in the model's dtype, differentiable.
 
         `cond`: prompt embeddings from `encode_prompt`, (1 or N, 77, D). `guidance` > 1 applies
         classifier-free guidance against `uncond` (default: the empty prompt's embedding), at the
         cost of a second UNet pass: eps_u + guidance * (eps_c - eps_u).
+        On an inpainting target, `inpaint` is `inpaint_condition(images, masks)`; left None, the
+        condition is "repaint everything", so img2img-style objectives run unchanged on it.
         """
         n = noisy_latents.shape[0]
         z = noisy_latents.to(self.dtype)
+        if self.inpainting:
+            if inpaint is None:
+                inpaint = self._full_repaint_condition(z)
+            z = torch.cat([z, inpaint.to(self.device, self.dtype).expand(n, -1, -1, -1)], dim=1)
+        elif inpaint is not None:
+            raise ValueError(f"target {self.name!r} is not an inpainting model: predict_noise(inpaint=...) "
+                             "needs a 9-channel UNet")
         t = self._timesteps(t, n)
         cond = cond.to(self.device, self.dtype)
         cond = cond.expand(n, -1, -1) if cond.shape[0] == 1 else cond
@@ -244,6 +272,17 @@ class Target:
         eps_u, eps_c = self.unet(torch.cat([z, z]), torch.cat([t, t]),
                                  encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
+
+    def _full_repaint_condition(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, 5, h, w): mask all ones and the latent of an all-grey photo (cached per latent size)."""
+        h, w = latents.shape[-2:]
+        cache = self.__dict__.setdefault("_full_repaint", {})
+        key = (h, w, self.device, self.dtype)
+        if key not in cache:
+            f = self.latent_factor
+            with torch.no_grad():
+                cache[key] = self.inpaint_condition(torch.full((1, 3, h * f, w * f), 0.5, device=self.device))
+        return cache[key]
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)

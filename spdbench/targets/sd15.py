@@ -15,6 +15,8 @@ from ..errors import TargetLoadError
 from .base import Target
 
 SD15_HUB_ID = "runwayml/stable-diffusion-v1-5"
+#: SD1.5-inpainting (9-channel UNet), the model of PhotoGuard's inpainting demo and DiffusionGuard
+SD15_INPAINT_HUB_ID = "runwayml/stable-diffusion-inpainting"
 REQUIRED_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
 

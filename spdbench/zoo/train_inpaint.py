@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import latent_mask, random_masks
+from ..targets.inpaint import inpaint_unet_from  # noqa: F401 - the widening lives with the loaders
 from ..targets.tiny import INPAINT_DIR, SCHEDULER_CONFIG, V3_DIR
 from .train_tiny import (P_EMPTY, P_SUITE, SUITE_PROMPTS, TRAINING_JSON, CropSampler, LatentBank, LossTrack,
                          StepBudget, _command, caption_of, check_overwrite, folder_bytes, lr_at, package_weights,
@@ -57,22 +58,6 @@ class InpaintSettings:
     mask_kinds: tuple = ("box", "strokes", "full")
     mask_weights: tuple = (0.45, 0.45, 0.10)   # SD-inpainting repainted whole images part of the time too
     flip: bool = True
-
-
-def inpaint_unet_from(unet):
-    """A 9-input-channel copy of `unet`: every weight copied, conv_in's 5 new input channels zero."""
-    from diffusers import UNet2DConditionModel
-
-    config = dict(unet.config)
-    config["in_channels"] = 9
-    new = UNet2DConditionModel.from_config(config)
-    state = unet.state_dict()
-    w = state["conv_in.weight"]
-    wide = torch.zeros(w.shape[0], 9, *w.shape[2:], dtype=w.dtype)
-    wide[:, :4] = w
-    state["conv_in.weight"] = wide
-    new.load_state_dict(state)
-    return new
 
 
 def unet_input(noisy: torch.Tensor, mask: torch.Tensor, masked_latents: torch.Tensor) -> torch.Tensor:
