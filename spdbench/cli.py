@@ -131,7 +131,7 @@ def cmd_run(args) -> int:
     earlier = result.clean_cache_hits - result.clean_cache_hits_own
     print(f"clean edits: {result.clean_cache_misses} computed, {result.clean_cache_hits_own} reused within this run, "
           f"{earlier} from earlier runs' cache; "
-          f"{result.edits_run} img2img edits run")
+          f"{result.edits_run} {get_suite(args.suite).task} edits run")
     for rec in result.failed:
         print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
     return EXIT_FAILED_CELLS if result.failed else EXIT_OK

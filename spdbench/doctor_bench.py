@@ -223,7 +223,7 @@ def _call(attack, images: torch.Tensor, target, budget, seed: int) -> torch.Tens
     from .testing import mask_args
 
     generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same draws on every device
-    masks = mask_args(attack, images)  # centre boxes for an attack that reads inpainting masks
+    masks = mask_args(attack, images, target)  # centre boxes for an attack that reads inpainting masks
     attack.set_masks(masks.get("masks"))
     if attack.universal:
         attack.fit(images, target, budget, generator, **masks)
@@ -676,7 +676,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def _uses_masks(name: str) -> bool:
     from .attacks import attack_class
 
-    return bool(attack_class(name).uses_masks)
+    return bool(attack_class(name).needs_inpainting)
 
 
 def _is_universal(name: str) -> bool:

@@ -88,11 +88,14 @@ def _make(attack: AttackLike, steps: Optional[int], params: dict) -> Attack:
     return made
 
 
-def mask_args(attack: Attack, images: torch.Tensor) -> dict:
+def mask_args(attack: Attack, images: torch.Tensor, target=None) -> dict:
     """`masks=` for an attack that reads the editor's masks (`uses_masks`): the centre box, the
-    smoke-inpaint suite's set; nothing for any other attack."""
+    smoke-inpaint suite's set (None on an img2img `target`, as the harness gives); nothing for any
+    other attack."""
     if not attack.uses_masks:
         return {}
+    if target is not None and not getattr(target, "inpainting", False):
+        return {"masks": None}
     from .masks import centre_box
 
     return {"masks": torch.stack([centre_box(images.shape[-1]) for _ in images]).to(images.device)}
@@ -102,8 +105,8 @@ def _protect(attack: Attack, images: torch.Tensor, target, budget: Budget, seed:
              train: Optional[torch.Tensor]) -> torch.Tensor:
     if attack.universal:
         fit_on = train if train is not None else images
-        attack.fit(fit_on, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, fit_on))
-    return attack(images, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, images))
+        attack.fit(fit_on, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, fit_on, target))
+    return attack(images, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, images, target))
 
 
 def _noise(images: torch.Tensor, budget: Budget, seed: int) -> torch.Tensor:
@@ -151,7 +154,8 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
     """Run every property check on `attack` (a registered name, a class or an instance).
 
     `target`: a `load_target` name or a Target (default: the trained tiny target; for an attack that
-    reads masks, `uses_masks`, the trained tiny-inpaint target, with centre-box masks). `eps`: the
+    needs an inpainting model, `needs_inpainting`, the trained tiny-inpaint target; an attack that
+    reads masks gets centre boxes on an inpainting target). `eps`: the
     L-inf budgets to check; the L2 budget of each is `l2_budget(eps, size)` (the same rms
     perturbation as a quarter of the L-inf ball). `norms`: default every norm the attack declares.
     `steps`: the iteration count set on optimizing attacks (default 8 per image, 20 for a universal
@@ -169,10 +173,10 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
         steps = 20 if probe.universal else 8
     steps = steps or None
     report = AttackReport(probe.name)
-    if probe.uses_masks and isinstance(target, str) and target == "tiny":
+    if probe.needs_inpainting and isinstance(target, str) and target == "tiny":
         target = "tiny-inpaint"
     model = load_target(target) if isinstance(target, str) else target
-    if probe.uses_masks and not getattr(model, "inpainting", False):
+    if probe.needs_inpainting and not getattr(model, "inpainting", False):
         from .errors import InputError
 
         raise InputError(f"check_attack({probe.name!r}): the attack reads inpainting masks; target "
@@ -187,11 +191,11 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
             budget = Budget("linf", e) if norm == "linf" else l2_budget(e, size)
             fitted = _make(attack, steps, params)
             if fitted.universal:
-                fitted.fit(train, model, budget, torch.Generator().manual_seed(seed), **mask_args(fitted, train))
+                fitted.fit(train, model, budget, torch.Generator().manual_seed(seed), **mask_args(fitted, train, model))
             for split, images in splits.items():
                 setting = f"{budget} {split}"
                 run = fitted if fitted.universal else _make(attack, steps, params)
-                masks = mask_args(run, images)
+                masks = mask_args(run, images, model)
                 delta = run(images, model, budget, torch.Generator().manual_seed(seed), **masks)
                 run.set_masks(masks.get("masks"))
                 if not _contract(report, run, delta, images, budget, setting, steps):

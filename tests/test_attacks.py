@@ -59,7 +59,7 @@ def test_check_attack_passes(name, tiny):
     from spdbench.testing import check_attack
 
     # an attack that reads inpainting masks is checked on the trained inpainting model (check_attack's default)
-    target = "tiny-inpaint" if attack_class(name).uses_masks else tiny
+    target = "tiny-inpaint" if attack_class(name).needs_inpainting else tiny
     report = check_attack(name, target=target, params=FAST_DIFFUSION if name == "photoguard-diffusion" else None)
     report.assert_ok()
     kinds = {c.name for c in report.checks}

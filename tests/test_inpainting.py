@@ -184,3 +184,24 @@ def test_masks_and_models_must_match(tmp_path, photos):
     with pytest.raises(InputError, match="inpainting model"):
         spdbench.run("photoguard-encoder", suite="smoke", target="tiny-inpaint", images=photos, image_names=names,
                      out=tmp_path / "c")
+
+
+# --- PhotoGuard's original setting ------------------------------------------------------------------
+def test_photoguard_diffusion_madry_runs_its_inpainting_setting_on_an_inpainting_target(inpainter, photos):
+    """On an inpainting target the edit starts from pure noise and sees x + delta only through the
+    mask and masked-image channels: the hole's pixels get no gradient, and it beats noise."""
+    x, m = photos[:2], _box(2, 64)
+    attack = get_attack("photoguard-diffusion", preset="madry", steps=6, grad_samples=1, eval_samples=2)
+    budget = type(attack).preset_budgets["madry"]
+    _, timesteps = attack.scheduler(inpainter)
+    assert len(timesteps) == 4 and timesteps[0] == 751, "the whole 4-step schedule, from the noisiest step"
+    delta = attack(x, inpainter, budget, torch.Generator().manual_seed(0), masks=m)
+    hole = m.expand_as(delta) > 0.5
+    assert float(delta[hole].abs().max()) == 0 and float(delta[~hole].abs().max()) > 0
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    noise = noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * budget.eps
+    ours = attack.objective((x + delta).clamp(0, 1), inpainter, x)
+    rand = attack.objective((x + noise).clamp(0, 1), inpainter, x)
+    assert float((ours - rand).mean()) < 0, (ours, rand)
+    with pytest.raises(InputError, match="needs the editor's masks"):
+        attack(x, inpainter, budget, torch.Generator().manual_seed(0))

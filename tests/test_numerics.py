@@ -70,7 +70,7 @@ def objective(attack, images, delta, target) -> float:
 
 
 def run_attack(attack, images, target, seed=0):
-    masks = mask_args(attack, images)  # centre boxes for an attack that reads masks, else nothing
+    masks = mask_args(attack, images, target)  # centre boxes for an attack that reads masks, else nothing
     attack.set_masks(masks.get("masks"))
     if attack.universal:  # fit on the images the objective is then compared on
         attack.fit(images, target, BUDGET, torch.Generator().manual_seed(seed), **masks)
@@ -81,7 +81,7 @@ def run_attack(attack, images, target, seed=0):
 @pytest.mark.parametrize("name", OPTIMIZING)
 def test_attack_works_in_low_precision_or_says_why(name, dtype, request, photos):
     attack = make(name)
-    targets = request.getfixturevalue("inpaint_targets" if attack.uses_masks else "targets")
+    targets = request.getfixturevalue("inpaint_targets" if attack.needs_inpainting else "targets")
     try:
         delta = run_attack(attack, photos, targets[dtype])
     except AttackError as exc:

@@ -41,6 +41,10 @@ class Attack:
     #: hands `perturb` (and `fit`) a `masks=` (N, 1, H, W) tensor, 1 = repaint, on an inpainting suite
     #: (None elsewhere); other attacks never see a mask
     uses_masks: ClassVar[bool] = False
+    #: True for an attack that only makes sense against an inpainting model (DiffusionGuard): its
+    #: checks run on an inpainting target with masks; an attack that merely *can* read masks
+    #: (photoguard-diffusion's original inpainting setting) gets `masks=None` on an img2img target
+    needs_inpainting: ClassVar[bool] = False
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
         if preset is not None and preset not in self.presets:

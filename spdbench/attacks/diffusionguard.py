@@ -93,6 +93,7 @@ class DiffusionGuard(GradientAttack):
     maximize: ClassVar[bool] = True
     stochastic: ClassVar[bool] = True
     uses_masks: ClassVar[bool] = True
+    needs_inpainting: ClassVar[bool] = True
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
         super().__init__(preset, **params)

@@ -141,6 +141,12 @@ class PhotoGuardDiffusion(GradientAttack):
         prompt "", grey target, start at x; strength 1.0, the img2img analogue of its pure-noise
         start); "madry-linf" = its commented L-inf variant (eps 0.1 -> 0.05, step 0.006 -> 0.003,
         200 steps, 5 draws). Budgets in `preset_budgets`.
+    Inpainting (the notebook's own setting): on an inpainting target the harness hands the editor's
+        masks; f then starts from pure noise (strength is ignored), runs all `unroll_steps` steps
+        of an `unroll_steps`-step DDIM schedule with x + delta entering only through the UNet's
+        mask and masked-image channels (`Target.inpaint_condition`), and decodes -- what
+        StableDiffusionInpaintPipeline does. On an img2img target the masks are None and
+        nothing changes.
     Memory: see docs/attacks.md (the reference notebook, without checkpointing, asks for >= 40 GB).
     Shapes: images (N, 3, H, W) in [0, 1] -> delta (N, 3, H, W); objective (N,) (squared distance).
     Usage: `delta = get_attack("photoguard-diffusion", steps=50)(x, target, Budget("linf", "16/255"), g)`
@@ -161,6 +167,7 @@ class PhotoGuardDiffusion(GradientAttack):
     preset_budgets: ClassVar[dict[str, Budget]] = {"madry": Budget("l2", 8.0), "madry-linf": Budget("linf", 0.05)}
 
     stochastic: ClassVar[bool] = True
+    uses_masks: ClassVar[bool] = True  # read on inpainting suites only (the original setting)
     _AUTOCAST = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
@@ -183,19 +190,36 @@ class PhotoGuardDiffusion(GradientAttack):
             raise InputError(f"attack {name!r}: eta must be >= 0, got {self.eta!r}")
         if not isinstance(self.prompt, str):
             raise InputError(f"attack {name!r}: prompt must be a string, got {type(self.prompt).__name__}")
+        self._masks: Optional[torch.Tensor] = None
+
+    def perturb(self, images: torch.Tensor, target, budget: Budget, generator: Optional[torch.Generator] = None,
+                masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if getattr(target, "inpainting", False):
+            if masks is None or tuple(masks.shape) != (images.shape[0], 1, *images.shape[-2:]):
+                got = None if masks is None else tuple(masks.shape)
+                raise InputError(f"attack {self.name!r} on inpainting target {target.name!r} needs the editor's masks "
+                                 f"(N, 1, H, W), 1 = repaint; got {got}")
+            self._masks = (masks >= 0.5).float().to(images.device)
+        else:
+            self._masks = None
+        return super().perturb(images, target, budget, generator)
 
     # --- pieces, cached per target ---------------------------------------------------------
     def scheduler(self, target):
-        """(DDIM scheduler built from the target's config, the unroll_steps timesteps to run)."""
+        """(DDIM scheduler built from the target's config, the unroll_steps timesteps to run); an
+        inpainting target runs a whole `unroll_steps`-step schedule from pure noise."""
+        inpainting = bool(getattr(target, "inpainting", False))
+
         def make():
             from diffusers import DDIMScheduler
 
             sched = DDIMScheduler.from_config(target.scheduler.config)
-            total = max(self.unroll_steps, math.ceil(self.unroll_steps / float(self.strength) - 1e-9))
+            total = self.unroll_steps if inpainting else max(
+                self.unroll_steps, math.ceil(self.unroll_steps / float(self.strength) - 1e-9))
             sched.set_timesteps(total)
             return sched, [int(t) for t in sched.timesteps[-self.unroll_steps:]]
 
-        return self._cache.get(target, ("scheduler",), make)
+        return self._cache.get(target, ("scheduler", inpainting), make)
 
     @property
     def uses_guidance(self) -> bool:
@@ -226,11 +250,14 @@ class PhotoGuardDiffusion(GradientAttack):
             return contextlib.nullcontext()
         return torch.autocast(device_type=target.device.type, dtype=dtype)
 
-    def _noise_eps(self, target, t: int, latents: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """One (guided) UNet call through `Target.predict_noise`: emb is [uncond, prompt] with CFG."""
+    def _noise_eps(self, target, t: int, latents: torch.Tensor, emb: torch.Tensor,
+                   inpaint: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One (guided) UNet call through `Target.predict_noise`: emb is [uncond, prompt] with CFG;
+        `inpaint` the inpainting condition (None on an img2img target)."""
         if emb.shape[0] == 2:
-            return target.predict_noise(latents, t, emb[1:], guidance=self.guidance_scale, uncond=emb[:1])
-        return target.predict_noise(latents, t, emb)
+            return target.predict_noise(latents, t, emb[1:], guidance=self.guidance_scale, uncond=emb[:1],
+                                        inpaint=inpaint)
+        return target.predict_noise(latents, t, emb, inpaint=inpaint)
 
     @staticmethod
     def _decode(target, latents: torch.Tensor) -> torch.Tensor:
@@ -245,11 +272,20 @@ class PhotoGuardDiffusion(GradientAttack):
         run = (functools.partial(checkpoint, use_reentrant=False) if self.checkpointing
                else (lambda fn, *args: fn(*args)))
         with self._autocast(target):
-            z0 = target.encode(adv).latents
-            emb = self.embeddings(target).to(z0.dtype)
-            z = target.add_noise(z0, noise, timesteps[0])
+            if getattr(target, "inpainting", False):  # pure noise; x enters through the condition only
+                if self._masks is None or self._masks.shape[0] != adv.shape[0]:
+                    raise InputError(f"attack {self.name!r}: an inpainting target needs perturb(..., masks=...) "
+                                     "or set_masks() first")
+                cond = target.inpaint_condition(adv, self._masks)
+                z = (noise * float(getattr(sched, "init_noise_sigma", 1.0))).to(cond.dtype)
+                emb = self.embeddings(target).to(cond.dtype)
+            else:
+                cond = None
+                z0 = target.encode(adv).latents
+                emb = self.embeddings(target).to(z0.dtype)
+                z = target.add_noise(z0, noise, timesteps[0])
             for i, t in enumerate(timesteps):
-                eps = run(functools.partial(self._noise_eps, target, t), z, emb)
+                eps = run(functools.partial(self._noise_eps, target, t), z, emb, cond)
                 vn = variance_noise[i].to(z.dtype) if variance_noise is not None and self.eta > 0 else None
                 z = sched.step(eps, t, z, eta=float(self.eta), variance_noise=vn).prev_sample
             return run(functools.partial(self._decode, target), z)
