@@ -205,3 +205,28 @@ def test_photoguard_diffusion_madry_runs_its_inpainting_setting_on_an_inpainting
     assert float((ours - rand).mean()) < 0, (ours, rand)
     with pytest.raises(InputError, match="needs the editor's masks"):
         attack(x, inpainter, budget, torch.Generator().manual_seed(0))
+
+
+# --- every attack runs against the inpainting model -----------------------------------------------------
+def _every_attack():
+    return [n for n in spdbench.list_attacks() if not n.startswith("test-")]
+
+
+@pytest.mark.parametrize("name", _every_attack())
+def test_every_attack_runs_against_the_inpainting_model(name, inpainter, photos):
+    """Attacks that do not read masks run unchanged on the 9-channel model; those that do get them.
+    Two steps at 64 px: the contract only (protection on inpainting is measured in docs/inpainting.md)."""
+    from spdbench.attacks import attack_class
+    from spdbench.testing import mask_args
+
+    cls = attack_class(name)
+    fast = dict(steps=2, grad_samples=1, eval_samples=1, unroll_steps=2)
+    attack = cls(**{k: v for k, v in fast.items() if k in cls.defaults})
+    x = photos[:2]
+    budget = Budget("linf", "8/255")
+    masks = mask_args(attack, x, inpainter)
+    if attack.universal:
+        attack.fit(x, inpainter, budget, torch.Generator().manual_seed(0), **masks)
+    delta = attack(x, inpainter, budget, torch.Generator().manual_seed(0), **masks)
+    assert delta.shape == x.shape and torch.isfinite(delta).all()
+    assert float(delta.abs().max()) <= budget.eps + 1e-6
