@@ -230,3 +230,30 @@ def test_every_attack_runs_against_the_inpainting_model(name, inpainter, photos)
     delta = attack(x, inpainter, budget, torch.Generator().manual_seed(0), **masks)
     assert delta.shape == x.shape and torch.isfinite(delta).all()
     assert float(delta.abs().max()) <= budget.eps + 1e-6
+
+
+#: the checks that take over ~10 s on one core against the inpainting model
+SLOW_ON_INPAINT = {"advdm", "mist", "photoguard-diffusion", "spd-advdm", "spd-mist", "spd-sds-minus", "spd-sds-plus",
+                   "diffusionguard"}
+#: measured: a universal Mist fit on the 7 train photos does not beat uniform noise on the test
+#: photos of the inpainting model at check_attack's 20 steps (objective -1258 vs noise -1275 at
+#: 8/255); it does on the img2img model. A result, kept visible: strict, so a change shows.
+FAILS_ON_INPAINT = {"spd-mist": "universal Mist does not generalize to the test photos on tiny-inpaint (20 fit steps)"}
+
+
+def _inpaint_param(name):
+    marks = [pytest.mark.slow] if name in SLOW_ON_INPAINT else []
+    if name in FAILS_ON_INPAINT:
+        marks.append(pytest.mark.xfail(strict=True, reason=FAILS_ON_INPAINT[name]))
+    return pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("name", [_inpaint_param(n) for n in _every_attack()])
+def test_check_attack_passes_on_the_inpainting_model(name):
+    """The public property checks (contract, non-zero, determinism, beats noise on both splits)
+    against tiny-inpaint: attacks that do not read the mask are checked through the "repaint
+    everything" condition, mask readers with centre boxes."""
+    from spdbench.testing import check_attack
+
+    params = dict(grad_samples=1, eval_samples=2, unroll_steps=2) if name == "photoguard-diffusion" else None
+    check_attack(name, target="tiny-inpaint", params=params).assert_ok()
