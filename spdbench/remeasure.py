@@ -96,11 +96,12 @@ def sample_cells(claims: Claims, deltas: dict, suite, target, images: torch.Tens
                 for k, i in enumerate(idx):
                     out.add(f"{c.rel} image {c.record.image_names[k]} imperceptibility", m,
                             c.record.imperceptibility[m][k], imp[m][i], tolerance)
-                for m, v in kept.items():
-                    claimed = c.record.imperceptibility_kept.get(m, [])
-                    if len(claimed) != len(idx):
-                        out.problems.append(f"{c.rel}: kept-region {m} has {len(claimed)} values for {len(idx)} images")
-                        break
+            for m, v in kept.items():  # inpainting: every image's kept-region values too
+                claimed = c.record.imperceptibility_kept.get(m, [])
+                if len(claimed) != len(idx):
+                    out.problems.append(f"{c.rel}: kept-region {m} has {len(claimed)} values for {len(idx)} images")
+                    continue
+                for k, i in enumerate(idx):
                     out.add(f"{c.rel} image {c.record.image_names[k]} kept region", m, claimed[k], v[i], tolerance)
             job = jobs.setdefault(c.record.prompt, {})
             for k in picks[c.rel]:

@@ -163,6 +163,25 @@ def test_an_inpainting_run_verifies_and_a_forged_mask_is_refused(inpaint_run, tm
     assert not report.ok and any("masks' sha256" in p for p in report.problems), report.problems
 
 
+def test_a_forged_kept_region_value_of_any_image_is_refused(inpaint_run, tmp_path):
+    """Kept-region values need no edit, so verify recomputes them for every image (not a sample):
+    a value forged on the first image of a cell is caught."""
+    result, _ = inpaint_run
+    forged = tmp_path / "forged-kept"
+    shutil.copytree(result.out, forged)
+    first = set()
+    for f in (forged / "records").glob("*.json"):
+        data = json.loads(f.read_text())
+        if len(data["image_names"]) >= 2:  # the first of several, not the last
+            data["imperceptibility_kept"]["psnr"][0] += 3.0
+            first.add(data["image_names"][0])
+            f.write_text(json.dumps(data))
+    assert first
+    report = verify(forged, sample=1, attack_rerun=False, seed=0)
+    assert not report.ok
+    assert any("kept region" in p and any(n in p for n in first) for p in report.problems), report.problems
+
+
 def test_the_leaderboard_shows_inpainting_as_its_own_group(inpaint_run, tmp_path):
     from spdbench.leaderboard import build
 
