@@ -614,7 +614,7 @@ def _run_bench(cfg: BenchConfig, out: Path, log: Callable[[str], None]) -> Bench
                 if over_time(f"{name} {dtype}"):
                     continue
                 images = photos[: cfg.fit_images if _is_universal(name) else cfg.batch]
-                if _uses_masks(name):
+                if _needs_inpainting(name):
                     from .targets.inpaint import inpainting_twin
 
                     twin = twin or inpainting_twin(base, seed=cfg.seed)
@@ -673,7 +673,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _uses_masks(name: str) -> bool:
+def _needs_inpainting(name: str) -> bool:
     from .attacks import attack_class
 
     return bool(attack_class(name).needs_inpainting)

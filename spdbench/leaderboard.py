@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, RecordError
+from .region_metrics import REGION_METRICS
 from .results import Record, Status
 from .stats import bootstrap_ci
 from .worst_case import worst_case
@@ -96,7 +97,7 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
                          edited_with=recs[0].edit_target.name if recs[0].edit_target else None)
         series = {m: [r.protection.get(m, []) for r in recs] for m in PROTECTION}
         if any(r.protection_region for r in recs):  # inpainting: the repainted region (region_metrics.py)
-            series.update({f"region_{m}": [r.protection_region.get(m, []) for r in recs] for m in ("ssim", "psnr")})
+            series.update({f"region_{m}": [r.protection_region.get(m, []) for r in recs] for m in REGION_METRICS})
         for name in sorted({p for r in recs for p in r.purified}):
             series[f"ssim_after_{name}"] = [r.purified.get(name, {}).get("ssim", []) for r in recs]
         if any(r.purified for r in recs):  # the per-image worst case over purifiers (worst_case.py)

@@ -8,7 +8,7 @@ them (a box over a quarter of the photo dilutes a destroyed hole by the untouche
 - PSNR: the MSE over the region's pixels (all channels), 10 log10(1 / MSE).
 - SSIM: the local SSIM map (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03: piq's and Wang et
   al.'s constants) from kornia, computed without padding and averaged over the window centres
-  that fall in the region. Over the whole image this equals piq's SSIM (tests/test_region_metrics.py).
+  that fall in the region. Over the whole image this equals piq's SSIM (tests/test_inpainting.py).
 VIFp and FSIM pool over wavelet scales and phase-congruency maps of the whole image; they have no
 per-pixel map to restrict, so the region scores are SSIM and PSNR only (the records say so).
 """
@@ -58,5 +58,5 @@ def score_region(distorted: Mapping[str, torch.Tensor], reference: torch.Tensor,
                  region: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
     """{key: {"ssim": (N,), "psnr": (N,)}} of each distorted batch against `reference` on `region`."""
     region = region.to(reference.device)
-    return {k: {"ssim": region_ssim(v, reference, region).cpu(), "psnr": region_psnr(v, reference, region).cpu()}
-            for k, v in distorted.items()}
+    fns = {"ssim": region_ssim, "psnr": region_psnr}
+    return {k: {m: fns[m](v, reference, region).cpu() for m in REGION_METRICS} for k, v in distorted.items()}

@@ -40,7 +40,7 @@ import torch
 from ..budget import Budget
 from ..errors import InputError
 from .base import register
-from .objectives import ITERATION_DEFAULTS, GradientAttack, check_choice, draw, latent_shape
+from .objectives import ITERATION_DEFAULTS, GradientAttack, check_choice, check_masks, draw, latent_shape
 
 
 def first_timestep(target, num_inference_steps: int) -> int:
@@ -108,20 +108,12 @@ class DiffusionGuard(GradientAttack):
 
     def perturb(self, images: torch.Tensor, target, budget: Budget, generator: Optional[torch.Generator] = None,
                 masks: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._masks = self._check(images, target, masks)
-        delta = super().perturb(images, target, budget, generator)
-        return delta * (1 - self._masks)  # the editor repaints the hole: nothing is spent there (a random start)
-
-    def _check(self, images: torch.Tensor, target, masks: Optional[torch.Tensor]) -> torch.Tensor:
         if not getattr(target, "inpainting", False):
             raise InputError(f"attack {self.name!r} protects against inpainting: target {target.name!r} is an "
                              "img2img model (use an inpainting suite such as smoke-inpaint)")
-        n, _, h, w = images.shape
-        if masks is None:
-            raise InputError(f"attack {self.name!r} needs the editor's masks (N, 1, H, W), 1 = repaint")
-        if tuple(masks.shape) != (n, 1, h, w):
-            raise InputError(f"attack {self.name!r}: masks of shape {tuple(masks.shape)}, expected {(n, 1, h, w)}")
-        return (masks >= 0.5).float().to(images.device)
+        self._masks = check_masks(self, images, masks, target)
+        delta = super().perturb(images, target, budget, generator)
+        return delta * (1 - self._masks)  # the editor repaints the hole: nothing is spent there (a random start)
 
     def objective_loss(self, target, adv: torch.Tensor, clean: torch.Tensor,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -71,6 +71,17 @@ def check_norm(attack: Attack, budget: Budget) -> None:
         raise InputError(f"attack {attack.name!r} supports the norms {list(norms)}, got budget {budget}")
 
 
+def check_masks(attack: Attack, images: torch.Tensor, masks: Optional[torch.Tensor], target) -> torch.Tensor:
+    """The editor's masks as {0, 1} floats on the images' device: one (N, 1, H, W) per image, 1 =
+    repaint; one line naming the attack and the target when they are missing or misshapen."""
+    n, _, h, w = images.shape
+    if masks is None or tuple(masks.shape) != (n, 1, h, w):
+        got = None if masks is None else tuple(masks.shape)
+        raise InputError(f"attack {attack.name!r} on inpainting target {target.name!r} needs the editor's masks "
+                         f"{(n, 1, h, w)}, 1 = repaint; got {got}")
+    return (masks >= 0.5).float().to(images.device)
+
+
 def resolve_step_size(step_size: Optional[float], budget: Budget, steps: int) -> float:
     """`step_size`, or when None Madry et al.'s rule 2.5 * eps / steps (reaches the boundary from
     the centre in 40% of the iterations, for either norm)."""

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..budget import Budget
 from ..errors import InputError
 from .base import register
-from .objectives import (ITERATION_DEFAULTS, GradientAttack, check_choice, draw, latent_distance,
+from .objectives import (ITERATION_DEFAULTS, GradientAttack, check_choice, check_masks, draw, latent_distance,
                          latent_shape, resize_image)
 
 
@@ -194,14 +194,7 @@ class PhotoGuardDiffusion(GradientAttack):
 
     def perturb(self, images: torch.Tensor, target, budget: Budget, generator: Optional[torch.Generator] = None,
                 masks: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if getattr(target, "inpainting", False):
-            if masks is None or tuple(masks.shape) != (images.shape[0], 1, *images.shape[-2:]):
-                got = None if masks is None else tuple(masks.shape)
-                raise InputError(f"attack {self.name!r} on inpainting target {target.name!r} needs the editor's masks "
-                                 f"(N, 1, H, W), 1 = repaint; got {got}")
-            self._masks = (masks >= 0.5).float().to(images.device)
-        else:
-            self._masks = None
+        self._masks = check_masks(self, images, masks, target) if getattr(target, "inpainting", False) else None
         return super().perturb(images, target, budget, generator)
 
     # --- pieces, cached per target ---------------------------------------------------------

@@ -50,6 +50,7 @@ class Target:
             module.requires_grad_(False)
         self._pipe = None
         self._inpaint_pipe = None
+        self._full_repaint: dict = {}  # (h, w, device, dtype) -> the "repaint everything" condition
         self._fingerprint: Optional[str] = None
         #: the `load_target` name that rebuilds this model (set by load_target; None = built by hand)
         self.load_spec: Optional[str] = None
@@ -276,13 +277,13 @@ class Target:
     def _full_repaint_condition(self, latents: torch.Tensor) -> torch.Tensor:
         """(1, 5, h, w): mask all ones and the latent of an all-grey photo (cached per latent size)."""
         h, w = latents.shape[-2:]
-        cache = self.__dict__.setdefault("_full_repaint", {})
         key = (h, w, self.device, self.dtype)
-        if key not in cache:
+        if key not in self._full_repaint:
             f = self.latent_factor
             with torch.no_grad():
-                cache[key] = self.inpaint_condition(torch.full((1, 3, h * f, w * f), 0.5, device=self.device))
-        return cache[key]
+                self._full_repaint[key] = self.inpaint_condition(torch.full((1, 3, h * f, w * f), 0.5,
+                                                                            device=self.device))
+        return self._full_repaint[key]
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)

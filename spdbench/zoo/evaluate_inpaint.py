@@ -24,17 +24,11 @@ from typing import Optional, Sequence
 import torch
 
 from ..masks import random_masks
+from ..region_metrics import region_psnr
 from ..stats import bootstrap_ci
 from .evaluate_tiny import emit, eval_parser, heldout_crops, package_crops
 
 STEPS, GUIDANCE, MASK_SEED = 20, 7.5, 4242
-
-
-def region_psnr(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """(N,) PSNR in dB over the pixels where `region` (N, 1, H, W) is 1 (images on [0, 1])."""
-    w = region.expand_as(a)
-    mse = ((a - b).pow(2) * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1)
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
 
 
 def mean_fill(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
