@@ -1,10 +1,10 @@
 """spdbench: one harness and one scorer for image immunization against diffusion editing.
 
-Public API (DESIGN §4b): list_attacks, get_attack, register, Attack, UniversalAttack, GradientAttack
+Public API (DESIGN §4b): list_attacks, get_attack, register, Attack, UniversalAttack, AmortizedAttack, GradientAttack
 (the author's base: write the objective, it owns the loop), Budget, load_target, load_photos, run,
 metrics, testing.check_attack (docs/writing-an-attack.md).
 """
-from .attacks import Attack, UniversalAttack, get_attack, list_attacks, register
+from .attacks import AmortizedAttack, Attack, UniversalAttack, get_attack, list_attacks, register
 from .attacks.objectives import GradientAttack
 from .budget import Budget, apply_budget, format_eps, parse_eps
 from .data import load_photos
@@ -15,7 +15,7 @@ from .targets import Target, load_target
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attack", "UniversalAttack", "GradientAttack", "get_attack", "list_attacks", "register",
+    "Attack", "UniversalAttack", "AmortizedAttack", "GradientAttack", "get_attack", "list_attacks", "register",
     "Budget", "apply_budget", "format_eps", "parse_eps", "load_photos", "Target", "load_target",
     "SpdbenchError", "InputError", "BudgetError", "UnknownNameError", "RegistryError",
     "TargetLoadError", "AttackError", "RecordError", "run", "metrics", "__version__",

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from . import metrics as metrics_mod
-from . import perturbation_file
+from . import network_file, perturbation_file
 from .attack_plan import AttackPlan, plan
 from .attacks.base import Attack, attack_source
 from .budget import Budget, effective_eps, format_eps
@@ -183,9 +183,11 @@ def _protect_group(runner: AttackRunner, attack: Attack, target: Target, images:
                    masks: Optional[torch.Tensor] = None) -> tuple[dict[Split, Protection], list[str]]:
     """Run the attack on what it may see (an inpainting attack also its split's masks), then
     enforce the budget on what came back."""
-    if attack.universal:
+    if attack.universal or attack.amortized:
         jobs = {"fit": {"images": images[splits[Split.train]], "seed": suite.attack_seed}}
         fit_idx = {"fit": splits[Split.train]}
+        if attack.amortized:  # fit on the train split, then apply to every split, feed-forward
+            jobs.update({sp.value: {"images": images[idx], "seed": suite.attack_seed} for sp, idx in splits.items()})
     else:
         jobs = {sp.value: {"images": images[idx], "seed": suite.attack_seed + 1000 * (sp == Split.test)}
                 for sp, idx in splits.items()}
@@ -205,13 +207,19 @@ def _protect_group(runner: AttackRunner, attack: Attack, target: Target, images:
                                                      universal=attack.universal)
         if attack.universal:  # the fit is a one-off cost; applying the delta is this split's cost
             wall_s, fit_s = time.perf_counter() - t0, wall
+        elif attack.amortized:  # the fit is a one-off cost; the forward passes are this split's cost
+            wall_s, fit_s = out.wall_s, outputs["fit"].wall_s
         else:
             wall_s, fit_s = wall * len(idx) / n_all, None
         protections[sp] = Protection(adv=adv, wall_s=wall_s, device_s=out.device_s,
                                      peak_memory_bytes=out.peak_memory_bytes, max_norm_returned=returned,
-                                     over_budget_images=over, max_norm_applied=applied, loss_curve=out.loss_curve,
-                                     fit_wall_s=fit_s, oom_events=out.oom_events, model_calls=out.model_calls,
+                                     over_budget_images=over, max_norm_applied=applied,
+                                     loss_curve=outputs["fit"].loss_curve if attack.amortized else out.loss_curve,
+                                     fit_wall_s=fit_s, oom_events=out.oom_events,
+                                     model_calls=outputs["fit"].model_calls if attack.amortized else out.model_calls,
                                      zero_delta=zero)
+        if attack.amortized:
+            protections[sp].network_state = outputs["fit"].network
     return protections, _group_flags(attack, outputs, protections, runner.isolation)
 
 
@@ -364,7 +372,7 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
         print(f"resuming: {n_done} of {n_cells} cells already done in {out}", file=sys.stderr, flush=True)
     bar = tqdm(total=n_cells, desc=f"{attack.name} on {suite.name}", unit="cell", disable=not progress, leave=False)
     common = dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
-                  universal=attack.universal, suite=suite.name, suite_config=suite_cfg, attack_seed=suite.attack_seed,
+                  universal=attack.universal, amortized=attack.amortized, suite=suite.name, suite_config=suite_cfg, attack_seed=suite.attack_seed,
                   split_seed=suite.split_seed, target=tinfo, edit=suite.edit.to_dict(), provenance=env,
                   edit_target=None if edit_target is None else TargetInfo(
                       name=edit_target.name, source=edit_target.source, fingerprint=edit_target.fingerprint,
@@ -476,6 +484,10 @@ def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, ps
         protection_region = region.pop("", {})
         score_s = time.perf_counter() - t0
         for sp, idx in splits.items():
+            if ids[(pk, sp)] in done:  # a finished cell (its sibling split was cut short) is never rewritten
+                result.records.append(done[ids[(pk, sp)]])
+                result.reused.append(ids[(pk, sp)])
+                continue
             p = protections[sp]
             n = len(idx)
             rec = Record(
@@ -496,7 +508,7 @@ def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, ps
                                       projected=p.over_budget_images > 0, max_norm_applied=p.max_norm_applied,
                                       effective_eps=effective_eps(Budget(base['norm'], base['eps']))),
                 oom_events=p.oom_events + editor.oom_events, flags=list(flags), model_calls=p.model_calls,
-                loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha,
+                loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha, network=p.network,
                 **_region_fields(ctx, idx, protection_region, region, kept), **base)
             write_record(rec, out)
             result.records.append(rec)
@@ -518,7 +530,7 @@ def _region_fields(ctx: "_Run", idx, protection_region: dict, purified_region: d
 
 
 _META_KEYS = ("wall_s", "device_s", "peak_memory_bytes", "max_norm_returned", "over_budget_images",
-              "max_norm_applied", "fit_wall_s", "loss_curve", "oom_events", "model_calls", "zero_delta")
+              "max_norm_applied", "fit_wall_s", "loss_curve", "oom_events", "model_calls", "zero_delta", "network")
 
 
 def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images: torch.Tensor, splits: dict,
@@ -538,6 +550,11 @@ def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images:
             stored = _protections_from_meta(meta, perturbation_file.apply_delta(images, delta255), splits)
             return stored, json.loads(meta["flags"]), rel, perturbation_file.delta_sha256(delta255)
     protections, flags = _protect_group(runner, attack, target, images, splits, budget, suite, masks)
+    if attack.amortized:
+        info = network_file.save_network(out, rel.replace("perturbations/", "networks/"), attack,
+                                         protections[Split.train].network_state, suite.attack_batch_size)
+        for p in protections.values():
+            p.network = info
     adv_all = torch.empty_like(images)
     for sp, idx in splits.items():
         adv_all[idx] = protections[sp].adv
@@ -550,7 +567,8 @@ def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images:
 def _protections_from_meta(meta: dict[str, str], adv: torch.Tensor, splits: dict) -> dict:
     out = {}
     for sp, idx in splits.items():
-        values = {k: json.loads(meta[f"{sp.value}.{k}"]) for k in _META_KEYS}  # data only, never code
+        # data only, never code; "network" is absent from files written before amortized attacks
+        values = {k: json.loads(meta[f"{sp.value}.{k}"]) for k in _META_KEYS if f"{sp.value}.{k}" in meta}
         out[sp] = Protection(adv=adv[idx], **values)
     return out
 

@@ -86,7 +86,7 @@ class AttackWorker:
         self.start_s = time.perf_counter() - t0
         return self.start_s
 
-    def _ask(self, request: dict, expected: dict, timeout: Optional[float], what: str):
+    def _ask(self, request: dict, expected: dict, timeout: Optional[float], what: str, network_max_values: int = 0):
         try:
             self._out.send_bytes(cloudpickle.dumps(request))
         except (BrokenPipeError, OSError):
@@ -98,11 +98,12 @@ class AttackWorker:
             raise AttackError(f"the attack ran past the suite's time limit of {timeout:g} s while {what}; "
                               "its worker was stopped")
         try:
-            frame = self._in.recv_bytes(maxlength=self._max_bytes(expected))
+            frame = self._in.recv_bytes(maxlength=self._max_bytes(expected) + 4 * network_max_values
+                                        + (wire.MAX_HEADER_BYTES if network_max_values else 0))
         except (EOFError, OSError) as exc:
             self.close()
             raise AttackError(f"the attack worker ended while {what} ({self._exit_text()})") from exc
-        return wire.decode(frame, expected)
+        return wire.decode(frame, expected, network_max_values)
 
     @staticmethod
     def _max_bytes(expected: dict) -> int:
@@ -123,17 +124,24 @@ class AttackWorker:
         """Hand one cell group to the worker. `splits` maps a name to {"images": cpu tensor, "seed"}."""
         if not self.alive:
             self.start()
+        amortized = bool(getattr(attack, "amortized", False))
         expected = {name: ((1,) + tuple(job["images"].shape[1:]) if universal else tuple(job["images"].shape))
-                    for name, job in splits.items()}
+                    for name, job in splits.items() if not (amortized and name == "fit")}
+        net_max = int(attack.max_network_params) if amortized else 0
         request = dict(kind="run", attack=attack, budget=budget, batch_size=batch_size, splits=splits)
         t0 = time.perf_counter()
-        reply, tensors = self._ask(request, expected, timeout, f"running {getattr(attack, 'name', 'the attack')}")
+        reply, tensors = self._ask(request, expected, timeout, f"running {getattr(attack, 'name', 'the attack')}",
+                                   net_max)
         wall = time.perf_counter() - t0
         if reply.kind == "error":
             raise AttackError(reply.error or "the attack failed in its worker")
         if reply.kind != "result" or set(reply.splits) != set(splits):
             raise AttackError(f"the attack worker answered {reply.kind!r} for splits {sorted(reply.splits)}")
-        out = {name: SplitOutput(delta=tensors[name], **reply.splits[name].model_dump()) for name in splits}
+        network = {k[len(wire.NETWORK_PREFIX):]: v for k, v in tensors.items() if k.startswith(wire.NETWORK_PREFIX)}
+        out = {name: SplitOutput(delta=tensors[name], **reply.splits[name].model_dump()) for name in splits
+               if name in expected}
+        if amortized:
+            out["fit"] = SplitOutput(delta=torch.zeros(0), network=network, **reply.splits["fit"].model_dump())
         return WorkerResult(out, wall)
 
     def close(self) -> None:

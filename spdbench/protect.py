@@ -65,6 +65,8 @@ class SplitOutput:
     peak_memory_bytes: Optional[int] = None
     oom_events: list[dict] = field(default_factory=list)
     model_calls: dict[str, float] = field(default_factory=dict)  # per image
+    #: an amortized attack's fit: its trained network's weights (state_dict, float32), plain data
+    network: Optional[dict[str, torch.Tensor]] = None
 
 
 def validate_delta(delta, like: torch.Tensor, attack_name: str, universal: bool = False) -> torch.Tensor:
@@ -158,14 +160,73 @@ def fit_split(attack: Attack, target, train_images: torch.Tensor, budget: Budget
     return SplitOutput(delta, curve, clock.wall_s, clock.device_s, clock.peak_memory_bytes)
 
 
+def network_state(attack: Attack, network) -> dict[str, torch.Tensor]:
+    """The trained network of an amortized attack as plain float32 tensors, checked: a module, no
+    larger than the attack kind allows, every weight finite (what travels back and lands on disk)."""
+    if not isinstance(network, torch.nn.Module):
+        raise AttackError(f"amortized attack {attack.name!r}: fit() returned {type(network).__name__}, "
+                          "expected the trained torch.nn.Module")
+    state = {k: torch.Tensor._make_subclass(torch.Tensor, v.detach()).to("cpu", torch.float32).contiguous()
+             for k, v in network.state_dict().items()}
+    n = sum(v.numel() for v in state.values())
+    if n > attack.max_network_params:
+        raise AttackError(f"amortized attack {attack.name!r}: its network has {n:,} values, "
+                          f"more than the {attack.max_network_params:,} an amortized attack may return")
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AttackError(f"amortized attack {attack.name!r}: network weights {bad[:3]} hold NaN or Inf")
+    return state
+
+
+def fit_network(attack: Attack, target, train_images: torch.Tensor, budget: Budget, *, seed: int) -> SplitOutput:
+    """Fit an amortized attack on the training images only; the output carries its network."""
+    with timed(train_images.device) as clock:
+        gen = torch.Generator(device=train_images.device).manual_seed(seed)
+        network = _call_attack(attack.fit, attack, train_images.clone(), target, Budget(budget.norm, budget.eps), gen)
+        attack.network = network
+        state = network_state(attack, network)
+    curve = [float(v) for v in attack.loss_history]
+    return SplitOutput(torch.zeros(0), curve, clock.wall_s, clock.device_s, clock.peak_memory_bytes, network=state)
+
+
+def apply_split(attack: Attack, target, images: torch.Tensor, budget: Budget, *, batch_size: int) -> SplitOutput:
+    """Apply a fitted amortized attack, batch by batch, feed-forward: no autograd, and the target is
+    not handed over; a pass through the target during apply (counted) is an error."""
+    from .model_calls import ModelCallCounter
+
+    deltas = []
+    with ModelCallCounter(target) as counter, timed(images.device) as clock, torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            raw = _call_attack(attack.apply, attack, batch.clone(), Budget(budget.norm, budget.eps))
+            deltas.append(validate_delta(raw, batch, attack.name).float())
+    used = {k: v for k, v in counter.counts.items() if v}
+    if used:
+        raise AttackError(f"amortized attack {attack.name!r}: apply() ran the target ({used}); "
+                          "an amortized attack protects feed-forward, with its own network only")
+    return SplitOutput(torch.cat(deltas), [], clock.wall_s, clock.device_s, clock.peak_memory_bytes)
+
+
 def run_jobs(attack: Attack, target, budget: Budget, jobs: dict[str, dict], batch_size: int) -> dict[str, SplitOutput]:
     """The attack side of one cell group, wherever it runs (worker, or in-process for debugging):
     `jobs` maps a split name to {"images", "seed"} (and "masks" on an inpainting suite, for an
-    attack that reads them); a universal attack fits on its one job. Each output carries the model
-    passes the attack made per image (model_calls.py)."""
+    attack that reads them); a universal attack fits on its one job; an amortized attack fits on the
+    job "fit", then applies its network to every other job. Each output carries the model passes the
+    attack made per image (model_calls.py)."""
     from .model_calls import ModelCallCounter
 
     out: dict[str, SplitOutput] = {}
+    if getattr(attack, "amortized", False):
+        job = jobs["fit"]
+        images = job["images"].to(target.device)
+        with ModelCallCounter(target) as counter:
+            out["fit"] = fit_network(attack, target, images, budget, seed=job["seed"])
+        out["fit"].model_calls = counter.per_image(len(images))
+        for name, job in jobs.items():
+            if name != "fit":
+                out[name] = apply_split(attack, target, job["images"].to(target.device), budget,
+                                        batch_size=batch_size)
+        return out
     for name, job in jobs.items():
         images = job["images"].to(target.device)
         masks = job.get("masks")
@@ -198,6 +259,10 @@ class Protection:
     oom_events: list[dict] = field(default_factory=list)  # batch halvings after CUDA OOM
     model_calls: dict[str, float] = field(default_factory=dict)
     zero_delta: bool = False
+    #: an amortized attack's stored network: {"file", "sha256", "values", "apply_batch_size"}
+    network: Optional[dict] = None
+    #: its weights on the way to the run folder (not part of the record)
+    network_state: Optional[dict] = None
 
 
 def enforce(raw: torch.Tensor, images: torch.Tensor, budget: Budget, attack_name: str,

@@ -91,6 +91,7 @@ class Record(BaseModel):
     attack_params: dict[str, Any] = {}
     preset: Optional[str] = None
     universal: bool = False
+    amortized: bool = False  # a feed-forward immunizer fit on the train split (AmortizedAttack)
     suite: str
     suite_config: dict[str, Any] = {}
     norm: str
@@ -122,6 +123,8 @@ class Record(BaseModel):
     oom_events: list[dict[str, int]] = []  # batch-size halvings after CUDA out-of-memory (attack and edits)
     perturbation_file: Optional[str] = None
     perturbation_sha256: Optional[str] = None
+    #: an amortized attack's trained network: {"file", "sha256", "values", "bytes", "apply_batch_size"}
+    network: Optional[dict[str, Any]] = None
     provenance: dict[str, Any] = {}
     #: "process": the attack ran in its own worker process (the only mode verify/submit accept);
     #: "none": in the harness's process, for debugging only

@@ -21,6 +21,8 @@ from .errors import AttackError
 
 MAX_HEADER_BYTES = 4 << 20
 MAX_ERROR_CHARS = 2000
+#: tensor names of an amortized attack's network weights (any names, bounded in total size)
+NETWORK_PREFIX = "network/"
 
 
 class SplitReport(BaseModel):
@@ -51,8 +53,11 @@ def encode(reply: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = N
     return struct.pack(">Q", len(header)) + header + payload
 
 
-def decode(frame: bytes, expected: dict[str, tuple[int, ...]]) -> tuple[Reply, dict[str, torch.Tensor]]:
-    """Parse a frame; `expected` maps tensor names to shapes (exactly those, float32)."""
+def decode(frame: bytes, expected: dict[str, tuple[int, ...]],
+           network_max_values: int = 0) -> tuple[Reply, dict[str, torch.Tensor]]:
+    """Parse a frame; `expected` maps tensor names to shapes (exactly those, float32). With
+    `network_max_values`, names under NETWORK_PREFIX are accepted too (float32, at most that many
+    values in all): an amortized attack's weights."""
     if len(frame) < 8:
         raise AttackError("the attack worker sent a truncated message")
     (n,) = struct.unpack(">Q", frame[:8])
@@ -71,6 +76,15 @@ def decode(frame: bytes, expected: dict[str, tuple[int, ...]]) -> tuple[Reply, d
         tensors = st_load(payload) if payload else {}
     except Exception as exc:  # noqa: BLE001 - malformed payload from the untrusted side
         raise AttackError(f"the attack worker sent tensors that safetensors cannot read: {exc}") from None
+    network = {k: v for k, v in tensors.items() if network_max_values and k.startswith(NETWORK_PREFIX)}
+    if network_max_values:
+        if not network:
+            raise AttackError("the amortized attack's worker sent no network weights")
+        n = sum(v.numel() for v in network.values())
+        if n > network_max_values or any(v.dtype != torch.float32 for v in network.values()):
+            raise AttackError(f"the attack worker sent a network of {n:,} values (float32, at most "
+                              f"{network_max_values:,} allowed)")
+        tensors = {k: v for k, v in tensors.items() if k not in network}
     if set(tensors) != set(expected):
         raise AttackError(f"the attack worker sent tensors {sorted(tensors)}, expected {sorted(expected)}")
     for name, shape in expected.items():
@@ -78,4 +92,4 @@ def decode(frame: bytes, expected: dict[str, tuple[int, ...]]) -> tuple[Reply, d
         if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
             raise AttackError(f"the attack worker sent {name} as {t.dtype} {tuple(t.shape)}, "
                               f"expected float32 {tuple(shape)}")
-    return reply, tensors
+    return reply, {**tensors, **network}

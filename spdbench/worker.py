@@ -46,7 +46,13 @@ def _run(request: dict[str, Any], target) -> bytes:
     reports = {name: dict(loss_curve=o.loss_curve, wall_s=o.wall_s, device_s=o.device_s,
                           peak_memory_bytes=o.peak_memory_bytes, oom_events=o.oom_events, model_calls=o.model_calls)
                for name, o in outputs.items()}
-    return wire.encode({"kind": "result", "splits": reports}, {name: o.delta for name, o in outputs.items()})
+    tensors = {}
+    for name, o in outputs.items():
+        if o.network is not None:  # an amortized fit: its network's weights, not a delta
+            tensors.update({wire.NETWORK_PREFIX + k: v for k, v in o.network.items()})
+        else:
+            tensors[name] = o.delta
+    return wire.encode({"kind": "result", "splits": reports}, tensors)
 
 
 def main(read_fd: int, write_fd: int) -> None:

@@ -32,6 +32,8 @@ class Attack:
 
     name: ClassVar[str] = ""
     universal: ClassVar[bool] = False
+    #: True for a feed-forward immunizer (AmortizedAttack): fit once on the train split, then apply
+    amortized: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     preset_budgets: ClassVar[dict[str, Budget]] = {}
@@ -149,6 +151,46 @@ class UniversalAttack(Attack):
         return self.delta.to(images.device, images.dtype).expand_as(images).clone()
 
 
+class AmortizedAttack(Attack):
+    """A feed-forward immunizer: `fit(train_images, ...)` trains a network once, on the training
+    split only (the same isolation and authority as a universal attack); `apply(images, budget)`
+    then protects any batch in one forward pass, without the target.
+
+    Subclasses implement `build_network()` (the untrained network, from `self.params` alone: the
+    params are the config, so `verify` rebuilds it from the record), `fit` (returns the trained
+    network) and, if the default does not fit, `apply`. The harness checks the network's size
+    (`max_network_params`), counts the model passes `apply` makes (it must make none), projects and
+    quantizes what comes back, and stores the weights as safetensors beside the perturbations.
+    """
+
+    amortized: ClassVar[bool] = True
+    #: the largest network the harness accepts back from `fit` ("a few million parameters")
+    max_network_params: ClassVar[int] = 8_000_000
+
+    def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
+        super().__init__(preset, **params)
+        self.network: Optional[torch.nn.Module] = None
+
+    def build_network(self) -> torch.nn.Module:
+        """The untrained network for `self.params` (deterministic shape; weights are loaded into it)."""
+        raise NotImplementedError
+
+    def fit(self, train_images: torch.Tensor, target, budget: Budget,
+            generator: Optional[torch.Generator] = None) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def apply(self, images: torch.Tensor, budget: Budget) -> torch.Tensor:
+        """delta for `images`, feed-forward: the network's output, projected onto the budget."""
+        if self.network is None:
+            raise InputError(f"amortized attack {self.name!r} must be fit() before apply()")
+        return budget.project(self.network(images).to(images.dtype))
+
+    def perturb(self, images: torch.Tensor, target, budget: Budget,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.apply(images, budget)
+
+
 # --- registry ----------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Attack]] = {}
 _entry_points_loaded = False
@@ -257,7 +299,7 @@ def attack_source(attack: Union[Attack, type]) -> dict[str, str]:
 
 
 def _ensure_loaded() -> None:
-    from . import baselines, diffprotect, diffusionguard, pca, photoguard, spd  # noqa: F401  (register built-ins)
+    from . import amortized, baselines, diffprotect, diffusionguard, pca, photoguard, spd  # noqa: F401  (built-ins)
 
     load_entry_points()
 

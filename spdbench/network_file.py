@@ -1,0 +1,72 @@
+"""An amortized attack's trained network on disk: safetensors weights + JSON config, never pickle.
+
+Why its own file: the network *is* the method's output (it protects any photo in one forward
+pass), so a record points to it by path and sha256, and `verify` can rebuild it from the attack's
+class and params (the config) and load these weights. Loading reads tensors only; no code runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import RecordError
+
+FORMAT = "spdbench-network-v1"
+
+
+def save_network(out: Path, rel: str, attack, state: dict[str, torch.Tensor], apply_batch_size: int) -> dict[str, Any]:
+    """Write the weights to `out/rel`; the record's `network` entry (file, sha256, size, config)."""
+    path = Path(out) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(_jsonable(attack.params), sort_keys=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+              metadata={"format": FORMAT, "attack": attack.name, "config": config})
+    tmp.replace(path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"file": rel, "sha256": sha, "values": int(sum(v.numel() for v in state.values())),
+            "bytes": path.stat().st_size, "apply_batch_size": int(apply_batch_size)}
+
+
+def load_network(path: Path, sha256: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, {"attack", "config"}) from a network file, its hash checked when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"network file {str(path)!r} is missing")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise RecordError(f"network file {str(path)!r} does not match its recorded sha256")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise RecordError(f"{str(path)!r} is not an spdbench network file (format {meta.get('format')!r})")
+    return load_file(str(path)), {"attack": meta.get("attack"), "config": json.loads(meta.get("config", "{}"))}
+
+
+def _jsonable(params: dict) -> dict:
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict)) else repr(v))
+            for k, v in params.items()}
+
+
+def rebuild(attack, path: Path, sha256: Optional[str] = None):
+    """`attack` with its fitted network loaded from a network file: the class builds the network from
+    its params (the config), the weights come from the file (strict: every name and shape must match).
+    Runs the attack's network code, so the harness calls it only where attack code may run."""
+    state, meta = load_network(path, sha256)
+    if meta["attack"] != attack.name:
+        raise RecordError(f"network file {str(path)!r} was fit by {meta['attack']!r}, not {attack.name!r}")
+    network = attack.build_network()
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RecordError(f"network file {str(path)!r} does not fit {attack.name!r}'s network: "
+                          f"{str(exc).splitlines()[0]}") from None
+    attack.network = network.eval()
+    return attack
