@@ -551,8 +551,9 @@ def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images:
             return stored, json.loads(meta["flags"]), rel, perturbation_file.delta_sha256(delta255)
     protections, flags = _protect_group(runner, attack, target, images, splits, budget, suite, masks)
     if attack.amortized:
-        info = network_file.save_network(out, rel.replace("perturbations/", "networks/"), attack,
-                                         protections[Split.train].network_state, suite.attack_batch_size)
+        info = network_file.save_network(out, rel.replace("perturbations/", "networks/"), attack.name,
+                                         base["attack_params"], protections[Split.train].network_state,
+                                         suite.attack_batch_size)
         for p in protections.values():
             p.network = info
     adv_all = torch.empty_like(images)

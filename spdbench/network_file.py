@@ -12,47 +12,41 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save
 
 from .errors import RecordError
+from .perturbation_file import parse_header
+from .results import atomic_write_bytes
 
 FORMAT = "spdbench-network-v1"
 
 
-def save_network(out: Path, rel: str, attack, state: dict[str, torch.Tensor], apply_batch_size: int) -> dict[str, Any]:
-    """Write the weights to `out/rel`; the record's `network` entry (file, sha256, size, config)."""
-    path = Path(out) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = json.dumps(_jsonable(attack.params), sort_keys=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"format": FORMAT, "attack": attack.name, "config": config})
-    tmp.replace(path)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"file": rel, "sha256": sha, "values": int(sum(v.numel() for v in state.values())),
-            "bytes": path.stat().st_size, "apply_batch_size": int(apply_batch_size)}
+def save_network(out: Path, rel: str, attack_name: str, config: dict[str, Any], state: dict[str, torch.Tensor],
+                 apply_batch_size: int) -> dict[str, Any]:
+    """Write the weights to `out/rel` (atomically) with `config` (the record's attack_params); the
+    record's `network` entry (file, sha256, size, apply batch size)."""
+    data = save({k: v.contiguous() for k, v in state.items()},
+                metadata={"format": FORMAT, "attack": attack_name, "config": json.dumps(config, sort_keys=True)})
+    atomic_write_bytes(Path(out) / rel, data)
+    return {"file": rel, "sha256": hashlib.sha256(data).hexdigest(),
+            "values": int(sum(v.numel() for v in state.values())), "bytes": len(data),
+            "apply_batch_size": int(apply_batch_size)}
 
 
 def load_network(path: Path, sha256: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(weights, {"attack", "config"}) from a network file, its hash checked when given."""
+    """(weights, {"attack", "config"}) from a network file (read once; header checked as for any
+    untrusted safetensors file), its hash checked when given."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"network file {str(path)!r} is missing")
     data = path.read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise RecordError(f"network file {str(path)!r} does not match its recorded sha256")
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = parse_header(data, f"network file {str(path)!r}")["__metadata__"]
     if meta.get("format") != FORMAT:
         raise RecordError(f"{str(path)!r} is not an spdbench network file (format {meta.get('format')!r})")
-    return load_file(str(path)), {"attack": meta.get("attack"), "config": json.loads(meta.get("config", "{}"))}
-
-
-def _jsonable(params: dict) -> dict:
-    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict)) else repr(v))
-            for k, v in params.items()}
+    return load_bytes(data), {"attack": meta.get("attack"), "config": json.loads(meta.get("config", "{}"))}
 
 
 def rebuild(attack, path: Path, sha256: Optional[str] = None):

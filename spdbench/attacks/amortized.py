@@ -17,7 +17,7 @@ from torch import nn
 from ..budget import Budget, clamp_to_image
 from ..errors import InputError
 from .base import AmortizedAttack, register
-from .objectives import GradientAttack, check_norm, ensure_generator
+from .objectives import GradientAttack, PerImageObjective, check_norm, ensure_generator
 from .pca import PCAMinus
 from .photoguard import PhotoGuardEncoder
 
@@ -73,7 +73,7 @@ def _augment(batch: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tens
     return torch.cat(out)
 
 
-class AmortizedObjectiveAttack(AmortizedAttack):
+class AmortizedObjectiveAttack(PerImageObjective, AmortizedAttack):
     """Base of the amortized immunizers: a subclass names the per-image attack whose objective the
     network learns to minimize over the train split (`objective_attack`), as SPD does."""
 
@@ -103,21 +103,10 @@ class AmortizedObjectiveAttack(AmortizedAttack):
     def build_network(self) -> nn.Module:
         return ImmunizerUNet(int(self.params["width"]))
 
-    def objective_loss(self, target, adv: torch.Tensor, clean: torch.Tensor,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return self.per_image.objective_loss(target, adv, clean, generator)
-
-    def objective(self, adv: torch.Tensor, target, clean: torch.Tensor) -> torch.Tensor:
-        return self.per_image.objective(adv, target, clean)
-
     @property
     def stochastic(self) -> bool:
         """True: every fit step draws its own augmented batch, so the loss curve is noisy."""
         return True
-
-    @property
-    def maximize(self) -> bool:
-        return False
 
     def delta_for(self, images: torch.Tensor, budget: Budget) -> torch.Tensor:
         """eps * network(x), inside the ball and the image range (differentiable: used in training)."""
@@ -138,7 +127,7 @@ class AmortizedObjectiveAttack(AmortizedAttack):
         self.network.train()
         opt = torch.optim.Adam(self.network.parameters(), lr=float(self.params["lr"]))
         crop = int(self.params["crop"] or min(train_images.shape[-2:]))
-        scale = float(getattr(self.per_image, "loss_scale", 1.0))
+        scale = float(self.loss_scale) * (-1.0 if self.maximize else 1.0)  # the optimizer descends
         self.loss_history = []
         for _ in range(int(self.params["steps"])):
             pick = torch.randint(0, len(train_images), (int(self.params["batch_size"]),), generator=cpu_gen)

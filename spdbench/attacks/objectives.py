@@ -165,6 +165,36 @@ def kl_to_isotropic_gaussian(mean: torch.Tensor, logvar: torch.Tensor, v: float)
     return 0.5 * per_dim.flatten(1).sum(dim=1)
 
 
+class PerImageObjective:
+    """Mixin for an attack that optimizes a per-image attack's objective, held as `self.per_image`
+    (SPD's universal delta, the amortized immunizers' network): the objective, its direction, its
+    float16 loss scale and whether it is stochastic are the per-image attack's own."""
+
+    per_image: "GradientAttack"
+
+    def objective_loss(self, target, adv: torch.Tensor, clean: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.per_image.objective_loss(target, adv, clean, generator)
+
+    def objective(self, adv: torch.Tensor, target, clean: torch.Tensor) -> torch.Tensor:
+        return self.per_image.objective(adv, target, clean)
+
+    @property
+    def stochastic(self) -> bool:
+        """The per-image objective's: one random draw per step makes the loss curve noisy."""
+        return self.per_image.stochastic
+
+    @property
+    def maximize(self) -> bool:
+        """The per-image attack's direction (AdvDM's loss is ascended here too)."""
+        return self.per_image.maximize
+
+    @property
+    def loss_scale(self) -> float:
+        """The per-image attack's (its gradient must fit a float16 model here too)."""
+        return self.per_image.loss_scale
+
+
 # --- the skeleton ----------------------------------------------------------------------------
 class GradientAttack(Attack):
     """The public base of a per-image gradient attack: write the objective, the base owns the loop.

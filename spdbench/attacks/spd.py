@@ -16,7 +16,8 @@ from ..errors import InputError
 from ..images import check_images
 from ..optim import optimize
 from .base import UniversalAttack, register
-from .objectives import (ALL_NORMS, GradientAttack, check_iteration_params, check_norm, chunked_mean,
+from .objectives import (ALL_NORMS, GradientAttack, PerImageObjective, check_iteration_params, check_norm,
+                         chunked_mean,
                          ensure_generator, resolve_step_size, start_delta)
 from .diffprotect import AdvDM, Mist, SDSMinus, SDSPlus
 from .pca import PCAMinus, PCAPlus
@@ -35,7 +36,7 @@ SPD_DEFAULTS: dict[str, Any] = dict(
 _BLOG = dict(steps=500, init="zero", batch_size=None, schedule="constant")
 
 
-class SPDAttack(UniversalAttack):
+class SPDAttack(PerImageObjective, UniversalAttack):
     """Base of the SPD attacks: a universal delta minimizing the mean of a per-image objective.
 
     Subclasses set `objective_attack` (an `GradientAttack` class) and `objective_params` (its
@@ -57,27 +58,6 @@ class SPDAttack(UniversalAttack):
         #: the per-image attack whose objective this one averages (its iteration settings unused)
         self.per_image = self.objective_attack(**{k: self.params[k] for k in self.objective_params})
 
-    def objective_loss(self, target, adv: torch.Tensor, clean: torch.Tensor,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return self.per_image.objective_loss(target, adv, clean, generator)
-
-    def objective(self, adv: torch.Tensor, target, clean: torch.Tensor) -> torch.Tensor:
-        return self.per_image.objective(adv, target, clean)
-
-    @property
-    def stochastic(self) -> bool:
-        """The per-image objective's: one random draw per step makes the loss curve noisy."""
-        return self.per_image.stochastic
-
-    @property
-    def maximize(self) -> bool:
-        """The per-image attack's direction (AdvDM's loss is ascended here too)."""
-        return self.per_image.maximize
-
-    @property
-    def loss_scale(self) -> float:
-        """The per-image attack's (its gradient must fit a float16 model here too)."""
-        return self.per_image.loss_scale
 
     def _batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
         """Index batches forever: all images each step, or `batch_size` of a fresh permutation per
