@@ -66,7 +66,7 @@ class BenchConfig:
     target: str = "sd15-arch-random"
     image_size: int = 512
     batch: int = 4                     # images per call of a per-image attack (sd15-spd's attack batch)
-    fit_images: int = 4                # training images of a universal attack's fit
+    fit_images: int = 4                # training images of a universal or amortized attack's fit
     steps: int = 5                     # timed iterations (the attack's `steps`)
     warmup_steps: int = 1              # iterations of the untimed warm-up call
     eps: str = "16/255"
@@ -225,7 +225,7 @@ def _call(attack, images: torch.Tensor, target, budget, seed: int) -> torch.Tens
     generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same draws on every device
     masks = mask_args(attack, images, target)  # centre boxes for an attack that reads inpainting masks
     attack.set_masks(masks.get("masks"))
-    if attack.universal:
+    if attack.fits:
         attack.fit(images, target, budget, generator, **masks)
         return attack.perturb(images, target, budget)
     return attack(images, target, budget, generator, **masks)
@@ -613,7 +613,7 @@ def _run_bench(cfg: BenchConfig, out: Path, log: Callable[[str], None]) -> Bench
             for name in names:
                 if over_time(f"{name} {dtype}"):
                     continue
-                images = photos[: cfg.fit_images if _is_universal(name) else cfg.batch]
+                images = photos[: cfg.fit_images if _fits(name) else cfg.batch]
                 if _needs_inpainting(name):
                     from .targets.inpaint import inpainting_twin
 
@@ -679,10 +679,10 @@ def _needs_inpainting(name: str) -> bool:
     return bool(attack_class(name).needs_inpainting)
 
 
-def _is_universal(name: str) -> bool:
+def _fits(name: str) -> bool:
     from .attacks import attack_class
 
-    return bool(attack_class(name).universal)
+    return bool(attack_class(name).fits)
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:

@@ -103,7 +103,7 @@ def mask_args(attack: Attack, images: torch.Tensor, target=None) -> dict:
 
 def _protect(attack: Attack, images: torch.Tensor, target, budget: Budget, seed: int,
              train: Optional[torch.Tensor]) -> torch.Tensor:
-    if attack.universal or attack.amortized:
+    if attack.fits:
         fit_on = train if train is not None else images
         attack.fit(fit_on, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, fit_on, target))
     return attack(images, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, images, target))
@@ -170,7 +170,7 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
     params = dict(params or {})
     probe = _make(attack, None, params)
     if steps is None:
-        steps = 20 if (probe.universal or probe.amortized) else 8
+        steps = 20 if probe.fits else 8
     steps = steps or None
     report = AttackReport(probe.name)
     if probe.needs_inpainting and isinstance(target, str) and target == "tiny":
@@ -183,7 +183,7 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
                          f"{getattr(model, 'name', model)!r} is not an inpainting model (use 'tiny-inpaint')")
     splits = {s: load_photos(n=n_images, size=size, split=s).to(model.device) for s in ("train", "test")}
     # a universal attack is fit on the whole train split: a delta fit on two photos fits those two
-    fits = probe.universal or probe.amortized  # fit once on the train split, then protect any photo
+    fits = probe.fits  # fit once on the train split, then protect any photo
     train = load_photos(size=size, split="train").to(model.device) if fits else splits["train"]
     norms = list(norms) if norms is not None else list(getattr(probe, "norms", NORMS))
     reference = probe.name == "none"

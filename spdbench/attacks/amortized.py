@@ -110,6 +110,8 @@ class AmortizedObjectiveAttack(PerImageObjective, AmortizedAttack):
 
     def delta_for(self, images: torch.Tensor, budget: Budget) -> torch.Tensor:
         """eps * network(x), inside the ball and the image range (differentiable: used in training)."""
+        if self.network is None:
+            raise InputError(f"amortized attack {self.name!r} must be fit() before apply()")
         delta = budget.eps * self.network(images.float())
         return clamp_to_image(images.float(), budget.project(delta))
 

@@ -34,6 +34,9 @@ class Attack:
     universal: ClassVar[bool] = False
     #: True for a feed-forward immunizer (AmortizedAttack): fit once on the train split, then apply
     amortized: ClassVar[bool] = False
+    #: True when `fit(train_images, ...)` must run before the attack protects anything (universal
+    #: and amortized attacks): the one flag callers branch on
+    fits: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     preset_budgets: ClassVar[dict[str, Budget]] = {}
@@ -135,6 +138,7 @@ class UniversalAttack(Attack):
     """
 
     universal: ClassVar[bool] = True
+    fits: ClassVar[bool] = True
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
         super().__init__(preset, **params)
@@ -164,6 +168,7 @@ class AmortizedAttack(Attack):
     """
 
     amortized: ClassVar[bool] = True
+    fits: ClassVar[bool] = True
     #: the largest network the harness accepts back from `fit` ("a few million parameters")
     max_network_params: ClassVar[int] = 8_000_000
 
