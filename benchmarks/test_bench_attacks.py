@@ -49,7 +49,7 @@ def test_attack_step_tiny_cpu(benchmark, name):
     attack = spdbench.get_attack(name, steps=STEPS)
     benchmark.group = "attack step, tiny, 4 x 128px, CPU"
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    if attack.universal:
+    if attack.fits:
         benchmark.pedantic(lambda: attack.fit(x, target, budget, gen()), rounds=3, iterations=1, warmup_rounds=1)
     else:
         benchmark.pedantic(lambda: attack(x, target, budget, gen()), rounds=3, iterations=1, warmup_rounds=1)
@@ -76,7 +76,7 @@ def test_attack_step_sd15_gpu(benchmark, sd15_random, name):
 
     def once():
         gen = torch.Generator(device="cuda").manual_seed(0)
-        out = attack.fit(x, sd15_random, budget, gen) if attack.universal else attack(x, sd15_random, budget, gen)
+        out = attack.fit(x, sd15_random, budget, gen) if attack.fits else attack(x, sd15_random, budget, gen)
         torch.cuda.synchronize()
         return out
 

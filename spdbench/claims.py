@@ -29,7 +29,7 @@ RANGES = {"ssim": (-1.0, 1.0), "psnr": (0.0, 100.0), "vifp": (0.0, math.inf), "f
 #: a stated mean must equal the mean of its per-image list to this (float32 rounding)
 MEAN_TOL = 1e-5
 #: settings that identify a method: every record of an entry must agree on them
-METHOD_FIELDS = ("attack", "attack_params", "preset", "universal", "suite", "suite_config", "norm", "edit",
+METHOD_FIELDS = ("attack", "attack_params", "preset", "universal", "amortized", "suite", "suite_config", "norm", "edit",
                  "attack_seed", "split_seed", "isolation")
 _CELL_ID = re.compile(r"^(?P<prefix>.+)__[0-9a-f]{10}$")
 #: suite settings that may differ between a run and the suite (the grid being run, the prose, and
@@ -166,6 +166,34 @@ def record_problems(rec: Record, rel: str, entry: EntryFiles, strict: bool) -> l
         out.append(f"perturbation_file {pf!r} is not a perturbations/*.safetensors file of this folder")
     if not isinstance(rec.perturbation_sha256, str) or not re.match(r"^[0-9a-f]{64}$", rec.perturbation_sha256):
         out.append(f"perturbation_sha256 {rec.perturbation_sha256!r} is not a sha256 (64 hex digits)")
+    out += _network_problems(rec, entry)
+    return out
+
+
+def _network_problems(rec: Record, entry: EntryFiles) -> list[str]:
+    """An amortized record points at its network file (checked against it in check_networks); no
+    other record carries one."""
+    if not rec.amortized:
+        return [] if rec.network is None else ["carries a network but does not claim amortized=true"]
+    if rec.universal:
+        return ["claims both universal and amortized; an attack is one kind"]
+    net = rec.network
+    if not isinstance(net, dict):
+        return ["claims amortized but names no network (expected network: {file, sha256, values, bytes, "
+                "apply_batch_size})"]
+    out = []
+    f = net.get("file")
+    if not isinstance(f, str) or f not in entry.files or entry.files[f].kind != "network":
+        out.append(f"network.file {_short(f)} is not a networks/*.safetensors file of this folder")
+    if not isinstance(net.get("sha256"), str) or not re.match(r"^[0-9a-f]{64}$", net["sha256"]):
+        out.append(f"network.sha256 {_short(net.get('sha256'))} is not a sha256 (64 hex digits)")
+    for key in ("values", "bytes", "apply_batch_size"):
+        v = net.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            out.append(f"network.{key} {_short(v)} is not a whole number >= 1")
+    extra = sorted(set(net) - {"file", "sha256", "values", "bytes", "apply_batch_size"})
+    if extra:
+        out.append(f"network holds unknown fields {extra}")
     return out
 
 
@@ -308,9 +336,15 @@ def _cell_set_problems(claims: Claims, suite, strict: bool) -> list[str]:
         if len(files) != 1:
             out.append(f"eps {eps}: records point at {len(files)} different perturbation files/hashes; one cell "
                        "group has one perturbation")
+        nets = {_canon(c.record.network) for c in cells}
+        if len(nets) != 1:
+            out.append(f"eps {eps}: records point at {len(nets)} different networks; one cell group has one "
+                       "fitted network")
     by_file: dict[str, set] = {}
     for c in claims.ok_cells:
         by_file.setdefault(c.record.perturbation_file, set()).add(c.record.eps_label)
+        if c.record.network:
+            by_file.setdefault(c.record.network.get("file"), set()).add(c.record.eps_label)
     out += [f"{f} is claimed by several budgets ({', '.join(sorted(e))})" for f, e in by_file.items() if len(e) > 1]
     for split in ("train", "test"):
         lists = {(_canon(c.record.image_names), _canon(c.record.image_sha256), _canon(c.record.edit_seeds))
@@ -337,6 +371,7 @@ def check_perturbations(claims: Claims, entry: EntryFiles, suite, images=None) -
     `universal` claim is one delta. Returns {eps label: delta255}; problems go to `claims`."""
     import torch
 
+    from .data import split_indices
     from .perturbation_file import delta_sha256, load_delta
 
     deltas = {}
@@ -369,12 +404,19 @@ def check_perturbations(claims: Claims, entry: EntryFiles, suite, images=None) -
             claims.problems.append(f"eps {eps}: image {i} of {rec.perturbation_file} has {rec.norm} norm "
                                    f"{float(levels[i]):.2f}/255, over the budget {eps}")
             continue
-        applied = float(levels.max()) / 255
+        # each split's records state the largest norm over that split's images (its own rows)
+        try:
+            train, test = split_indices(n, rec.split_seed)
+        except SpdbenchError as exc:
+            claims.problems.append(f"eps {eps}: {exc}")
+            continue
+        rows = {"train": train, "test": test}
         for c in cells:
             claimed = c.record.validation.max_norm_applied
+            applied = float(levels[rows[c.record.split.value]].max()) / 255
             if claimed is not None and not abs(claimed - applied) <= 1e-5:
                 claims.problems.append(f"{c.rel}: validation.max_norm_applied {claimed!r} but the stored "
-                                       f"perturbation's largest norm is {applied:.6g}")
+                                       f"perturbation's largest norm over its split is {applied:.6g}")
                 break
         if images is not None:
             x = (images.detach().cpu().double() * 255).round()
@@ -389,6 +431,57 @@ def check_perturbations(claims: Claims, entry: EntryFiles, suite, images=None) -
                     continue
         deltas[eps] = delta
     return deltas
+
+
+def check_networks(claims: Claims, entry: EntryFiles) -> dict:
+    """Load each amortized cell group's network file and hold it against the records: the hash, the
+    attack that fit it, its config = the records' attack_params, its size (within the installed
+    attack's cap when it is installed), finite weights. Returns {eps label: weights}; problems go
+    to `claims`. Reading runs no code: the weights are tensors, the config JSON."""
+    import torch
+
+    from .network_file import load_network
+
+    nets = {}
+    for eps, cells in claims.groups().items():
+        rec = cells[0].record
+        if not rec.amortized:
+            continue
+        info = rec.network
+        try:
+            state, meta = load_network(entry.folder / info["file"], info["sha256"])
+        except RecordError as exc:
+            claims.problems.append(f"eps {eps}: {exc}")
+            continue
+        values = sum(int(v.numel()) for v in state.values())
+        problem = None
+        if meta["attack"] != rec.attack:
+            problem = f"was fit by {meta['attack']!r}, the records name {rec.attack!r}"
+        elif _canon(meta["config"]) != _canon(rec.attack_params):
+            problem = f"holds config {_short(meta['config'])}, the records' attack_params are {_short(rec.attack_params)}"
+        elif values != info["values"] or entry.files[info["file"]].size != info["bytes"]:
+            problem = (f"holds {values} values in {entry.files[info['file']].size} bytes, the records claim "
+                       f"{info['values']} in {info['bytes']}")
+        elif values > _network_cap(rec.attack):
+            problem = f"holds {values:,} values, over attack {rec.attack!r}'s cap of {_network_cap(rec.attack):,}"
+        elif not all(bool(torch.isfinite(v).all()) for v in state.values()):
+            problem = "holds NaN or Inf weights"
+        if problem:
+            claims.problems.append(f"eps {eps}: network file {info['file']} {problem}")
+            continue
+        nets[eps] = state
+    return nets
+
+
+def _network_cap(attack: str) -> int:
+    from .network_file import MAX_VALUES
+
+    try:
+        from .attacks import attack_class
+
+        return int(getattr(attack_class(attack), "max_network_params", MAX_VALUES))
+    except SpdbenchError:
+        return MAX_VALUES
 
 
 def universal_problem(delta255, x255) -> Optional[str]:

@@ -160,6 +160,23 @@ def cmd_leaderboard(args) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args) -> int:
+    from . import compare
+    from .leaderboard import load_checked
+
+    sides = []
+    for label, folder in (("A", args.a), ("B", args.b)):
+        if not Path(folder).is_dir():
+            raise InputError(f"{label} {folder!r} is not an existing folder (expected a run folder or an entry)")
+        records, skipped = load_checked([folder])
+        if skipped:
+            raise InputError(f"{label} {folder!r} cannot be compared: {skipped[0][1]}")
+        sides.append(records)
+    rows = compare.paired(sides[0], sides[1], metric=args.metric, split=args.split, seed=args.seed)
+    print(compare.markdown(Path(args.a).name, Path(args.b).name, rows))
+    return EXIT_OK
+
+
 def _print_report(report) -> None:
     for line in report.checks:
         print(f"  ok  {line}")
@@ -302,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated formats among md (README.md), csv (leaderboard.csv, table1.csv) and "
                         "html (index.html); default md,csv,html")
     s.set_defaults(fn=cmd_leaderboard)
+
+    s = sub.add_parser("compare", help="two methods on the same photos: paired bootstrap of their difference")
+    s.add_argument("a", help="run folder or leaderboard entry of method a")
+    s.add_argument("b", help="run folder or leaderboard entry of method b (same suite)")
+    s.add_argument("--metric", default="ssim", choices=["ssim", "psnr", "vifp", "fsim"],
+                   help="protection metric (default ssim)")
+    s.add_argument("--split", default="test", choices=["train", "test"], help="split compared (default test)")
+    s.add_argument("--seed", type=_count, default=0, help="bootstrap seed (default 0)")
+    s.set_defaults(fn=cmd_compare)
 
     for name, fn, helptext in (("verify", cmd_verify, "re-check a run folder as an untrusted submission"),
                                ("submit", cmd_submit, "verify a run folder and add it to the leaderboard")):

@@ -5,6 +5,7 @@ A leaderboard entry is data under one versioned schema (`spdbench-entry/1`):
     manifest.json                     every other file with its size and sha256 (written by submit)
     records/<cell id>.json            one record per cell (results.Record, schema v2)
     perturbations/<name>.safetensors  the stored perturbations (perturbation_file)
+    networks/<name>.safetensors       an amortized attack's trained networks (network_file)
     examples/<name>.png               optional illustrations (never used for a number)
 
 A run folder (what `spdbench run` writes, and what `submit` takes) may also hold `records.jsonl`
@@ -30,6 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import RecordError
+from . import network_file
 from .perturbation_file import check_header, parse_header
 
 ENTRY_KIND = "spdbench-entry"
@@ -64,13 +66,14 @@ RULES = (
     Rule("manifest", "", MANIFEST, 16 * MiB),
     Rule("record", "records", ".json", 8 * MiB),
     Rule("perturbation", "perturbations", ".safetensors", 1024 * MiB),
+    Rule("network", "networks", ".safetensors", 64 * MiB),
     Rule("example", "examples", ".png", 16 * MiB),
     Rule("export", "", "records.jsonl", 512 * MiB, in_entry=False),
     Rule("cache", "cache", ".safetensors", 64 * MiB, in_entry=False),
 )
 _FOLDERS = {r.folder for r in RULES if r.folder}
 #: what an entry (or run) folder copies into the leaderboard: the rest of a run folder stays behind
-ENTRY_KINDS = ("record", "perturbation", "example")
+ENTRY_KINDS = ("record", "perturbation", "network", "example")
 
 
 def check_name(what: str, value: Any) -> str:
@@ -342,6 +345,8 @@ def _check_content(f: EntryFile, path: Path) -> None:
         f.header = parse_header(head, f.rel, size=f.size)
         if f.kind == "perturbation":
             check_header(f.header, f.rel)
+        elif f.kind == "network":
+            network_file.check_header(f.header, f.rel)
         else:
             check_cache_header(f.header, f.rel)
 
@@ -372,7 +377,7 @@ def _check_manifest(entry: EntryFiles) -> Manifest:
 
 
 def build_manifest(entry: EntryFiles, name: str, verification: dict[str, Any]) -> bytes:
-    """manifest.json for the entry files of `entry` (records, perturbations, examples)."""
+    """manifest.json for the entry files of `entry` (records, perturbations, networks, examples)."""
     files = {rel: ManifestFile(size=f.size, sha256=f.sha256) for rel, f in sorted(entry.files.items())
              if f.kind in ENTRY_KINDS}
     m = Manifest(name=check_name("entry name", name), files=files, verification=verification)
@@ -380,7 +385,7 @@ def build_manifest(entry: EntryFiles, name: str, verification: dict[str, Any]) -
 
 
 def copy_files(entry: EntryFiles, dest: Union[str, Path]) -> None:
-    """Copy the entry files (records, perturbations, examples) of a scanned folder into `dest`, each
+    """Copy the entry files (records, perturbations, networks, examples) of a scanned folder into `dest`, each
     read again through the same checks; a file that changed since the scan is refused."""
     dest = Path(dest)
     for rel, f in sorted(entry.files.items()):

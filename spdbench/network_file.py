@@ -20,6 +20,32 @@ from .perturbation_file import parse_header
 from .results import atomic_write_bytes
 
 FORMAT = "spdbench-network-v1"
+#: the most values a network file may hold, whatever the attack (the attack's own cap is lower)
+MAX_VALUES = 16_000_000
+
+
+def check_header(header: dict, name: str) -> int:
+    """A network header (already parsed by `parse_header`): float32 tensors only, at most
+    MAX_VALUES values, our format tag, an attack name and a JSON config. Returns the value count."""
+    meta = header.get("__metadata__", {})
+    if meta.get("format") != FORMAT:
+        raise RecordError(f"{name} is not an spdbench network file (format {meta.get('format')!r})")
+    if not isinstance(meta.get("attack"), str) or not isinstance(meta.get("config"), str):
+        raise RecordError(f"{name}: a network file names its attack and its config in the metadata")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    bad = sorted(k for k, v in tensors.items() if v["dtype"] != "F32")
+    if bad or not tensors:
+        raise RecordError(f"{name}: a network file holds float32 tensors only "
+                          f"({'none found' if not tensors else f'{bad[0]!r} is not F32'})")
+    count = 0
+    for v in tensors.values():
+        n = 1
+        for d in v["shape"]:
+            n *= d
+        count += n
+    if count > MAX_VALUES:
+        raise RecordError(f"{name}: {count:,} values, more than the {MAX_VALUES:,} a network file may hold")
+    return count
 
 
 def save_network(out: Path, rel: str, attack_name: str, config: dict[str, Any], state: dict[str, torch.Tensor],
@@ -43,10 +69,15 @@ def load_network(path: Path, sha256: Optional[str] = None) -> tuple[dict[str, to
     data = path.read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise RecordError(f"network file {str(path)!r} does not match its recorded sha256")
-    meta = parse_header(data, f"network file {str(path)!r}")["__metadata__"]
-    if meta.get("format") != FORMAT:
-        raise RecordError(f"{str(path)!r} is not an spdbench network file (format {meta.get('format')!r})")
-    return load_bytes(data), {"attack": meta.get("attack"), "config": json.loads(meta.get("config", "{}"))}
+    name = f"network file {str(path)!r}"
+    header = parse_header(data, name)
+    check_header(header, name)
+    meta = header["__metadata__"]
+    try:
+        config = json.loads(meta["config"])
+    except (ValueError, RecursionError):
+        raise RecordError(f"{name}: its config is not JSON") from None
+    return load_bytes(data), {"attack": meta["attack"], "config": config}
 
 
 def rebuild(attack, path: Path, sha256: Optional[str] = None):

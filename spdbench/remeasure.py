@@ -5,6 +5,8 @@ unpredictably and records the seed):
 - `sample_cells`: from EVERY cell, `per_cell` random images are re-edited from the stored
   perturbation (clean edit, protected edit, every purifier) and all their per-image metrics are
   compared with the record; imperceptibility (no edit needed) is recomputed for every image.
+- `reapply_networks`: an amortized entry's stored networks applied again (every image) must give
+  the stored perturbations bit for bit;
 - `rerun_group`: one random cell group (one eps: the attack on both splits, every prompt) is run
   again from scratch through the public `spdbench.run`; the attack is seeded, so its perturbation
   must be identical, and every per-image value of the group must reproduce.
@@ -178,6 +180,55 @@ def _seed_of(claims: Claims, i: int, pos: dict[str, list[int]]) -> int:
             rec = next(c.record for c in claims.ok_cells if c.record.split.value == split)
             return rec.edit_seeds[idx.index(i)]
     raise KeyError(i)
+
+
+def reapply_networks(claims: Claims, networks: dict, deltas: dict, suite, target, images: torch.Tensor,
+                     image_names: Sequence[str]) -> Measured:
+    """An amortized entry's stored networks, each rebuilt by the installed attack class from the
+    records' params, loaded with the stored weights and applied again to every image of its group in
+    a worker process (the network is attack code), split by split as the harness applied it; after
+    the harness's own projection and quantization the perturbation must be the stored one, bit for
+    bit. What the network was fit on is checked by `rerun_group` (the fit is re-run there)."""
+    from .attacks import get_attack
+    from .budget import Budget
+    from .harness import AttackRunner
+    from .perturbation_file import delta_from_adv
+    from .protect import enforce
+
+    out = Measured()
+    pos = {n: i for i, n in enumerate(image_names)}
+    runner = AttackRunner("process", target, suite.attack_timeout_s)
+    try:
+        for eps, state in networks.items():
+            cells = claims.groups()[eps]
+            rec = cells[0].record
+            attack = get_attack(rec.attack, **json.loads(json.dumps(rec.attack_params)))
+            if not getattr(attack, "amortized", False):
+                out.problems.append(f"eps {eps}: attack {rec.attack!r} installed here is not amortized")
+                continue
+            idx = {c.record.split.value: [pos[n] for n in c.record.image_names] for c in cells}
+            budget = Budget(rec.norm, rec.eps)
+            jobs = {"fit": {"network": state}}
+            jobs.update({sp: {"images": images[i], "seed": suite.attack_seed} for sp, i in idx.items()})
+            try:
+                outputs, _ = runner.run(attack, budget, jobs, suite.attack_batch_size)
+            except Exception as exc:  # noqa: BLE001 - any failure of the attack's code is a refusal
+                out.problems.append(f"eps {eps}: re-applying the stored network failed: {exc}")
+                continue
+            adv = images.clone()
+            for sp, i in idx.items():
+                adv[i] = enforce(outputs[sp].delta.to(images.device), images[i], budget, rec.attack)[0]
+            again = delta_from_adv(adv, images)
+            stored = deltas.get(eps)
+            if stored is None or not torch.equal(again, stored.to(again.dtype)):
+                diff = (again.int() - stored.int()).abs() if stored is not None else None
+                what = (f"{float((diff > 0).float().mean()):.1%} of values differ, by up to {int(diff.max())} "
+                        "levels" if diff is not None else "no stored perturbation")
+                out.problems.append(f"eps {eps}: the stored network, re-applied, does not give the stored "
+                                    f"perturbation ({what}); a stored perturbation must be what its network makes")
+    finally:
+        runner.close()
+    return out
 
 
 def rerun_group(cells: Sequence[Cell], deltas: dict, suite, target, images: torch.Tensor,

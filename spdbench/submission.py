@@ -5,6 +5,8 @@
 2. claims  -- the records against themselves, their suite and the stored perturbations (claims);
 3. sample  -- from every cell, random images re-edited and re-scored (remeasure.sample_cells);
 4. re-run  -- one random cell group run again, attack included (remeasure.rerun_group).
+An amortized entry's stored networks are re-applied to every image between stages 2 and 3
+(remeasure.reapply_networks): its perturbations must be what its networks make.
 The random draws come from a seed taken from `secrets` unless one is given; the report records it,
 so `verify --seed N` repeats a verification exactly.
 
@@ -126,7 +128,7 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
         raise InputError(f"device {device!r}: this entry was measured on {measured_on}, and edits reproduce only on "
                          f"the same device type (its random generators differ); use --device {measured_on}")
     images, names = _suite_images(suite, images, image_names, data, manifest)
-    deltas = _check_against_images(report, claims, entry, suite, images, names)
+    deltas, networks = _check_against_images(report, claims, entry, suite, images, names)
     if not report.ok:
         return
     target = load_target(suite.target, device=device or measured_on, dtype=rec.target.dtype)
@@ -142,6 +144,15 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
             report.problems.append(f"edit target: suite {suite.name!r}'s editing model {suite.edit_target!r} has "
                                    f"fingerprint {editing.fingerprint}, the records claim {claimed}")
             return
+    if networks:
+        t0 = time.perf_counter()
+        got = remeasure.reapply_networks(claims, networks, deltas, suite, target, images, names)
+        report.problems += got.problems
+        if not report.ok:
+            return
+        report.checks.append(f"networks: {len(networks)} stored network(s) rebuilt by attack {rec.attack!r} from "
+                             f"the records' params and re-applied in a worker to all {len(names)} images: identical "
+                             f"perturbations ({time.perf_counter() - t0:.0f} s)")
     rng = random.Random(report.seed)
     t0 = time.perf_counter()
     from .harness import suite_masks
@@ -165,9 +176,9 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
     except SpdbenchError as exc:
         report.problems.append(f"attack {rec.attack!r} is not installed here, so it cannot be re-run: {exc}")
         return
-    if cls.universal != rec.universal:
-        report.problems.append(f"attack {rec.attack!r} is {'universal' if cls.universal else 'per-image'}, "
-                               f"the records claim universal={rec.universal}")
+    if (cls.universal, cls.amortized) != (rec.universal, rec.amortized):
+        report.problems.append(f"attack {rec.attack!r} is {_kind(cls.universal, cls.amortized)}, the records "
+                               f"claim {_kind(rec.universal, rec.amortized)}")
         return
     eps = rng.choice(sorted(claims.groups()))
     cells = claims.groups()[eps]
@@ -180,6 +191,10 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
                              f"perturbation, every per-image value reproduced ({time.perf_counter() - t0:.0f} s)")
 
 
+def _kind(universal: bool, amortized: bool) -> str:
+    return "universal" if universal else "amortized" if amortized else "per-image"
+
+
 def _suite_images(suite, images, image_names, data, manifest) -> tuple[torch.Tensor, list[str]]:
     if images is None:
         images, names = suite.load_images(data, manifest)
@@ -188,24 +203,28 @@ def _suite_images(suite, images, image_names, data, manifest) -> tuple[torch.Ten
     return images.detach().float().cpu(), names
 
 
-def _check_against_images(report: VerifyReport, claims, entry, suite, images, names) -> dict:
-    """The records name the suite's images; the perturbations fit them (and are one delta if universal)."""
+def _check_against_images(report: VerifyReport, claims, entry, suite, images, names) -> tuple[dict, dict]:
+    """The records name the suite's images; the perturbations fit them (and are one delta if
+    universal); an amortized entry's networks are the ones the records describe."""
     report.problems += claims_mod.image_problems(claims, images, names, suite)
     if not report.ok:
-        return {}
+        return {}, {}
     deltas = claims_mod.check_perturbations(claims, entry, suite, images)
+    networks = claims_mod.check_networks(claims, entry)
     report.problems += claims.problems
+    rec = claims.cells[0].record
     if report.ok:
         report.checks.append("images and perturbations: the suite's images and split; shapes, hashes, norms within "
-                             "eps on the 8-bit grid" + (", one universal delta" if claims.cells[0].record.universal
-                                                        else ""))
-    return deltas
+                             "eps on the 8-bit grid" + (", one universal delta" if rec.universal else "")
+                             + (", networks: hashes, attack, config and size" if rec.amortized else ""))
+    return deltas, networks
 
 
 def _static_only(report: VerifyReport, claims, entry, suite, images, image_names, data, manifest) -> None:
     """--no-rerun: everything but the re-measurement (the images too, when they can be loaded)."""
     if images is None and data is None and suite.data != "bundled":
         claims_mod.check_perturbations(claims, entry, suite)
+        claims_mod.check_networks(claims, entry)
         report.problems += claims.problems
         if report.ok:
             report.checks.append(f"perturbations: shapes, hashes and norms within eps; images NOT checked (suite "

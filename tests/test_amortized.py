@@ -10,10 +10,12 @@ import torch
 
 import spdbench
 from amortized_helpers import HugeNetwork, NotAModule, PeeksAtTarget
+from entry_helpers import suite_registered  # noqa: F401 (fixture)
 from harness_helpers import fast_images, fast_suite
 from spdbench import Budget
 from spdbench.network_file import load_network, rebuild
 from spdbench.results import Split, Status
+from spdbench.submission import submit, verify
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,125 @@ def test_an_untrained_network_is_flagged_zero_delta(tmp_path):
     attack = spdbench.get_attack("amortized-encoder", steps=1, width=8, lr=0.0)
     res = spdbench.run(attack, suite=fast_suite(), out=tmp_path, target="tiny-random", images=fast_images(4))
     assert all("zero-delta" in r.flags for r in res.records)
+
+
+# --- verify and submit: the stored network is re-applied, the fit re-run ------------------------
+@pytest.fixture(scope="module")
+def amortized_folder(tmp_path_factory, suite_registered):
+    """A real amortized run on the registered fast suite (verify needs a registered suite)."""
+    out = tmp_path_factory.mktemp("amortized-verify") / "run"
+    res = spdbench.run("amortized-encoder", suite="test-fast", out=out, attack_params={"width": 8, "batch_size": 2})
+    assert res.ok and len(res.records) == 4, [r.error for r in res.records]
+    return out
+
+
+def _records(folder: Path) -> list[Path]:
+    return sorted((folder / "records").glob("*.json"))
+
+
+def _edit_network(folder: Path, fn, config=None) -> None:
+    """Rewrite every network file with fn(state) and every record's network entry to match it (a
+    submitter who swaps in another network, consistently)."""
+    import json
+
+    from spdbench.network_file import save_network
+
+    for rec_path in _records(folder):
+        data = json.loads(rec_path.read_text())
+        net = data["network"]
+        path = folder / net["file"]
+        if not path.with_suffix(".done").exists():
+            state, meta = load_network(path)
+            info = save_network(folder, net["file"], meta["attack"], config or meta["config"], fn(state),
+                                net["apply_batch_size"])
+            path.with_suffix(".done").write_text(json.dumps(info))
+        data["network"] = json.loads(path.with_suffix(".done").read_text())
+        rec_path.write_text(json.dumps(data))
+    for done in folder.glob("networks/*.done"):
+        done.unlink()
+
+
+def test_verify_reapplies_the_stored_network_and_reruns_the_fit(amortized_folder):
+    report = verify(amortized_folder, sample=1, seed=3)
+    assert report.ok, report.problems
+    assert any(c.startswith("networks: 2 stored network(s)") and "identical" in c for c in report.checks)
+    assert any(c.startswith("attack re-run") and "identical perturbation" in c for c in report.checks)
+
+
+def test_a_swapped_network_is_caught_by_the_reapply(amortized_folder, tmp_path):
+    import shutil
+
+    bad = tmp_path / "swapped"
+    shutil.copytree(amortized_folder, bad)
+
+    def louder(state):  # still a valid network of the right shape, but not the one that made the perturbation
+        return {k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}
+
+    _edit_network(bad, louder)
+    report = verify(bad, sample=1, seed=3)
+    assert not report.ok
+    assert "the stored network, re-applied, does not give the stored perturbation" in report.problems[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["network"].update(sha256="0" * 64), "does not match its recorded sha256"),
+    (lambda d: d.update(network=None), "claims amortized but names no network"),
+    (lambda d: d.update(amortized=False), "carries a network but does not claim amortized"),
+    (lambda d: d["network"].update(file="perturbations/x.safetensors"), "is not a networks/*.safetensors file"),
+    (lambda d: d["network"].update(values=7), "the records claim 7"),
+])
+def test_network_claims_are_checked_without_running_code(amortized_folder, tmp_path, edit, message):
+    import json
+    import shutil
+
+    bad = tmp_path / "claims"
+    shutil.copytree(amortized_folder, bad)
+    for p in _records(bad):
+        data = json.loads(p.read_text())
+        edit(data)
+        p.write_text(json.dumps(data))
+    report = verify(bad, rerun=False)
+    assert not report.ok and any(message in p for p in report.problems), report.problems
+
+
+def test_a_network_config_unlike_the_records_is_refused(amortized_folder, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "config"
+    shutil.copytree(amortized_folder, bad)
+    params = json.loads(_records(bad)[0].read_text())["attack_params"]
+    _edit_network(bad, lambda state: state, config={**params, "width": 16})
+    report = verify(bad, rerun=False)
+    assert not report.ok and any("holds config" in p for p in report.problems), report.problems
+
+
+def test_submit_carries_the_networks_into_the_entry(amortized_folder, tmp_path):
+    report, entry = submit(amortized_folder, leaderboard_dir=tmp_path / "lb", name="amortized-test",
+                                    sample=1, attack_rerun=False, seed=1)
+    assert report.ok and entry is not None, report.problems
+    nets = sorted(p.relative_to(entry).as_posix() for p in entry.glob("networks/*.safetensors"))
+    assert len(nets) == 2
+    import json
+
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert set(nets) <= set(manifest["files"])
+    again = verify(entry, rerun=False)
+    assert again.ok, again.problems
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_the_network_protects_any_photo_size_pixel_by_pixel(patch):
+    """Pixel-unshuffled blocks still give every output pixel its own value, at any size (padding
+    is cropped away), and the untrained network returns exactly zero."""
+    from spdbench.attacks.amortized import ImmunizerUNet
+
+    torch.manual_seed(0)
+    net = ImmunizerUNet(8, patch)
+    x = torch.rand(2, 3, 70, 66)
+    assert torch.equal(net(x), torch.zeros_like(x))
+    torch.nn.init.normal_(net.out.weight, std=0.05)
+    out = net(x)
+    assert out.shape == x.shape and bool((out.abs() <= 1).all())
+    block = out[:, :, :4, :4].flatten(2)
+    assert float(block.std(dim=2).min()) > 0, "values inside one block must differ"

@@ -1,0 +1,53 @@
+"""`spdbench compare`: two methods on the same photos, paired by image (compare.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import spdbench
+from entry_helpers import run_dir, suite_registered  # noqa: F401 (fixtures)
+from spdbench import compare
+from spdbench.cli import main
+from spdbench.errors import InputError
+from spdbench.results import load_records
+
+
+@pytest.fixture(scope="module")
+def none_dir(tmp_path_factory, suite_registered):  # noqa: F811
+    out = tmp_path_factory.mktemp("none") / "test-fast-none"
+    assert spdbench.run("none", suite="test-fast", out=out).ok
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_difference_is_per_image_and_its_side_is_read_right(run_dir, none_dir, split):  # noqa: F811
+    noise, none = load_records(run_dir), load_records(none_dir)
+    rows = compare.paired(noise, none, split=split)
+    assert [r.eps_label for r in rows] == ["8/255", "16/255"]
+    for r in rows:
+        a = [x for x in noise if x.split.value == split and x.eps_label == r.eps_label]
+        b = [x for x in none if x.split.value == split and x.eps_label == r.eps_label]
+        per_image = np.mean([x.protection["ssim"] for x in a], axis=0) - np.mean([x.protection["ssim"] for x in b], axis=0)
+        assert r.diff.mean == pytest.approx(float(per_image.mean()))
+        assert r.b == pytest.approx(1.0) and r.a < 1.0, "no perturbation edits exactly like the clean photo"
+        assert r.diff.high < 0 and r.verdict == "a stronger"
+    swapped = compare.paired(none, noise, split=split)
+    assert all(r.verdict == "b stronger" for r in swapped)
+
+
+def test_different_photos_are_refused(run_dir, none_dir):  # noqa: F811
+    noise = load_records(run_dir)
+    other = [r.model_copy(update={"image_sha256": ["0" * 64] * len(r.image_sha256)}) for r in load_records(none_dir)]
+    with pytest.raises(InputError, match="different test images"):
+        compare.paired(noise, other)
+    with pytest.raises(InputError, match="metric 'lpips'"):
+        compare.paired(noise, noise, metric="lpips")
+
+
+def test_cli_prints_the_table_and_refuses_a_missing_folder(run_dir, none_dir, tmp_path, capsys):  # noqa: F811
+    assert main(["compare", str(run_dir), str(none_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "test-fast-uniform (a) vs test-fast-none (b), paired by image" in out and "a stronger" in out
+    assert main(["compare", str(run_dir), str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and "is not an existing folder" in err[0]
