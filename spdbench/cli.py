@@ -138,7 +138,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from .leaderboard import build, load_checked, ranking, ranking_markdown
+    from .leaderboard import build, load_checked_by_folder, ranking, ranking_markdown
 
     dirs = [Path(d) for d in (args.records or ["spdbench-runs"])]
     folders = []
@@ -149,11 +149,12 @@ def cmd_leaderboard(args) -> int:
                            if not any(part.startswith(".") for part in p.relative_to(d).parts)})
     if not folders:
         raise InputError(f"--records: no records found under {', '.join(map(str, dirs))}")
-    records, skipped = load_checked(folders)
+    by_folder, skipped = load_checked_by_folder(folders)
+    records = [r for recs in by_folder.values() for r in recs]
     for name, reason in skipped:
         print(f"LEFT OUT {name}: {reason}", file=sys.stderr)
     out = Path(args.out) if args.out else dirs[0] / "leaderboard"
-    written = build(records, out, args.format.split(","), skipped=skipped)
+    written = build(records, out, args.format.split(","), skipped=skipped, by_folder=by_folder)
     print(ranking_markdown(ranking(records)))
     for fmt, path in written.items():
         print(f"wrote {fmt}: {path}")
@@ -174,6 +175,14 @@ def cmd_compare(args) -> int:
         sides.append(records)
     rows = compare.paired(sides[0], sides[1], metric=args.metric, split=args.split, seed=args.seed)
     print(compare.markdown(Path(args.a).name, Path(args.b).name, rows))
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from .show import write_report
+
+    path = write_report(args.folder, args.out)
+    print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -319,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated formats among md (README.md), csv (leaderboard.csv, table1.csv) and "
                         "html (index.html); default md,csv,html")
     s.set_defaults(fn=cmd_leaderboard)
+
+    s = sub.add_parser("show", help="one run as a self-contained HTML page: example images, loss curves, "
+                                    "per-image numbers")
+    s.add_argument("folder", help="a run folder (spdbench run --out) or a leaderboard entry")
+    s.add_argument("--out", help="the page's path (default FOLDER/report.html)")
+    s.set_defaults(fn=cmd_show)
 
     s = sub.add_parser("compare", help="two methods on the same photos: paired bootstrap of their difference")
     s.add_argument("a", help="run folder or leaderboard entry of method a")

@@ -9,8 +9,8 @@ A leaderboard entry is data under one versioned schema (`spdbench-entry/1`):
     examples/<name>.png               optional illustrations (never used for a number)
 
 A run folder (what `spdbench run` writes, and what `submit` takes) may also hold `records.jsonl`
-(an export) and `cache/<hash>.safetensors` (clean edits); those are checked the same way and never
-copied into an entry. Everything is allow-listed by place, extension *and* content; only regular
+(an export), `cache/<hash>.safetensors` (clean edits) and `report.html` (spdbench show); those are
+checked the same way and never copied into an entry. Everything is allow-listed by place, extension *and* content; only regular
 files with one link; sizes are bounded per file and per folder; JSON nesting is bounded before
 parsing. Nothing in the folder is followed, executed or unpickled.
 """
@@ -70,6 +70,7 @@ RULES = (
     Rule("example", "examples", ".png", 16 * MiB),
     Rule("export", "", "records.jsonl", 512 * MiB, in_entry=False),
     Rule("cache", "cache", ".safetensors", 64 * MiB, in_entry=False),
+    Rule("report", "", "report.html", 64 * MiB, in_entry=False),
 )
 _FOLDERS = {r.folder for r in RULES if r.folder}
 #: what an entry (or run) folder copies into the leaderboard: the rest of a run folder stays behind
@@ -314,7 +315,7 @@ def scan(folder: Union[str, Path]) -> EntryFiles:
         total += st.st_size
         if total > MAX_ENTRY_BYTES:
             raise RecordError(f"{folder} holds more than {MAX_ENTRY_BYTES // MiB} MiB of files")
-        keep = rule.kind in ("manifest", "record", "example", "export", "lock")
+        keep = rule.kind in ("manifest", "record", "example", "export", "lock", "report")
         sha, size, data = _read_regular(path, rel, rule.max_bytes, keep)
         f = EntryFile(rel, rule.kind, size, sha, data)
         _check_content(f, path)
@@ -333,6 +334,13 @@ def _check_content(f: EntryFile, path: Path) -> None:
                 load_json(line, f"{f.rel} line {i + 1}")
     elif f.kind == "example":
         check_png(f.data or b"", f.rel)
+    elif f.kind == "report":  # spdbench show's page: text, never read for a number, never copied
+        try:
+            text = (f.data or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecordError(f"{f.rel} is not UTF-8 text") from None
+        if not text.startswith("<!doctype html>"):
+            raise RecordError(f"{f.rel} is not a page written by spdbench show")
     elif f.kind == "lock":
         if _lock_held(path):
             raise RecordError(f"a run is writing to this folder (its lock {f.rel} is held); verify it once the "

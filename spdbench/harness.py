@@ -28,6 +28,7 @@ from .budget import Budget, effective_eps, format_eps
 from .data import split_indices
 from .editing import PROMPTS, Editor, image_seed
 from .errors import AttackError, InputError, SpdbenchError, UnknownNameError, did_you_mean
+from .examples import write_cell_examples
 from .images import check_images, image_sha256
 from .isolation import AttackWorker
 from .protect import Protection, SplitOutput, enforce, run_jobs
@@ -510,6 +511,9 @@ def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, ps
                 oom_events=p.oom_events + editor.oom_events, flags=list(flags), model_calls=p.model_calls,
                 loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha, network=p.network,
                 **_region_fields(ctx, idx, protection_region, region, kept), **base)
+            if sp == Split.test:  # illustrations first: a finished record implies its examples exist
+                write_cell_examples(out, rec.cell_id, names, idx, images, adv_all, clean_edits, adv_edits,
+                                    purified_edits, {n_: sc["ssim"] for n_, sc in scored.items()})
             write_record(rec, out)
             result.records.append(rec)
             result.computed.append(rec.cell_id)

@@ -21,6 +21,8 @@ from .stats import bootstrap_ci
 from .worst_case import worst_case
 
 FORMATS = ("md", "csv", "html")
+#: the gallery shows each example panel this many pixels a side (gallery.py)
+SHOWN_PX = 128
 PROTECTION = ("ssim", "psnr", "vifp", "fsim")
 LABELS = {"ssim": "SSIM", "psnr": "PSNR", "vifp": "VIFp", "fsim": "FSIM"}
 
@@ -266,9 +268,11 @@ def plot_metric_vs_eps(df: pd.DataFrame, path: Path, split: str = "test") -> Opt
 
 
 def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequence[str] = FORMATS,
-          title: str = "spdbench leaderboard", skipped: Sequence[tuple[str, str]] = ()) -> dict[str, Path]:
+          title: str = "spdbench leaderboard", skipped: Sequence[tuple[str, str]] = (),
+          by_folder: Optional[dict[str, list[Record]]] = None) -> dict[str, Path]:
     """Write the leaderboard files; returns {format: path}. `skipped`: (folder name, reason) of the
-    folders left out, listed on the page."""
+    folders left out, listed on the page; `by_folder`: the records' folders, for the page's gallery
+    of their example strips (gallery.py)."""
     formats = list(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -292,7 +296,10 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
         written["md"].write_text(_markdown(title, rank, t1, plot, failed, skipped))
     if "html" in formats:
         written["html"] = out_dir / "index.html"
-        written["html"].write_text(_html(title, rank, t1, plot, failed, skipped))
+        from .gallery import galleries
+
+        shown = galleries(list(by_folder), by_folder, out_dir) if by_folder else []
+        written["html"].write_text(_html(title, rank, t1, plot, failed, skipped, shown))
     return written
 
 
@@ -337,7 +344,9 @@ def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[P
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{{ title }}</title>
 <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
+table.gallery td{padding:2px}.pn{width:{{ shown }}px;height:{{ shown }}px;overflow:hidden}
+.pn img{display:block;max-width:none}</style></head><body>
 <h1>{{ title }}</h1>
 <p>{{ intro }}</p>
 {% for section, note, rank_head, rank_rows in sections %}<h2>{{ section }}</h2>{% if note %}<p>{{ note }}</p>{% endif %}
@@ -349,6 +358,16 @@ td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><bod
 <tbody>{% for row in t1_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
 {% else %}<p>(no records)</p>{% endif %}
 {% if plot %}<img src="{{ plot }}" alt="metrics vs eps" style="max-width:100%">{% endif %}
+{% if gallery %}<h2>Gallery: one test photo across the budgets</h2>
+<p>Per method: the photo and its edit, then the protected photo and its edit at each eps (same prompt and
+seed). A protection works where the bottom row's edit no longer looks like the photo's edit.</p>
+{% macro panel(p) %}{% if p %}<div class="pn"><img src="{{ p.src }}" width="{{ p.width }}" height="{{ shown }}"
+style="margin-left:-{{ p.left }}px" alt=""></div>{% endif %}{% endmacro %}
+{% for g in gallery %}<h3>{{ g.method }} ({{ g.suite }}; {{ g.image }}; "{{ g.prompt }}")</h3>
+<table class="gallery"><tr><th></th><th>clean</th>{% for c in g.columns %}<th>eps {{ c.eps }}</th>{% endfor %}</tr>
+<tr><th>photo</th><td>{{ panel(g.photo) }}</td>{% for c in g.columns %}<td>{{ panel(c.protected) }}</td>{% endfor %}</tr>
+<tr><th>edit</th><td>{{ panel(g.clean_edit) }}</td>{% for c in g.columns %}<td>{{ panel(c.edit) }}</td>{% endfor %}</tr>
+</table>{% endfor %}{% endif %}
 {% if failed %}<p>{{ failed|length }} failed cell(s): {{ failed|join(", ") }}</p>{% endif %}
 {% if skipped %}<h2>Left out (failed their checks)</h2><ul>
 {% for name, reason in skipped %}<li>{{ name }}: {{ reason }}</li>{% endfor %}</ul>{% endif %}
@@ -383,7 +402,8 @@ def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped) -> str:
+def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
+          gallery: Sequence[dict] = ()) -> str:
     """The page from a Jinja2 template with autoescaping on: every name is text, never markup."""
     import jinja2
 
@@ -396,10 +416,18 @@ def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path]
     t1_rows = [[str(p), str(s)] + [_fmt(v) for v in row.values] for (p, s), row in t1.iterrows()] if not t1.empty else []
     return env.from_string(_PAGE).render(
         title=title, intro=INTRO, sections=sections, t1_head=t1_head, t1_rows=t1_rows,
-        plot=plot.name if plot else None, failed=list(failed), skipped=list(skipped))
+        plot=plot.name if plot else None, failed=list(failed), skipped=list(skipped), gallery=list(gallery),
+        shown=SHOWN_PX)
 
 
 def load_checked(dirs: Sequence[Union[str, Path]]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """The records of every folder that passes its checks (see load_checked_by_folder), flat."""
+    by_folder, skipped = load_checked_by_folder(dirs)
+    return [r for recs in by_folder.values() for r in recs], skipped
+
+
+def load_checked_by_folder(dirs: Sequence[Union[str, Path]]) -> tuple[dict[str, list[Record]],
+                                                                       list[tuple[str, str]]]:
     """The records of every folder that passes its checks, and (folder name, reason) for the others.
 
     A leaderboard entry (a folder with a manifest) gets the full claim checks of `verify` except
@@ -409,7 +437,7 @@ def load_checked(dirs: Sequence[Union[str, Path]]) -> tuple[list[Record], list[t
     """
     from . import claims, entry_schema
 
-    records: list[Record] = []
+    records: dict[str, list[Record]] = {}
     skipped: list[tuple[str, str]] = []
     owners: dict[tuple, str] = {}  # method key -> the folder that holds it
     for d in dirs:
@@ -431,7 +459,7 @@ def load_checked(dirs: Sequence[Union[str, Path]]) -> tuple[list[Record], list[t
             skipped.append((d.name, f"holds the same method and suite as {taken[0]} (one folder per row)"))
             continue
         owners.update({k: d.name for k in keys})
-        records += checked.records
+        records[str(d)] = checked.records
     return records, skipped
 
 
@@ -439,5 +467,6 @@ def build_from_dirs(dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path],
                     title: str = "spdbench leaderboard") -> tuple[dict[str, Path], list[tuple[str, str]]]:
     """Check each folder, leave out (and list) the broken ones, build from the rest:
     ({format: path}, [(folder name, reason), ...])."""
-    records, skipped = load_checked(dirs)
-    return build(records, out_dir, formats, title, skipped), skipped
+    by_folder, skipped = load_checked_by_folder(dirs)
+    records = [r for recs in by_folder.values() for r in recs]
+    return build(records, out_dir, formats, title, skipped, by_folder), skipped

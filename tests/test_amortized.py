@@ -211,3 +211,11 @@ def test_the_network_protects_any_photo_size_pixel_by_pixel(patch):
     assert out.shape == x.shape and bool((out.abs() <= 1).all())
     block = out[:, :, :4, :4].flatten(2)
     assert float(block.std(dim=2).min()) > 0, "values inside one block must differ"
+
+
+def test_show_plots_the_fit_and_reports_both_costs(amortized_folder):
+    from spdbench.show import build_report
+
+    page = build_report(amortized_folder)
+    assert "Loss curves" in page and page.count("data:image/png;base64,") >= 2
+    assert "amortized attack" in page and ", fit " in page and " s / image" in page

@@ -37,8 +37,9 @@ class ImmunizerUNet(nn.Module):
 
     It works on `patch` x `patch` pixel blocks (pixel unshuffle in, pixel shuffle out), so every
     output pixel is still its own value while the convolutions run at 1/patch resolution: at 512 px
-    on 2 cores a forward pass costs 486 ms at patch 1 (width 24), 125 ms at patch 2 and 37 ms at
-    patch 4 (width 32); what each protects: docs/attacks.md, docs/amortized.md.
+    on 2 cores a forward pass costs 486 ms at patch 1 (width 24), 117 ms at patch 2 (width 32),
+    43 ms at patch 2 (width 16) and 41 ms at patch 4 (width 32); what each protects:
+    docs/attacks.md, docs/amortized.md.
 
     The last convolution starts at zero, so an untrained network returns delta = 0 (the harness flags
     that as "zero-delta", never ok) and training starts from the clean image.
@@ -90,7 +91,7 @@ class AmortizedObjectiveAttack(PerImageObjective, AmortizedAttack):
     objective_attack: ClassVar[type[GradientAttack]]
     has_objective: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = dict(
-        width=32,           # UNet base width (32 with patch 2 -> 0.48 M parameters)
+        width=16,           # UNet base width (16 with patch 2 -> 0.12 M parameters)
         patch=2,            # the UNet works on patch x patch pixel blocks (pixel unshuffle), 1 = pixels
         steps=400,          # Adam steps of the fit (a one-off training cost, reported apart); the
                             # suite's iteration budget applies, as to SPD's fit: preset "full" = 400
