@@ -7,6 +7,7 @@ rendered; a folder that fails its checks is reported by name and left out, never
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -32,6 +33,11 @@ def method_label(record: Record) -> str:
     label = f"{record.attack}[{record.preset}]" if record.preset else record.attack
     robust = record.attack_params.get("robust_to") or ()
     return f"{label} +EOT({', '.join(robust)})" if robust else label
+
+
+def torch_device_type(device: str) -> str:
+    """'cuda:0' -> 'cuda' (a record names the device it ran on)."""
+    return str(device).split(":")[0]
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
@@ -95,6 +101,7 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
     rows = []
     for (method, suite, norm, eps, label), recs in groups.items():
         row: dict = dict(method=method, suite=suite, task=recs[0].task, norm=norm, eps=eps, eps_label=label,
+                         device=torch_device_type(recs[0].target.device),
                          n_images=len(recs[0].image_names), prompts=len(recs), target=recs[0].target.name,
                          edited_with=recs[0].edit_target.name if recs[0].edit_target else None)
         series = {m: [r.protection.get(m, []) for r in recs] for m in PROTECTION}
@@ -108,7 +115,7 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
                 series[f"worst_{m}"] = [w.get(m, []) for w, _ in worst]
             choices = [c for _, cs in worst for c in cs]
             row["worst_by"] = ", ".join(f"{k} {choices.count(k)}" for k in sorted(set(choices),
-                                                                                 key=lambda k: -choices.count(k)))
+                                                                                 key=lambda k: (-choices.count(k), k)))
         for col, per_prompt in series.items():
             per_prompt = [v for v in per_prompt if v]
             if not per_prompt:
@@ -375,6 +382,10 @@ style="margin-left:-{{ p.left }}px" alt=""></div>{% endif %}{% endmacro %}
 """
 
 
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """The ranking table as plain text cells (the same cells as the Markdown, unescaped)."""
     after = [c for c in r.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))]
@@ -395,9 +406,13 @@ def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         if worst:
             cells += [_with_ci(row, "worst_ssim"), _fmt(row.get("rank_worst")), _fmt(row.get("worst_by"))]
         cells += [_with_ci(row, c) for c in after]
-        cells += [_fmt(row.get(k)) for k in ("imp_psnr", "seconds_per_image", "device_seconds_per_image",
-                                              "fit_seconds", "peak_memory_mb", "n_images", "steps",
-                                              "model_calls", "flags")]
+        on_cpu = row.get("device") == "cpu"  # no device clock or peak-memory counter there: say so
+        cells += [_fmt(row.get("imp_psnr")), _fmt(row.get("seconds_per_image"))]
+        cells += ["n/a (CPU)" if on_cpu and _missing(row.get(k)) else _fmt(row.get(k))
+                  for k in ("device_seconds_per_image",)]
+        cells += [_fmt(row.get("fit_seconds"))]
+        cells += ["n/a (CPU)" if on_cpu and _missing(row.get("peak_memory_mb")) else _fmt(row.get("peak_memory_mb"))]
+        cells += [_fmt(row.get(k)) for k in ("n_images", "steps", "model_calls", "flags")]
         rows.append(cells)
     return head, rows
 

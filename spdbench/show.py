@@ -128,9 +128,10 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-botto
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.4em 0; }
 td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: right; white-space: nowrap; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
-.strip img { max-width: 100%; image-rendering: pixelated; border: 1px solid #eee; }
+.strip { display: inline-block; margin: 0.3em 0; }
+.strip img { display: block; max-width: 100%; }
 .panels { display: flex; gap: 4px; font-size: 0.75em; color: #555; }
-.panels span { flex: 1; text-align: center; }
+.panels span { flex: 1 1 0; text-align: center; overflow: hidden; white-space: nowrap; }
 .meta { color: #555; font-size: 0.9em; } .flag { color: #a40; }
 </style></head><body>
 <h1>{{ title }}</h1>
@@ -146,7 +147,7 @@ imperceptibility PSNR {{ '%.2f' % c.imp if c.imp is not none else 'n/a' }} dB;
 {% if c.flags %}; <span class="flag">flags: {{ c.flags }}</span>{% endif %}</p>
 {% for e in c.examples %}
 <div class="strip"><div class="panels">{% for p in panels %}<span>{{ p }}</span>{% endfor %}</div>
-<img src="{{ e.uri }}" alt="{{ e.name }}: {{ panels|join(', ') }}"><div class="meta">{{ e.name }}</div></div>
+<img src="{{ e.uri }}" alt="{{ e.name }}: {{ panels|join(', ') }}"><div class="meta">{{ e.name }}</div></div><br>
 {% endfor %}
 <table><tr><th class="l">image</th><th>SSIM</th><th>PSNR</th><th>VIFp</th><th>FSIM</th>
 <th>imperceptibility PSNR</th><th class="l">best purifier for the editor</th><th>its SSIM</th></tr>

@@ -86,6 +86,7 @@ def test_the_leaderboard_page_shows_each_methods_photo_across_the_budgets(run_di
     page = (out / "index.html").read_text()
     assert "Gallery: one test photo across the budgets" in page
     assert "<th>eps 8/255</th><th>eps 16/255</th>" in page
+    assert page.count("n/a (CPU)") == 2 * 2, "device seconds and peak memory: no counter on CPU, said so"
     srcs = re.findall(r'<img src="([^"]+\.png)" width="(\d+)" height="128"\s+style="margin-left:-(\d+)px"', page)
     assert len(srcs) == 2 + 2 * 2, srcs  # photo + clean edit, then protected + edit per eps
     for src, width, left in srcs:
