@@ -7,7 +7,7 @@ under no_grad as `protect.apply_split` times it (after one warm-up pass; apply_s
 once to show it makes no target pass), spd-encoder enforces one stored delta, photoguard-encoder
 optimizes each photo. The amortized network's weights do not change its cost, so
 it is fit for two steps only; the universal delta is random. Timed interleaved, round after round,
-at batch 1 and 16, on the tiny target; extra_info holds seconds per image of each contender and
+at batch 1 and 16, on the tiny target, on CPU (and on CUDA when a GPU is present); extra_info holds seconds per image of each contender and
 the ratios to photoguard-encoder (issue 23's bar: amortized below 1/100).
 """
 import statistics
@@ -24,16 +24,19 @@ SIZE, STEPS = 512, 40
 ROUNDS = {1: 3, 16: 2}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_protection_cost_per_photo_512(benchmark, batch):
-    target = spdbench.load_target("tiny")
+def test_protection_cost_per_photo_512(benchmark, batch, device):
+    target = spdbench.load_target("tiny", device=device)
     budget = spdbench.Budget("linf", "16/255")
-    x = spdbench.load_photos(n=min(batch, 8), size=SIZE).repeat(2, 1, 1, 1)[:batch].contiguous()
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    x = spdbench.load_photos(n=min(batch, 8), size=SIZE).repeat(2, 1, 1, 1)[:batch].contiguous().to(device)
+    gen = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     amortized = spdbench.get_attack("amortized-encoder", steps=2, crop=64)
-    amortized.fit(spdbench.load_photos(n=4, size=128), target, budget, gen())
-    universal = (torch.rand(1, 3, SIZE, SIZE, generator=gen()) * 2 - 1) * budget.eps
+    amortized.fit(spdbench.load_photos(n=4, size=128).to(device), target, budget, gen())
+    universal = ((torch.rand(1, 3, SIZE, SIZE, generator=gen(), device=device) * 2 - 1) * budget.eps)
     per_image = spdbench.get_attack("photoguard-encoder", steps=STEPS)
 
     def apply_network():  # what apply_split times (the harness's clock), then the budget enforcement
@@ -53,11 +56,13 @@ def test_protection_cost_per_photo_512(benchmark, batch):
     def rounds():
         for _ in range(ROUNDS[batch]):
             for name, fn in contenders.items():
+                sync()
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 times[name].append((time.perf_counter() - t0) / batch)
 
-    benchmark.group = f"protection cost per photo, tiny, {SIZE}px, CPU, batch {batch}"
+    benchmark.group = f"protection cost per photo, tiny, {SIZE}px, {device}, batch {batch}"
     benchmark.pedantic(rounds, rounds=1, iterations=1)
     med = {name: statistics.median(v) for name, v in times.items()}
     benchmark.extra_info.update({f"{name}_s_per_image": v for name, v in med.items()})
@@ -65,6 +70,6 @@ def test_protection_cost_per_photo_512(benchmark, batch):
         amortized_vs_photoguard=med["amortized-encoder"] / med["photoguard-encoder"],
         spd_vs_photoguard=med["spd-encoder"] / med["photoguard-encoder"],
         network_values=sum(p.numel() for p in amortized.network.parameters()), batch=batch, size=SIZE,
-        photoguard_steps=STEPS, threads=torch.get_num_threads(), rounds=ROUNDS[batch])
+        photoguard_steps=STEPS, threads=torch.get_num_threads(), rounds=ROUNDS[batch], device=device)
     print("\n" + ", ".join(f"{k} {v:.4g} s/image" for k, v in med.items())
           + f"; amortized / photoguard = {med['amortized-encoder'] / med['photoguard-encoder']:.2e}")

@@ -121,6 +121,8 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
             if not per_prompt:
                 continue
             per_image = np.mean(np.asarray(per_prompt, dtype=np.float64), axis=0)
+            if col == "ssim":  # kept (not shown) for the paired comparison with the next row
+                row["_ssim_images"], row["_shas"] = per_image, tuple(recs[0].image_sha256)
             ci = bootstrap_ci(per_image, seed=seed)
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = ci.mean, ci.low, ci.high
         imp = [_mean(r.imperceptibility.get("psnr", [])) for r in recs]
@@ -144,7 +146,27 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
         return df
     if "worst_ssim" in df.columns:
         df["rank_worst"] = df.groupby(["suite", "eps"])["worst_ssim"].rank(method="min").astype("Int64")
-    return df.sort_values(["task", "suite", "eps", "ssim"]).reset_index(drop=True)
+    df["rank"] = df.groupby(["suite", "eps"])["ssim"].rank(method="min").astype("Int64")
+    df = df.sort_values(["task", "suite", "eps", "ssim"]).reset_index(drop=True)
+    df["vs_next"] = _versus_next(df, seed)
+    return df.drop(columns=["_ssim_images", "_shas"], errors="ignore")
+
+
+def _versus_next(df: pd.DataFrame, seed: int) -> list[Optional[str]]:
+    """Per row: is its SSIM lower than the next row's (same suite and eps) by more than chance?
+    Paired bootstrap over the same test photos (stats.bootstrap_diff_ci); 'yes', 'not shown', or
+    None for the last row of a group and where the two were not scored on the same photos."""
+    from .stats import bootstrap_diff_ci
+
+    out: list[Optional[str]] = [None] * len(df)
+    for i in range(len(df) - 1):
+        a, b = df.iloc[i], df.iloc[i + 1]
+        if (a["suite"], a["eps"]) != (b["suite"], b["eps"]) or not isinstance(a.get("_shas"), tuple) \
+                or a.get("_shas") != b.get("_shas"):
+            continue
+        ci = bootstrap_diff_ci(a["_ssim_images"], b["_ssim_images"], seed=seed, paired=True)
+        out[i] = "yes" if ci.high < 0 else "not shown"
+    return out
 
 
 #: the leaderboard's task groups, in page order, with their section titles
@@ -249,8 +271,18 @@ def table1_markdown(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _colors(methods: Sequence[str]) -> dict:
+    """One colour per method, stable across the page's figures (tab20: enough for 20 methods)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {m: cmap(i % 20) for i, m in enumerate(sorted(methods))}
+
+
 def plot_metric_vs_eps(df: pd.DataFrame, path: Path, split: str = "test") -> Optional[Path]:
-    """The seed's Figures 1-2: each protection metric against eps, one line per method."""
+    """The seed's Figures 1-2: each protection metric against eps, one line per method. The legend
+    sits outside the axes; `none` (nothing changed: PSNR 100 dB) is left out of the PSNR panel,
+    whose scale it would squash."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,17 +291,77 @@ def plot_metric_vs_eps(df: pd.DataFrame, path: Path, split: str = "test") -> Opt
     if df.empty:
         return None
     d = df[df["split"] == split] if split in set(df["split"]) else df
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    colors = _colors(list(d["method"].unique()))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for ax, m in zip(axes, PROTECTION):
         for method, g in d.groupby("method"):
+            if m == "psnr" and method == "none":
+                continue
             g = g.groupby("eps")[m].mean().sort_index()
-            ax.plot(g.index * 255, g.values, marker="o", label=method)
+            ax.plot(g.index * 255, g.values, marker="o", label=method, color=colors[method])
         ax.set_xlabel("eps (x/255)")
         ax.set_title(f"{LABELS[m]} (edit vs edit, {split}) ↓")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+#: images over which a universal or amortized method's one-off fit is spread in the cost plot
+SPREAD_N = (10, 10_000)
+
+
+def plot_tradeoffs(rank: pd.DataFrame, path: Path) -> Optional[Path]:
+    """Three questions, img2img test split, one colour per method, a marker per eps: protection
+    against imperceptibility; protection against cost per photo (a universal or amortized method's
+    fit spread over 10 to 10,000 photos, drawn as its own line); protection after the strongest
+    purifier (the per-image worst case) against eps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = rank[(rank["task"] == "img2img") & (rank["method"] != "none")] if not rank.empty else rank
+    if r.empty:
+        return None
+    colors = _colors(list(r["method"].unique()))
+    markers = {e: mk for e, mk in zip(sorted(r["eps"].unique()), "os^Dv<>p*h")}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+    for _, row in r.iterrows():
+        c, mk = colors[row["method"]], markers.get(row["eps"], "o")
+        if pd.notna(row.get("imp_psnr")):
+            axes[0].scatter(row["imp_psnr"], row["ssim"], color=c, marker=mk)
+        per = row.get("seconds_per_image")
+        fit = row.get("fit_seconds")
+        if pd.notna(per) and pd.notna(fit) and fit:
+            xs = [per + fit / n for n in SPREAD_N]
+            axes[1].plot(xs, [row["ssim"]] * 2, color=c, lw=2)
+            axes[1].scatter(xs[-1], row["ssim"], color=c, marker=mk)
+        elif pd.notna(per) and per > 0:
+            axes[1].scatter(per, row["ssim"], color=c, marker=mk)
+    for method, g in r.groupby("method"):
+        if "worst_ssim" in g and g["worst_ssim"].notna().any():
+            g = g.sort_values("eps")
+            axes[2].plot(g["eps"] * 255, g["worst_ssim"], marker="o", color=colors[method])
+    axes[0].set_xlabel("imperceptibility PSNR (dB) →  less visible")
+    axes[1].set_xlabel(f"seconds per photo (log; fit spread over {SPREAD_N[0]}-{SPREAD_N[1]:,} photos as a line)")
+    axes[1].set_xscale("log")
+    axes[2].set_xlabel("eps (x/255)")
+    for ax, title in zip(axes, ("protection vs imperceptibility", "protection vs cost", "after the strongest purifier")):
+        ax.set_ylabel("SSIM (edit vs edit, test) ↓")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=m) for m, c in colors.items()]
+    handles += [Line2D([], [], color="grey", marker=mk, ls="", label=f"eps {e * 255:.3g}/255")
+                for e, mk in markers.items()]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -298,15 +390,16 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
         rank.to_csv(written["csv"], index=False)
         t1.to_csv(out_dir / "table1.csv")
     plot = plot_metric_vs_eps(df, out_dir / "metrics_vs_eps.png") if "html" in formats or "md" in formats else None
+    tradeoffs = plot_tradeoffs(rank, out_dir / "tradeoffs.png") if "html" in formats or "md" in formats else None
     if "md" in formats:
         written["md"] = out_dir / "README.md"
-        written["md"].write_text(_markdown(title, rank, t1, plot, failed, skipped))
+        written["md"].write_text(_markdown(title, rank, t1, plot, failed, skipped, tradeoffs))
     if "html" in formats:
         written["html"] = out_dir / "index.html"
         from .gallery import galleries
 
         shown = galleries(list(by_folder), by_folder, out_dir) if by_folder else []
-        written["html"].write_text(_html(title, rank, t1, plot, failed, skipped, shown))
+        written["html"].write_text(_html(title, rank, t1, plot, failed, skipped, shown, tradeoffs))
     return written
 
 
@@ -334,7 +427,8 @@ def _notes_md(failed: Sequence[str], skipped: Sequence[tuple[str, str]]) -> str:
     return out
 
 
-def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped) -> str:
+def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
+              tradeoffs: Optional[Path] = None) -> str:
     tr = transfer_table(rank)
     transfer = ("\n\n## Transfer: white box vs black box\n\nThe same attack at the same eps, its edits made by "
                 "the model it was crafted on (white box) and by an independently trained one (black box).\n\n"
@@ -345,7 +439,9 @@ def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[P
                        for task, part in groups)
     return (f"# {md_escape(title)}\n\n{INTRO}" + sections + transfer +
             "\n\n## Table 1 layout (mean over eps)\n\n" + table1_markdown(t1) +
-            (f"\n\n![metrics vs eps]({plot.name})" if plot else "") + _notes_md(failed, skipped) + "\n")
+            (f"\n\n![metrics vs eps]({plot.name})" if plot else "")
+            + (f"\n\n![protection vs imperceptibility, cost and purification]({tradeoffs.name})" if tradeoffs else "")
+            + _notes_md(failed, skipped) + "\n")
 
 
 _PAGE = """<!doctype html>
@@ -365,6 +461,7 @@ table.gallery td{padding:2px}.pn{width:{{ shown }}px;height:{{ shown }}px;overfl
 <tbody>{% for row in t1_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
 {% else %}<p>(no records)</p>{% endif %}
 {% if plot %}<img src="{{ plot }}" alt="metrics vs eps" style="max-width:100%">{% endif %}
+{% if tradeoffs %}<h2>Trade-offs</h2><img src="{{ tradeoffs }}" alt="protection vs imperceptibility, cost and purification" style="max-width:100%">{% endif %}
 {% if gallery %}<h2>Gallery: one test photo across the budgets</h2>
 <p>Per method: the photo and its edit, then the protected photo and its edit at each eps (same prompt and
 seed). A protection works where the bottom row's edit no longer looks like the photo's edit.</p>
@@ -391,7 +488,8 @@ def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     after = [c for c in r.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))]
     worst = "worst_ssim" in r.columns
     region = "region_ssim" in r.columns
-    head = (["method", "suite", "eps", "SSIM ↓", "PSNR ↓", "VIFp ↓", "FSIM ↓"]
+    head = (["rank", "method", "suite", "eps", "SSIM ↓", "stronger than the next (paired)", "PSNR ↓", "VIFp ↓",
+             "FSIM ↓"]
             + (["SSIM repainted region ↓", "PSNR repainted region ↓", "kept-region PSNR ↑"] if region else [])
             + (["worst-case SSIM ↓", "worst-case rank", "worst case by (images)"] if worst else [])
             + [f"SSIM after {c[len('ssim_after_'):]} ↓" for c in after]
@@ -399,8 +497,9 @@ def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                "model passes / image (fwd/bwd)", "flags"])
     rows = []
     for _, row in r.iterrows():
-        cells = [str(row["method"]), str(row["suite"]), str(row["eps_label"])]
-        cells += [_with_ci(row, m) for m in PROTECTION]
+        cells = [_fmt(row.get("rank")), str(row["method"]), str(row["suite"]), str(row["eps_label"])]
+        cells += [_with_ci(row, "ssim"), _fmt(row.get("vs_next"))]
+        cells += [_with_ci(row, m) for m in PROTECTION if m != "ssim"]
         if region:
             cells += [_with_ci(row, "region_ssim"), _with_ci(row, "region_psnr"), _fmt(row.get("kept_psnr"))]
         if worst:
@@ -418,7 +517,7 @@ def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 
 def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
-          gallery: Sequence[dict] = ()) -> str:
+          gallery: Sequence[dict] = (), tradeoffs: Optional[Path] = None) -> str:
     """The page from a Jinja2 template with autoescaping on: every name is text, never markup."""
     import jinja2
 
@@ -431,7 +530,7 @@ def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path]
     t1_rows = [[str(p), str(s)] + [_fmt(v) for v in row.values] for (p, s), row in t1.iterrows()] if not t1.empty else []
     return env.from_string(_PAGE).render(
         title=title, intro=INTRO, sections=sections, t1_head=t1_head, t1_rows=t1_rows,
-        plot=plot.name if plot else None, failed=list(failed), skipped=list(skipped), gallery=list(gallery),
+        plot=plot.name if plot else None, tradeoffs=tradeoffs.name if tradeoffs else None, failed=list(failed), skipped=list(skipped), gallery=list(gallery),
         shown=SHOWN_PX)
 
 

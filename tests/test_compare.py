@@ -51,3 +51,17 @@ def test_cli_prints_the_table_and_refuses_a_missing_folder(run_dir, none_dir, tm
     assert main(["compare", str(run_dir), str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0] and "is not an existing folder" in err[0]
+
+
+def test_the_ranking_marks_rank_and_whether_a_row_beats_the_next(run_dir, none_dir, tmp_path):  # noqa: F811
+    from spdbench.leaderboard import build_from_dirs, ranking
+
+    rank = ranking(load_records(run_dir) + load_records(none_dir))
+    for eps, g in rank.groupby("eps"):
+        g = g.sort_values("rank")
+        assert list(g["method"]) == ["uniform-noise", "none"] and list(g["rank"]) == [1, 2]
+        assert g.iloc[0]["vs_next"] == "yes", "noise changes every edit, none changes nothing: paired, clear"
+        assert g.iloc[1]["vs_next"] is None or g.iloc[1]["vs_next"] != g.iloc[1]["vs_next"], "the last row: no next"
+    written, _ = build_from_dirs([run_dir, none_dir], tmp_path / "lb")
+    assert (tmp_path / "lb" / "tradeoffs.png").is_file() and "tradeoffs.png" in written["html"].read_text()
+    assert "| rank | method |" in written["md"].read_text()
