@@ -80,18 +80,24 @@ def load_network(path: Path, sha256: Optional[str] = None) -> tuple[dict[str, to
     return load_bytes(data), {"attack": meta["attack"], "config": config}
 
 
-def rebuild(attack, path: Path, sha256: Optional[str] = None):
-    """`attack` with its fitted network loaded from a network file: the class builds the network from
-    its params (the config), the weights come from the file (strict: every name and shape must match).
-    Runs the attack's network code, so the harness calls it only where attack code may run."""
-    state, meta = load_network(path, sha256)
-    if meta["attack"] != attack.name:
-        raise RecordError(f"network file {str(path)!r} was fit by {meta['attack']!r}, not {attack.name!r}")
+def load_into(attack, state: dict[str, torch.Tensor], name: str):
+    """The network `attack`'s class builds from its params, with `state` loaded (strict: every name
+    and shape must match), set as `attack.network` (eval mode) and returned. Runs the attack's
+    network code, so it is called only where attack code may run."""
     network = attack.build_network()
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise RecordError(f"network file {str(path)!r} does not fit {attack.name!r}'s network: "
-                          f"{str(exc).splitlines()[0]}") from None
+        raise RecordError(f"{name} does not fit {attack.name!r}'s network: {str(exc).splitlines()[0]}") from None
     attack.network = network.eval()
+    return attack.network
+
+
+def rebuild(attack, path: Path, sha256: Optional[str] = None):
+    """`attack` with its fitted network loaded from a network file: the class builds the network from
+    its params (the config), the weights come from the file."""
+    state, meta = load_network(path, sha256)
+    if meta["attack"] != attack.name:
+        raise RecordError(f"network file {str(path)!r} was fit by {meta['attack']!r}, not {attack.name!r}")
+    load_into(attack, state, f"network file {str(path)!r}")
     return attack

@@ -192,13 +192,13 @@ def fit_network(attack: Attack, target, train_images: torch.Tensor, budget: Budg
 def load_fitted_network(attack: Attack, state: dict[str, torch.Tensor]) -> SplitOutput:
     """An amortized attack's network rebuilt from stored weights instead of fit (verify's re-apply):
     the class builds it from its params, the weights must fit it name for name and shape for shape."""
-    network = attack.build_network()
+    from .errors import RecordError
+    from .network_file import load_into
+
     try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise AttackError(f"amortized attack {attack.name!r}: the stored network does not fit the network "
-                          f"its params build: {str(exc).splitlines()[0]}") from None
-    attack.network = network.eval()
+        network = load_into(attack, state, "the stored network")
+    except RecordError as exc:
+        raise AttackError(f"amortized attack {attack.name!r}: {exc}") from None
     return SplitOutput(torch.zeros(0), [], 0.0, None, None, network=network_state(attack, network))
 
 
