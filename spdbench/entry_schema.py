@@ -133,11 +133,19 @@ def load_json(data: bytes, name: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise RecordError(f"{name} is not valid JSON (truncated, corrupt or not text?): {exc}") from None
 
 
+def png_size(head: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from a PNG's first 24 bytes (signature and IHDR), or None if it is not one."""
+    if not head.startswith(PNG_SIGNATURE) or len(head) < 24 or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", head[16:24])
+
+
 def check_png(data: bytes, name: str) -> tuple[int, int]:
     """A real PNG of bounded size: signature, IHDR dimensions read before decoding, then decoded."""
-    if not data.startswith(PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
+    size = png_size(data) if len(data) >= 33 else None
+    if size is None:
         raise RecordError(f"{name} is not a PNG file (no PNG signature and IHDR chunk)")
-    width, height = struct.unpack(">II", data[16:24])
+    width, height = size
     if not (0 < width <= MAX_PNG_SIDE and 0 < height <= MAX_PNG_SIDE):
         raise RecordError(f"{name} declares {width}x{height} pixels; at most {MAX_PNG_SIDE} per side are allowed")
     from PIL import Image

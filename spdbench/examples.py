@@ -59,6 +59,12 @@ def strip_png(panels: Sequence[torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
+def worst_purifier(ssim: dict[str, Sequence[float]], i: int) -> Optional[str]:
+    """The purifier whose edit was closest to the clean edit on image i (highest protection SSIM:
+    the editor's best choice), ties to the first by name; None without purifiers."""
+    return max(sorted(ssim), key=lambda n: float(ssim[n][i])) if ssim else None
+
+
 def write_cell_examples(out: Path, cell_id: str, names: Sequence[str], idx: Sequence[int], images: torch.Tensor,
                         adv: torch.Tensor, clean_edits: torch.Tensor, adv_edits: torch.Tensor,
                         purified_edits: dict[str, torch.Tensor],
@@ -71,9 +77,8 @@ def write_cell_examples(out: Path, cell_id: str, names: Sequence[str], idx: Sequ
         delta = (adv[i] - images[i]).float()
         amplified = 0.5 + delta / (2 * max(float(delta.abs().max()), 1 / 255))
         panels = [images[i], adv[i], amplified, clean_edits[i], adv_edits[i]]
-        worst: Optional[str] = None
-        if purified_ssim:
-            worst = max(sorted(purified_ssim), key=lambda n: float(purified_ssim[n][i]))
+        worst = worst_purifier(purified_ssim, i)
+        if worst is not None:
             panels.append(purified_edits[worst][i])
         rel = example_rel(cell_id, names[i])
         atomic_write_bytes(out / rel, strip_png(panels))

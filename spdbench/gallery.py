@@ -6,11 +6,11 @@ is copied -- the page links the strips where they are and shows one panel of eac
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 from typing import Optional, Sequence, Union
 from urllib.parse import quote
 
+from .entry_schema import png_size
 from .examples import PANELS, example_rel
 from .leaderboard import SHOWN_PX as SHOWN
 from .leaderboard import method_label
@@ -23,12 +23,9 @@ def _png_size(path: Path) -> Optional[tuple[int, int]]:
     """(width, height) from the PNG header (checked as a PNG by the entry schema before we get here)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(24)
+            return png_size(f.read(24))
     except OSError:
         return None
-    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n":
-        return None
-    return struct.unpack(">II", head[16:24])
 
 
 def _panel(path: Path, out_dir: Path, k: int) -> Optional[dict]:

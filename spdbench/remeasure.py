@@ -221,9 +221,7 @@ def reapply_networks(claims: Claims, networks: dict, deltas: dict, suite, target
             again = delta_from_adv(adv, images)
             stored = deltas.get(eps)
             if stored is None or not torch.equal(again, stored.to(again.dtype)):
-                diff = (again.int() - stored.int()).abs() if stored is not None else None
-                what = (f"{float((diff > 0).float().mean()):.1%} of values differ, by up to {int(diff.max())} "
-                        "levels" if diff is not None else "no stored perturbation")
+                what = levels_differ(stored, again) if stored is not None else "no stored perturbation"
                 out.problems.append(f"eps {eps}: the stored network, re-applied, does not give the stored "
                                     f"perturbation ({what}); a stored perturbation must be what its network makes")
     finally:
@@ -299,5 +297,10 @@ def _delta_diff(claimed: Optional[torch.Tensor], result) -> str:
         return "the new one could not be read"
     if claimed is None or claimed.shape != new.shape:
         return f"sha256 {delta_sha256(new)[:12]}"
-    diff = (claimed.int() - new.int()).abs()
+    return levels_differ(claimed, new)
+
+
+def levels_differ(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How two 8-bit perturbations of one shape differ, in words."""
+    diff = (a.int() - b.int()).abs()
     return f"{float((diff > 0).float().mean()):.1%} of values differ, by up to {int(diff.max())} levels"

@@ -78,6 +78,11 @@ class TargetInfo(BaseModel):
     device: str
 
 
+def attack_kind(universal: bool, amortized: bool) -> str:
+    """'universal', 'amortized' or 'per-image': how an attack protects (its class flags, or a record's)."""
+    return "universal" if universal else "amortized" if amortized else "per-image"
+
+
 class Record(BaseModel):
     """One cell's result. Numbers are numbers; enums for the axes; validated on read and write."""
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .errors import InputError, RecordError
-from .examples import PANELS, example_rel
-from .results import Record, Status, atomic_write_bytes
+from .examples import PANELS, example_rel, worst_purifier
+from .results import Record, Status, atomic_write_bytes, attack_kind
 
 REPORT = "report.html"
 
@@ -40,8 +40,8 @@ def _loss_plot(records: list[Record]) -> Optional[str]:
     for label, (_, curve) in sorted(curves.items(), key=lambda kv: kv[1][0]):
         ax.plot(range(1, len(curve) + 1), curve, label=f"eps {label}")
     ax.set_xlabel("step")
-    ax.set_ylabel("objective (test-split group)" if not records[0].universal and not records[0].amortized
-                  else "objective (fit on the train split)")
+    per_image = attack_kind(records[0].universal, records[0].amortized) == "per-image"
+    ax.set_ylabel("objective (test-split group)" if per_image else "objective (fit on the train split)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -50,21 +50,16 @@ def _loss_plot(records: list[Record]) -> Optional[str]:
     return _png_uri(buf.getvalue())
 
 
-def _worst(rec: Record, i: int) -> Optional[str]:
-    """The purifier whose edit was closest to the clean edit on image i (as examples.py picks it)."""
-    if not rec.purified:
-        return None
-    return max(sorted(rec.purified), key=lambda n: rec.purified[n]["ssim"][i])
-
-
 def _cells(folder: Path, records: list[Record]) -> list[dict]:
     out = []
     for r in sorted(records, key=lambda r: (r.eps, r.prompt_key, r.split.value)):
         rows = []
+        ssim = {n: v["ssim"] for n, v in r.purified.items()}
         for i, name in enumerate(r.image_names):
+            worst = worst_purifier(ssim, i)  # as the strip picked it
             rows.append(dict(name=name, **{m: r.protection[m][i] for m in ("ssim", "psnr", "vifp", "fsim")},
-                             imp_psnr=r.imperceptibility["psnr"][i], worst=_worst(r, i),
-                             worst_ssim=r.purified[_worst(r, i)]["ssim"][i] if r.purified else None))
+                             imp_psnr=r.imperceptibility["psnr"][i], worst=worst,
+                             worst_ssim=ssim[worst][i] if worst is not None else None))
         examples = []
         for name in r.image_names:
             path = folder / example_rel(r.cell_id, name)
@@ -99,7 +94,7 @@ def build_report(folder: Union[str, Path]) -> str:
     import jinja2
 
     first = ok[0]
-    kind = "universal" if first.universal else "amortized" if first.amortized else "per-image"
+    kind = attack_kind(first.universal, first.amortized)
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(_PAGE).render(
         title=f"{first.attack}{f'[{first.preset}]' if first.preset else ''} on {first.suite}", kind=kind,

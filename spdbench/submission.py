@@ -32,7 +32,7 @@ import torch
 from . import claims as claims_mod
 from . import entry_schema
 from .errors import InputError, RecordError, SpdbenchError
-from .results import Record
+from .results import Record, attack_kind
 
 DEFAULT_TOLERANCE = 2e-3
 
@@ -177,8 +177,8 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
         report.problems.append(f"attack {rec.attack!r} is not installed here, so it cannot be re-run: {exc}")
         return
     if (cls.universal, cls.amortized) != (rec.universal, rec.amortized):
-        report.problems.append(f"attack {rec.attack!r} is {_kind(cls.universal, cls.amortized)}, the records "
-                               f"claim {_kind(rec.universal, rec.amortized)}")
+        report.problems.append(f"attack {rec.attack!r} is {attack_kind(cls.universal, cls.amortized)}, the records "
+                               f"claim {attack_kind(rec.universal, rec.amortized)}")
         return
     eps = rng.choice(sorted(claims.groups()))
     cells = claims.groups()[eps]
@@ -189,10 +189,6 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
     if not got.problems:
         report.checks.append(f"attack re-run: eps {eps} ({len(cells)} cells) run again from scratch: identical "
                              f"perturbation, every per-image value reproduced ({time.perf_counter() - t0:.0f} s)")
-
-
-def _kind(universal: bool, amortized: bool) -> str:
-    return "universal" if universal else "amortized" if amortized else "per-image"
 
 
 def _suite_images(suite, images, image_names, data, manifest) -> tuple[torch.Tensor, list[str]]:
