@@ -106,7 +106,7 @@ def cmd_run(args) -> int:
     common = dict(norm=args.norm, prompts=prompts, target=args.target, data=args.data, manifest=args.manifest,
                   device=args.device, dtype=args.dtype, resume=args.resume, purifiers=purifiers,
                   compile_backend=args.compile_backend, isolation=args.isolation,
-                  attack_timeout_s=args.attack_timeout, masks=args.masks)
+                  attack_timeout_s=args.attack_timeout, masks=args.masks, cache_dir=args.cache_dir)
     attacks = args.attack.split(",")
     if args.backend != "serial" or len(attacks) > 1:
         from .backends import run_grid
@@ -131,7 +131,7 @@ def cmd_run(args) -> int:
     earlier = result.clean_cache_hits - result.clean_cache_hits_own
     print(f"clean edits: {result.clean_cache_misses} computed, {result.clean_cache_hits_own} reused within this run, "
           f"{earlier} from earlier runs' cache; "
-          f"{result.edits_run} {get_suite(args.suite).task} edits run")
+          f"{result.edits_run} {get_suite(args.suite).task} edits run (cache: {result.clean_cache_dir})")
     for rec in result.failed:
         print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
     return EXIT_FAILED_CELLS if result.failed else EXIT_OK
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "none: in this process, for debugging only (recorded; verify and submit refuse it)")
     s.add_argument("--attack-timeout", type=float, default=None, metavar="SECONDS",
                    help="wall-clock limit per cell group's attack (default: the suite's attack_timeout_s)")
+    s.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="clean-edit cache folder (default: one per model under $SPDBENCH_CACHE_DIR, else "
+                        "~/.cache/spdbench, shared by every run folder)")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     s.set_defaults(fn=cmd_run)
 

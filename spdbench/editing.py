@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -22,6 +24,29 @@ from .images import check_images
 from .results import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+#: environment variable naming the cache root (overrides the user's cache folder)
+CACHE_ENV = "SPDBENCH_CACHE_DIR"
+
+
+def default_cache_root() -> Path:
+    """$SPDBENCH_CACHE_DIR, else $XDG_CACHE_HOME/spdbench, else ~/.cache/spdbench.
+
+    Why a user-level default: a clean edit depends only on (photo, mask, prompt, settings, model,
+    dtype, device type) -- never on the attack or the run folder -- so every run on a machine can
+    share it instead of each folder recomputing its own."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "spdbench"
+
+
+def clean_edit_cache_dir(target, root: Union[str, Path, None] = None) -> Path:
+    """The shared clean-edit folder of one model: ROOT/clean-edits/NAME-FINGERPRINT (one folder per
+    model so a stale model's entries can be deleted as a whole; the keys name the settings)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(target.name))[-60:] or "model"
+    return Path(root if root is not None else default_cache_root()) / "clean-edits" / f"{name}-{target.fingerprint}"
 
 PROMPTS: dict[str, str] = {
     "P1": "make it like a watercolor painting",

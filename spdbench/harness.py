@@ -26,7 +26,7 @@ from .attack_plan import AttackPlan, plan
 from .attacks.base import Attack, attack_source
 from .budget import Budget, effective_eps, format_eps
 from .data import split_indices
-from .editing import PROMPTS, Editor, image_seed
+from .editing import PROMPTS, Editor, clean_edit_cache_dir, image_seed
 from .errors import AttackError, InputError, SpdbenchError, UnknownNameError, did_you_mean
 from .examples import write_cell_examples
 from .images import check_images, image_sha256
@@ -61,6 +61,8 @@ class RunResult:
     clean_cache_misses: int = 0
     #: of the hits, those on clean edits this run made itself (for another eps)
     clean_cache_hits_own: int = 0
+    #: the clean-edit cache folder this run read and wrote (shared per model unless `cache_dir` was given)
+    clean_cache_dir: Optional[Path] = None
     edits_run: int = 0
     #: clean-edit cache files found bad on read (wrong shape, non-finite, constant, ...) and recomputed
     clean_cache_rejected: list[str] = field(default_factory=list)
@@ -231,7 +233,7 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         images: Optional[torch.Tensor] = None, image_names: Optional[Sequence[str]] = None,
         data: Union[str, Path, None] = None, manifest: Union[str, Path, None] = None,
         device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
-        resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: bool = False,
+        resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: Optional[bool] = None,
         purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None,
         isolation: str = "process", attack_timeout_s: Optional[float] = None,
         lock_scope: Optional[str] = None, masks: Union[str, Path, None] = None) -> RunResult:
@@ -240,11 +242,15 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     The attack runs in its own worker process (`isolation="process"`); `isolation="none"` runs it
     here for debugging and marks every record so. Finished cells in `out` are reused (resume); a
     failing cell group is recorded with its error and the run goes on with the others.
-    On an inpainting suite every photo is edited with its mask (the suite's set, or `masks`: a
+    `progress=None` shows a progress bar when stderr is a terminal. Clean edits are cached in `cache_dir`, by default one folder per model under the user's cache
+    folder ($SPDBENCH_CACHE_DIR, else $XDG_CACHE_HOME/spdbench or ~/.cache/spdbench), shared by
+    every run folder. On an inpainting suite every photo is edited with its mask (the suite's set, or `masks`: a
     folder of NAME.png, white = repaint) and also scored on the repainted and the kept region.
     """
     if isolation not in ISOLATION_MODES:
         raise InputError(f"isolation must be one of {list(ISOLATION_MODES)}, got {isolation!r}")
+    if progress is None:  # a person at a terminal sees progress; a log file or CI does not
+        progress = interactive()
     suite = get_suite(suite)
     if attack_timeout_s is not None:
         if not (isinstance(attack_timeout_s, (int, float)) and attack_timeout_s > 0):
@@ -274,6 +280,14 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     with RunLock(out, scope=lock_scope):
         return _run_locked(suite, the_plan, prompt_keys, purifier_list, target, images, names, out, cache_dir,
                            resume, progress, compile_backend, isolation, edit_target, mask_tensor, mask_set_name)
+
+
+def interactive() -> bool:
+    """True when stderr is a terminal (where a progress bar is read, not logged)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def suite_masks(suite: Suite, masks: Union[str, Path, None], names: Sequence[str], images: torch.Tensor,
@@ -324,14 +338,16 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
         target.warmup(images)
         compile_s = time.perf_counter() - t0
     stale = remove_stale_temp(out, min_age_s=60)  # a parallel task (Ray) may be writing right now
-    if cache_dir is not None and not Path(cache_dir).resolve().is_relative_to(out.resolve()):
+    # clean edits: the caller's folder, else one shared per model in the user's cache folder
+    cache_dir = Path(cache_dir) if cache_dir is not None else clean_edit_cache_dir(editing)
+    if cache_dir.is_dir() and not cache_dir.resolve().is_relative_to(out.resolve()):
         stale += remove_stale_temp(cache_dir, min_age_s=600)  # a shared cache may have live writers
     if stale:
         log.warning("removed %d temporary file(s) left by a killed write: %s", len(stale),
                     ", ".join(str(p) for p in stale[:5]))
     train_idx, test_idx = split_indices(len(images), suite.split_seed)
     splits = {Split.train: train_idx, Split.test: test_idx}
-    editor = Editor(editing, suite.edit, cache_dir=cache_dir or out / "cache", batch_size=suite.attack_batch_size)
+    editor = Editor(editing, suite.edit, cache_dir=cache_dir, batch_size=suite.attack_batch_size)
     seeds = [image_seed(suite.edit, images[i]) for i in range(len(images))]
     shas = [image_sha256(images[i]) for i in range(len(images))]
     mask_shas = None
@@ -396,6 +412,7 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
             _run_group(ctx, budget, ids)
     bar.close()
     result.clean_cache_hits, result.clean_cache_misses = editor.cache_hits, editor.cache_misses
+    result.clean_cache_dir = cache_dir
     result.clean_cache_hits_own = editor.cache_hits_own
     result.edits_run = editor.edits_run
     result.clean_cache_rejected = list(editor.cache_rejected)

@@ -24,6 +24,15 @@ def photos64():
     return spdbench.load_photos(n=4, size=64)
 
 
+@pytest.fixture(autouse=True)
+def _private_clean_edit_cache(tmp_path, monkeypatch):
+    """Each test gets its own user-level clean-edit cache: a cache shared across tests would make a
+    test's counts depend on which tests ran before it."""
+    from spdbench.editing import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "user-cache"))
+
+
 @pytest.fixture
 def test_attacks():
     """The deliberately broken attacks of harness_helpers, registered by name for this test only."""

@@ -75,3 +75,48 @@ def test_a_new_folder_reports_no_clean_edits_from_earlier_runs(tmp_path, capsys)
     out = capsys.readouterr().out
     assert code == 0
     assert "11 computed, 11 reused within this run, 0 from earlier runs' cache" in out, out[-400:]
+
+
+def _run_uniform(out, *extra):
+    from spdbench.cli import main
+
+    return main(["run", "--suite", "smoke", "--attack", "uniform-noise", "--target", "tiny-random", "--prompts", "P3",
+                 "--eps", "8/255", "--out", str(out), "--quiet", "--purifiers", "jpeg75", *extra])
+
+
+def test_clean_edits_are_shared_across_run_folders(tmp_path, capsys, monkeypatch):
+    """A second run folder reuses the first folder's clean edits from the user-level cache."""
+    from spdbench.editing import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "shared"))
+    assert _run_uniform(tmp_path / "a") == 0
+    first = capsys.readouterr().out
+    assert "11 computed, 0 reused within this run, 0 from earlier runs' cache" in first, first[-400:]
+    assert _run_uniform(tmp_path / "b") == 0
+    second = capsys.readouterr().out
+    assert "0 computed, 0 reused within this run, 11 from earlier runs' cache" in second, second[-400:]
+    assert f"cache: {tmp_path / 'shared' / 'clean-edits'}" in second
+    assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "b" / "cache").exists()
+    assert len(list((tmp_path / "shared" / "clean-edits").glob("*/*.safetensors"))) == 11
+
+
+def test_cache_dir_option_overrides_the_shared_cache(tmp_path, capsys):
+    assert _run_uniform(tmp_path / "a", "--cache-dir", str(tmp_path / "mine")) == 0
+    assert len(list((tmp_path / "mine").glob("*.safetensors"))) == 11
+    assert not (tmp_path / "user-cache").exists(), "nothing written to the user-level cache"
+    assert "cache: " + str(tmp_path / "mine") in capsys.readouterr().out
+
+
+def test_progress_defaults_to_on_at_a_terminal_only(monkeypatch):
+    import io
+
+    from spdbench import harness
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(harness.sys, "stderr", Tty())
+    assert harness.interactive() is True
+    monkeypatch.setattr(harness.sys, "stderr", io.StringIO())
+    assert harness.interactive() is False

@@ -169,3 +169,41 @@ def test_result_table_is_concise_unless_asked(tmp_path):
     short, full = res.table(), res.table(full=True)
     assert list(short.columns) == ["method", "eps", "prompt", "split", "ssim", "psnr", "vifp", "fsim"]
     assert len(short) == len(full) == len(res.records) and {"imp_psnr", "cell_id"} <= set(full.columns)
+
+
+def test_progress_bar_counts_what_the_summary_counts(tmp_path, monkeypatch, capsys):
+    """The bar's total is the number of cells (one per budget, prompt and split), and a resumed run
+    counts the cells it reuses so it ends at total, not halfway."""
+    import tqdm.auto
+
+    from harness_helpers import fast_suite
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, *a, total=None, disable=False, **k):
+            self.total, self.n, self.disable = total, 0, disable
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            pass
+
+        def set_postfix_str(self, *a, **k):
+            pass
+
+        def write(self, *a, **k):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    suite = fast_suite(eps=("8/255", "16/255"), prompts=("P3",), n_images=3)
+    first = spdbench.run("uniform-noise", suite=suite, out=tmp_path / "r", progress=True)
+    assert bars[-1].total == len(first.records) == 4 and bars[-1].n == 4
+    victim = sorted((tmp_path / "r" / "records").glob("*16o255*test*.json"))[0]
+    victim.unlink()
+    capsys.readouterr()
+    again = spdbench.run("uniform-noise", suite=suite, out=tmp_path / "r", progress=True)
+    assert "resuming: 3 of 4 cells already done" in capsys.readouterr().err
+    assert bars[-1].total == 4 and bars[-1].n == 4 and len(again.reused) == 3 and len(again.computed) == 1
