@@ -78,18 +78,23 @@ class Suite:
         return images, names
 
 
+#: the tiny suites' purifier ladder: the cheap counter-measures a person who edits a photo would
+#: try (GrIDPure and impress-ssim cost ~1 min per 11 photos each on 2 cores, more than the rest of a
+#: smoke run's scoring together; pass them with --purifiers, docs/threat-model.md)
+LADDER = ("jpeg70", "jpeg75", "jpeg90", "resize0.5", "blur1", "tv0.05", "diffpure0.2")
+
 SUITES: dict[str, Suite] = {
     "smoke": Suite(
         name="smoke", target="tiny", image_size=128, eps=("8/255", "16/255"), prompts=("P3", "P4"),
         edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
-        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1", "diffpure0.2"),
+        attack_steps=40, attack_batch_size=11, purifiers=LADDER,
         description="offline trained tiny target, 11 bundled photos at 128 px (7 train / 4 test), CPU minutes",
     ),
     "smoke-transfer": Suite(
-        name="smoke-transfer", target="tiny-v3", edit_target="tiny-b", image_size=128, eps=("8/255", "16/255"),
+        name="smoke-transfer", target="tiny", edit_target="tiny-b", image_size=128, eps=("8/255", "16/255"),
         prompts=("P3", "P4"), edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
-        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1", "diffpure0.2"),
-        description="smoke, but crafted on tiny-v3 and edited with tiny-b (trained apart: other seed, other "
+        attack_steps=40, attack_batch_size=11, purifiers=LADDER,
+        description="smoke, but crafted on tiny and edited with tiny-b (trained apart: other seed, other "
                     "half of the photos): black-box protection beside white box",
     ),
     "smoke-inpaint": Suite(

@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError, TargetLoadError
 from .base import Encoding, Target
 from .sd15 import SD15_HUB_ID, SD15_INPAINT_HUB_ID, load_sd15
-from .tiny import ASSETS, INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, V3_DIR, build_tiny
+from .tiny import ASSETS, INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, V2_DIR, build_tiny
 
 __all__ = ["Encoding", "Target", "load_target", "load_sd15", "build_tiny", "SD15_HUB_ID", "SD15_INPAINT_HUB_ID", "parse_dtype",
            "parse_device"]
@@ -136,9 +136,11 @@ def _load(name: Union[str, Path], device, dtype) -> Target:
                 "use 'tiny-random' or train it with `python -m spdbench.zoo.train_tiny`"
             )
         return load_sd15(TRAINED_DIR, device=device, dtype=dtype, name="tiny")
-    if text == "tiny-v3":
-        _check_installed(V3_DIR, text)
-        return load_sd15(V3_DIR, device=device, dtype=dtype, name="tiny-v3")
+    if text == "tiny-v3":  # its name before the switch-over: the same model, under its one name
+        return _load("tiny", device, dtype)
+    if text == "tiny-v2":
+        _check_installed(V2_DIR, text)
+        return load_sd15(V2_DIR, device=device, dtype=dtype, name="tiny-v2")
     if text == "tiny-b":
         _check_installed(TINY_B_DIR, text)
         return load_sd15(TINY_B_DIR, device=device, dtype=dtype, name="tiny-b")
