@@ -1,36 +1,49 @@
 #!/usr/bin/env bash
-# Re-measure the smoke leaderboard from runs: every committed entry (plus the rows named on the
-# command line) is run again with the current code and target and re-submitted through
-# `spdbench submit --replace`. Resumable: a run folder's finished cells are reused, and an entry
-# whose records already name the current target's fingerprint is skipped.
+# Re-measure the leaderboard from runs: every committed entry whose suite's target has changed
+# (plus the rows named on the command line, on smoke) is run again with the current code and
+# target and re-submitted through `spdbench submit --replace`. Cheapest entries first (by the
+# time their old records took). Resumable: a run folder's finished cells are reused, and an entry
+# whose records already name its suite target's current fingerprint is skipped.
 #   bash scripts/rerun-leaderboard.sh [EXTRA_ATTACK ...]      (e.g. sds-t spd-advdm)
-# Long: about 5-15 CPU minutes per entry on 2 cores. Runs land in spdbench-runs/rerun-*/.
+#   PY=/path/to/python bash scripts/rerun-leaderboard.sh     (default .venv/bin/python)
+# Long: about 3-20 CPU minutes per entry on 2 cores. Runs land in spdbench-runs/rerun-*/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-current=$($PY -c "import spdbench; print(spdbench.load_target('tiny').fingerprint)")
+PY=${PY:-.venv/bin/python}
 rows=$($PY - "$@" <<'PYEOF'
 import json, sys
 from pathlib import Path
-rows = {}
+from spdbench import load_target
+from spdbench.suites import get_suite
+fps = {}
+def current(suite):
+    if suite not in fps:
+        fps[suite] = load_target(get_suite(suite).target).fingerprint
+    return fps[suite]
+rows = []
 for e in sorted(Path("leaderboard/entries").iterdir()):
     recs = sorted((e / "records").glob("*.json"))
-    if e.is_dir() and recs:
-        r = json.loads(recs[0].read_text())
-        rows[e.name] = (r["attack"], r.get("preset") or "-", r["target"]["fingerprint"])
+    if not (e.is_dir() and recs):
+        continue
+    r = [json.loads(p.read_text()) for p in recs]
+    cost = sum(sum(v or 0 for k, v in x["timing"].items() if k.endswith("_s")) for x in r)
+    fresh = r[0]["target"]["fingerprint"] == current(r[0]["suite"])
+    rows.append((cost, e.name, r[0]["attack"], r[0].get("preset") or "-", r[0]["suite"], "skip" if fresh else "run"))
 for a in sys.argv[1:]:
-    rows.setdefault(f"smoke-{a}", (a, "-", "new"))
-for name, (attack, preset, fp) in rows.items():
-    print(name, attack, preset, fp)
+    if not any(x[1] == f"smoke-{a}" for x in rows):
+        rows.append((1e9, f"smoke-{a}", a, "-", "smoke", "run"))
+for cost, name, attack, preset, suite, what in sorted(rows):
+    print(name, attack, preset, suite, what)
 PYEOF
-)
-while read -r name attack preset fp; do
+) || { echo "could not list the entries"; exit 1; }
+while read -r name attack preset suite what; do
   [ -z "$name" ] && continue
-  if [ "$fp" = "$current" ]; then echo "skip $name (already measured on tiny $current)"; continue; fi
+  if [ "$what" = skip ]; then echo "skip $name (already measured on $suite's current target)"; continue; fi
   out=spdbench-runs/rerun-$name
-  args=(--suite smoke --attack "$attack" --out "$out" --quiet)
+  args=(--suite "$suite" --attack "$attack" --out "$out" --quiet)
   [ "$preset" != "-" ] && args+=(--preset "$preset")
   echo "== $name: spdbench run ${args[*]}  ($(date -u +%H:%M))"
-  .venv/bin/spdbench run "${args[@]}" || { echo "RUN FAILED: $name"; continue; }
-  .venv/bin/spdbench submit "$out" --name "$name" --replace --sample 1 || echo "SUBMIT FAILED: $name"
+  $PY -m spdbench.cli run "${args[@]}" || { echo "RUN FAILED: $name"; continue; }
+  $PY -m spdbench.cli submit "$out" --name "$name" --replace --sample 1 || echo "SUBMIT FAILED: $name"
+  echo "== $name done ($(date -u +%H:%M))"
 done <<< "$rows"
