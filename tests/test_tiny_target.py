@@ -1,18 +1,24 @@
-"""The shipped trained tiny target: integrity, reproducibility of its training, a quality guard."""
+"""The shipped trained tiny targets: integrity and reproducibility of training (v2, trained on the
+bundled photos, replays offline; v3 = `tiny` replays with the fetched photo list), quality guards
+of `tiny`."""
 from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from spdbench import metrics
-from spdbench.targets.tiny import TRAINED_DIR
+from spdbench.targets.tiny import TRAINED_DIR, V2_DIR
 from spdbench.zoo import train_tiny
 
-RECORD = TRAINED_DIR / train_tiny.TRAINING_JSON
+RECORD = V2_DIR / train_tiny.TRAINING_JSON
 pytestmark = pytest.mark.skipif(not RECORD.is_file(), reason="trained tiny target not shipped")
+#: a folder made by `python -m spdbench.zoo.photos fetch DIR` (about 500 MB): enables v3's replay
+PHOTOS = os.environ.get("SPDBENCH_ZOO_PHOTOS")
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +33,15 @@ def target():
     return load_target("tiny")
 
 
-def test_shipped_files_load_and_match_record(target, record):
-    assert target.name == "tiny"
-    assert train_tiny.weight_hashes(TRAINED_DIR) == record["weights_sha256"]
+def test_shipped_files_load_and_match_record(record):
+    from spdbench import load_target
+
+    v2 = load_target("tiny-v2")
+    assert v2.name == "tiny-v2"
+    assert train_tiny.weight_hashes(V2_DIR) == record["weights_sha256"]
     assert len(record["weights_sha256"]) == 3  # vae, unet, text_encoder
-    assert math.isclose(target.scaling_factor, record["scaling_factor"], rel_tol=1e-9)
-    assert train_tiny.folder_bytes(TRAINED_DIR) < 25e6
+    assert math.isclose(v2.scaling_factor, record["scaling_factor"], rel_tol=1e-9)
+    assert train_tiny.folder_bytes(V2_DIR) < 25e6
     # no held-out (test split) photo was trained on
     names = {d["name"] for d in record["data"]}
     assert not names & set(train_tiny.FORBIDDEN)
@@ -46,12 +55,27 @@ def test_first_steps_reproduce(record):
     """
     threads = torch.get_num_threads()
     try:
-        got = train_tiny.check_steps(3, TRAINED_DIR)
+        got = train_tiny.check_steps(3, V2_DIR)
     finally:
         torch.set_num_threads(threads)
     for stage in ("vae", "unet"):
         want = record[stage]["first_losses"][:3]
         assert got[stage] == pytest.approx(want, rel=1e-5), stage
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PHOTOS, reason="v3's replay needs the zoo's photos: set SPDBENCH_ZOO_PHOTOS to a folder "
+                                       "made by `python -m spdbench.zoo.photos fetch DIR` (about 500 MB, 1 min)")
+def test_v3_first_steps_reproduce():
+    """`tiny` (v3) from its photo list and seed: the recorded first losses of both stages."""
+    record = json.loads((TRAINED_DIR / train_tiny.TRAINING_JSON).read_text())
+    threads = torch.get_num_threads()
+    try:
+        got = train_tiny.check_steps(3, TRAINED_DIR, photos_dir=Path(PHOTOS))
+    finally:
+        torch.set_num_threads(threads)
+    for stage in ("vae", "unet"):
+        assert got[stage] == pytest.approx(record[stage]["first_losses"][:3], rel=1e-5), stage
 
 
 def test_refuses_to_overwrite_without_force(tmp_path):

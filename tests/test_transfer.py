@@ -64,7 +64,7 @@ def test_a_transfer_record_with_a_forged_edit_target_is_refused(runs, tmp_path):
 
 def test_smoke_transfer_is_registered_against_tiny_b():
     s = get_suite("smoke-transfer")
-    assert s.target == "tiny-v3" and s.edit_target == "tiny-b"
+    assert s.target == "tiny" and s.edit_target == "tiny-b"
     skip = ("name", "target", "edit_target", "description")
     assert {k: v for k, v in dataclasses.asdict(s).items() if k not in skip} == \
         {k: v for k, v in dataclasses.asdict(get_suite("smoke")).items() if k not in skip}
