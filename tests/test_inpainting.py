@@ -187,7 +187,7 @@ def test_the_leaderboard_shows_inpainting_as_its_own_group(inpaint_run, tmp_path
 
     result, _ = inpaint_run
     md = build(result.records, tmp_path, formats=("md",))["md"].read_text()
-    assert "## Ranking: Inpainting" in md and "SSIM repainted region" in md and "kept-region PSNR" in md
+    assert "## Inpainting · test-inpaint" in md and "SSIM repainted region" in md and "kept-region PSNR" in md
 
 
 def test_masks_and_models_must_match(tmp_path, photos):
