@@ -90,7 +90,8 @@ def _eps_arg(text: Optional[str]) -> Optional[list[str]]:
 
 def cmd_run(args) -> int:
     from .harness import run
-    from .leaderboard import ranking, ranking_markdown
+    from .leaderboard import ranking
+    from .leaderboard_page import summary_markdown
     from .runfolder import RunLock, prepare_out
     from .suites import get_suite
     from .targets import parse_device
@@ -117,7 +118,7 @@ def cmd_run(args) -> int:
         with RunLock(out):
             records = run_grid(attacks, suite, eps or list(suite.eps), out, backend=args.backend,
                                attack_params=params, ray_address=args.ray_address, **common)
-        print(ranking_markdown(ranking(records)))
+        print(summary_markdown(ranking(records)))
         failed = [r for r in records if r.status == Status.error]
         for rec in failed:
             print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
@@ -126,7 +127,7 @@ def cmd_run(args) -> int:
     with RunLock(out):
         result = run(args.attack, suite=args.suite, eps=eps, out=out, attack_params=params,
                      progress=not args.quiet, **common)
-    print(ranking_markdown(ranking(result.records)))
+    print(summary_markdown(ranking(result.records)))
     print(f"\n{len(result.computed)} cell(s) computed, {len(result.reused)} reused; records in {result.out}/records")
     earlier = result.clean_cache_hits - result.clean_cache_hits_own
     print(f"clean edits: {result.clean_cache_misses} computed, {result.clean_cache_hits_own} reused within this run, "
@@ -138,7 +139,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from .leaderboard import build, load_checked_by_folder, ranking, ranking_markdown
+    from .leaderboard import build, load_checked_by_folder, ranking
+    from .leaderboard_page import summary_markdown
 
     dirs = [Path(d) for d in (args.records or ["spdbench-runs"])]
     folders = []
@@ -155,7 +157,7 @@ def cmd_leaderboard(args) -> int:
         print(f"LEFT OUT {name}: {reason}", file=sys.stderr)
     out = Path(args.out) if args.out else dirs[0] / "leaderboard"
     written = build(records, out, args.format.split(","), skipped=skipped, by_folder=by_folder)
-    print(ranking_markdown(ranking(records)))
+    print(summary_markdown(ranking(records)))
     for fmt, path in written.items():
         print(f"wrote {fmt}: {path}")
     return EXIT_OK

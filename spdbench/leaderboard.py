@@ -1,7 +1,8 @@
 """Leaderboard: records -> pandas -> Markdown / CSV / HTML tables and metric-vs-eps plots.
 
-Two views: the seed paper's Table 1 layout (prompt x split rows, metric x method columns,
-averaged over eps) and a ranking (one row per method and eps). Every number is derived from the
+Two views: a ranking (one row per method and eps; the page cuts it into one section per budget,
+leaderboard_page.py) and the seed paper's Table 1 layout (prompt x split rows, metric x method
+columns, one per eps). Every number is derived from the
 records' per-image values (a stated `*_mean` is never read); every name is escaped where it is
 rendered; a folder that fails its checks is reported by name and left out, never breaking the build.
 """
@@ -70,11 +71,18 @@ def records_frame(records: Iterable[Record]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: suites whose page shows the seed's Table 1 layout (its paper's suite); table1.csv has every suite
+TABLE1_SUITES: tuple[str, ...] = ("sd15-spd",)
+
+
 def table1(df: pd.DataFrame) -> pd.DataFrame:
-    """Seed Table 1 layout: rows (prompt, split); columns (metric, method); mean over eps."""
+    """Seed Table 1 layout per budget: rows (suite, eps, prompt, split); columns (metric, method).
+    One value per cell: nothing is averaged over eps (the seed's table is read one eps at a time)."""
     if df.empty:
         return df
-    t = df.groupby(["prompt", "split", "method"])[list(PROTECTION)].mean().unstack("method")
+    df = df.sort_values("eps")
+    t = df.groupby(["suite", "eps_label", "prompt", "split", "method"], sort=False)[list(PROTECTION)].mean()
+    t = t.unstack("method")
     methods = sorted({meth for _, meth in t.columns})
     t = t[[(m, meth) for m in PROTECTION for meth in methods if (m, meth) in t.columns]]
     t.columns = pd.MultiIndex.from_tuples([(LABELS[m], meth) for m, meth in t.columns])
@@ -93,6 +101,11 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
     the rank by worst-case SSIM within the same suite and eps.
     """
     ok = [r for r in records if r.status == Status.ok]
+    # seconds per image over every cell of a method and budget (both splits): the spread of a cost
+    # measured on a busy machine is part of the number
+    seconds: dict[tuple, list[float]] = {}
+    for r in ok:
+        seconds.setdefault((method_label(r), r.suite, r.norm, r.eps), []).append(r.timing.per_image_s)
     if any(r.split.value == split for r in ok):
         ok = [r for r in ok if r.split.value == split]
     groups: dict[tuple, list[Record]] = {}
@@ -129,7 +142,10 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
         row["imp_psnr"] = float(np.mean(imp)) if imp and None not in imp else None
         kept = [_mean(r.imperceptibility_kept.get("psnr", [])) for r in recs]
         row["kept_psnr"] = float(np.mean(kept)) if kept and None not in kept else None
-        row["seconds_per_image"] = float(np.mean([r.timing.per_image_s for r in recs]))
+        secs = [v for v in seconds.get((method, suite, norm, eps), []) if v is not None and math.isfinite(v)]
+        if secs:
+            row["seconds_per_image"] = float(np.median(secs))
+            row["seconds_per_image_lo"], row["seconds_per_image_hi"] = float(min(secs)), float(max(secs))
         dev = [r.timing.attack_device_s / max(1, len(r.image_names)) for r in recs
                if r.timing.attack_device_s is not None]
         row["device_seconds_per_image"] = float(np.mean(dev)) if dev else None
@@ -248,16 +264,6 @@ def transfer_markdown(t: pd.DataFrame) -> str:
         cells = [r["method"], r["eps_label"], r["crafted_on"], r["edited_with"], r["white_box"], r["black_box"],
                  r["black_box_suite"]]
         lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def ranking_markdown(r: pd.DataFrame) -> str:
-    """The ranking as a Markdown table; metric cells read `mean [95% CI]`; every cell escaped."""
-    if r.empty:
-        return "(no finished records)"
-    head, rows = _ranking_rows(r)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(md_escape(c) for c in cells) + " |" for cells in rows]
     return "\n".join(lines)
 
 
@@ -429,38 +435,49 @@ def _notes_md(failed: Sequence[str], skipped: Sequence[tuple[str, str]]) -> str:
 
 def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
               tradeoffs: Optional[Path] = None) -> str:
+    from .leaderboard_page import sections, sections_markdown, table1_sections
+
     tr = transfer_table(rank)
     transfer = ("\n\n## Transfer: white box vs black box\n\nThe same attack at the same eps, its edits made by "
                 "the model it was crafted on (white box) and by an independently trained one (black box).\n\n"
                 + transfer_markdown(tr)) if not tr.empty else ""
-    groups = by_task(rank)
-    sections = "".join(f"\n\n## Ranking{'' if len(groups) == 1 and task == 'img2img' else ': ' + TASKS[task]}\n\n"
-                       + (INPAINT_NOTE + "\n\n" if task == "inpaint" else "") + ranking_markdown(part)
-                       for task, part in groups)
-    return (f"# {md_escape(title)}\n\n{INTRO}" + sections + transfer +
-            "\n\n## Table 1 layout (mean over eps)\n\n" + table1_markdown(t1) +
+    secs = sections(rank)
+    body = sections_markdown(secs) if secs else "(no finished records)\n"
+    t1_md = "".join(f"\n\n## {md_escape(name)}\n\n" + table1_markdown(t) for name, t in table1_sections(t1, TABLE1_SUITES))
+    return (f"# {md_escape(title)}\n\n{INTRO}\n\n{BEST_NOTE}\n\n" + body.rstrip() + transfer + t1_md +
             (f"\n\n![metrics vs eps]({plot.name})" if plot else "")
             + (f"\n\n![protection vs imperceptibility, cost and purification]({tradeoffs.name})" if tradeoffs else "")
             + _notes_md(failed, skipped) + "\n")
 
 
+BEST_NOTE = ("One section per suite and budget (nothing is averaged over eps). **Bold** (on the page: green): the "
+             "best value of its column at that budget, the `none` baseline aside. \"Stronger than the next\": a "
+             "paired bootstrap over the same test photos says this row's SSIM is below the next row's.")
+
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{{ title }}</title>
-<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
+<style>body{font-family:sans-serif;margin:1.5em;max-width:1360px}table{border-collapse:collapse;font-size:12px;
+margin:0 0 1em 0}td,th{border:1px solid #ccc;padding:2px 5px;text-align:right;vertical-align:top}
+th{background:#f4f4f4;font-weight:600}td.name{text-align:left}
+td small{display:block;color:#666;font-size:10px;white-space:nowrap}td.best{background:#dff3df;font-weight:700}
+h3{font-size:14px;margin:.6em 0 .3em 0}.tables{display:flex;flex-wrap:wrap;gap:0 1.5em;align-items:flex-start}
 table.gallery td{padding:2px}.pn{width:{{ shown }}px;height:{{ shown }}px;overflow:hidden}
 .pn img{display:block;max-width:none}</style></head><body>
 <h1>{{ title }}</h1>
 <p>{{ intro }}</p>
-{% for section, note, rank_head, rank_rows in sections %}<h2>{{ section }}</h2>{% if note %}<p>{{ note }}</p>{% endif %}
-{% if rank_rows %}<table class="rank"><thead><tr>{% for h in rank_head %}<th>{{ h }}</th>{% endfor %}</tr></thead>
-<tbody>{% for row in rank_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
-{% else %}<p>(no finished records)</p>{% endif %}{% endfor %}
-<h2>Table 1 layout (mean over eps)</h2>
-{% if t1_rows %}<table class="table1"><thead><tr>{% for h in t1_head %}<th>{{ h }}</th>{% endfor %}</tr></thead>
-<tbody>{% for row in t1_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
-{% else %}<p>(no records)</p>{% endif %}
-{% if plot %}<img src="{{ plot }}" alt="metrics vs eps" style="max-width:100%">{% endif %}
+<p>{{ best_note }}</p>
+{% macro table(t) %}<div><h3>{{ t.title }}</h3><table><thead><tr>{% for h in t.head %}<th>{{ h }}</th>{% endfor %}
+</tr></thead><tbody>{% for row in t.rows %}<tr>{% for c in row %}<td class="{{ 'best' if c.best }} {{ 'name' if c.name }}">{{ c.text }}
+{% if c.ci %}<small>{{ c.ci }}</small>{% endif %}</td>{% endfor %}</tr>{% endfor %}</tbody></table></div>{% endmacro %}
+{% for s in sections %}<h2>{{ s.title }}</h2>{% if s.note %}<p>{{ s.note }}</p>{% endif %}
+{{ table(s.tables[0]) }}<div class="tables">{% for t in s.tables[1:] %}{{ table(t) }}{% endfor %}</div>
+{% else %}<p>(no finished records)</p>{% endfor %}
+{% if transfer %}<h2>Transfer: white box vs black box</h2><p>The same attack at the same eps, its edits made by the
+model it was crafted on (white box) and by an independently trained one (black box).</p>{{ table(transfer) }}{% endif %}
+{% for name, head, rows in t1 %}<h2>{{ name }}</h2><table class="table1"><thead><tr>{% for h in head %}<th>{{ h }}</th>
+{% endfor %}</tr></thead><tbody>{% for row in rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
+</tbody></table>{% endfor %}
+{% if plot %}<h2>Protection vs eps</h2><img src="{{ plot }}" alt="metrics vs eps" style="max-width:100%">{% endif %}
 {% if tradeoffs %}<h2>Trade-offs</h2><img src="{{ tradeoffs }}" alt="protection vs imperceptibility, cost and purification" style="max-width:100%">{% endif %}
 {% if gallery %}<h2>Gallery: one test photo across the budgets</h2>
 <p>Per method: the photo and its edit, then the protected photo and its edit at each eps (same prompt and
@@ -483,55 +500,29 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _ranking_rows(r: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """The ranking table as plain text cells (the same cells as the Markdown, unescaped)."""
-    after = [c for c in r.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))]
-    worst = "worst_ssim" in r.columns
-    region = "region_ssim" in r.columns
-    head = (["rank", "method", "suite", "eps", "SSIM ↓", "stronger than the next (paired)", "PSNR ↓", "VIFp ↓",
-             "FSIM ↓"]
-            + (["SSIM repainted region ↓", "PSNR repainted region ↓", "kept-region PSNR ↑"] if region else [])
-            + (["worst-case SSIM ↓", "worst-case rank", "worst case by (images)"] if worst else [])
-            + [f"SSIM after {c[len('ssim_after_'):]} ↓" for c in after]
-            + ["imperceptibility PSNR ↑", "s / image", "device s / image", "fit s", "peak MB", "images", "steps",
-               "model passes / image (fwd/bwd)", "flags"])
-    rows = []
-    for _, row in r.iterrows():
-        cells = [_fmt(row.get("rank")), str(row["method"]), str(row["suite"]), str(row["eps_label"])]
-        cells += [_with_ci(row, "ssim"), _fmt(row.get("vs_next"))]
-        cells += [_with_ci(row, m) for m in PROTECTION if m != "ssim"]
-        if region:
-            cells += [_with_ci(row, "region_ssim"), _with_ci(row, "region_psnr"), _fmt(row.get("kept_psnr"))]
-        if worst:
-            cells += [_with_ci(row, "worst_ssim"), _fmt(row.get("rank_worst")), _fmt(row.get("worst_by"))]
-        cells += [_with_ci(row, c) for c in after]
-        on_cpu = row.get("device") == "cpu"  # no device clock or peak-memory counter there: say so
-        cells += [_fmt(row.get("imp_psnr")), _fmt(row.get("seconds_per_image"))]
-        cells += ["n/a (CPU)" if on_cpu and _missing(row.get(k)) else _fmt(row.get(k))
-                  for k in ("device_seconds_per_image",)]
-        cells += [_fmt(row.get("fit_seconds"))]
-        cells += ["n/a (CPU)" if on_cpu and _missing(row.get("peak_memory_mb")) else _fmt(row.get("peak_memory_mb"))]
-        cells += [_fmt(row.get(k)) for k in ("n_images", "steps", "model_calls", "flags")]
-        rows.append(cells)
-    return head, rows
-
-
 def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
           gallery: Sequence[dict] = (), tradeoffs: Optional[Path] = None) -> str:
     """The page from a Jinja2 template with autoescaping on: every name is text, never markup."""
     import jinja2
 
+    from .leaderboard_page import Cell, Table, sections, table1_sections
+
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    groups = by_task(rank)
-    sections = [("Ranking" if len(groups) == 1 and task == "img2img" else f"Ranking: {TASKS[task]}",
-                 INPAINT_NOTE if task == "inpaint" else "", *(_ranking_rows(part) if not part.empty else ([], [])))
-                for task, part in groups]
-    t1_head = ["prompt", "split"] + [f"{m} {meth}" for m, meth in t1.columns] if not t1.empty else []
-    t1_rows = [[str(p), str(s)] + [_fmt(v) for v in row.values] for (p, s), row in t1.iterrows()] if not t1.empty else []
+    tr = transfer_table(rank)
+    transfer = None
+    if not tr.empty:
+        transfer = Table("", ["method", "eps", "crafted on", "edited with", "SSIM white box ↓", "SSIM black box ↓",
+                              "suite"],
+                         [[Cell(str(r[k])) for k in ("method", "eps_label", "crafted_on", "edited_with", "white_box",
+                                                     "black_box", "black_box_suite")] for _, r in tr.iterrows()])
+    t1_parts = [(name, ["prompt", "split"] + [f"{m} {meth}" for m, meth in t.columns],
+                 [[str(p), str(s)] + [_fmt(v) for v in row.values] for (p, s), row in t.iterrows()])
+                for name, t in table1_sections(t1, TABLE1_SUITES)]
     return env.from_string(_PAGE).render(
-        title=title, intro=INTRO, sections=sections, t1_head=t1_head, t1_rows=t1_rows,
-        plot=plot.name if plot else None, tradeoffs=tradeoffs.name if tradeoffs else None, failed=list(failed), skipped=list(skipped), gallery=list(gallery),
-        shown=SHOWN_PX)
+        title=title, intro=INTRO, best_note=BEST_NOTE.replace("**Bold** (on the page: green)", "Green"),
+        sections=sections(rank), transfer=transfer, t1=t1_parts,
+        plot=plot.name if plot else None, tradeoffs=tradeoffs.name if tradeoffs else None, failed=list(failed),
+        skipped=list(skipped), gallery=list(gallery), shown=SHOWN_PX)
 
 
 def load_checked(dirs: Sequence[Union[str, Path]]) -> tuple[list[Record], list[tuple[str, str]]]:

@@ -7,7 +7,9 @@ Strokes are drawn with scikit-image (`skimage.draw`), not by hand.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -86,7 +88,10 @@ def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
 # --- masks as data: one per photo, named like it ------------------------------------------------
 #: the deterministic mask sets every photo has (issue 20): a centre box, and free-form strokes
 #: seeded by the photo's name (so a photo keeps its mask when others are added)
-MASK_SETS = ("centre-box", "strokes")
+MASK_SETS = ("centre-box", "strokes", "subject")
+#: the subject-keeping set: one hand-drawn PNG per bundled photo (white = repaint the surroundings,
+#: black = keep the subject), drawn from shapes.json beside them (`draw_subject_masks`)
+SUBJECT_DIR = Path(__file__).parent / "mask_assets" / "subject"
 
 
 def _name_seed(name: str) -> int:
@@ -104,19 +109,59 @@ def centre_box(size: int, frac: float = 0.5) -> torch.Tensor:
     return m
 
 
+def draw_subject_mask(shape: dict, size: int) -> torch.Tensor:
+    """(1, size, size) from one hand-drawn outline of shapes.json: 0 inside (the kept subject), 1 outside."""
+    from skimage.draw import ellipse, polygon
+
+    keep = np.zeros((size, size), dtype=bool)
+    if "polygon" in shape:
+        pts = np.asarray(shape["polygon"], dtype=np.float64) * size
+        rr, cc = polygon(pts[:, 1], pts[:, 0], shape=keep.shape)
+    else:
+        cx, cy, rx, ry = (v * size for v in shape["ellipse"])
+        rr, cc = ellipse(cy, cx, ry, rx, shape=keep.shape)
+    keep[rr, cc] = True
+    return torch.from_numpy(~keep).float()[None]
+
+
+def subject_masks(names: Sequence[str], size: int) -> torch.Tensor:
+    """The shipped subject-keeping PNGs of the named bundled photos, at `size` (nearest: still {0, 1})."""
+    from PIL import Image
+
+    missing = [n for n in names if not (SUBJECT_DIR / f"{n}.png").is_file()]
+    if missing:
+        raise ValueError(f"the subject mask set covers the bundled photos only; no mask for {missing[:5]} "
+                         "(pass your own with --masks DIR)")
+    out = []
+    for n in names:
+        with Image.open(SUBJECT_DIR / f"{n}.png") as im:
+            arr = np.asarray(im.convert("L").resize((size, size), Image.NEAREST))
+        out.append(torch.from_numpy((arr >= 128).astype(np.float32))[None])
+    return torch.stack(out)
+
+
+def draw_subject_pngs(folder: Path = SUBJECT_DIR) -> list:
+    """Write NAME.png for every outline of folder/shapes.json, at the file's size (how the shipped
+    PNGs were made; a test checks they still match)."""
+    spec = json.loads((folder / "shapes.json").read_text())
+    names = sorted(spec["shapes"])
+    masks = torch.stack([draw_subject_mask(spec["shapes"][n], spec["size"]) for n in names])
+    return save_masks(masks, names, folder)
+
+
 def mask_set(kind: str, names: Sequence[str], size: int) -> torch.Tensor:
     """(N, 1, size, size): the `kind` mask of each named photo (see MASK_SETS)."""
     if kind == "centre-box":
         return torch.stack([centre_box(size) for _ in names])
     if kind == "strokes":
         return torch.stack([stroke_mask(size, torch.Generator().manual_seed(_name_seed(n))) for n in names])
+    if kind == "subject":
+        return subject_masks(names, size)
     raise ValueError(f"mask set {kind!r}: expected one of {list(MASK_SETS)} or a folder of PNGs (--masks DIR)")
 
 
 def save_masks(masks: torch.Tensor, names: Sequence[str], folder) -> list:
     """One 8-bit greyscale PNG per photo, `NAME.png`, white (255) = repaint, black (0) = keep."""
-    from pathlib import Path
-
     from PIL import Image
 
     folder = Path(folder)
@@ -135,8 +180,6 @@ def load_masks(folder, names: Sequence[str], size: int) -> torch.Tensor:
     A mask must exist for every photo, be exactly size x size (masks are data: they are not resized
     behind the user's back) and contain both values; any problem is one line naming the file.
     """
-    from pathlib import Path
-
     from PIL import Image
 
     from .errors import InputError

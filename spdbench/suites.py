@@ -104,6 +104,13 @@ SUITES: dict[str, Suite] = {
         description="inpainting on the offline tiny-inpaint target: 11 bundled photos at 128 px, the centre box "
                     "repainted from noise (strength 1), scored on the whole image and on the box, CPU minutes",
     ),
+    "smoke-inpaint-subject": Suite(
+        name="smoke-inpaint-subject", target="tiny-inpaint", image_size=128, eps=("8/255", "16/255"),
+        prompts=("P3", "P4"), edit=EditSettings(strength=1.0, steps=20, guidance=7.5, seed=9222), masks="subject",
+        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
+        description="smoke-inpaint in PhotoGuard's setting: each photo's subject kept (hand-drawn masks), its "
+                    "surroundings repainted from noise, CPU minutes",
+    ),
     "sd15-quick": Suite(
         name="sd15-quick", target=SD15_HUB_ID, image_size=512, eps=("16/255",),
         prompts=("P1", "P2", "P3", "P4"), edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222),

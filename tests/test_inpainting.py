@@ -149,6 +149,22 @@ def test_an_inpainting_run_records_masks_and_both_regions(inpaint_run):
         assert rec.protection_region["ssim"] != rec.protection["ssim"], "the region is scored apart"
 
 
+def test_a_run_with_the_subject_keeping_masks_records_and_verifies_them(tmp_path):
+    """PhotoGuard's setting: keep the subject, repaint the rest (the hand-drawn set, masks.py)."""
+    from spdbench.masks import mask_sha256
+
+    suite = dataclasses.replace(FAST, name="test-inpaint-subject", masks="subject")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(SUITES, suite.name, suite)
+        result = spdbench.run("uniform-noise", suite=suite.name, out=tmp_path / "run")
+        assert result.ok, [r.error for r in result.failed]
+        for rec in result.records:
+            want = mask_set("subject", rec.image_names, 64)
+            assert rec.masks["set"] == "subject" and rec.masks["sha256"] == [mask_sha256(m) for m in want]
+        report = verify(result.out, sample=1, attack_rerun=False, seed=0)
+        assert report.ok, report.problems
+
+
 def test_an_inpainting_run_verifies_and_a_forged_mask_is_refused(inpaint_run, tmp_path):
     result, _ = inpaint_run
     report = verify(result.out, sample=1, attack_rerun=True, seed=0)
@@ -187,7 +203,7 @@ def test_the_leaderboard_shows_inpainting_as_its_own_group(inpaint_run, tmp_path
 
     result, _ = inpaint_run
     md = build(result.records, tmp_path, formats=("md",))["md"].read_text()
-    assert "## Ranking: Inpainting" in md and "SSIM repainted region" in md and "kept-region PSNR" in md
+    assert "## Inpainting · test-inpaint" in md and "SSIM repainted region" in md and "kept-region PSNR" in md
 
 
 def test_masks_and_models_must_match(tmp_path, photos):

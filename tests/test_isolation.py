@@ -176,3 +176,23 @@ def test_records_carry_worker_start_and_model_calls_apart(tmp_path, target):
     rec = res.records[0]
     assert rec.isolation == "process" and rec.timing.worker_start_s > 0
     assert rec.model_calls["vae_encoder_fwd"] >= 3 and rec.model_calls["unet_fwd"] == 0
+
+
+def test_the_worker_warms_the_model_up_once_before_its_first_timed_attack(monkeypatch):
+    """Timings are taken after a warm-up: the first request of a worker process passes one image
+    through every network untimed; later requests do not repeat it."""
+    import torch
+
+    from spdbench import worker
+
+    calls = []
+
+    class Target:
+        def warmup(self, images):
+            calls.append(tuple(images.shape))
+
+    monkeypatch.setattr(worker, "_warmed_up", False)
+    jobs = {"train": {"images": torch.zeros(3, 3, 16, 16), "seed": 0}}
+    worker._warm_up(Target(), jobs)
+    worker._warm_up(Target(), jobs)
+    assert calls == [(1, 3, 16, 16)]

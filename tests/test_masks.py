@@ -52,3 +52,30 @@ def test_bad_mask_folders_are_one_line_errors(tmp_path):
         load_masks(tmp_path, NAMES, 64)
     with pytest.raises(InputError, match="not a folder"):
         load_masks(tmp_path / "nope", NAMES, 64)
+
+
+def test_subject_masks_are_the_hand_drawn_shapes_and_cover_every_bundled_photo(tmp_path):
+    """The shipped PNGs are exactly what shapes.json draws (their provenance), one per bundled
+    photo, each keeping a subject and repainting its surroundings."""
+    import json
+    import shutil
+
+    from spdbench.data import BUNDLED_NAMES
+    from spdbench.masks import SUBJECT_DIR, draw_subject_pngs
+
+    shutil.copy(SUBJECT_DIR / "shapes.json", tmp_path / "shapes.json")
+    draw_subject_pngs(tmp_path)
+    size = json.loads((SUBJECT_DIR / "shapes.json").read_text())["size"]
+    assert torch.equal(load_masks(tmp_path, BUNDLED_NAMES, size), load_masks(SUBJECT_DIR, BUNDLED_NAMES, size))
+    m = mask_set("subject", BUNDLED_NAMES, 128)
+    assert m.shape == (len(BUNDLED_NAMES), 1, 128, 128) and set(m.unique().tolist()) == {0.0, 1.0}
+    frac = m.flatten(1).mean(1)
+    assert bool((frac > 0.1).all()) and bool((frac < 0.95).all()), frac.tolist()
+    # the subject is kept: a portrait's face (centre top) is 0, the corners of most photos are 1
+    hopper = BUNDLED_NAMES.index("grace_hopper")
+    assert m[hopper, 0, 40, 64] == 0 and m[hopper, 0, 5, 5] == 1
+
+
+def test_subject_masks_exist_for_bundled_photos_only():
+    with pytest.raises(ValueError, match=r"bundled photos only; no mask for \['my-photo'\].*--masks DIR"):
+        mask_set("subject", ["astronaut", "my-photo"], 64)

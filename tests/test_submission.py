@@ -198,9 +198,12 @@ def test_names_are_escaped_in_markdown_and_html(run_dir, tmp_path):
     md, page = written["md"].read_text(), written["html"].read_text()
     assert not any(line.startswith("## forged") for line in md.splitlines())
     assert "<script>" not in md and "<script>" not in page and "&lt;script&gt;" in page
-    ranking_rows = [ln for ln in md.split("## Ranking")[1].split("##")[0].splitlines() if ln.startswith("| ")]
-    cols = {len(ln.replace("\\|", "").split("|")) for ln in ranking_rows}
-    assert len(cols) == 1 and len(ranking_rows) == 1 + 4  # header + 2 methods x 2 eps, no forged row
+    tables = [blk for blk in md.split("### ")[1:] if blk.startswith("Protection")]
+    assert len(tables) == 2, "one protection table per eps"
+    for blk in tables:
+        rows = [ln for ln in blk.split("\n## ")[0].splitlines() if ln.startswith("| ")]
+        cols = {len(ln.replace("\\|", "").split("|")) for ln in rows}
+        assert len(cols) == 1 and len(rows) == 1 + 2  # header + 2 methods, no forged row
 
 
 def test_unknown_format_is_an_error(run_dir, tmp_path):

@@ -1,0 +1,83 @@
+"""The leaderboard page answers the questions: one section per suite and budget, best values
+marked, Table 1 per eps, seconds per image as a median with its range (issue 22)."""
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from spdbench import leaderboard
+from spdbench.leaderboard import build, load_checked, ranking
+from spdbench.leaderboard_page import UNMARKED, sections
+
+ENTRIES = Path(__file__).parent.parent / "leaderboard" / "entries"
+PICK = ["smoke-none", "smoke-uniform-noise", "smoke-pca-plus", "smoke-photoguard-encoder", "smoke-spd-encoder"]
+
+
+@pytest.fixture(scope="module")
+def records():
+    recs, skipped = load_checked([ENTRIES / n for n in PICK])
+    assert not skipped, skipped
+    return recs
+
+
+def test_one_section_per_suite_and_budget_and_no_mixed_eps(records):
+    rank = ranking(records)
+    secs = sections(rank)
+    assert len(secs) == rank.groupby(["task", "suite", "norm", "eps"]).ngroups >= 2
+    assert len({s.title for s in secs}) == len(secs)
+    for s in secs:
+        label = s.title.rsplit("eps ", 1)[1]
+        methods = [row[1].text for row in s.tables[0].rows]
+        expected = rank[rank["eps_label"] == label]["method"].tolist()
+        assert sorted(methods) == sorted(expected) and len(set(methods)) == len(methods)
+        ranks = [int(row[0].text) for row in s.tables[0].rows]
+        assert ranks == sorted(ranks), "rows in rank order"
+        assert all(len(t.head) <= 12 for t in s.tables), "narrow enough for 1400 px"
+
+
+def test_the_best_value_per_column_is_marked_and_none_never(records):
+    for s in sections(ranking(records)):
+        prot = s.tables[0]
+        col = prot.head.index("SSIM ↓")
+        contenders = [(float(r[col].text), r) for r in prot.rows if r[1].text not in UNMARKED]
+        best = min(v for v, _ in contenders)
+        marked = [r[1].text for r in prot.rows if r[col].best]
+        assert marked and all(float(r[col].text) == best for r in prot.rows if r[col].best)
+        assert not any(c.best for r in prot.rows if r[1].text in UNMARKED for c in r)
+        imp = prot.head.index("imperceptibility PSNR ↑")
+        top = max(float(r[imp].text) for r in prot.rows if r[1].text not in UNMARKED)
+        assert all(float(r[imp].text) == top for r in prot.rows if r[imp].best), "↑ columns: the highest"
+
+
+def test_markdown_and_html_mark_the_best_and_average_nothing_over_eps(records, tmp_path):
+    written = build(records, tmp_path / "lb")
+    md, page = written["md"].read_text(), written["html"].read_text()
+    assert "mean over eps" not in md and "mean over eps" not in page
+    assert re.search(r"\| \*\*0\.\d{4}\*\* \\\[", md), "a bold best value with its interval"
+    assert 'class="best' in page and "## img2img · smoke · linf eps 8/255" in md
+    assert "Table 1 layout" not in md, "Table 1 is drawn for the seed's suite only"
+
+
+def test_table1_is_one_table_per_eps(records, tmp_path, monkeypatch):
+    monkeypatch.setattr(leaderboard, "TABLE1_SUITES", ("smoke",))
+    md = build(records, tmp_path / "lb", formats=("md",))["md"].read_text()
+    titles = re.findall(r"^## (Table 1 layout · .*)$", md, flags=re.M)
+    assert titles == ["Table 1 layout · smoke · eps 8/255", "Table 1 layout · smoke · eps 16/255"]
+    t1 = leaderboard.table1(leaderboard.records_frame(records))
+    assert set(t1.index.get_level_values("eps_label")) == {"8/255", "16/255"}
+    one = t1.xs(("smoke", "8/255", "P3", "test"), level=["suite", "eps_label", "prompt", "split"])
+    rec = next(r for r in records if r.attack == "uniform-noise" and r.eps_label == "8/255" and r.prompt_key == "P3"
+               and r.split.value == "test")
+    assert one[("SSIM", "uniform-noise")].iloc[0] == pytest.approx(statistics.fmean(rec.protection["ssim"]))
+
+
+def test_seconds_per_image_is_the_median_over_cells_with_its_range(records):
+    rank = ranking(records)
+    row = rank[(rank["method"] == "photoguard-encoder") & (rank["eps_label"] == "16/255")].iloc[0]
+    secs = [r.timing.per_image_s for r in records if r.attack == "photoguard-encoder" and r.eps_label == "16/255"]
+    assert len(secs) == 4
+    assert row["seconds_per_image"] == pytest.approx(statistics.median(secs))
+    assert (row["seconds_per_image_lo"], row["seconds_per_image_hi"]) == (min(secs), max(secs))
