@@ -389,6 +389,7 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
     if not df.empty:
         df = df[df["task"] == "img2img"]  # the seed's Table 1 and figures are img2img
     rank, t1 = ranking(records), table1(df)
+    pending = read_pending(out_dir)
     written: dict[str, Path] = {}
     failed = [r.cell_id for r in records if r.status != Status.ok]
     if "csv" in formats:
@@ -399,14 +400,35 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
     tradeoffs = plot_tradeoffs(rank, out_dir / "tradeoffs.png") if "html" in formats or "md" in formats else None
     if "md" in formats:
         written["md"] = out_dir / "README.md"
-        written["md"].write_text(_markdown(title, rank, t1, plot, failed, skipped, tradeoffs))
+        written["md"].write_text(_markdown(title, rank, t1, plot, failed, skipped, tradeoffs, pending))
     if "html" in formats:
         written["html"] = out_dir / "index.html"
         from .gallery import galleries
 
         shown = galleries(list(by_folder), by_folder, out_dir) if by_folder else []
-        written["html"].write_text(_html(title, rank, t1, plot, failed, skipped, shown, tradeoffs))
+        written["html"].write_text(_html(title, rank, t1, plot, failed, skipped, shown, tradeoffs, pending))
     return written
+
+
+#: leaderboard/pending.json: entries taken off the board until they are re-measured (a new target)
+PENDING = "pending.json"
+
+
+def read_pending(folder: Union[str, Path]) -> list[dict]:
+    """The entries a maintainer took off to be re-measured: [{name, attack, suite, reason}, ...].
+    Listed on the page by name, never ranked: their old numbers were measured on another model."""
+    import json
+
+    path = Path(folder) / PENDING
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text())["entries"]
+        return [dict(name=str(e["name"]), attack=str(e["attack"]), suite=str(e["suite"]),
+                     reason=str(e.get("reason", ""))) for e in entries]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a pending list ({type(exc).__name__}: {exc}); expected "
+                         '{"entries": [{"name", "attack", "suite", "reason"}, ...]}') from None
 
 
 INTRO = ("Protection = similarity between the edit of the clean photo and the edit of the protected photo "
@@ -433,8 +455,17 @@ def _notes_md(failed: Sequence[str], skipped: Sequence[tuple[str, str]]) -> str:
     return out
 
 
+def _pending_md(pending: Sequence[dict]) -> str:
+    if not pending:
+        return ""
+    return ("\n\n## Awaiting re-measurement\n\nTaken off the board until re-run on the suite's current "
+            "target (their old numbers were measured on another model): "
+            + ", ".join(f"{md_escape(p['name'])} ({md_escape(p['reason'])})" if p["reason"] else md_escape(p["name"])
+                        for p in pending) + ".")
+
+
 def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
-              tradeoffs: Optional[Path] = None) -> str:
+              tradeoffs: Optional[Path] = None, pending: Sequence[dict] = ()) -> str:
     from .leaderboard_page import sections, sections_markdown, table1_sections
 
     tr = transfer_table(rank)
@@ -447,7 +478,7 @@ def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[P
     return (f"# {md_escape(title)}\n\n{INTRO}\n\n{BEST_NOTE}\n\n" + body.rstrip() + transfer + t1_md +
             (f"\n\n![metrics vs eps]({plot.name})" if plot else "")
             + (f"\n\n![protection vs imperceptibility, cost and purification]({tradeoffs.name})" if tradeoffs else "")
-            + _notes_md(failed, skipped) + "\n")
+            + _pending_md(pending) + _notes_md(failed, skipped) + "\n")
 
 
 BEST_NOTE = ("One section per suite and budget (nothing is averaged over eps). **Bold** (on the page: green): the "
@@ -489,6 +520,9 @@ style="margin-left:-{{ p.left }}px" alt=""></div>{% endif %}{% endmacro %}
 <tr><th>photo</th><td>{{ panel(g.photo) }}</td>{% for c in g.columns %}<td>{{ panel(c.protected) }}</td>{% endfor %}</tr>
 <tr><th>edit</th><td>{{ panel(g.clean_edit) }}</td>{% for c in g.columns %}<td>{{ panel(c.edit) }}</td>{% endfor %}</tr>
 </table>{% endfor %}{% endif %}
+{% if pending %}<h2>Awaiting re-measurement</h2><p>Taken off the board until re-run on the suite's current target
+(their old numbers were measured on another model):</p><ul>{% for p in pending %}<li>{{ p.name }} ({{ p.attack }} on
+{{ p.suite }}){% if p.reason %}: {{ p.reason }}{% endif %}</li>{% endfor %}</ul>{% endif %}
 {% if failed %}<p>{{ failed|length }} failed cell(s): {{ failed|join(", ") }}</p>{% endif %}
 {% if skipped %}<h2>Left out (failed their checks)</h2><ul>
 {% for name, reason in skipped %}<li>{{ name }}: {{ reason }}</li>{% endfor %}</ul>{% endif %}
@@ -501,7 +535,7 @@ def _missing(v) -> bool:
 
 
 def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
-          gallery: Sequence[dict] = (), tradeoffs: Optional[Path] = None) -> str:
+          gallery: Sequence[dict] = (), tradeoffs: Optional[Path] = None, pending: Sequence[dict] = ()) -> str:
     """The page from a Jinja2 template with autoescaping on: every name is text, never markup."""
     import jinja2
 
@@ -522,7 +556,7 @@ def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path]
         title=title, intro=INTRO, best_note=BEST_NOTE.replace("**Bold** (on the page: green)", "Green"),
         sections=sections(rank), transfer=transfer, t1=t1_parts,
         plot=plot.name if plot else None, tradeoffs=tradeoffs.name if tradeoffs else None, failed=list(failed),
-        skipped=list(skipped), gallery=list(gallery), shown=SHOWN_PX)
+        skipped=list(skipped), gallery=list(gallery), shown=SHOWN_PX, pending=list(pending))
 
 
 def load_checked(dirs: Sequence[Union[str, Path]]) -> tuple[list[Record], list[tuple[str, str]]]:

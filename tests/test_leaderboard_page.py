@@ -81,3 +81,21 @@ def test_seconds_per_image_is_the_median_over_cells_with_its_range(records):
     assert len(secs) == 4
     assert row["seconds_per_image"] == pytest.approx(statistics.median(secs))
     assert (row["seconds_per_image_lo"], row["seconds_per_image_hi"]) == (min(secs), max(secs))
+
+
+def test_entries_awaiting_re_measurement_are_listed_not_ranked(records, tmp_path):
+    import json
+
+    lb = tmp_path / "lb"
+    lb.mkdir()
+    (lb / "pending.json").write_text(json.dumps({"entries": [
+        {"name": "smoke-old <b>", "attack": "advdm", "suite": "smoke", "reason": "measured on tiny-v2"}]}))
+    written = build(records, lb)
+    md, page = written["md"].read_text(), written["html"].read_text()
+    assert "## Awaiting re-measurement" in md and "smoke-old" in md.split("## Awaiting re-measurement")[1]
+    assert "smoke-old &lt;b&gt; (advdm on\nsmoke): measured on tiny-v2" in page
+    (lb / "pending.json").write_text("[1, 2]")
+    from spdbench.errors import InputError
+
+    with pytest.raises(InputError, match="pending.json: not a pending list"):
+        build(records, lb)
