@@ -107,7 +107,8 @@ def cmd_run(args) -> int:
     common = dict(norm=args.norm, prompts=prompts, target=args.target, data=args.data, manifest=args.manifest,
                   device=args.device, dtype=args.dtype, resume=args.resume, purifiers=purifiers,
                   compile_backend=args.compile_backend, isolation=args.isolation,
-                  attack_timeout_s=args.attack_timeout, masks=args.masks, cache_dir=args.cache_dir)
+                  attack_timeout_s=args.attack_timeout, masks=args.masks, cache_dir=args.cache_dir,
+                  protections_from=args.protections_from)
     attacks = args.attack.split(",")
     if args.backend != "serial" or len(attacks) > 1:
         from .backends import run_grid
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "none: in this process, for debugging only (recorded; verify and submit refuse it)")
     s.add_argument("--attack-timeout", type=float, default=None, metavar="SECONDS",
                    help="wall-clock limit per cell group's attack (default: the suite's attack_timeout_s)")
+    s.add_argument("--protections-from", metavar="RUN", default=None,
+                   help="reuse the protections an earlier run folder made with the same attack, settings, model, "
+                        "seeds and photos instead of re-running the attack (e.g. smoke-transfer after smoke)")
     s.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="clean-edit cache folder (default: one per model under $SPDBENCH_CACHE_DIR, else "
                         "~/.cache/spdbench, shared by every run folder)")

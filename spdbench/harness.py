@@ -37,7 +37,7 @@ from .purifiers import get_purifier
 from .region_metrics import score_region
 from .runfolder import DiskError, RunLock, prepare_out
 from .data import check_size_multiple
-from .results import (Record, Split, Status, TargetInfo, Timing, Validation, cell_id,
+from .results import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes, cell_id,
                       finished_cells, load_records, remove_stale_temp, write_jsonl, write_record)
 from .suites import Suite, get_suite
 from .targets import Target, load_target
@@ -236,12 +236,16 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: Optional[bool] = None,
         purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None,
         isolation: str = "process", attack_timeout_s: Optional[float] = None,
-        lock_scope: Optional[str] = None, masks: Union[str, Path, None] = None) -> RunResult:
+        lock_scope: Optional[str] = None, masks: Union[str, Path, None] = None,
+        protections_from: Union[str, Path, None] = None) -> RunResult:
     """Run one attack over its budgets and the suite's prompts; write and return the records.
 
     The attack runs in its own worker process (`isolation="process"`); `isolation="none"` runs it
     here for debugging and marks every record so. Finished cells in `out` are reused (resume); a
     failing cell group is recorded with its error and the run goes on with the others.
+    `protections_from`: a run folder whose protections this attack made under the same attack
+    settings (model, parameters, budget, seeds, photos) are reused instead of re-running the attack,
+    e.g. to edit a white-box run's protected photos with a transfer suite's other model.
     `progress=None` shows a progress bar when stderr is a terminal. Clean edits are cached in `cache_dir`, by default one folder per model under the user's cache
     folder ($SPDBENCH_CACHE_DIR, else $XDG_CACHE_HOME/spdbench or ~/.cache/spdbench), shared by
     every run folder. On an inpainting suite every photo is edited with its mask (the suite's set, or `masks`: a
@@ -252,6 +256,11 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     if progress is None:  # a person at a terminal sees progress; a log file or CI does not
         progress = interactive()
     suite = get_suite(suite)
+    if protections_from is not None:
+        protections_from = Path(protections_from)
+        if not (protections_from / "records").is_dir():
+            raise InputError(f"protections_from {str(protections_from)!r}: not a run folder (expected a folder "
+                             "with records/ and perturbations/, made by an earlier run)")
     if attack_timeout_s is not None:
         if not (isinstance(attack_timeout_s, (int, float)) and attack_timeout_s > 0):
             raise InputError(f"attack_timeout_s must be a number of seconds > 0, got {attack_timeout_s!r}")
@@ -279,7 +288,8 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     # attack folder (backends.py) each lock their own scope
     with RunLock(out, scope=lock_scope):
         return _run_locked(suite, the_plan, prompt_keys, purifier_list, target, images, names, out, cache_dir,
-                           resume, progress, compile_backend, isolation, edit_target, mask_tensor, mask_set_name)
+                           resume, progress, compile_backend, isolation, edit_target, mask_tensor, mask_set_name,
+                           protections_from)
 
 
 def interactive() -> bool:
@@ -321,7 +331,7 @@ def suite_masks(suite: Suite, masks: Union[str, Path, None], names: Sequence[str
 def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, target: Target, images, names,
                 out: Path, cache_dir, resume: bool, progress: bool, compile_backend, isolation: str,
                 edit_target: Optional[Target] = None, masks: Optional[torch.Tensor] = None,
-                mask_set_name: Optional[str] = None) -> RunResult:
+                mask_set_name: Optional[str] = None, protections_from: Optional[Path] = None) -> RunResult:
     attack = the_plan.attack
     editing = edit_target or target  # edits and purifies
     check_size_multiple(images, target.latent_factor, "images")
@@ -401,7 +411,7 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
         ctx = _Run(result=result, runner=runner, attack=attack, target=target, suite=suite, out=out, images=images,
                    names=names, shas=shas, seeds=seeds, splits=splits, editor=editor, purifiers=purifier_list,
                    prompt_keys=prompt_keys, done=done, common=common, compile_s=compile_s, bar=bar,
-                   masks=masks, mask_shas=mask_shas, mask_set=mask_set_name)
+                   masks=masks, mask_shas=mask_shas, mask_set=mask_set_name, protections_from=protections_from)
         for budget, ids in zip(the_plan.budgets, all_ids):
             bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
             if all(i in done for i in ids.values()):
@@ -445,6 +455,7 @@ class _Run:
     masks: Optional[torch.Tensor] = None     # inpainting: (N, 1, H, W), 1 = repaint
     mask_shas: Optional[list] = None
     mask_set: Optional[str] = None
+    protections_from: Optional[Path] = None  # a run folder whose matching protections are reused
 
 
 def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
@@ -452,7 +463,8 @@ def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
     base = dict(ctx.common, norm=budget.norm, eps=budget.eps, eps_label=format_eps(budget.eps))
     try:
         protections, flags, pfile, psha = _stored_or_new(ctx.runner, ctx.attack, ctx.target, ctx.images, ctx.splits,
-                                                         budget, ctx.suite, ctx.out, base, ctx.masks, ctx.mask_shas)
+                                                         budget, ctx.suite, ctx.out, base, ctx.masks, ctx.mask_shas,
+                                                         ctx.protections_from, ctx.shas)
     except DiskError:
         raise  # a full or read-only disk ends the run with one line; nothing to record
     except SpdbenchError as exc:
@@ -554,10 +566,50 @@ _META_KEYS = ("wall_s", "device_s", "peak_memory_bytes", "max_norm_returned", "o
               "max_norm_applied", "fit_wall_s", "loss_curve", "oom_events", "model_calls", "zero_delta", "network")
 
 
+def reusable_protection(source: Path, attack: Attack, params: dict, budget: Budget, target_fingerprint: str,
+                        suite: Suite, shas: Sequence[str], splits: dict,
+                        mask_shas: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """The perturbation file of run folder `source` that this attack would make here, or None.
+
+    Matched through the source's records (which name their file): same attack and parameters,
+    budget, attack model, attack and split seeds, batch size, photos per split (and masks, for an
+    attack that reads them). Why: a transfer suite edits with another model the very protection the
+    white-box suite made; re-running a seeded attack to get the same bytes is waste. The file is
+    read as data and shape-checked like any stored perturbation, and `verify` re-runs the attack."""
+    if attack.amortized:  # its records also name a network file: fit it here instead
+        return None
+    try:
+        recs = load_records(source)
+    except SpdbenchError:
+        return None
+    by_file: dict[str, dict[str, list]] = {}
+    for r in recs:
+        if r.status != Status.ok or not r.perturbation_file:
+            continue
+        if (r.attack, r.norm, r.target.fingerprint, r.attack_seed, r.split_seed) != (
+                attack.name, budget.norm, target_fingerprint, suite.attack_seed, suite.split_seed) \
+                or not math.isclose(r.eps, budget.eps, rel_tol=1e-9) \
+                or json.dumps(r.attack_params, sort_keys=True) != json.dumps(params, sort_keys=True) \
+                or r.suite_config.get("attack_batch_size") != suite.attack_batch_size:
+            continue
+        if attack.uses_masks and (not r.masks or r.masks.get("sha256") != [
+                mask_shas[shas.index(h)] for h in r.image_sha256 if h in shas]):
+            continue
+        by_file.setdefault(r.perturbation_file, {})[r.split.value] = list(r.image_sha256)
+    for rel, covered in by_file.items():
+        if all(covered.get(sp.value) == [shas[i] for i in idx] for sp, idx in splits.items()):
+            path = (source / rel).resolve()
+            if path.is_file() and path.is_relative_to(source.resolve()):
+                return path
+    return None
+
+
 def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images: torch.Tensor, splits: dict,
                    budget: Budget, suite: Suite, out: Path, base: dict, masks: Optional[torch.Tensor] = None,
-                   mask_shas: Optional[list] = None) -> tuple[dict, list[str], str, str]:
-    """Protect every split once per budget; reuse a stored protection when resuming."""
+                   mask_shas: Optional[list] = None, protections_from: Optional[Path] = None,
+                   shas: Optional[Sequence[str]] = None) -> tuple[dict, list[str], str, str]:
+    """Protect every split once per budget; reuse a stored protection when resuming, or one made by
+    the same attack in `protections_from` (reusable_protection)."""
     what = (attack.name, sorted(base["attack_params"].items()), suite.name, budget.label,
             base["target"].fingerprint, target.device.type, image_sha256(images))
     if attack.uses_masks and mask_shas:  # a mask-reading attack's delta depends on the masks
@@ -565,6 +617,12 @@ def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images:
     key = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
     rel = f"perturbations/{attack.name}__{budget.norm}-{format_eps(budget.eps).replace('/', 'o')}__{key}.safetensors"
     path = out / rel
+    if not path.is_file() and protections_from is not None and shas is not None:
+        src = reusable_protection(protections_from, attack, base["attack_params"], budget,
+                                  base["target"].fingerprint, suite, shas, splits, mask_shas)
+        if src is not None:
+            atomic_write_bytes(path, src.read_bytes())
+            print(f"protection at {budget.label} reused from {protections_from}", file=sys.stderr, flush=True)
     if path.is_file():
         delta255, meta = perturbation_file.load_delta(path, shape=tuple(images.shape))
         if meta.get("format") == perturbation_file.FORMAT:

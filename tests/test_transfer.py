@@ -84,3 +84,34 @@ def test_the_leaderboard_puts_white_and_black_box_side_by_side(runs):
     assert row["black_box"].startswith(f"{by_suite.loc['test-transfer', 'ssim']:.4f}")
     assert "tiny-random-1" in transfer_markdown(t)
     assert transfer_table(ranking(white.records)).empty
+
+
+def test_a_transfer_run_reuses_the_white_box_runs_protections(runs, tmp_path, monkeypatch):
+    """--protections-from: the transfer suite edits the very protection the white-box run made,
+    without running the attack again; another attack setting is not reused."""
+    from spdbench import harness
+
+    white, black, mp = runs
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("the attack ran although a matching protection was there")
+
+    monkeypatch.setattr(harness, "_protect_group", no_attack)
+    reused = spdbench.run("photoguard-encoder", suite="test-transfer", out=tmp_path / "reused",
+                          protections_from=white.out)
+    assert reused.ok
+    by_id = {r.cell_id: r for r in black.records}
+    for r in reused.records:
+        assert r.perturbation_sha256 == by_id[r.cell_id].perturbation_sha256
+        assert r.protection == by_id[r.cell_id].protection, "the same edits as the transfer run that attacked"
+    assert verify(reused.out, sample=1, attack_rerun=False, seed=0).ok
+    with pytest.raises(AssertionError, match="the attack ran"):
+        spdbench.run("photoguard-encoder", suite="test-transfer", out=tmp_path / "other", protections_from=white.out,
+                     attack_params={"steps": 2})
+
+
+def test_protections_from_must_be_a_run_folder(tmp_path):
+    from spdbench.errors import InputError
+
+    with pytest.raises(InputError, match="not a run folder"):
+        spdbench.run("photoguard-encoder", suite="smoke", out=tmp_path / "r", protections_from=tmp_path / "nope")
