@@ -224,8 +224,9 @@ def _resume_case(finished: Path, tmp_path: Path) -> tuple[Path, dict]:
 
 
 def _run_more(out: Path, **kw):
+    # the clean-edit cache inside the run folder: these tests inject faults into the folder's writes
     args = dict(suite=fast_suite(), out=out, target="tiny-random", images=fast_images(4), isolation="none",
-                prompts=["P3", "P4"])
+                prompts=["P3", "P4"], cache_dir=out / "cache")
     args.update(kw)
     return spdbench.run("uniform-noise", **args)
 
