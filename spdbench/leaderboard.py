@@ -232,13 +232,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def ci_text(row, col: str) -> str:
+    """`[low, high]` of column `col`'s 95% interval, or "" where the row has none."""
+    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
+    if lo is None or pd.isna(lo) or hi is None or pd.isna(hi):
+        return ""
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def _with_ci(row, col: str) -> str:
     if col not in row or pd.isna(row[col]):
         return "–"
-    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
-    if lo is None or pd.isna(lo):
-        return _fmt(row[col])
-    return f"{_fmt(row[col])} [{_fmt(lo)}, {_fmt(hi)}]"
+    ci = ci_text(row, col)
+    return f"{_fmt(row[col])} {ci}" if ci else _fmt(row[col])
 
 
 def transfer_table(rank: pd.DataFrame) -> pd.DataFrame:

@@ -60,13 +60,6 @@ def _value(row, col: str) -> Optional[float]:
     return float(v) if _isnum(v) else None
 
 
-def _ci(row, col: str) -> str:
-    from .leaderboard import _fmt
-
-    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
-    return f"[{_fmt(lo)}, {_fmt(hi)}]" if _isnum(lo) and _isnum(hi) else ""
-
-
 def _mark_best(rows: list[list[Cell]], values: list[list[Optional[float]]], directions: list[Optional[str]],
                methods: list[str]) -> None:
     """Mark, per column with a direction ('min' or 'max'), every row holding the best value (ties
@@ -96,7 +89,7 @@ def _seconds(row) -> Cell:
 
 def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
     """The three tables of one budget's rows (already sorted by rank)."""
-    from .leaderboard import LABELS, PROTECTION, _fmt, _missing
+    from .leaderboard import LABELS, PROTECTION, _fmt, _missing, ci_text
 
     methods = [str(m) for m in part["method"]]
     region = "region_ssim" in part.columns and part["region_ssim"].notna().any()
@@ -120,7 +113,7 @@ def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
         cells = [Cell(_fmt(row.get("rank"))), Cell(str(row["method"]), name=True)]
         vals: list[Optional[float]] = [None, None]
         for col, _, _ in cols:
-            cells.append(Cell(_fmt(row.get(col)), _ci(row, col)))
+            cells.append(Cell(_fmt(row.get(col)), ci_text(row, col)))
             vals.append(_value(row, col))
             if col == "ssim":
                 cells.append(Cell(_fmt(row.get("vs_next"))))
