@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import pandas as pd
 
@@ -87,92 +87,94 @@ def _seconds(row) -> Cell:
     return Cell(_fmt(med), spread)
 
 
+@dataclass
+class Column:
+    """One column of a table: its label, how a row becomes its cell, the row's value for marking
+    the best, and which way is better ('min', 'max' or None = never marked).
+
+    Why a spec: head, cells, values and directions used to be four parallel lists kept in step by
+    hand; one Column per column cannot drift out of step."""
+    head: str
+    cell: Callable[[pd.Series], Cell]
+    value: Optional[Callable[[pd.Series], Optional[float]]] = None
+    better: Optional[str] = None
+
+
+def _build(title: str, columns: list[Column], part: pd.DataFrame, methods: list[str]) -> Table:
+    """A Table from a column spec, its best values marked."""
+    table = Table(title, [c.head for c in columns])
+    values = []
+    for _, row in part.iterrows():
+        table.rows.append([c.cell(row) for c in columns])
+        values.append([c.value(row) if c.value is not None else None for c in columns])
+    _mark_best(table.rows, values, [c.better if c.value is not None else None for c in columns], methods)
+    return table
+
+
+def _text(key: str, with_ci: bool = False) -> Callable[[pd.Series], Cell]:
+    from .leaderboard import _fmt, ci_text
+
+    if with_ci:
+        return lambda row: Cell(_fmt(row.get(key)), ci_text(row, key))
+    return lambda row: Cell(_fmt(row.get(key)))
+
+
+def _num(head: str, key: str, better: Optional[str], with_ci: bool = False) -> Column:
+    """A numeric column read from `key` (its interval under it when `with_ci`)."""
+    return Column(head, _text(key, with_ci), (lambda row: _value(row, key)) if better else None, better)
+
+
+def _name_column() -> Column:
+    return Column("method", lambda row: Cell(str(row["method"]), name=True))
+
+
 def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
     """The three tables of one budget's rows (already sorted by rank)."""
-    from .leaderboard import LABELS, PROTECTION, _fmt, _missing, ci_text
+    from .leaderboard import LABELS, PROTECTION, _fmt, _missing
 
     methods = [str(m) for m in part["method"]]
     region = "region_ssim" in part.columns and part["region_ssim"].notna().any()
     worst = "worst_ssim" in part.columns and part["worst_ssim"].notna().any()
 
     # protection
-    cols = [("ssim", "SSIM ↓", "min")]
-    head = ["rank", "method", "SSIM ↓", "stronger than the next (paired)"]
-    head += [f"{LABELS[m]} ↓" for m in PROTECTION if m != "ssim"]
-    cols += [(m, None, "min") for m in PROTECTION if m != "ssim"]
+    prot = [_num("rank", "rank", None), _name_column(), _num("SSIM ↓", "ssim", "min", with_ci=True),
+            _num("stronger than the next (paired)", "vs_next", None)]
+    prot += [_num(f"{LABELS[m]} ↓", m, "min", with_ci=True) for m in PROTECTION if m != "ssim"]
     if region:
-        head += ["SSIM repainted region ↓", "PSNR repainted region ↓"]
-        cols += [("region_ssim", None, "min"), ("region_psnr", None, "min")]
+        prot += [_num("SSIM repainted region ↓", "region_ssim", "min", with_ci=True),
+                 _num("PSNR repainted region ↓", "region_psnr", "min", with_ci=True)]
     if worst:
-        head += ["worst-case SSIM ↓", "worst-case rank"]
-        cols += [("worst_ssim", None, "min")]
-    head += ["imperceptibility PSNR ↑"] + (["kept-region PSNR ↑"] if region else []) + ["flags"]
-    prot = Table("Protection", head)
-    values = []
-    for _, row in part.iterrows():
-        cells = [Cell(_fmt(row.get("rank"))), Cell(str(row["method"]), name=True)]
-        vals: list[Optional[float]] = [None, None]
-        for col, _, _ in cols:
-            cells.append(Cell(_fmt(row.get(col)), ci_text(row, col)))
-            vals.append(_value(row, col))
-            if col == "ssim":
-                cells.append(Cell(_fmt(row.get("vs_next"))))
-                vals.append(None)
-            if col == "worst_ssim":
-                cells.append(Cell(_fmt(row.get("rank_worst"))))
-                vals.append(None)
-        cells.append(Cell(_fmt(row.get("imp_psnr"))))
-        vals.append(_value(row, "imp_psnr"))
-        if region:
-            cells.append(Cell(_fmt(row.get("kept_psnr"))))
-            vals.append(_value(row, "kept_psnr"))
-        cells.append(Cell(_fmt(row.get("flags"))))
-        vals.append(None)
-        prot.rows.append(cells)
-        values.append(vals)
-    dirs: list[Optional[str]] = [None, None]
-    for col, _, d in cols:
-        dirs.append(d)
-        if col in ("ssim", "worst_ssim"):
-            dirs.append(None)
-    dirs += ["max"] + (["max"] if region else []) + [None]
-    _mark_best(prot.rows, values, dirs, methods)
-    tables = [prot]
+        prot += [_num("worst-case SSIM ↓", "worst_ssim", "min", with_ci=True), _num("worst-case rank", "rank_worst", None)]
+    prot.append(_num("imperceptibility PSNR ↑", "imp_psnr", "max"))
+    if region:
+        prot.append(_num("kept-region PSNR ↑", "kept_psnr", "max"))
+    prot.append(_num("flags", "flags", None))
+    tables = [_build("Protection", prot, part, methods)]
 
     # after purification: SSIM per purifier, the worst case, and which purifier it was
     after = [c for c in part.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))
              and part[c].notna().any()]
     if after:
-        head = ["method", "none"] + [c[len("ssim_after_"):] for c in after] + (
-            ["worst case", "worst case by (images)"] if worst else [])
-        pur = Table("SSIM after purification ↓ (the editor cleans the photo first)", head)
-        values = []
-        for _, row in part.iterrows():
-            keys = ["ssim"] + after + (["worst_ssim"] if worst else [])
-            pur.rows.append([Cell(str(row["method"]), name=True)] + [Cell(_fmt(row.get(k))) for k in keys]
-                            + ([Cell(_fmt(row.get("worst_by")))] if worst else []))
-            values.append([None] + [_value(row, k) for k in keys] + ([None] if worst else []))
-        _mark_best(pur.rows, values, [None] + ["min"] * (1 + len(after) + (1 if worst else 0))
-                   + ([None] if worst else []), methods)
-        tables.append(pur)
+        pur = [_name_column(), _num("none", "ssim", "min")] + [_num(c[len("ssim_after_"):], c, "min") for c in after]
+        if worst:
+            pur += [_num("worst case", "worst_ssim", "min"), _num("worst case by (images)", "worst_by", None)]
+        tables.append(_build("SSIM after purification ↓ (the editor cleans the photo first)", pur, part, methods))
 
     # cost
-    head = ["method", "s / image (median; range over cells)", "device s / image", "fit s", "peak MB", "images",
-            "steps", "model passes / image (fwd/bwd)"]
-    cost = Table("Cost", head)
-    values = []
-    for _, row in part.iterrows():
-        on_cpu = row.get("device") == "cpu"  # no device clock or peak-memory counter there: say so
+    def dev(key: str) -> Callable[[pd.Series], Cell]:
+        # no device clock or peak-memory counter on a CPU: say so
+        return lambda row: Cell("n/a (CPU)" if row.get("device") == "cpu" and _missing(row.get(key))
+                                else _fmt(row.get(key)))
 
-        def dev(k):
-            return Cell("n/a (CPU)" if on_cpu and _missing(row.get(k)) else _fmt(row.get(k)))
-        cost.rows.append([Cell(str(row["method"]), name=True), _seconds(row), dev("device_seconds_per_image"),
-                          Cell(_fmt(row.get("fit_seconds"))), dev("peak_memory_mb"), Cell(_fmt(row.get("n_images"))),
-                          Cell(_fmt(row.get("steps"))), Cell(_fmt(row.get("model_calls")))])
-        values.append([None, _value(row, "seconds_per_image"), _value(row, "device_seconds_per_image"), None,
-                       _value(row, "peak_memory_mb"), None, None, None])
-    _mark_best(cost.rows, values, [None, "min", "min", None, "min", None, None, None], methods)
-    tables.append(cost)
+    cost = [_name_column(), Column("s / image (median; range over cells)", _seconds,
+                                   lambda row: _value(row, "seconds_per_image"), "min"),
+            Column("device s / image", dev("device_seconds_per_image"),
+                   lambda row: _value(row, "device_seconds_per_image"), "min"),
+            _num("fit s", "fit_seconds", None),
+            Column("peak MB", dev("peak_memory_mb"), lambda row: _value(row, "peak_memory_mb"), "min"),
+            _num("images", "n_images", None), _num("steps", "steps", None),
+            _num("model passes / image (fwd/bwd)", "model_calls", None)]
+    tables.append(_build("Cost", cost, part, methods))
     return tables
 
 

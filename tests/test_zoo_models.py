@@ -127,3 +127,24 @@ def test_tiny_is_v3_and_v2_stays_loadable():
     assert train_tiny.weight_hashes(V3_DIR) == _record(V3_DIR)["weights_sha256"]
     assert v2.name == "tiny-v2" and v2.fingerprint != tiny.fingerprint
     assert train_tiny.weight_hashes(V2_DIR) == _record(V2_DIR)["weights_sha256"]
+
+
+def test_inpaint_loss_weight_is_truncated_snr():
+    """tiny-inpaint's loss weight: max(1, min(1/SNR(t), cap)) -- the x0-space error where noise
+    dominates (where a strength-1 inpainting starts), the plain noise MSE where the photo does."""
+    from diffusers import DDPMScheduler
+
+    from spdbench.targets.tiny import SCHEDULER_CONFIG
+    from spdbench.zoo.train_inpaint import loss_weight
+
+    sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    ac = sched.alphas_cumprod
+    t = torch.tensor([0, 100, 500, 800, 999])
+    snr = ac[t] / (1 - ac[t])
+    w = loss_weight(ac, t, 50.0)
+    assert torch.equal(loss_weight(ac, t, 1.0), torch.ones(5))  # cap 1 = unweighted
+    assert w[0] == 1.0 and w[1] == 1.0  # photo dominates: SNR > 1
+    assert w[-1] == 50.0 and 1 / snr[-1] > 50  # capped where 1/SNR is ~200
+    mid = (1 / snr > 1) & (1 / snr < 50)
+    assert mid.any() and torch.allclose(w[mid], 1 / snr[mid])
+    assert bool((w[1:] >= w[:-1]).all())  # noisier never weighs less
