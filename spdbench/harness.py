@@ -411,7 +411,8 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
         ctx = _Run(result=result, runner=runner, attack=attack, target=target, suite=suite, out=out, images=images,
                    names=names, shas=shas, seeds=seeds, splits=splits, editor=editor, purifiers=purifier_list,
                    prompt_keys=prompt_keys, done=done, common=common, compile_s=compile_s, bar=bar,
-                   masks=masks, mask_shas=mask_shas, mask_set=mask_set_name, protections_from=protections_from)
+                   masks=masks, mask_shas=mask_shas, mask_set=mask_set_name, protections_from=protections_from,
+                   source_records=_source_records(protections_from))
         for budget, ids in zip(the_plan.budgets, all_ids):
             bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
             if all(i in done for i in ids.values()):
@@ -456,6 +457,7 @@ class _Run:
     mask_shas: Optional[list] = None
     mask_set: Optional[str] = None
     protections_from: Optional[Path] = None  # a run folder whose matching protections are reused
+    source_records: Optional[list] = None    # its records, read once for every budget
 
 
 def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
@@ -464,7 +466,7 @@ def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
     try:
         protections, flags, pfile, psha = _stored_or_new(ctx.runner, ctx.attack, ctx.target, ctx.images, ctx.splits,
                                                          budget, ctx.suite, ctx.out, base, ctx.masks, ctx.mask_shas,
-                                                         ctx.protections_from, ctx.shas)
+                                                         ctx.protections_from, ctx.shas, ctx.source_records)
     except DiskError:
         raise  # a full or read-only disk ends the run with one line; nothing to record
     except SpdbenchError as exc:
@@ -566,21 +568,33 @@ _META_KEYS = ("wall_s", "device_s", "peak_memory_bytes", "max_norm_returned", "o
               "max_norm_applied", "fit_wall_s", "loss_curve", "oom_events", "model_calls", "zero_delta", "network")
 
 
+def _source_records(source: Optional[Path]) -> Optional[list[Record]]:
+    """The records of a `protections_from` folder, read once per run (None: no folder, or unreadable
+    records -- then nothing is reused and the attack runs)."""
+    if source is None:
+        return None
+    try:
+        return load_records(source)
+    except SpdbenchError:
+        return None
+
+
 def reusable_protection(source: Path, attack: Attack, params: dict, budget: Budget, target_fingerprint: str,
                         suite: Suite, shas: Sequence[str], splits: dict,
-                        mask_shas: Optional[Sequence[str]] = None) -> Optional[Path]:
+                        mask_shas: Optional[Sequence[str]] = None,
+                        records: Optional[Sequence[Record]] = None) -> Optional[Path]:
     """The perturbation file of run folder `source` that this attack would make here, or None.
 
     Matched through the source's records (which name their file): same attack and parameters,
     budget, attack model, attack and split seeds, batch size, photos per split (and masks, for an
     attack that reads them). Why: a transfer suite edits with another model the very protection the
     white-box suite made; re-running a seeded attack to get the same bytes is waste. The file is
-    read as data and shape-checked like any stored perturbation, and `verify` re-runs the attack."""
+    read as data and shape-checked like any stored perturbation, and `verify` re-runs the attack.
+    `records`: the source's records if already read (a run reads them once for all its budgets)."""
     if attack.amortized:  # its records also name a network file: fit it here instead
         return None
-    try:
-        recs = load_records(source)
-    except SpdbenchError:
+    recs = _source_records(source) if records is None else records
+    if recs is None:
         return None
     by_file: dict[str, dict[str, list]] = {}
     for r in recs:
@@ -607,7 +621,8 @@ def reusable_protection(source: Path, attack: Attack, params: dict, budget: Budg
 def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images: torch.Tensor, splits: dict,
                    budget: Budget, suite: Suite, out: Path, base: dict, masks: Optional[torch.Tensor] = None,
                    mask_shas: Optional[list] = None, protections_from: Optional[Path] = None,
-                   shas: Optional[Sequence[str]] = None) -> tuple[dict, list[str], str, str]:
+                   shas: Optional[Sequence[str]] = None,
+                   source_records: Optional[list] = None) -> tuple[dict, list[str], str, str]:
     """Protect every split once per budget; reuse a stored protection when resuming, or one made by
     the same attack in `protections_from` (reusable_protection)."""
     what = (attack.name, sorted(base["attack_params"].items()), suite.name, budget.label,
@@ -619,7 +634,7 @@ def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images:
     path = out / rel
     if not path.is_file() and protections_from is not None and shas is not None:
         src = reusable_protection(protections_from, attack, base["attack_params"], budget,
-                                  base["target"].fingerprint, suite, shas, splits, mask_shas)
+                                  base["target"].fingerprint, suite, shas, splits, mask_shas, source_records)
         if src is not None:
             atomic_write_bytes(path, src.read_bytes())
             print(f"protection at {budget.label} reused from {protections_from}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -108,6 +109,24 @@ def test_a_transfer_run_reuses_the_white_box_runs_protections(runs, tmp_path, mo
     with pytest.raises(AssertionError, match="the attack ran"):
         spdbench.run("photoguard-encoder", suite="test-transfer", out=tmp_path / "other", protections_from=white.out,
                      attack_params={"steps": 2})
+
+
+def test_the_source_folder_is_read_once_for_every_budget(runs, tmp_path, monkeypatch):
+    """Two budgets, one of them not in the source (its attack runs): the source's records are read
+    once for the run, not once per budget."""
+    from spdbench import harness
+
+    white, _, _ = runs
+    reads = []
+    real_load = harness.load_records
+    monkeypatch.setattr(harness, "load_records",
+                        lambda folder, *a, **k: reads.append(Path(folder)) or real_load(folder, *a, **k))
+    res = spdbench.run("photoguard-encoder", suite="test-transfer", out=tmp_path / "two", eps=["16/255", "8/255"],
+                       protections_from=white.out)
+    assert res.ok and len({r.eps for r in res.records}) == 2
+    assert reads.count(Path(white.out)) == 1
+    by_eps = {r.eps_label: r.perturbation_sha256 for r in res.records}
+    assert by_eps["16/255"] == white.records[0].perturbation_sha256 != by_eps["8/255"]
 
 
 def test_protections_from_must_be_a_run_folder(tmp_path):
