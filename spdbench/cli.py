@@ -176,7 +176,8 @@ def cmd_compare(args) -> int:
         if skipped:
             raise InputError(f"{label} {folder!r} cannot be compared: {skipped[0][1]}")
         sides.append(records)
-    rows = compare.paired(sides[0], sides[1], metric=args.metric, split=args.split, seed=args.seed)
+    rows = compare.paired(sides[0], sides[1], metric=args.metric, split=args.split, seed=args.seed,
+                          region=args.region)
     print(compare.markdown(Path(args.a).name, Path(args.b).name, rows))
     return EXIT_OK
 
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="ssim", choices=["ssim", "psnr", "vifp", "fsim"],
                    help="protection metric (default ssim)")
     s.add_argument("--split", default="test", choices=["train", "test"], help="split compared (default test)")
+    s.add_argument("--region", default="whole", choices=["whole", "repainted"],
+                   help="where the metric is measured: the whole edit (default) or, on an inpainting suite, "
+                        "only the repainted region")
     s.add_argument("--seed", type=_count, default=0, help="bootstrap seed (default 0)")
     s.set_defaults(fn=cmd_compare)
 

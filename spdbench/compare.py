@@ -25,7 +25,7 @@ class PairedDifference:
     """mean(a) - mean(b) over the same images, its interval, and which side it falls on."""
 
     eps_label: str
-    metric: str
+    metric: str  # "ssim", or "ssim (repainted region)" on an inpainting suite's region
     a: float
     b: float
     diff: Interval
@@ -35,7 +35,7 @@ class PairedDifference:
     def verdict(self) -> str:
         """'a stronger' / 'b stronger' when the interval excludes 0, else 'no difference shown'.
         Protection metrics are similarities: lower is stronger."""
-        lower_is_stronger = METRICS[self.metric].higher_is_better
+        lower_is_stronger = METRICS[self.metric.split(" ")[0]].higher_is_better
         if self.diff.high < 0:
             return "a stronger" if lower_is_stronger else "b stronger"
         if self.diff.low > 0:
@@ -43,21 +43,37 @@ class PairedDifference:
         return "no difference shown"
 
 
-def _per_image(records: Sequence[Record], metric: str) -> tuple[list[str], np.ndarray]:
+#: where a protection metric is measured: the whole edit, or only what an inpainting edit repainted
+REGIONS = ("whole", "repainted")
+
+
+def _values(r: Record, metric: str, region: str) -> list[float]:
+    if region == "whole":
+        return r.protection[metric]
+    if metric not in r.protection_region:
+        raise InputError(f"--region repainted: record {r.cell_id} has no repainted-region {metric} (only "
+                         f"inpainting suites have one, with {sorted(r.protection_region) or 'no metric'})")
+    return r.protection_region[metric]
+
+
+def _per_image(records: Sequence[Record], metric: str, region: str = "whole") -> tuple[list[str], np.ndarray]:
     """(image sha256s, per-image values averaged over prompts) of one method's cells at one eps."""
     shas = records[0].image_sha256
     if any(r.image_sha256 != shas for r in records):
         raise InputError("the records of one method and eps disagree on their images")
-    rows = [r.protection[metric] for r in sorted(records, key=lambda r: r.prompt_key)]
+    rows = [_values(r, metric, region) for r in sorted(records, key=lambda r: r.prompt_key)]
     return list(shas), np.mean(np.asarray(rows, dtype=np.float64), axis=0)
 
 
 def paired(a: Sequence[Record], b: Sequence[Record], metric: str = "ssim", split: str = "test",
-           seed: int = 0, level: float = 0.95) -> list[PairedDifference]:
-    """Per eps both methods report on `split`: the paired difference a - b of protection `metric`.
-    The two must cover the same images (by sha256) with the same prompts; anything else is an error."""
+           seed: int = 0, level: float = 0.95, region: str = "whole") -> list[PairedDifference]:
+    """Per eps both methods report on `split`: the paired difference a - b of protection `metric`
+    on `region` (REGIONS). The two must cover the same images (by sha256) with the same prompts;
+    anything else is an error."""
     if metric not in METRICS:
         raise InputError(f"metric {metric!r} is not one of {sorted(METRICS)}")
+    if region not in REGIONS:
+        raise InputError(f"region {region!r} is not one of {', '.join(REGIONS)}")
     pick = lambda recs: [r for r in recs if r.status == Status.ok and r.split.value == split]  # noqa: E731
     ra, rb = pick(a), pick(b)
     for name, recs in (("a", ra), ("b", rb)):
@@ -69,13 +85,14 @@ def paired(a: Sequence[Record], b: Sequence[Record], metric: str = "ssim", split
     for eps in sorted(set(ea) & set(eb), key=lambda e: ea[e][0].eps):
         if {r.prompt_key for r in ea[eps]} != {r.prompt_key for r in eb[eps]}:
             raise InputError(f"eps {eps}: the two methods were edited with different prompts")
-        sha_a, va = _per_image(ea[eps], metric)
-        sha_b, vb = _per_image(eb[eps], metric)
+        sha_a, va = _per_image(ea[eps], metric, region)
+        sha_b, vb = _per_image(eb[eps], metric, region)
         if sha_a != sha_b:
             raise InputError(f"eps {eps}: the two methods were scored on different {split} images; a paired "
                              "comparison needs the same photos (same suite and split)")
         ci = bootstrap_diff_ci(va, vb, seed=seed, level=level, paired=True)
-        out.append(PairedDifference(eps, metric, float(va.mean()), float(vb.mean()), ci, len(va)))
+        label = metric if region == "whole" else f"{metric} ({region} region)"
+        out.append(PairedDifference(eps, label, float(va.mean()), float(vb.mean()), ci, len(va)))
     if not out:
         raise InputError(f"the two methods share no budget on the {split} split")
     return out

@@ -65,3 +65,25 @@ def test_the_ranking_marks_rank_and_whether_a_row_beats_the_next(run_dir, none_d
     written, _ = build_from_dirs([run_dir, none_dir], tmp_path / "lb")
     assert (tmp_path / "lb" / "tradeoffs.png").is_file() and "tradeoffs.png" in written["html"].read_text()
     assert "| rank | method |" in written["md"].read_text()
+
+
+def test_the_repainted_region_is_compared_on_inpainting_entries_only(run_dir, capsys):  # noqa: F811
+    """--region repainted reads each record's repainted-region values (an inpainting suite's); on an
+    img2img run it is a one-line error naming the record, not a silent whole-image number."""
+    from pathlib import Path
+
+    entries = Path(spdbench.__file__).parent.parent / "leaderboard" / "entries"
+    a, b = load_records(entries / "smoke-inpaint-photoguard-encoder"), load_records(entries / "smoke-inpaint-uniform-noise")
+    rows = compare.paired(a, b, region="repainted")
+    whole = compare.paired(a, b)
+    for r, w in zip(rows, whole):
+        assert r.metric == "ssim (repainted region)" and w.metric == "ssim"
+        cells = [x for x in a if x.split.value == "test" and x.eps_label == r.eps_label]
+        assert r.a == pytest.approx(float(np.mean([x.protection_region["ssim"] for x in cells])))
+        assert r.a != pytest.approx(w.a), "the region is not the whole image"
+        assert r.verdict in ("a stronger", "b stronger", "no difference shown")
+    with pytest.raises(InputError, match="no repainted-region ssim"):
+        compare.paired(load_records(run_dir), load_records(run_dir), region="repainted")
+    assert main(["compare", str(entries / "smoke-inpaint-photoguard-encoder"),
+                 str(entries / "smoke-inpaint-uniform-noise"), "--region", "repainted"]) == 0
+    assert "ssim (repainted region)" in capsys.readouterr().out
