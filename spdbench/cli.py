@@ -103,7 +103,7 @@ def cmd_run(args) -> int:
     parse_device(args.device)  # before any folder is created or model built
     get_suite(args.suite)
     prompts = args.prompts.split(",") if args.prompts else None
-    purifiers = args.purifiers.split(",") if args.purifiers else None
+    purifiers = None if not args.purifiers else [] if args.purifiers == "none" else args.purifiers.split(",")
     common = dict(norm=args.norm, prompts=prompts, target=args.target, data=args.data, manifest=args.manifest,
                   device=args.device, dtype=args.dtype, resume=args.resume, purifiers=purifiers,
                   compile_backend=args.compile_backend, isolation=args.isolation,
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="model dtype (default float32); images and budgets stay float32")
     s.add_argument("--purifiers", help="score protection after these purifiers instead of the suite's, e.g. "
-                   "jpeg75,resize0.5,blur1,diffpure0.2 (`spdbench list` shows all)")
+                   "jpeg75,resize0.5,blur1,diffpure0.2 (`spdbench list` shows all), or none")
     s.add_argument("--backend", default="serial", choices=["serial", "ray"],
                    help="ray: one task per (attack, eps) with one GPU each; --out must be shared by all nodes")
     s.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local one)")

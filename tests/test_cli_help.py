@@ -120,3 +120,20 @@ def test_progress_defaults_to_on_at_a_terminal_only(monkeypatch):
     assert harness.interactive() is True
     monkeypatch.setattr(harness.sys, "stderr", io.StringIO())
     assert harness.interactive() is False
+
+
+def test_purifiers_none_scores_no_purifier(tmp_path, capsys):
+    """--purifiers none: a run that scores the unpurified edit only (a study that needs no purifier)."""
+    from spdbench.results import load_records
+
+    out = tmp_path / "r"
+    assert _run_uniform(out) == 0
+    with_jpeg = load_records(out)
+    assert all("jpeg75" in r.purified for r in with_jpeg)
+    out2 = tmp_path / "r2"
+    from spdbench.cli import main
+
+    assert main(["run", "--suite", "smoke", "--attack", "uniform-noise", "--target", "tiny-random", "--prompts", "P3",
+                 "--eps", "8/255", "--out", str(out2), "--quiet", "--purifiers", "none"]) == 0
+    recs = load_records(out2)
+    assert recs and all(r.purified == {} and r.suite_config["purifiers"] == [] for r in recs)
