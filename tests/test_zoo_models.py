@@ -102,19 +102,34 @@ def test_tiny_inpaint_refuses_a_parent_it_was_not_trained_on(monkeypatch):
 def test_tiny_inpaint_reproduces_its_record_and_reads_the_kept_region():
     """Box masks on the 16 bundled test crops, prompt "", strength 1, as recorded (same seeds).
 
-    What the tiny inpainter is and is not (measured, docs/zoo.md): its hole is *worse* than a
-    mean-colour fill (-5.1 dB), so it is no painter; but it is conditioned on the photo -- the kept
-    region comes out several dB closer to the truth than the hole, which starts from the same noise --
-    and that conditioning path is what an inpainting protection attacks.
+    What the tiny inpainter is (measured, docs/zoo.md): trained with truncated-SNR weighting, its
+    hole is about as close to the truth as a mean-colour fill (box -0.8 dB, strokes +0.7 dB, both
+    intervals straddling 0; the first, unweighted version was 5 dB *worse*), and it reads the photo:
+    the kept region comes back 5 dB closer to the truth than the hole, which starts from the same
+    noise. The guards below hold those figures with a margin.
     """
     from spdbench.zoo.evaluate_inpaint import figures
 
-    rec = _record(INPAINT_DIR)["heldout"]["bundled"]["box"]
+    heldout = _record(INPAINT_DIR)["heldout"]
+    rec = heldout["bundled"]["box"]
     got = figures(load_target("tiny-inpaint"), heldout_crops(), "bundled", kinds=("box",))["box"]
     assert got["hole_psnr"]["mean"] == pytest.approx(rec["hole_psnr"]["mean"], abs=0.1)
     assert got["kept_psnr"]["mean"] == pytest.approx(rec["kept_psnr"]["mean"], abs=0.1)
-    assert got["kept_psnr"]["mean"] > got["hole_psnr"]["mean"] + 3.0
+    assert got["kept_psnr"]["mean"] > got["hole_psnr"]["mean"] + 4.0
     assert got["kept_psnr"]["mean"] < got["kept_psnr_vae_reconstruction"]["mean"]
+    assert got["hole_minus_fill_db"]["mean"] > -1.5, "the hole fell back behind a mean-colour fill"
+
+
+def test_tiny_inpaints_about_as_well_as_a_mean_colour_fill_on_every_recorded_set():
+    """The record's held-out figures (bundled and package, box and strokes): the hole within 1.5 dB
+    of a flat mean-colour fill or better, and the kept region within 5 dB of the VAE's round trip."""
+    heldout = _record(INPAINT_DIR)["heldout"]
+    assert set(heldout) == {"bundled", "package"}
+    for name, figs in heldout.items():
+        for kind in ("box", "strokes"):
+            f = figs[kind]
+            assert f["hole_minus_fill_db"]["mean"] > -1.5, (name, kind, f["hole_minus_fill_db"])
+            assert f["kept_psnr"]["mean"] > f["kept_psnr_vae_reconstruction"]["mean"] - 5.0, (name, kind)
 
 
 def test_tiny_is_v3_and_v2_stays_loadable():
