@@ -25,17 +25,23 @@ class PairedDifference:
     """mean(a) - mean(b) over the same images, its interval, and which side it falls on."""
 
     eps_label: str
-    metric: str  # "ssim", or "ssim (repainted region)" on an inpainting suite's region
+    metric: str
     a: float
     b: float
     diff: Interval
     n_images: int
+    region: str = "whole"  # REGIONS: the whole edit, or an inpainting edit's repainted region
+
+    @property
+    def label(self) -> str:
+        """The metric and, off the whole edit, where it was measured: "ssim (repainted region)"."""
+        return self.metric if self.region == "whole" else f"{self.metric} ({self.region} region)"
 
     @property
     def verdict(self) -> str:
         """'a stronger' / 'b stronger' when the interval excludes 0, else 'no difference shown'.
         Protection metrics are similarities: lower is stronger."""
-        lower_is_stronger = METRICS[self.metric.split(" ")[0]].higher_is_better
+        lower_is_stronger = METRICS[self.metric].higher_is_better
         if self.diff.high < 0:
             return "a stronger" if lower_is_stronger else "b stronger"
         if self.diff.low > 0:
@@ -91,8 +97,7 @@ def paired(a: Sequence[Record], b: Sequence[Record], metric: str = "ssim", split
             raise InputError(f"eps {eps}: the two methods were scored on different {split} images; a paired "
                              "comparison needs the same photos (same suite and split)")
         ci = bootstrap_diff_ci(va, vb, seed=seed, level=level, paired=True)
-        label = metric if region == "whole" else f"{metric} ({region} region)"
-        out.append(PairedDifference(eps, label, float(va.mean()), float(vb.mean()), ci, len(va)))
+        out.append(PairedDifference(eps, metric, float(va.mean()), float(vb.mean()), ci, len(va), region))
     if not out:
         raise InputError(f"the two methods share no budget on the {split} split")
     return out
@@ -104,6 +109,6 @@ def markdown(name_a: str, name_b: str, rows: Sequence[PairedDifference], level: 
     lines = [head, "", f"| eps | metric | a | b | a - b [{level:.0%} paired bootstrap] | images | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.eps_label} | {r.metric} | {r.a:.4f} | {r.b:.4f} | {r.diff.mean:+.4f} "
+        lines.append(f"| {r.eps_label} | {r.label} | {r.a:.4f} | {r.b:.4f} | {r.diff.mean:+.4f} "
                      f"[{r.diff.low:+.4f}, {r.diff.high:+.4f}] | {r.n_images} | {r.verdict} |")
     return "\n".join(lines)

@@ -77,7 +77,8 @@ def test_the_repainted_region_is_compared_on_inpainting_entries_only(run_dir, ca
     rows = compare.paired(a, b, region="repainted")
     whole = compare.paired(a, b)
     for r, w in zip(rows, whole):
-        assert r.metric == "ssim (repainted region)" and w.metric == "ssim"
+        assert r.label == "ssim (repainted region)" and w.label == "ssim"
+        assert r.metric == w.metric == "ssim" and (r.region, w.region) == ("repainted", "whole")
         cells = [x for x in a if x.split.value == "test" and x.eps_label == r.eps_label]
         assert r.a == pytest.approx(float(np.mean([x.protection_region["ssim"] for x in cells])))
         assert r.a != pytest.approx(w.a), "the region is not the whole image"
