@@ -117,6 +117,21 @@ def test_consistency_purification_makes_the_vae_round_trip_consistent(tiny_rando
     assert inconsistency(y) < 0.8 * inconsistency(x)
 
 
+def test_consistency_bound_holds_per_photo_whatever_the_batch(tiny_random, photos64):
+    """The closeness penalty is per photo: purifying a photo alone or in a batch gives the same
+    result, so a batch-mean bound cannot let one photo drift while the others stay close."""
+    import piq
+
+    x = photos64[:3]
+    together = consistency(x, tiny_random, steps=10, lr=0.02, bound=0.02, weight=10.0)
+    alone = torch.cat([consistency(x[i:i + 1], tiny_random, steps=10, lr=0.02, bound=0.02, weight=10.0)
+                       for i in range(len(x))])
+    assert torch.allclose(together, alone, atol=2e-3)
+    assert not torch.allclose(together, x, atol=1e-3)                   # it did purify
+    dist = 1 - piq.ssim(together.clamp(0, 1), x, data_range=1.0, downsample=False, reduction="none")
+    assert float(dist.max()) < 0.2                                          # every photo stays near its own
+
+
 # --- worst case ---------------------------------------------------------------------------------
 def test_worst_case_takes_per_image_the_block_that_restores_the_edit_most():
     protection = {"ssim": [0.5, 0.9, 0.7], "psnr": [10.0, 20.0, 15.0]}

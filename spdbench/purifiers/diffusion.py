@@ -78,7 +78,9 @@ def consistency(images: torch.Tensor, target, steps: int = 100, lr: float = 0.01
     """IMPRESS-style consistency purification (Cao et al. 2023): optimize x' so that the VAE round
     trip D(E(x')) reproduces x' (a protected photo is inconsistent under it), while x' stays close to
     the protected photo x: loss = ||D(E(x')) - x'||^2 + weight * max(0, (1 - SSIM(x', x)) - bound),
-    Adam, `steps` steps, x' kept on [0, 1].
+    Adam, `steps` steps, x' kept on [0, 1]. Both terms are per photo and summed, so the bound holds
+    for each photo (a batch mean would let one photo drift while the others stay close) and a
+    photo's result does not depend on what else is in its batch.
 
     Departure: IMPRESS bounds LPIPS, whose network weights cannot be installed offline; SSIM
     (piq, differentiable) takes its place. Encoding uses the posterior mean (deterministic).
@@ -93,9 +95,9 @@ def consistency(images: torch.Tensor, target, steps: int = 100, lr: float = 0.01
         for _ in range(steps):
             z = vae.encode((xp * 2 - 1).to(target.dtype)).latent_dist.mean
             rec = ((vae.decode(z).sample.float() + 1) / 2)
-            cons = (rec - xp).pow(2).mean()
-            dist = 1 - piq.ssim(xp.clamp(0, 1), x, data_range=1.0, downsample=False)
-            loss = cons + weight * torch.relu(dist - bound)
+            cons = (rec - xp).pow(2).flatten(1).mean(1)
+            dist = 1 - piq.ssim(xp.clamp(0, 1), x, data_range=1.0, downsample=False, reduction="none")
+            loss = (cons + weight * torch.relu(dist - bound)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
