@@ -606,9 +606,10 @@ def reusable_protection(source: Path, attack: Attack, params: dict, budget: Budg
                 or json.dumps(r.attack_params, sort_keys=True) != json.dumps(params, sort_keys=True) \
                 or r.suite_config.get("attack_batch_size") != suite.attack_batch_size:
             continue
-        if attack.uses_masks and (not r.masks or r.masks.get("sha256") != [
-                mask_shas[shas.index(h)] for h in r.image_sha256 if h in shas]):
-            continue
+        if attack.uses_masks:  # the same masks -- or none on either side (an img2img suite has none)
+            want = None if mask_shas is None else [mask_shas[shas.index(h)] for h in r.image_sha256 if h in shas]
+            if (r.masks.get("sha256") if r.masks else None) != want:
+                continue
         by_file.setdefault(r.perturbation_file, {})[r.split.value] = list(r.image_sha256)
     for rel, covered in by_file.items():
         if all(covered.get(sp.value) == [shas[i] for i in idx] for sp, idx in splits.items()):

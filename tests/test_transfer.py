@@ -111,6 +111,24 @@ def test_a_transfer_run_reuses_the_white_box_runs_protections(runs, tmp_path, mo
                      attack_params={"steps": 2})
 
 
+def test_a_mask_reading_attack_is_reused_on_an_img2img_suite(runs, tmp_path, monkeypatch):
+    """photoguard-diffusion reads the masks on inpainting suites only; on img2img suites neither the
+    source nor the transfer run has masks, and that is a match (it was refused: every
+    photoguard-diffusion transfer re-ran its attack)."""
+    from spdbench import harness
+
+    white, _, _ = runs
+    params = {"steps": 2, "eval_samples": 1}
+    src = spdbench.run("photoguard-diffusion", suite="test-white", out=tmp_path / "white", attack_params=params)
+    assert src.ok and spdbench.get_attack("photoguard-diffusion").uses_masks
+    monkeypatch.setattr(harness, "_protect_group",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the attack ran")))
+    reused = spdbench.run("photoguard-diffusion", suite="test-transfer", out=tmp_path / "black",
+                          attack_params=params, protections_from=src.out)
+    assert reused.ok
+    assert {r.perturbation_sha256 for r in reused.records} == {r.perturbation_sha256 for r in src.records}
+
+
 def test_the_source_folder_is_read_once_for_every_budget(runs, tmp_path, monkeypatch):
     """Two budgets, one of them not in the source (its attack runs): the source's records are read
     once for the run, not once per budget."""
