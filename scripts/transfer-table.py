@@ -16,11 +16,20 @@ import sys
 from pathlib import Path
 
 from spdbench import compare
+from spdbench.errors import SpdbenchError
 from spdbench.results import load_records
 
 
 def _ci(d) -> str:
     return f"{d.diff.mean:+.4f} [{d.diff.low:+.4f}, {d.diff.high:+.4f}]"
+
+
+def _by_eps(a, b) -> dict:
+    """Paired differences a - b by eps label; {} when the two share no budget."""
+    try:
+        return {d.eps_label: d for d in compare.paired(a, b)}
+    except SpdbenchError:
+        return {}
 
 
 def rows(leaderboard: Path) -> list[str]:
@@ -36,11 +45,15 @@ def rows(leaderboard: Path) -> list[str]:
         black = load_records(folder)
         white = load_records(entries / f"smoke-{name}")
         wb = compare.paired(black, white)
-        vn = compare.paired(black, noise)
-        wn = {d.eps_label: d for d in compare.paired(white, load_records(entries / "smoke-uniform-noise"))}
-        for d, n in zip(wb, vn):
+        vn, wn = _by_eps(black, noise), _by_eps(white, load_records(entries / "smoke-uniform-noise"))
+        for d in wb:
+            n, w = vn.get(d.eps_label), wn.get(d.eps_label)
+            if n is None or w is None:  # a preset's own budget (e.g. madry's 0.03): no noise row to pair with
+                out.append(f"| {name} | {d.eps_label} | {d.b:.4f} | {d.a:.4f} | {_ci(d)} | – (no noise entry at "
+                           "this eps) | – |")
+                continue
             # the share of the white-box effect (distance below noise) that is left on the black box
-            white_gap, black_gap = -wn[d.eps_label].diff.mean, -n.diff.mean
+            white_gap, black_gap = -w.diff.mean, -n.diff.mean
             kept = f"{black_gap / white_gap:.0%}" if white_gap > 1e-4 else "–"
             out.append(f"| {name} | {d.eps_label} | {d.b:.4f} | {d.a:.4f} | {_ci(d)} | {_ci(n)} "
                        f"({n.verdict.replace('a stronger', 'beats noise').replace('b stronger', 'noise stronger')}) "
