@@ -29,8 +29,7 @@ from spdbench.worst_case import worst_case
 
 
 def _ci(x: np.ndarray, y: np.ndarray) -> str:
-    d = bootstrap_diff_ci(x, y, paired=True, seed=0)
-    return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+    return bootstrap_diff_ci(x, y, paired=True, seed=0).signed()
 
 
 def _cells(records, split: str) -> dict:
@@ -53,7 +52,7 @@ def rows(study_dirs: list[Path], leaderboard: Path, split: str = "test") -> list
             raise SystemExit(f"{folder}: name the study run after its source entry; {entry} does not exist")
         source = _cells(load_records(entry), split)
         mine = _cells(study, split)
-        for eps in sorted({k[0] for k in mine}, key=lambda e: next(r.eps for (x, _), r in mine.items() if x == e)):
+        for _, eps in sorted({(r.eps, r.eps_label) for r in mine.values()}):
             keys = sorted(k for k in mine if k[0] == eps)
             per = {"none": [], "gridpure": [], "impress-ssim": [], "wc_old": [], "wc_new": []}
             chosen: dict[str, int] = {}

@@ -20,10 +20,6 @@ from spdbench.errors import SpdbenchError
 from spdbench.results import load_records
 
 
-def _ci(d) -> str:
-    return f"{d.diff.mean:+.4f} [{d.diff.low:+.4f}, {d.diff.high:+.4f}]"
-
-
 def _by_eps(a, b) -> dict:
     """Paired differences a - b by eps label; {} when the two share no budget."""
     try:
@@ -34,7 +30,8 @@ def _by_eps(a, b) -> dict:
 
 def rows(leaderboard: Path) -> list[str]:
     entries = leaderboard / "entries"
-    noise = load_records(entries / "smoke-transfer-uniform-noise")
+    noise = load_records(entries / "smoke-transfer-uniform-noise")      # the black-box editor's noise row
+    white_noise = load_records(entries / "smoke-uniform-noise")         # the white-box one, read once
     out = ["| attack | eps | SSIM white box (tiny edits) | SSIM black box (tiny-b edits) | black - white [95% CI] "
            "| black box - noise on tiny-b [95% CI] | kept on the black box |",
            "|---|---|---|---|---|---|---|"]
@@ -45,17 +42,17 @@ def rows(leaderboard: Path) -> list[str]:
         black = load_records(folder)
         white = load_records(entries / f"smoke-{name}")
         wb = compare.paired(black, white)
-        vn, wn = _by_eps(black, noise), _by_eps(white, load_records(entries / "smoke-uniform-noise"))
+        vn, wn = _by_eps(black, noise), _by_eps(white, white_noise)
         for d in wb:
             n, w = vn.get(d.eps_label), wn.get(d.eps_label)
             if n is None or w is None:  # a preset's own budget (e.g. madry's 0.03): no noise row to pair with
-                out.append(f"| {name} | {d.eps_label} | {d.b:.4f} | {d.a:.4f} | {_ci(d)} | – (no noise entry at "
+                out.append(f"| {name} | {d.eps_label} | {d.b:.4f} | {d.a:.4f} | {d.diff.signed()} | – (no noise entry at "
                            "this eps) | – |")
                 continue
             # the share of the white-box effect (distance below noise) that is left on the black box
             white_gap, black_gap = -w.diff.mean, -n.diff.mean
             kept = f"{black_gap / white_gap:.0%}" if white_gap > 1e-4 else "–"
-            out.append(f"| {name} | {d.eps_label} | {d.b:.4f} | {d.a:.4f} | {_ci(d)} | {_ci(n)} "
+            out.append(f"| {name} | {d.eps_label} | {d.b:.4f} | {d.a:.4f} | {d.diff.signed()} | {n.diff.signed()} "
                        f"({n.verdict.replace('a stronger', 'beats noise').replace('b stronger', 'noise stronger')}) "
                        f"| {kept} |")
     return out

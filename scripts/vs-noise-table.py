@@ -23,10 +23,6 @@ from spdbench.errors import SpdbenchError
 from spdbench.results import Status, load_records
 
 
-def _ci(d) -> str:
-    return f"{d.diff.mean:+.4f} [{d.diff.low:+.4f}, {d.diff.high:+.4f}]"
-
-
 def _kept(records, eps_label: str, split: str = "test") -> float:
     """Mean kept-region imperceptibility PSNR (dB) over the split's images at one eps."""
     cells = [r for r in records if r.status == Status.ok and r.split.value == split and r.eps_label == eps_label]
@@ -52,9 +48,9 @@ def rows(noise_dir: Path, attack_dirs: list[Path]) -> list[str]:
             continue
         for w, r, p, t in zip(whole, region, rpsnr, train):
             verdict = {"a stronger": "yes", "b stronger": "no: noise stronger"}.get(r.verdict, "no difference shown")
-            out.append(f"| {name} | {w.eps_label} | {w.a:.4f} / {w.b:.4f} | {_ci(w)} | {r.a:.4f} / {r.b:.4f} | {_ci(r)} "
-                       f"| {p.diff.mean:+.2f} [{p.diff.low:+.2f}, {p.diff.high:+.2f}] dB "
-                       f"| {_kept(recs, w.eps_label):.1f} / {_kept(noise, w.eps_label):.1f} dB | {_ci(t)} | {verdict} |")
+            out.append(f"| {name} | {w.eps_label} | {w.a:.4f} / {w.b:.4f} | {w.diff.signed()} | {r.a:.4f} / {r.b:.4f} | {r.diff.signed()} "
+                       f"| {p.diff.signed(2)} dB "
+                       f"| {_kept(recs, w.eps_label):.1f} / {_kept(noise, w.eps_label):.1f} dB | {t.diff.signed()} | {verdict} |")
     return out
 
 

@@ -109,6 +109,6 @@ def markdown(name_a: str, name_b: str, rows: Sequence[PairedDifference], level: 
     lines = [head, "", f"| eps | metric | a | b | a - b [{level:.0%} paired bootstrap] | images | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.eps_label} | {r.label} | {r.a:.4f} | {r.b:.4f} | {r.diff.mean:+.4f} "
-                     f"[{r.diff.low:+.4f}, {r.diff.high:+.4f}] | {r.n_images} | {r.verdict} |")
+        lines.append(f"| {r.eps_label} | {r.label} | {r.a:.4f} | {r.b:.4f} | {r.diff.signed()} | {r.n_images} "
+                     f"| {r.verdict} |")
     return "\n".join(lines)

@@ -16,6 +16,11 @@ class Interval:
     def __str__(self) -> str:
         return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
 
+    def signed(self, digits: int = 4) -> str:
+        """A difference's interval with its signs shown, "+0.0123 [-0.0010, +0.0250]": the form the
+        paired tables use (`spdbench compare`, the docs' table scripts)."""
+        return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
+
 
 def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
     """Percentile bootstrap of the mean (resampling images with replacement)."""
