@@ -7,7 +7,20 @@ pytest_plugins = ["pytester"]
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never try the network in tests (load_sd15 test overrides)
-torch.set_num_threads(int(os.environ.get("SPDBENCH_TEST_THREADS", "2")))
+
+
+def _test_threads() -> int:
+    """$SPDBENCH_TEST_THREADS, else the cores shared among pytest-xdist's workers (at most 2, at least 1).
+
+    Why: with `-n 2` on 2 cores, two workers of 2 threads each oversubscribe the CPU and both slow
+    down several-fold; these models are small enough that one thread per worker loses little."""
+    if os.environ.get("SPDBENCH_TEST_THREADS"):
+        return int(os.environ["SPDBENCH_TEST_THREADS"])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 2) // workers))
+
+
+torch.set_num_threads(_test_threads())
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,7 @@ def _attack_pair(robust_to, eps="8/255", steps=60, n=8):
     return target, x, advs
 
 
+@pytest.mark.slow
 def test_adaptive_attack_keeps_more_protection_after_the_purifier_it_expects():
     """After a strong blur (sigma 3), the EOT attack's objective beats the plain attack's on the same
     photos, paired over 8 photos with a 95% bootstrap CI below 0 (measured: 1802 vs 1840)."""
@@ -55,6 +56,7 @@ def test_adaptive_attack_keeps_more_protection_after_the_purifier_it_expects():
     assert ci.high < 0, f"objective after blur sigma 3: EOT - plain = {ci}"
 
 
+@pytest.mark.slow
 def test_adaptive_jpeg_is_not_worse_than_plain_after_jpeg75():
     """JPEG q75 does not weaken photoguard-encoder on the tiny target (objective 1701 -> 1719 of a
     2543 start), so there is nothing for EOT to win back; what must hold is that the BPDA JPEG

@@ -48,7 +48,8 @@ def tiny():
 
 #: the checks that take over ~15 s on one core (gradients through the UNet, or 7 photos x 20 steps)
 SLOW_CHECKS = {"photoguard-diffusion", "advdm", "mist", "sds-t", "sds-minus", "sds-plus", "spd-advdm",
-               "spd-mist", "spd-sds-minus", "spd-sds-plus"}
+               "spd-mist", "spd-sds-minus", "spd-sds-plus", "amortized-encoder", "amortized-pca-minus",
+               "diffusionguard"}
 
 
 #: measured failures on the trained target, kept strict so a change shows (docs/attacks.md):

@@ -71,7 +71,7 @@ def test_a_new_folder_reports_no_clean_edits_from_earlier_runs(tmp_path, capsys)
     from spdbench.cli import main
 
     code = main(["run", "--suite", "smoke", "--attack", "uniform-noise", "--target", "tiny-random", "--prompts", "P3",
-                 "--out", str(tmp_path / "r"), "--quiet", "--purifiers", "jpeg75"])
+                 "--out", str(tmp_path / "r"), "--quiet", "--purifiers", "jpeg75", "--isolation", "none"])
     out = capsys.readouterr().out
     assert code == 0
     assert "11 computed, 11 reused within this run, 0 from earlier runs' cache" in out, out[-400:]
@@ -81,7 +81,8 @@ def _run_uniform(out, *extra):
     from spdbench.cli import main
 
     return main(["run", "--suite", "smoke", "--attack", "uniform-noise", "--target", "tiny-random", "--prompts", "P3",
-                 "--eps", "8/255", "--out", str(out), "--quiet", "--purifiers", "jpeg75", *extra])
+                 "--eps", "8/255", "--out", str(out), "--quiet", "--purifiers", "jpeg75",
+                 "--isolation", "none", *extra])  # what is tested is the clean-edit cache, not the worker
 
 
 def test_clean_edits_are_shared_across_run_folders(tmp_path, capsys, monkeypatch):
@@ -126,10 +127,6 @@ def test_purifiers_none_scores_no_purifier(tmp_path, capsys):
     """--purifiers none: a run that scores the unpurified edit only (a study that needs no purifier)."""
     from spdbench.results import load_records
 
-    out = tmp_path / "r"
-    assert _run_uniform(out) == 0
-    with_jpeg = load_records(out)
-    assert all("jpeg75" in r.purified for r in with_jpeg)
     out2 = tmp_path / "r2"
     from spdbench.cli import main
 

@@ -252,7 +252,6 @@ def test_cost_of_a_cpu_quick_bench_says_it_is_not_an_estimate(tmp_path):
 
 # --- the whole quick bench, as CI runs it -----------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.slow
 def test_quick_bench_cli_exits_0_with_every_attack_and_dtype(tmp_path, capsys):
     out = tmp_path / "quick"
     assert cli.main(["doctor", "--bench", "--quick", "--out", str(out)]) == 0, capsys.readouterr().out

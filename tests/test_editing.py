@@ -177,6 +177,7 @@ def test_edit_rejects_bad_input(target, images):
         ed.edit(images * 255, "P3", [1] * len(images))
 
 
+@pytest.mark.slow
 def test_second_harness_run_skips_every_clean_edit(tmp_path, target):
     """Another attack on the same suite and photos: all clean edits come from the cache (counted)."""
     x = fast_images(6)

@@ -143,6 +143,7 @@ def test_edit_oom_halves_the_batch(monkeypatch, target):
     assert out.shape == x.shape and [e["retry_with"] for e in editor.oom_events] == [2, 1]
 
 
+@pytest.mark.slow
 def test_compile_flag_records_compile_time_apart(tmp_path):
     t = spdbench.load_target("tiny-random")  # a fresh target: compiling wraps its modules
     res = spdbench.run("uniform-noise", suite=fast_suite(), out=tmp_path, target=t, images=fast_images(2),

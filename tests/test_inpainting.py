@@ -269,7 +269,8 @@ def test_every_attack_runs_against_the_inpainting_model(name, inpainter, photos)
 
 #: the checks that take over ~10 s on one core against the inpainting model
 SLOW_ON_INPAINT = {"advdm", "mist", "photoguard-diffusion", "spd-advdm", "spd-mist", "spd-sds-minus", "spd-sds-plus",
-                   "diffusionguard"}
+                   "diffusionguard", "sds-t", "sds-minus", "sds-plus", "amortized-encoder", "amortized-pca-minus",
+                   "spd-pca-plus", "spd-pca-minus", "spd-encoder"}
 #: measured: a universal Mist fit on the 7 train photos does not beat uniform noise on the test
 #: photos of the inpainting model at check_attack's 20 steps (objective -1258 vs noise -1275 at
 #: 8/255); it does on the img2img model. On the retrained tiny-inpaint (2026-12-04) the universal

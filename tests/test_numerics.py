@@ -77,8 +77,13 @@ def run_attack(attack, images, target, seed=0):
     return attack(images, target, BUDGET, torch.Generator().manual_seed(seed), **masks)
 
 
+#: over ~20 s on one core in float16 (CPU half-precision convolutions are slow): run with -m slow
+SLOW_IN_LOW = {"photoguard-diffusion", "amortized-encoder", "amortized-pca-minus"}
+
+
 @pytest.mark.parametrize("dtype", list(LOW))
-@pytest.mark.parametrize("name", OPTIMIZING)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_IN_LOW else [])
+                                  for n in OPTIMIZING])
 def test_attack_works_in_low_precision_or_says_why(name, dtype, request, photos):
     attack = make(name)
     targets = request.getfixturevalue("inpaint_targets" if attack.needs_inpainting else "targets")

@@ -45,6 +45,7 @@ def test_bootstrap_intervals_cover_the_mean_and_are_seeded():
     assert d.low == pytest.approx(0.05) and d.high == pytest.approx(0.05)
 
 
+@pytest.mark.slow
 def test_plugin_baseline_option_fails_on_regression(pytester, baseline, tmp_path):
     import json
     from pathlib import Path

@@ -47,6 +47,7 @@ def test_shipped_files_load_and_match_record(record):
     assert not names & set(train_tiny.FORBIDDEN)
 
 
+@pytest.mark.slow
 def test_first_steps_reproduce(record):
     """Rerun the first 3 optimizer steps of each stage from the seed: same losses.
 

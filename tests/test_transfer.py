@@ -104,20 +104,23 @@ def test_a_transfer_run_reuses_the_white_box_runs_protections(runs, tmp_path, mo
     by_id = {r.cell_id: r for r in black.records}
     for r in reused.records:
         assert r.perturbation_sha256 == by_id[r.cell_id].perturbation_sha256
-        assert r.protection == by_id[r.cell_id].protection, "the same edits as the transfer run that attacked"
+        # the same edits as the transfer run that attacked, to float rounding: at one thread the
+        # GEMMs' blocking follows the batch's make-up, which differs when no attack runs first
+        for metric, values in r.protection.items():
+            assert values == pytest.approx(by_id[r.cell_id].protection[metric], rel=1e-5, abs=1e-6), metric
     assert verify(reused.out, sample=1, attack_rerun=False, seed=0).ok
     with pytest.raises(AssertionError, match="the attack ran"):
         spdbench.run("photoguard-encoder", suite="test-transfer", out=tmp_path / "other", protections_from=white.out,
                      attack_params={"steps": 2})
 
 
-def test_a_mask_reading_attack_is_reused_on_an_img2img_suite(runs, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("runs")  # registers the two suites
+def test_a_mask_reading_attack_is_reused_on_an_img2img_suite(tmp_path, monkeypatch):
     """photoguard-diffusion reads the masks on inpainting suites only; on img2img suites neither the
     source nor the transfer run has masks, and that is a match (it was refused: every
     photoguard-diffusion transfer re-ran its attack)."""
     from spdbench import harness
 
-    white, _, _ = runs
     params = {"steps": 2, "eval_samples": 1}
     src = spdbench.run("photoguard-diffusion", suite="test-white", out=tmp_path / "white", attack_params=params)
     assert src.ok and spdbench.get_attack("photoguard-diffusion").uses_masks

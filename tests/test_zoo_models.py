@@ -102,11 +102,12 @@ def test_tiny_inpaint_refuses_a_parent_it_was_not_trained_on(monkeypatch):
 def test_tiny_inpaint_reproduces_its_record_and_reads_the_kept_region():
     """Box masks on the 16 bundled test crops, prompt "", strength 1, as recorded (same seeds).
 
-    What the tiny inpainter is (measured, docs/zoo.md): trained with truncated-SNR weighting, its
-    hole is about as close to the truth as a mean-colour fill (box -0.8 dB, strokes +0.7 dB, both
-    intervals straddling 0; the first, unweighted version was 5 dB *worse*), and it reads the photo:
-    the kept region comes back 5 dB closer to the truth than the hole, which starts from the same
-    noise. The guards below hold those figures with a margin.
+    What the tiny inpainter is (measured, docs/zoo.md): trained with truncated-SNR weighting (2000
+    steps, then 1500 more), its hole ties a mean-colour fill on boxes (-0.1 dB on these crops) and
+    beats it on strokes (+1.6 dB here, +1.2 dB [+0.3, +2.1] on the held-out package; the first,
+    unweighted version was 5 dB *worse*), and it reads the photo: the kept region comes back 5.7 dB
+    closer to the truth than the hole, which starts from the same noise. The guards hold those
+    figures with a margin.
     """
     from spdbench.zoo.evaluate_inpaint import figures
 
@@ -117,19 +118,23 @@ def test_tiny_inpaint_reproduces_its_record_and_reads_the_kept_region():
     assert got["kept_psnr"]["mean"] == pytest.approx(rec["kept_psnr"]["mean"], abs=0.1)
     assert got["kept_psnr"]["mean"] > got["hole_psnr"]["mean"] + 4.0
     assert got["kept_psnr"]["mean"] < got["kept_psnr_vae_reconstruction"]["mean"]
-    assert got["hole_minus_fill_db"]["mean"] > -1.5, "the hole fell back behind a mean-colour fill"
+    assert got["hole_minus_fill_db"]["mean"] > -0.75, "the hole fell back behind a mean-colour fill"
 
 
-def test_tiny_inpaints_about_as_well_as_a_mean_colour_fill_on_every_recorded_set():
-    """The record's held-out figures (bundled and package, box and strokes): the hole within 1.5 dB
-    of a flat mean-colour fill or better, and the kept region within 5 dB of the VAE's round trip."""
+def test_tiny_inpaints_at_least_as_well_as_a_mean_colour_fill_on_every_recorded_set():
+    """The record's held-out figures (bundled and package, box and strokes): the hole within 0.75 dB
+    of a flat mean-colour fill or better (boxes tie it: -0.1 / +0.0 dB), better than the fill with
+    an interval clear of 0 on the package's strokes (+1.2 dB [+0.3, +2.1]), and the kept region
+    within 3.5 dB of the VAE's round trip (2.5 dB below it now)."""
     heldout = _record(INPAINT_DIR)["heldout"]
     assert set(heldout) == {"bundled", "package"}
     for name, figs in heldout.items():
         for kind in ("box", "strokes"):
             f = figs[kind]
-            assert f["hole_minus_fill_db"]["mean"] > -1.5, (name, kind, f["hole_minus_fill_db"])
-            assert f["kept_psnr"]["mean"] > f["kept_psnr_vae_reconstruction"]["mean"] - 5.0, (name, kind)
+            assert f["hole_minus_fill_db"]["mean"] > -0.75, (name, kind, f["hole_minus_fill_db"])
+            assert f["kept_psnr"]["mean"] > f["kept_psnr_vae_reconstruction"]["mean"] - 3.5, (name, kind)
+    strokes = heldout["package"]["strokes"]["hole_minus_fill_db"]
+    assert strokes["ci95"][0] > 0.0 and strokes["mean"] > 0.75, strokes
 
 
 def test_tiny_is_v3_and_v2_stays_loadable():

@@ -7,10 +7,11 @@ receives it and must return a delta inside it (the harness re-checks anyway).
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterator, Optional, TypeVar, Union
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, TypeVar, Union
 
 import torch
 
@@ -282,6 +283,14 @@ def load_entry_points(force: bool = False) -> list[str]:
     return load_group(ENTRY_POINT_GROUP, "attack", load_one)
 
 
+@functools.lru_cache(maxsize=1)
+def _top_level_distributions() -> Mapping[str, list[str]]:
+    """`packages_distributions()` once per process: it reads every installed distribution's file
+    list (about a second with a few hundred installed), and every run and `spdbench list` asks.
+    Entry points are read once per process too, so a plugin installed mid-process is missed by both."""
+    return importlib.metadata.packages_distributions()
+
+
 def attack_source(attack: Union[Attack, type]) -> dict[str, str]:
     """The installed distribution (name and version) whose files hold the attack's class.
 
@@ -292,7 +301,7 @@ def attack_source(attack: Union[Attack, type]) -> dict[str, str]:
     cls = attack if isinstance(attack, type) else type(attack)
     module = cls.__module__
     top = module.split(".")[0]
-    dists = importlib.metadata.packages_distributions().get(top, [])
+    dists = _top_level_distributions().get(top, [])
     if not dists:
         return {"distribution": "unknown", "version": "unknown", "module": module}
     name = dists[0]
