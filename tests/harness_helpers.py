@@ -11,6 +11,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -18,6 +19,15 @@ import spdbench
 from spdbench.attacks.base import registered
 from spdbench.editing import EditSettings
 from spdbench.suites import get_suite
+
+
+def attack_param(name: str, slow: set, expected_failures: dict):
+    """A registry-wide check's parameter: marked slow where measured slow, and a strict expected
+    failure (with its measured reason) where the attack is known to fail, so a change either way shows."""
+    marks = [pytest.mark.slow] if name in slow else []
+    if name in expected_failures:
+        marks.append(pytest.mark.xfail(strict=True, reason=expected_failures[name]))
+    return pytest.param(name, marks=marks)
 
 
 def fast_suite(**overrides):

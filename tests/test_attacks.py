@@ -17,6 +17,7 @@ from spdbench import Budget
 from spdbench.attacks import attack_class
 from spdbench.attacks.objectives import chunked_mean, kl_to_isotropic_gaussian
 from spdbench.errors import InputError
+from harness_helpers import attack_param
 
 ATTACKS = spdbench.list_attacks()
 UNIVERSAL = [n for n in ATTACKS if attack_class(n).universal]
@@ -64,14 +65,7 @@ EXPECTED_FAILURES = {
 }
 
 
-def _param(n):
-    marks = [pytest.mark.slow] if n in SLOW_CHECKS else []
-    if n in EXPECTED_FAILURES:
-        marks.append(pytest.mark.xfail(strict=True, reason=EXPECTED_FAILURES[n]))
-    return pytest.param(n, marks=marks)
-
-
-@pytest.mark.parametrize("name", [_param(n) for n in ATTACKS])
+@pytest.mark.parametrize("name", [attack_param(n, SLOW_CHECKS, EXPECTED_FAILURES) for n in ATTACKS])
 def test_check_attack_passes(name, tiny):
     """The public property checks, on the trained tiny target: L-inf 8/255 and 16/255 and the two
     matching L2 budgets, on train and test photos; a universal attack is fit on train only."""

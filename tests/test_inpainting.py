@@ -20,6 +20,8 @@ from spdbench.region_metrics import region_psnr, region_ssim
 from spdbench.submission import verify
 from spdbench.suites import SUITES, get_suite
 
+from harness_helpers import attack_param
+
 
 @pytest.fixture(scope="module")
 def inpainter():
@@ -287,14 +289,7 @@ FAILS_ON_INPAINT = {
 }
 
 
-def _inpaint_param(name):
-    marks = [pytest.mark.slow] if name in SLOW_ON_INPAINT else []
-    if name in FAILS_ON_INPAINT:
-        marks.append(pytest.mark.xfail(strict=True, reason=FAILS_ON_INPAINT[name]))
-    return pytest.param(name, marks=marks)
-
-
-@pytest.mark.parametrize("name", [_inpaint_param(n) for n in _every_attack()])
+@pytest.mark.parametrize("name", [attack_param(n, SLOW_ON_INPAINT, FAILS_ON_INPAINT) for n in _every_attack()])
 def test_check_attack_passes_on_the_inpainting_model(name):
     """The public property checks (contract, non-zero, determinism, beats noise on both splits)
     against tiny-inpaint: attacks that do not read the mask are checked through the "repaint
