@@ -16,16 +16,15 @@ import sys
 from pathlib import Path
 
 from spdbench import compare
-from spdbench.errors import SpdbenchError
 from spdbench.results import load_records
 
 
 def _by_eps(a, b) -> dict:
-    """Paired differences a - b by eps label; {} when the two share no budget."""
-    try:
-        return {d.eps_label: d for d in compare.paired(a, b)}
-    except SpdbenchError:
+    """Paired differences a - b by eps label; {} when the two share no budget (a preset's own eps).
+    Any other mismatch (photos, prompts) is `compare.paired`'s error, not an empty cell."""
+    if not {r.eps_label for r in a} & {r.eps_label for r in b}:
         return {}
+    return {d.eps_label: d for d in compare.paired(a, b)}
 
 
 def rows(leaderboard: Path) -> list[str]:

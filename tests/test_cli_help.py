@@ -127,6 +127,10 @@ def test_purifiers_none_scores_no_purifier(tmp_path, capsys):
     """--purifiers none: a run that scores the unpurified edit only (a study that needs no purifier)."""
     from spdbench.results import load_records
 
+    out = tmp_path / "r"
+    assert _run_uniform(out) == 0
+    with_jpeg = load_records(out)
+    assert all("jpeg75" in r.purified for r in with_jpeg)
     out2 = tmp_path / "r2"
     from spdbench.cli import main
 

@@ -22,6 +22,8 @@ from spdbench.attacks.pca import PCAMinus
 from spdbench.optim import CHECK_EVERY, optimize
 from spdbench.testing import mask_args
 
+from harness_helpers import attack_param
+
 NON_OPTIMIZING = ("none", "uniform-noise")
 OPTIMIZING = [n for n in spdbench.list_attacks() if not n.startswith("test-") and n not in NON_OPTIMIZING]
 LOW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -82,8 +84,7 @@ SLOW_IN_LOW = {"photoguard-diffusion", "amortized-encoder", "amortized-pca-minus
 
 
 @pytest.mark.parametrize("dtype", list(LOW))
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_IN_LOW else [])
-                                  for n in OPTIMIZING])
+@pytest.mark.parametrize("name", [attack_param(n, SLOW_IN_LOW, {}) for n in OPTIMIZING])
 def test_attack_works_in_low_precision_or_says_why(name, dtype, request, photos):
     attack = make(name)
     targets = request.getfixturevalue("inpaint_targets" if attack.needs_inpainting else "targets")
