@@ -103,11 +103,11 @@ def test_tiny_inpaint_reproduces_its_record_and_reads_the_kept_region():
     """Box masks on the 16 bundled test crops, prompt "", strength 1, as recorded (same seeds).
 
     What the tiny inpainter is (measured, docs/zoo.md): trained with truncated-SNR weighting (2000
-    steps, then 1500 more), its hole ties a mean-colour fill on boxes (-0.1 dB on these crops) and
-    beats it on strokes (+1.6 dB here, +1.2 dB [+0.3, +2.1] on the held-out package; the first,
-    unweighted version was 5 dB *worse*), and it reads the photo: the kept region comes back 5.7 dB
-    closer to the truth than the hole, which starts from the same noise. The guards hold those
-    figures with a margin.
+    steps, then 1500 and 1500 more), its single painting edges a mean-colour fill on boxes (+0.1 dB
+    on these crops, +0.5 dB on the held-out package, intervals across 0) and beats it on strokes
+    (+2.0 dB here, +1.7 dB [+0.9, +2.7] on the package; the first, unweighted version was 5 dB
+    *worse*), and it reads the photo: the kept region comes back 5.7 dB closer to the truth than the
+    hole, which starts from the same noise. The guards hold those figures with a margin.
     """
     from spdbench.zoo.evaluate_inpaint import figures
 
@@ -118,23 +118,42 @@ def test_tiny_inpaint_reproduces_its_record_and_reads_the_kept_region():
     assert got["kept_psnr"]["mean"] == pytest.approx(rec["kept_psnr"]["mean"], abs=0.1)
     assert got["kept_psnr"]["mean"] > got["hole_psnr"]["mean"] + 4.0
     assert got["kept_psnr"]["mean"] < got["kept_psnr_vae_reconstruction"]["mean"]
-    assert got["hole_minus_fill_db"]["mean"] > -0.75, "the hole fell back behind a mean-colour fill"
+    assert got["hole_minus_fill_db"]["mean"] > -0.25, "the hole fell back behind a mean-colour fill"
 
 
 def test_tiny_inpaints_at_least_as_well_as_a_mean_colour_fill_on_every_recorded_set():
-    """The record's held-out figures (bundled and package, box and strokes): the hole within 0.75 dB
-    of a flat mean-colour fill or better (boxes tie it: -0.1 / +0.0 dB), better than the fill with
-    an interval clear of 0 on the package's strokes (+1.2 dB [+0.3, +2.1]), and the kept region
-    within 3.5 dB of the VAE's round trip (2.5 dB below it now)."""
+    """The record's held-out figures (bundled and package, box and strokes): the hole within 0.25 dB
+    of a flat mean-colour fill or better (boxes: +0.1 / +0.5 dB), better than the fill with an
+    interval clear of 0 on the package's strokes (+1.7 dB [+0.9, +2.7]), and the kept region within
+    3 dB of the VAE's round trip (2.2-2.3 dB below it now)."""
     heldout = _record(INPAINT_DIR)["heldout"]
     assert set(heldout) == {"bundled", "package"}
     for name, figs in heldout.items():
         for kind in ("box", "strokes"):
             f = figs[kind]
-            assert f["hole_minus_fill_db"]["mean"] > -0.75, (name, kind, f["hole_minus_fill_db"])
-            assert f["kept_psnr"]["mean"] > f["kept_psnr_vae_reconstruction"]["mean"] - 3.5, (name, kind)
+            assert f["hole_minus_fill_db"]["mean"] > -0.25, (name, kind, f["hole_minus_fill_db"])
+            assert f["kept_psnr"]["mean"] > f["kept_psnr_vae_reconstruction"]["mean"] - 3.0, (name, kind)
     strokes = heldout["package"]["strokes"]["hole_minus_fill_db"]
-    assert strokes["ci95"][0] > 0.0 and strokes["mean"] > 0.75, strokes
+    assert strokes["ci95"][0] > 0.5 and strokes["mean"] > 1.25, strokes
+
+
+def test_the_mean_of_four_paintings_beats_a_mean_colour_fill_on_boxes_too():
+    """docs/zoo-eval-tiny-inpaint-samples4.json (`python -m spdbench.zoo.evaluate_inpaint --photos DIR
+    --samples 4`, on the shipped weights): a single painting pays the hole's conditional variance
+    twice, so on a large box it only edges the flat fill; the average of four paintings per crop
+    beats the fill with intervals clear of 0 on both sets and every mask kind (boxes +1.6 dB
+    bundled, +1.3 dB package) -- the model's belief about the hole is better than the fill."""
+    rec = json.loads((DOCS / "zoo-eval-tiny-inpaint-samples4.json").read_text())
+    assert rec["target_fingerprint"] == load_target("tiny-inpaint").fingerprint, "measured on other weights"
+    heldout = _record(INPAINT_DIR)["heldout"]
+    for name in ("bundled", "package"):
+        for kind in ("box", "strokes"):
+            f = rec[name][kind]
+            assert f["hole_psnr"]["mean"] == pytest.approx(heldout[name][kind]["hole_psnr"]["mean"], abs=0.01), \
+                "sample 0 is not the recorded painting"
+            mean = f["sample_mean"]
+            assert mean["samples"] == 4 and mean["hole_minus_fill_db"]["ci95"][0] > 0.25, (name, kind, mean)
+            assert mean["hole_psnr"]["mean"] > f["hole_psnr"]["mean"] + 0.5, (name, kind)
 
 
 def test_tiny_is_v3_and_v2_stays_loadable():
@@ -168,3 +187,32 @@ def test_inpaint_loss_weight_is_truncated_snr():
     mid = (1 / snr > 1) & (1 / snr < 50)
     assert mid.any() and torch.allclose(w[mid], 1 / snr[mid])
     assert bool((w[1:] >= w[:-1]).all())  # noisier never weighs less
+
+
+def test_inpaint_sample_mean_scores_the_average_of_the_recorded_seeds():
+    """`--samples K`: the K paintings are the ones its record names (sample k of crop i drawn with
+    seed k * stride + i, sample 0 the single-sample figure), and their average is scored -- which
+    can never have a larger hole error than the paintings do on average (Jensen, per crop)."""
+    from spdbench.region_metrics import region_psnr
+    from spdbench.zoo.evaluate_inpaint import SAMPLE_SEED_STRIDE, figures, inpaint, masks_for
+
+    target, x = load_target("tiny-inpaint"), heldout_crops(1)[:2]
+    got = figures(target, x, "two crops", kinds=("box",), samples=3)["box"]
+    mean = got["sample_mean"]
+    assert mean["samples"] == 3 and str(SAMPLE_SEED_STRIDE) in mean["seeds"]
+    m = masks_for(len(x), "box", x.shape[-1])
+    singles = torch.stack([region_psnr(inpaint(target, x, m, seed=k * SAMPLE_SEED_STRIDE), x, m) for k in range(3)])
+    assert singles[0].tolist() == pytest.approx(got["per_image"]["hole"], abs=0.006)
+    assert not torch.allclose(singles[0], singles[1]), "the samples did not differ: the seeds were not applied"
+    assert mean["single_sample_hole_psnr"]["mean"] == pytest.approx(float(singles.mean()), abs=0.002)
+    mean_mse_psnr = -10 * torch.log10((10 ** (-singles / 10)).mean(0))
+    for of_mean, bound in zip(mean["per_image"]["hole"], mean_mse_psnr.tolist()):
+        assert of_mean >= bound - 0.006
+
+
+def test_inpaint_evaluation_refuses_a_sample_count_below_one(capsys):
+    from spdbench.zoo.evaluate_inpaint import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--samples", "0"])
+    assert e.value.code == 2 and "--samples 0: expected an integer >= 1" in capsys.readouterr().err
