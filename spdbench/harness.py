@@ -27,7 +27,7 @@ from .attacks.base import Attack, attack_source
 from .budget import Budget, effective_eps, format_eps
 from .data import split_indices
 from .editing import PROMPTS, Editor, clean_edit_cache_dir, image_seed
-from .errors import AttackError, InputError, SpdbenchError, UnknownNameError, did_you_mean
+from .errors import AttackError, InputError, RecordError, SpdbenchError, UnknownNameError, did_you_mean
 from .examples import write_cell_examples
 from .images import check_images, image_sha256
 from .isolation import AttackWorker
@@ -37,8 +37,9 @@ from .purifiers import get_purifier
 from .region_metrics import score_region
 from .runfolder import DiskError, RunLock, prepare_out
 from .data import check_size_multiple
-from .results import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes, cell_id,
-                      finished_cells, load_records, remove_stale_temp, write_jsonl, write_record)
+from .results import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes,
+                      cell_id, finished_cells, load_records, read_record, record_paths, remove_stale_temp,
+                      write_jsonl, write_record)
 from .suites import Suite, get_suite
 from .targets import Target, load_target
 
@@ -227,6 +228,30 @@ def _protect_group(runner: AttackRunner, attack: Attack, target: Target, images:
 
 
 # --- the run -----------------------------------------------------------------------------------
+
+def _check_same_models(out: Path, target, edit_target) -> None:
+    """Refuse a run folder that holds records measured on other weights.
+
+    Why: cell ids include the target's fingerprint, so a run on a retrained model would add its
+    cells beside the old ones instead of resuming them, and the folder would then mix two models'
+    measurements (a table over it, or a submission of it, would silently pool them). Nothing in the
+    folder is touched; the user picks another --out."""
+    def label(model) -> str:
+        return "none (white box)" if model is None else f"{model.name} {model.fingerprint}"
+
+    for path in record_paths(out):
+        try:
+            rec = read_record(path)
+        except RecordError:
+            continue  # a corrupt record is recomputed (resume); it names no model to compare
+        for what, old, new in (("target", rec.target, target), ("edit target", rec.edit_target, edit_target)):
+            if (old and old.fingerprint) != (new and new.fingerprint):
+                raise InputError(
+                    f"--out {out}: holds records measured on {what} {label(old)} ({path.name}); this run's "
+                    f"{what} is {label(new)}. A run folder holds one model's measurements: pass another "
+                    f"--out (nothing in {out} was changed)")
+
+
 def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Union[None, str, float, Sequence] = None,
         out: Union[str, Path, None] = None, *, norm: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
         attack_params: Optional[dict[str, Any]] = None, target: Union[str, Target, None] = None,
@@ -380,6 +405,7 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
         id_cfg.pop("edit_target", None)  # white box: cell ids as before transfer suites existed
     else:
         id_cfg["edit_target_fingerprint"] = edit_target.fingerprint
+    _check_same_models(out, target, edit_target)
     done = finished_cells(out) if resume else {}
     env = environment(target.device)
     tinfo = TargetInfo(name=target.name, source=target.source, fingerprint=target.fingerprint,

@@ -37,6 +37,23 @@ def test_run_writes_complete_records_and_resumes(tmp_path, target):
     assert {f: f.read_bytes() for f in files} == before, "resume must not rewrite finished records"
 
 
+def test_a_run_folder_of_other_weights_is_refused_untouched(tmp_path, target):
+    """A retrained model gets new cell ids, so resuming into the old folder would pool two models'
+    cells (found re-measuring smoke-inpaint on a retrained tiny-inpaint: `submit` caught it)."""
+    from spdbench.errors import InputError
+
+    images = fast_images(4)
+    first = spdbench.run("uniform-noise", suite=fast_suite(), out=tmp_path, target=target, images=images)
+    assert first.ok
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    other = spdbench.load_target("tiny-random-1")
+    assert other.fingerprint != target.fingerprint
+    with pytest.raises(InputError, match=f"holds records measured on target {target.name} {target.fingerprint}.*"
+                                         f"this run's target is tiny-random-1 {other.fingerprint}.*another --out"):
+        spdbench.run("uniform-noise", suite=fast_suite(), out=tmp_path, target=other, images=images)
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before
+
+
 def test_clean_and_protected_edits_share_seeds_and_none_is_identity(tmp_path, target):
     res = spdbench.run("none", suite=fast_suite(), out=tmp_path, target=target, images=fast_images(4))
     for rec in res.records:
