@@ -27,7 +27,7 @@ from .attacks.base import Attack, attack_source
 from .budget import Budget, effective_eps, format_eps
 from .data import split_indices
 from .editing import PROMPTS, Editor, clean_edit_cache_dir, image_seed
-from .errors import AttackError, InputError, RecordError, SpdbenchError, UnknownNameError, did_you_mean
+from .errors import AttackError, InputError, SpdbenchError, UnknownNameError, did_you_mean
 from .examples import write_cell_examples
 from .images import check_images, image_sha256
 from .isolation import AttackWorker
@@ -37,9 +37,8 @@ from .purifiers import get_purifier
 from .region_metrics import score_region
 from .runfolder import DiskError, RunLock, prepare_out
 from .data import check_size_multiple
-from .results import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes,
-                      cell_id, finished_cells, load_records, read_record, record_paths, remove_stale_temp,
-                      write_jsonl, write_record)
+from .results import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes, cell_id,
+                      finished_cells, load_records, remove_stale_temp, write_jsonl, write_record)
 from .suites import Suite, get_suite
 from .targets import Target, load_target
 
@@ -229,8 +228,8 @@ def _protect_group(runner: AttackRunner, attack: Attack, target: Target, images:
 
 # --- the run -----------------------------------------------------------------------------------
 
-def _check_same_models(out: Path, target, edit_target) -> None:
-    """Refuse a run folder that holds records measured on other weights.
+def _check_same_models(out: Path, records: Sequence[Record], target, edit_target) -> None:
+    """Refuse a run folder whose `records` were measured on other weights.
 
     Why: cell ids include the target's fingerprint, so a run on a retrained model would add its
     cells beside the old ones instead of resuming them, and the folder would then mix two models'
@@ -239,16 +238,12 @@ def _check_same_models(out: Path, target, edit_target) -> None:
     def label(model) -> str:
         return "none (white box)" if model is None else f"{model.name} {model.fingerprint}"
 
-    for path in record_paths(out):
-        try:
-            rec = read_record(path)
-        except RecordError:
-            continue  # a corrupt record is recomputed (resume); it names no model to compare
+    for rec in records:
         for what, old, new in (("target", rec.target, target), ("edit target", rec.edit_target, edit_target)):
             if (old and old.fingerprint) != (new and new.fingerprint):
                 raise InputError(
-                    f"--out {out}: holds records measured on {what} {label(old)} ({path.name}); this run's "
-                    f"{what} is {label(new)}. A run folder holds one model's measurements: pass another "
+                    f"--out {out}: holds records measured on {what} {label(old)} (cell {rec.cell_id}); this "
+                    f"run's {what} is {label(new)}. A run folder holds one model's measurements: pass another "
                     f"--out (nothing in {out} was changed)")
 
 
@@ -405,8 +400,9 @@ def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, 
         id_cfg.pop("edit_target", None)  # white box: cell ids as before transfer suites existed
     else:
         id_cfg["edit_target_fingerprint"] = edit_target.fingerprint
-    _check_same_models(out, target, edit_target)
-    done = finished_cells(out) if resume else {}
+    existing = load_records(out, strict=False)  # read once: the model check and resume (corrupt ones skipped)
+    _check_same_models(out, existing, target, edit_target)
+    done = finished_cells(existing) if resume else {}
     env = environment(target.device)
     tinfo = TargetInfo(name=target.name, source=target.source, fingerprint=target.fingerprint,
                        dtype=str(target.dtype).replace("torch.", ""), device=str(target.device))

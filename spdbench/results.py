@@ -328,17 +328,12 @@ def load_records(folders: Union[str, Path, Iterable[Union[str, Path]]], strict: 
     return out
 
 
-def finished_cells(folder: Union[str, Path]) -> dict[str, Record]:
-    """Cells with an ok record: what a resumed run must not recompute."""
-    done = {}
-    for path in record_paths(folder):
-        try:
-            rec = read_record(path)
-        except RecordError:
-            continue  # a corrupt record is recomputed, and overwritten atomically
-        if rec.status == Status.ok:
-            done[rec.cell_id] = rec
-    return done
+def finished_cells(folder: Union[str, Path, Iterable[Record]]) -> dict[str, Record]:
+    """Cells with an ok record: what a resumed run must not recompute. `folder`: a run folder, or
+    its records already read (the harness reads them once for this and its model check). A corrupt
+    record is skipped: its cell is recomputed, and the file overwritten atomically."""
+    records = load_records(folder, strict=False) if isinstance(folder, (str, Path)) else folder
+    return {rec.cell_id: rec for rec in records if rec.status == Status.ok}
 
 
 def write_jsonl(records: Iterable[Record], path: Union[str, Path]) -> Path:
