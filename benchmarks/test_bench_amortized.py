@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import spdbench
-from spdbench.protect import apply_split, enforce
+from spdbench.harness.protect import apply_split, enforce
 
 SIZE, STEPS = 512, 40
 #: interleaved rounds per batch size (a batch-16 round of photoguard-encoder is ~4 min on 2 cores)

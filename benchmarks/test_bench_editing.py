@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import spdbench
-from spdbench.editing import EditSettings, Editor, image_seed
+from spdbench.harness.editing import EditSettings, Editor, image_seed
 
 SETTINGS = EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222)
 

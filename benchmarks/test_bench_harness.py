@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import spdbench
-from spdbench.isolation import AttackWorker
-from spdbench.protect import enforce
+from spdbench.harness.isolation import AttackWorker
+from spdbench.harness.protect import enforce
 
 STEPS, ROUNDS = 20, 7
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import spdbench
-from spdbench import metrics
+from spdbench.scoring import metrics
 from spdbench.purifiers import jpeg
 
 N, SIZE, ROUNDS = 16, 512, 3

@@ -18,7 +18,7 @@ import spdbench
 from spdbench import Budget
 from spdbench.attacks import get_attack
 from spdbench.attacks.eot import transform
-from spdbench.stats import bootstrap_ci
+from spdbench.scoring.stats import bootstrap_ci
 
 #: (photos, eps, the purifier the editor applies, the adaptive attacks' robust_to)
 SETTINGS = [

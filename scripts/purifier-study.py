@@ -12,7 +12,7 @@ purifier -- and tabulated here from those runs, never typed (docs/threat-model.m
 Per attack and eps, on the test split, per image averaged over prompts: SSIM of the edit without
 purification and after each study purifier, the paired difference (purified - unpurified; above
 0 = the purifier gave the editor back some of the edit), and the per-image worst case over the
-entry's ladder before and after the study purifiers join it (spdbench.worst_case).
+entry's ladder before and after the study purifiers join it (spdbench.scoring.worst_case).
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from spdbench.leaderboard import method_label
-from spdbench.results import Status, load_records
-from spdbench.stats import bootstrap_diff_ci
-from spdbench.worst_case import worst_case
+from spdbench.report.board import method_label
+from spdbench.store.records import Status, load_records
+from spdbench.scoring.stats import bootstrap_diff_ci
+from spdbench.scoring.worst_case import worst_case
 
 
 def _ci(x: np.ndarray, y: np.ndarray) -> str:

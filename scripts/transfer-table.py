@@ -5,7 +5,7 @@ on an editor it never saw (`smoke-transfer`: crafted on tiny, edited with tiny-b
 entry edits the very perturbations of its white-box entry (`--protections-from`), so the two are
 paired image by image; and the black-box protection is paired with uniform noise's on the same
 black-box editor, which says whether anything transferred at all. Numbers come from the committed
-entries through `spdbench.compare.paired` (the code of `spdbench compare`), never typed:
+entries through `spdbench.scoring.compare.paired` (the code of `spdbench compare`), never typed:
 
     python scripts/transfer-table.py [--leaderboard leaderboard]
 """
@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from spdbench import compare
-from spdbench.results import load_records
+from spdbench.scoring import compare
+from spdbench.store.records import load_records
 
 
 def _by_eps(a, b) -> dict:

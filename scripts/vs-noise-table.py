@@ -2,7 +2,7 @@
 
 Why a script: docs/inpainting.md reports each attack's protection minus uniform noise's on the
 same photos and seeds, whole image and repainted region, with paired bootstrap intervals. The
-numbers come from run folders through `spdbench.compare.paired` (the same code as
+numbers come from run folders through `spdbench.scoring.compare.paired` (the same code as
 `spdbench compare`), so the table is regenerated from runs, never typed.
 
     python scripts/vs-noise-table.py --noise RUNS/noise RUNS/attack1 RUNS/attack2 ...
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spdbench import compare
+from spdbench.scoring import compare
 from spdbench.errors import SpdbenchError
-from spdbench.results import Status, load_records
+from spdbench.store.records import Status, load_records
 
 
 def _kept(records, eps_label: str, split: str = "test") -> float:

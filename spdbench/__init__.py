@@ -4,13 +4,13 @@ Public API (DESIGN §4b): list_attacks, get_attack, register, Attack, UniversalA
 (the author's base: write the objective, it owns the loop), Budget, load_target, load_photos, run,
 metrics, testing.check_attack (docs/writing-an-attack.md).
 """
-from .attacks import AmortizedAttack, Attack, UniversalAttack, get_attack, list_attacks, register
-from .attacks.objectives import GradientAttack
-from .budget import Budget, apply_budget, format_eps, parse_eps
-from .data import load_photos
-from .errors import (AttackError, BudgetError, InputError, RecordError, RegistryError, SpdbenchError,
+from spdbench.attacks import AmortizedAttack, Attack, UniversalAttack, get_attack, list_attacks, register
+from spdbench.attacks.objectives import GradientAttack
+from spdbench.budget import Budget, apply_budget, format_eps, parse_eps
+from spdbench.data.photos import load_photos
+from spdbench.errors import (AttackError, BudgetError, InputError, RecordError, RegistryError, SpdbenchError,
                      TargetLoadError, UnknownNameError)
-from .targets import Target, load_target
+from spdbench.targets import Target, load_target
 
 __version__ = "0.1.0"
 
@@ -26,8 +26,11 @@ def __getattr__(name: str):
     # heavy or later-built parts load lazily so `import spdbench` stays fast
     import importlib
 
+    lazy = {"metrics": "spdbench.scoring.metrics", "harness": "spdbench.harness.pipeline",
+            "leaderboard": "spdbench.report.board", "editing": "spdbench.harness.editing",
+            "suites": "spdbench.suites", "testing": "spdbench.testing"}
     if name == "run":
-        return importlib.import_module(".harness", __name__).run
-    if name in ("metrics", "harness", "leaderboard", "editing", "suites", "testing"):
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module("spdbench.harness.pipeline").run
+    if name in lazy:
+        return importlib.import_module(lazy[name])
     raise AttributeError(f"module 'spdbench' has no attribute {name!r}")

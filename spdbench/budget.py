@@ -14,7 +14,7 @@ from typing import Literal, Union
 
 import torch
 
-from .errors import BudgetError
+from spdbench.errors import BudgetError
 
 NormName = Literal["linf", "l2"]
 EpsLike = Union[float, int, str]

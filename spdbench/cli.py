@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .errors import InputError, SpdbenchError, UnknownNameError
+from spdbench.errors import InputError, SpdbenchError, UnknownNameError
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_USER_ERROR = 0, 1, 2
 
@@ -42,9 +42,9 @@ def _summary(doc: str) -> str:
 
 
 def cmd_list(args) -> int:
-    from .attacks import attack_class, list_attacks
-    from .attacks.base import attack_source
-    from .suites import SUITES
+    from spdbench.attacks import attack_class, list_attacks
+    from spdbench.attacks.base import attack_source
+    from spdbench.suites import SUITES
 
     rows = []
     for name in list_attacks():
@@ -55,7 +55,7 @@ def cmd_list(args) -> int:
                          doc=_summary(doc) if doc else "(no description: give the class a docstring)",
                          plugin=None if source["distribution"] == "spdbench" else
                          f"{source['distribution']} {source['version']}"))
-    from .purifiers import describe
+    from spdbench.purifiers import describe
 
     purifiers = describe()
     if args.json:
@@ -89,12 +89,12 @@ def _eps_arg(text: Optional[str]) -> Optional[list[str]]:
 
 
 def cmd_run(args) -> int:
-    from .harness import run
-    from .leaderboard import ranking
-    from .leaderboard_page import summary_markdown
-    from .runfolder import RunLock, prepare_out
-    from .suites import get_suite
-    from .targets import parse_device
+    from spdbench.harness.pipeline import run
+    from spdbench.report.board import ranking
+    from spdbench.report.page import summary_markdown
+    from spdbench.store.runfolder import RunLock, prepare_out
+    from spdbench.suites import get_suite
+    from spdbench.targets import parse_device
 
     params = _params(args.param or [])
     if args.preset:
@@ -111,8 +111,8 @@ def cmd_run(args) -> int:
                   protections_from=args.protections_from)
     attacks = args.attack.split(",")
     if args.backend != "serial" or len(attacks) > 1:
-        from .backends import run_grid
-        from .results import Status
+        from spdbench.harness.grid import run_grid
+        from spdbench.store.records import Status
 
         out = prepare_out(Path(args.out) if args.out else Path("spdbench-runs") / f"{args.suite}-grid")
         suite = get_suite(args.suite)
@@ -140,8 +140,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from .leaderboard import build, load_checked_by_folder, ranking
-    from .leaderboard_page import summary_markdown
+    from spdbench.report.board import build, load_checked_by_folder, ranking
+    from spdbench.report.page import summary_markdown
 
     dirs = [Path(d) for d in (args.records or ["spdbench-runs"])]
     folders = []
@@ -165,8 +165,8 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from . import compare
-    from .leaderboard import load_checked
+    from spdbench.scoring import compare
+    from spdbench.report.board import load_checked
 
     sides = []
     for label, folder in (("A", args.a), ("B", args.b)):
@@ -183,7 +183,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .show import write_report
+    from spdbench.report.run_page import write_report
 
     path = write_report(args.folder, args.out)
     print(f"wrote {path}")
@@ -199,7 +199,7 @@ def _print_report(report) -> None:
 
 
 def cmd_verify(args) -> int:
-    from .submission import verify
+    from spdbench.verify.submit import verify
 
     report = verify(args.folder, sample=args.sample, tolerance=args.tolerance, rerun=not args.no_rerun,
                     attack_rerun=not args.no_attack_rerun, seed=args.seed, device=args.device, data=args.data,
@@ -212,8 +212,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .leaderboard import build_from_dirs
-    from .submission import submit
+    from spdbench.report.board import build_from_dirs
+    from spdbench.verify.submit import submit
 
     report, dest = submit(args.folder, leaderboard_dir=args.leaderboard, name=args.name, replace=args.replace,
                           sample=args.sample, tolerance=args.tolerance, seed=args.seed, device=args.device,
@@ -231,7 +231,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from .doctor import command
+    from spdbench.doctor.env import command
 
     return command(bench=args.bench, quick=args.quick, device=args.device, dtypes=args.dtypes, attacks=args.attacks,
                    out=args.out, steps=args.steps, compile_backend=args.compile_backend, time_limit=args.time_limit,

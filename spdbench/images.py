@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InputError
+from spdbench.errors import InputError
 
 
 def check_images(images, name: str = "images", *, allow_batchless: bool = False) -> torch.Tensor:

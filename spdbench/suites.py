@@ -11,9 +11,9 @@ from typing import Optional, Union
 
 import torch
 
-from .editing import EditSettings
-from .errors import InputError, UnknownNameError, did_you_mean
-from .targets import SD15_HUB_ID, SD15_INPAINT_HUB_ID
+from spdbench.harness.editing import EditSettings
+from spdbench.errors import InputError, UnknownNameError, did_you_mean
+from spdbench.targets import SD15_HUB_ID, SD15_INPAINT_HUB_ID
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Suite:
     #: wall-clock limit for one cell group's attack (both splits, or the universal fit); the
     #: worker is stopped past it and the group is recorded as an error
     attack_timeout_s: Optional[float] = 3600.0
-    #: inpainting suites: the mask set every photo is edited with (spdbench.masks.MASK_SETS:
+    #: inpainting suites: the mask set every photo is edited with (spdbench.data.masks.MASK_SETS:
     #: "centre-box", "strokes"; 1 = repaint); None for img2img. `run(masks=DIR)` replaces it with
     #: the user's PNGs. The target (or edit_target) must then be an inpainting model.
     masks: Optional[str] = None
@@ -57,7 +57,7 @@ class Suite:
     def load_images(self, data_path: Union[str, Path, None] = None,
                     manifest: Union[str, Path, None] = None) -> tuple[torch.Tensor, list[str]]:
         """The suite's photos and their names (bundled, an image folder, or a manifest + root)."""
-        from . import data
+        from spdbench.data import photos as data
 
         if manifest is not None:
             if data_path is None:

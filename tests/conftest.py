@@ -41,7 +41,7 @@ def photos64():
 def _private_clean_edit_cache(tmp_path, monkeypatch):
     """Each test gets its own user-level clean-edit cache: a cache shared across tests would make a
     test's counts depend on which tests ran before it."""
-    from spdbench.editing import CACHE_ENV
+    from spdbench.harness.editing import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "user-cache"))
 

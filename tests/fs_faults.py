@@ -84,7 +84,7 @@ def temp_files(folder) -> Iterator[Path]:
 
 _HOLDER = textwrap.dedent("""
     import sys, time
-    from spdbench.runfolder import RunLock
+    from spdbench.store.runfolder import RunLock
     lock = RunLock(sys.argv[1], scope=sys.argv[2] or None)
     lock.acquire()
     print("locked", flush=True)

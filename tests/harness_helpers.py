@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import spdbench
 from spdbench.attacks.base import registered
-from spdbench.editing import EditSettings
+from spdbench.harness.editing import EditSettings
 from spdbench.suites import get_suite
 
 

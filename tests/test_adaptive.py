@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import spdbench
-from spdbench import Budget, metrics
+from spdbench import Budget
+from spdbench.scoring import metrics
 from spdbench.attacks import get_attack
 from spdbench.attacks.eot import transform
 from spdbench.errors import InputError
 from spdbench.purifiers import get_purifier
-from spdbench.stats import bootstrap_ci
+from spdbench.scoring.stats import bootstrap_ci
 
 
 def test_robust_to_names_are_checked_and_recorded():

@@ -13,9 +13,9 @@ from amortized_helpers import HugeNetwork, NotAModule, PeeksAtTarget
 from entry_helpers import suite_registered  # noqa: F401 (fixture)
 from harness_helpers import fast_images, fast_suite
 from spdbench import Budget
-from spdbench.network_file import load_network, rebuild
-from spdbench.results import Split, Status
-from spdbench.submission import submit, verify
+from spdbench.store.networks import load_network, rebuild
+from spdbench.store.records import Split, Status
+from spdbench.verify.submit import submit, verify
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_a_run_records_fit_and_apply_costs_and_the_network(amortized_run):
 def test_the_stored_network_reproduces_the_stored_protection(amortized_run):
     """verify's route: rebuild the network from the record's params, load the weights, apply again."""
     out, images, res = amortized_run
-    from spdbench.harness import load_protection
+    from spdbench.harness.pipeline import load_protection
 
     rec = next(r for r in res.records if r.split == Split.test)
     attack = rebuild(spdbench.get_attack("amortized-encoder", **rec.attack_params), Path(out) / rec.network["file"],
@@ -110,7 +110,7 @@ def _edit_network(folder: Path, fn, config=None) -> None:
     submitter who swaps in another network, consistently)."""
     import json
 
-    from spdbench.network_file import save_network
+    from spdbench.store.networks import save_network
 
     for rec_path in _records(folder):
         data = json.loads(rec_path.read_text())
@@ -214,7 +214,7 @@ def test_the_network_protects_any_photo_size_pixel_by_pixel(patch):
 
 
 def test_show_plots_the_fit_and_reports_both_costs(amortized_folder):
-    from spdbench.show import build_report
+    from spdbench.report.run_page import build_report
 
     page = build_report(amortized_folder)
     assert "Loss curves" in page and page.count("data:image/png;base64,") >= 2

@@ -41,7 +41,7 @@ def make(name: str, **params):
     return cls(**{k: v for k, v in {**FAST, **params}.items() if k in cls.defaults})
 
 
-# --- every attack: the contract, determinism and protection (spdbench.testing.check_attack) -------
+# --- every attack: the contract, determinism and protection (spdbench.testing.check.check_attack) -------
 @pytest.fixture(scope="module")
 def tiny():
     return spdbench.load_target("tiny")
@@ -69,7 +69,7 @@ EXPECTED_FAILURES = {
 def test_check_attack_passes(name, tiny):
     """The public property checks, on the trained tiny target: L-inf 8/255 and 16/255 and the two
     matching L2 budgets, on train and test photos; a universal attack is fit on train only."""
-    from spdbench.testing import check_attack
+    from spdbench.testing.check import check_attack
 
     # an attack that reads inpainting masks is checked on the trained inpainting model (check_attack's default)
     target = "tiny-inpaint" if attack_class(name).needs_inpainting else tiny
@@ -85,7 +85,7 @@ def test_check_attack_passes(name, tiny):
 def test_check_attack_fails_a_zero_attack_and_a_budget_breaker(tiny):
     """check_attack catches what `.ok` of a run never did: an attack that protects nothing, and
     one that leaves the budget."""
-    from spdbench.testing import check_attack
+    from spdbench.testing.check import check_attack
 
     class Zero(spdbench.Attack):
         has_objective = True
@@ -238,7 +238,7 @@ def test_diffusion_checkpointing_changes_memory_not_math(tiny_random, photos64):
 def test_diffusion_gradient_descends_a_fixed_noise_draw(tiny_random, photos64):
     """Through encode -> noise -> unrolled guided UNet steps -> decode, the gradient is right:
     PGD on one fixed draw (the objective's own) lowers that draw's loss."""
-    from spdbench.optim import optimize
+    from spdbench.attacks.optim import optimize
 
     x = photos64[:2]
     attack = spdbench.get_attack("photoguard-diffusion", unroll_steps=2, eval_samples=1, prompt="a photo",

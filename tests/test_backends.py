@@ -1,7 +1,7 @@
 """The Ray backend writes the same records as the serial one (local Ray, CPU)."""
 import pytest
 
-from spdbench.backends import grid, run_grid
+from spdbench.harness.grid import grid, run_grid
 
 from harness_helpers import fast_images, fast_suite
 

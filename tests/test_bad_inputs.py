@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 
 import spdbench
-from spdbench import metrics
+from spdbench.scoring import metrics
 from spdbench.budget import Budget
-from spdbench.data import load_folder, load_manifest, write_manifest
+from spdbench.data.photos import load_folder, load_manifest, write_manifest
 from spdbench.errors import (AttackError, BudgetError, InputError, RecordError, TargetLoadError,
                              UnknownNameError)
-from spdbench.protect import protect
+from spdbench.harness.protect import protect
 from spdbench.purifiers import get_purifier
-from spdbench.results import read_record
+from spdbench.store.records import read_record
 from spdbench.targets import load_sd15
 
 from harness_helpers import OverBudget, Raises, ReturnsNaN, WrongDtype, WrongShape, fast_images, fast_suite

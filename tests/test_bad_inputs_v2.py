@@ -19,9 +19,9 @@ from PIL import Image
 import spdbench
 from spdbench import cli
 from spdbench.errors import BudgetError, InputError, SpdbenchError, TargetLoadError
-from spdbench.data import write_manifest
-from spdbench.results import read_record
-from spdbench.runfolder import LOCK_NAME, DiskError, RunLockedError
+from spdbench.data.photos import write_manifest
+from spdbench.store.records import read_record
+from spdbench.store.runfolder import LOCK_NAME, DiskError, RunLockedError
 
 from fs_faults import hold_lock_in_other_process, inject_fault, temp_files
 from harness_helpers import fast_images, fast_suite

@@ -5,8 +5,8 @@ import torch
 
 from spdbench import Budget, BudgetError, apply_budget, format_eps, parse_eps
 from spdbench.budget import clamp_to_image, quantize_8bit
-from spdbench.data import load_photos
-from spdbench.optim import optimize
+from spdbench.data.photos import load_photos
+from spdbench.attacks.optim import optimize
 
 
 @pytest.mark.parametrize("text,value", [("16/255", 16 / 255), ("4/255", 4 / 255), (0.03, 0.03), ("0.5", 0.5)])
@@ -86,7 +86,7 @@ def test_optimizer_maximizes():
 
 
 def test_linear_schedule_is_photoguards():
-    from spdbench.optim import step_size_at
+    from spdbench.attacks.optim import step_size_at
 
     assert step_size_at(0, 100, 0.02, "linear") == pytest.approx(0.02)
     assert step_size_at(50, 100, 0.02, "linear") == pytest.approx(0.02 * (1 - 0.99 * 0.5))

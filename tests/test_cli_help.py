@@ -87,7 +87,7 @@ def _run_uniform(out, *extra):
 
 def test_clean_edits_are_shared_across_run_folders(tmp_path, capsys, monkeypatch):
     """A second run folder reuses the first folder's clean edits from the user-level cache."""
-    from spdbench.editing import CACHE_ENV
+    from spdbench.harness.editing import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "shared"))
     assert _run_uniform(tmp_path / "a") == 0
@@ -111,7 +111,7 @@ def test_cache_dir_option_overrides_the_shared_cache(tmp_path, capsys):
 def test_progress_defaults_to_on_at_a_terminal_only(monkeypatch):
     import io
 
-    from spdbench import harness
+    from spdbench.harness import pipeline as harness
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -125,7 +125,7 @@ def test_progress_defaults_to_on_at_a_terminal_only(monkeypatch):
 
 def test_purifiers_none_scores_no_purifier(tmp_path, capsys):
     """--purifiers none: a run that scores the unpurified edit only (a study that needs no purifier)."""
-    from spdbench.results import load_records
+    from spdbench.store.records import load_records
 
     out = tmp_path / "r"
     assert _run_uniform(out) == 0

@@ -6,10 +6,10 @@ import pytest
 
 import spdbench
 from entry_helpers import run_dir, suite_registered  # noqa: F401 (fixtures)
-from spdbench import compare
+from spdbench.scoring import compare
 from spdbench.cli import main
 from spdbench.errors import InputError
-from spdbench.results import load_records
+from spdbench.store.records import load_records
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_cli_prints_the_table_and_refuses_a_missing_folder(run_dir, none_dir, tm
 
 
 def test_the_ranking_marks_rank_and_whether_a_row_beats_the_next(run_dir, none_dir, tmp_path):  # noqa: F811
-    from spdbench.leaderboard import build_from_dirs, ranking
+    from spdbench.report.board import build_from_dirs, ranking
 
     rank = ranking(load_records(run_dir) + load_records(none_dir))
     for eps, g in rank.groupby("eps"):

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import spdbench
-from spdbench.data import (BUNDLED, bundled_split, load_folder, load_manifest, split_indices, write_manifest)
+from spdbench.data.photos import (BUNDLED, bundled_split, load_folder, load_manifest, split_indices, write_manifest)
 from spdbench.errors import InputError
 
 

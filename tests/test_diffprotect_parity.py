@@ -136,7 +136,7 @@ def test_preset_is_the_anchors_setting(name):
 
 def test_sds_uses_no_unet_backward(target, photos):
     """SDS's claim to be cheap: one UNet forward and no UNet backward per step (AdvDM: both)."""
-    from spdbench.model_calls import ModelCallCounter
+    from spdbench.harness.model_calls import ModelCallCounter
 
     counts = {}
     for name in ("advdm", "sds-minus"):

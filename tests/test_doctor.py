@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import spdbench
-from spdbench import cli, doctor
+from spdbench import cli
+from spdbench.doctor import env as doctor
 from spdbench.attacks.base import registered
-from spdbench.doctor_bench import BenchConfig, run_bench
-from spdbench.doctor_cost import cost_report, cost_rows, protocol_counts
+from spdbench.doctor.bench import BenchConfig, run_bench
+from spdbench.doctor.cost import cost_report, cost_rows, protocol_counts
 
 
 # --- test attacks, each broken in one way ------------------------------------------------------------

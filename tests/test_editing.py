@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import spdbench
-from spdbench.editing import PROMPTS, EditSettings, Editor, image_seed, resolve_prompt
+from spdbench.harness.editing import PROMPTS, EditSettings, Editor, image_seed, resolve_prompt
 from spdbench.errors import InputError, UnknownNameError
 
 from harness_helpers import fast_images, fast_suite
@@ -149,7 +149,7 @@ def test_bad_cache_entry_is_rejected_named_and_recomputed(tmp_path, target, imag
     else:
         save_file(BAD_ENTRIES[kind](good), str(victim))
     ed = Editor(target, SETTINGS, cache_dir=cache)
-    with caplog.at_level("WARNING", logger="spdbench.editing"):
+    with caplog.at_level("WARNING", logger="spdbench.harness.editing"):
         out = ed.edit_clean(images[:2], "P3", seeds)  # never aborts the run
     assert ed.cache_rejected == [victim.name] and (ed.cache_hits, ed.cache_misses) == (1, 1)
     assert victim.name in caplog.text
@@ -163,7 +163,7 @@ def test_bad_cache_entry_is_rejected_named_and_recomputed(tmp_path, target, imag
 def test_non_finite_fresh_edit_is_not_cached(tmp_path, target, images, monkeypatch, caplog):
     ed = Editor(target, SETTINGS, cache_dir=tmp_path)
     monkeypatch.setattr(ed, "_edit_batch", lambda x, prompt, seeds: torch.full_like(x, float("nan")))
-    with caplog.at_level("WARNING", logger="spdbench.editing"):
+    with caplog.at_level("WARNING", logger="spdbench.harness.editing"):
         out = ed.edit_clean(images[:2], "P3", [1, 2])
     assert out.isnan().all() and list(tmp_path.iterdir()) == []
     assert "not cached" in caplog.text and "non-finite" in caplog.text
@@ -196,7 +196,7 @@ def tiny_inpaint_random():
     """tiny-random with SD-inpainting's 9-channel UNet (the zoo's widening, random weights)."""
     import spdbench
     from spdbench.targets import Target
-    from spdbench.zoo.train_inpaint import inpaint_unet_from
+    from zoo.train_inpaint import inpaint_unet_from
 
     comps = spdbench.load_target("tiny-random").components()
     comps["unet"] = inpaint_unet_from(comps["unet"])
@@ -205,9 +205,9 @@ def tiny_inpaint_random():
 
 def test_inpainting_edits_take_one_mask_per_image_and_refuse_anything_else(tiny_inpaint_random, tiny_random, tmp_path):
     import spdbench
-    from spdbench.editing import EditSettings, Editor
+    from spdbench.harness.editing import EditSettings, Editor
     from spdbench.errors import InputError
-    from spdbench.masks import random_masks
+    from spdbench.data.masks import random_masks
 
     x = spdbench.load_photos(n=2, size=64)
     m = random_masks(2, 64, torch.Generator().manual_seed(0), ("box",))

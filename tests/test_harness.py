@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import spdbench
-from spdbench.data import split_indices
+from spdbench.data.photos import split_indices
 from spdbench.errors import UnknownNameError
-from spdbench.results import Status, load_records, read_record
+from spdbench.store.records import Status, load_records, read_record
 
 from harness_helpers import fast_images, fast_suite, recorded_fits
 
@@ -111,7 +111,7 @@ def test_corrupt_record_is_recomputed_not_trusted(tmp_path, target):
 
 
 def test_leaderboard_outputs(tmp_path, target):
-    from spdbench.leaderboard import build
+    from spdbench.report.board import build
 
     images = fast_images(4)
     recs = []
@@ -135,7 +135,7 @@ class _OOMAboveTwo(spdbench.Attack):
 
 
 def test_attack_oom_halves_the_batch_and_is_recorded():
-    from spdbench.protect import protect
+    from spdbench.harness.protect import protect
 
     x = torch.rand(5, 3, 16, 16)
     p = protect(_OOMAboveTwo(), None, x, spdbench.Budget("linf", "4/255"), batch_size=8, seed=0)
@@ -144,7 +144,7 @@ def test_attack_oom_halves_the_batch_and_is_recorded():
 
 
 def test_edit_oom_halves_the_batch(monkeypatch, target):
-    from spdbench.editing import EditSettings, Editor
+    from spdbench.harness.editing import EditSettings, Editor
 
     editor = Editor(target, EditSettings(steps=2), batch_size=4)
     real = editor._edit_batch

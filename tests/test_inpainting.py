@@ -15,9 +15,9 @@ from spdbench import Budget, load_target
 from spdbench.attacks import get_attack
 from spdbench.attacks.diffusionguard import first_timestep, shrink_kept_region
 from spdbench.errors import InputError
-from spdbench.masks import centre_box, mask_set, save_masks
-from spdbench.region_metrics import region_psnr, region_ssim
-from spdbench.submission import verify
+from spdbench.data.masks import centre_box, mask_set, save_masks
+from spdbench.scoring.regions import region_psnr, region_ssim
+from spdbench.verify.submit import verify
 from spdbench.suites import SUITES, get_suite
 
 from harness_helpers import attack_param
@@ -139,7 +139,7 @@ def test_an_inpainting_run_records_masks_and_both_regions(inpaint_run):
     assert result.ok, [r.error for r in result.failed]
     names = [n for r in result.records for n in r.image_names]
     masks = mask_set("centre-box", names, 64)
-    from spdbench.masks import mask_sha256
+    from spdbench.data.masks import mask_sha256
 
     for rec in result.records:
         n = len(rec.image_names)
@@ -153,7 +153,7 @@ def test_an_inpainting_run_records_masks_and_both_regions(inpaint_run):
 
 def test_a_run_with_the_subject_keeping_masks_records_and_verifies_them(tmp_path):
     """PhotoGuard's setting: keep the subject, repaint the rest (the hand-drawn set, masks.py)."""
-    from spdbench.masks import mask_sha256
+    from spdbench.data.masks import mask_sha256
 
     suite = dataclasses.replace(FAST, name="test-inpaint-subject", masks="subject")
     with pytest.MonkeyPatch.context() as mp:
@@ -201,7 +201,7 @@ def test_a_forged_kept_region_value_of_any_image_is_refused(inpaint_run, tmp_pat
 
 
 def test_the_leaderboard_shows_inpainting_as_its_own_group(inpaint_run, tmp_path):
-    from spdbench.leaderboard import build
+    from spdbench.report.board import build
 
     result, _ = inpaint_run
     md = build(result.records, tmp_path, formats=("md",))["md"].read_text()
@@ -254,7 +254,7 @@ def test_every_attack_runs_against_the_inpainting_model(name, inpainter, photos)
     """Attacks that do not read masks run unchanged on the 9-channel model; those that do get them.
     Two steps at 64 px: the contract only (protection on inpainting is measured in docs/inpainting.md)."""
     from spdbench.attacks import attack_class
-    from spdbench.testing import mask_args
+    from spdbench.testing.check import mask_args
 
     cls = attack_class(name)
     fast = dict(steps=2, grad_samples=1, eval_samples=1, unroll_steps=2)
@@ -290,7 +290,7 @@ def test_check_attack_passes_on_the_inpainting_model(name):
     """The public property checks (contract, non-zero, determinism, beats noise on both splits)
     against tiny-inpaint: attacks that do not read the mask are checked through the "repaint
     everything" condition, mask readers with centre boxes."""
-    from spdbench.testing import check_attack
+    from spdbench.testing.check import check_attack
 
     params = dict(grad_samples=1, eval_samples=2, unroll_steps=2) if name == "photoguard-diffusion" else None
     check_attack(name, target="tiny-inpaint", params=params).assert_ok()

@@ -16,7 +16,7 @@ from PIL import Image
 import spdbench
 from spdbench import cli
 from spdbench.budget import Budget, format_eps, parse_eps
-from spdbench.data import (MAX_IMAGE_PIXELS, bundled_upscaled, check_size_multiple, load_folder, load_manifest,
+from spdbench.data.photos import (MAX_IMAGE_PIXELS, bundled_upscaled, check_size_multiple, load_folder, load_manifest,
                            read_image, write_manifest)
 from spdbench.errors import BudgetError, InputError, SpdbenchError, TargetLoadError
 from spdbench.suites import get_suite

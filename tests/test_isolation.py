@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import spdbench
-from spdbench.attack_plan import plan
-from spdbench.data import split_indices
-from spdbench.harness import load_protection
-from spdbench.results import Status
+from spdbench.harness.plan import plan
+from spdbench.data.photos import split_indices
+from spdbench.harness.pipeline import load_protection
+from spdbench.store.records import Status
 from spdbench.suites import get_suite
 
 import hostile_attacks as H
@@ -183,7 +183,7 @@ def test_the_worker_warms_the_model_up_once_before_its_first_timed_attack(monkey
     through every network untimed; later requests do not repeat it."""
     import torch
 
-    from spdbench import worker
+    from spdbench.harness import worker
 
     calls = []
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from spdbench.entry_schema import MANIFEST
-from spdbench.results import SCHEMA_VERSION
-from spdbench.submission import verify
+from spdbench.verify.entry import MANIFEST
+from spdbench.store.records import SCHEMA_VERSION
+from spdbench.verify.submit import verify
 
 from tampering_cases import BY_NAME
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from spdbench import leaderboard
-from spdbench.leaderboard import build, load_checked, ranking
-from spdbench.leaderboard_page import UNMARKED, sections
+from spdbench.report import board as leaderboard
+from spdbench.report.board import build, load_checked, ranking
+from spdbench.report.page import UNMARKED, sections
 
 ENTRIES = Path(__file__).parent.parent / "leaderboard" / "entries"
 PICK = ["smoke-none", "smoke-uniform-noise", "smoke-pca-plus", "smoke-photoguard-encoder", "smoke-spd-encoder"]

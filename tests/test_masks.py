@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from spdbench.errors import InputError
-from spdbench.masks import latent_mask, load_masks, mask_set, mask_sha256, random_masks, save_masks, stroke_mask
+from spdbench.data.masks import latent_mask, load_masks, mask_set, mask_sha256, random_masks, save_masks, stroke_mask
 
 NAMES = ["astronaut", "coffee", "chelsea"]
 
@@ -60,8 +60,8 @@ def test_subject_masks_are_the_hand_drawn_shapes_and_cover_every_bundled_photo(t
     import json
     import shutil
 
-    from spdbench.data import BUNDLED_NAMES
-    from spdbench.masks import SUBJECT_DIR, draw_subject_pngs
+    from spdbench.data.photos import BUNDLED_NAMES
+    from spdbench.data.masks import SUBJECT_DIR, draw_subject_pngs
 
     shutil.copy(SUBJECT_DIR / "shapes.json", tmp_path / "shapes.json")
     draw_subject_pngs(tmp_path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import spdbench
-from spdbench import metrics
+from spdbench.scoring import metrics
 from spdbench.errors import InputError, UnknownNameError
 from spdbench.purifiers import jpeg as _jpeg
 

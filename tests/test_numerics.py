@@ -19,8 +19,8 @@ import spdbench
 from spdbench import AttackError, Budget
 from spdbench.attacks import attack_class
 from spdbench.attacks.pca import PCAMinus
-from spdbench.optim import CHECK_EVERY, optimize
-from spdbench.testing import mask_args
+from spdbench.attacks.optim import CHECK_EVERY, optimize
+from spdbench.testing.check import mask_args
 
 from harness_helpers import attack_param
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import spdbench
-from spdbench import metrics
+from spdbench.scoring import metrics
 from spdbench.errors import RegistryError, UnknownNameError
 from spdbench.purifiers import (Purifier, consistency, get_purifier, gridpure, list_purifiers, load_entry_points,
                                 register_purifier, unregister_purifier)
 from spdbench.purifiers.diffusion import _grid_boxes
-from spdbench.worst_case import worst_case
+from spdbench.scoring.worst_case import worst_case
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -146,8 +146,8 @@ def test_worst_case_takes_per_image_the_block_that_restores_the_edit_most():
 def test_leaderboard_ranks_by_the_worst_case_beside_the_clean_score():
     from pathlib import Path
 
-    from spdbench.leaderboard import ranking
-    from spdbench.results import load_records
+    from spdbench.report.board import ranking
+    from spdbench.store.records import load_records
 
     entry = Path(__file__).parent.parent / "leaderboard" / "entries" / "smoke-uniform-noise"
     rec = next(r for r in load_records(entry) if r.split.value == "test")

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from spdbench import results
+from spdbench.store import records as results
 from spdbench.errors import RecordError
-from spdbench.results import (NON_FINITE_FLAG, Record, Status, TargetInfo, Timing, Validation, atomic_write_bytes,
+from spdbench.store.records import (NON_FINITE_FLAG, Record, Status, TargetInfo, Timing, Validation, atomic_write_bytes,
                               finished_cells, load_records, read_record, remove_stale_temp, write_jsonl,
                               write_record)
 
@@ -66,7 +66,7 @@ def test_a_number_set_after_building_is_flagged_on_write(tmp_path, caplog):
     rec = _record()
     assert rec.flags == []
     rec.loss_curve.append(NAN)
-    with caplog.at_level("WARNING", logger="spdbench.results"):
+    with caplog.at_level("WARNING", logger="spdbench.store.records"):
         path = write_record(rec, tmp_path)
     assert read_record(path).flags == [NON_FINITE_FLAG]
     assert "loss_curve.3" in caplog.text and rec.cell_id in caplog.text

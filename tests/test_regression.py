@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 import spdbench
-from spdbench.regression import compare
-from spdbench.stats import bootstrap_ci, bootstrap_diff_ci
+from spdbench.scoring.regression import compare
+from spdbench.scoring.stats import bootstrap_ci, bootstrap_diff_ci
 
 from harness_helpers import fast_images, fast_suite
 
@@ -50,7 +50,7 @@ def test_plugin_baseline_option_fails_on_regression(pytester, baseline, tmp_path
     import json
     from pathlib import Path
 
-    from spdbench.results import write_record
+    from spdbench.store.records import write_record
 
     base_dir = tmp_path / "base"
     for r in _shifted(baseline, -0.3):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spdbench.results import load_records
+from spdbench.store.records import load_records
 
 SCRIPT = textwrap.dedent("""
     import sys, torch

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from spdbench.errors import SpdbenchError
-from spdbench.results import atomic_write_bytes
-from spdbench.runfolder import (LOCK_NAME, DiskError, RunFolderError, RunLock, RunLockedError, disk_error,
+from spdbench.store.records import atomic_write_bytes
+from spdbench.store.runfolder import (LOCK_NAME, DiskError, RunFolderError, RunLock, RunLockedError, disk_error,
                                 disk_faults, file_mode, lock_name, prepare_out, read_lock)
 
 from fs_faults import hold_lock_in_other_process, inject_fault, temp_files
@@ -131,8 +131,8 @@ def test_real_partial_write_is_removed(tmp_path):
     script = textwrap.dedent(f"""
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        from spdbench.results import atomic_write_bytes
-        from spdbench.runfolder import DiskError
+        from spdbench.store.records import atomic_write_bytes
+        from spdbench.store.runfolder import DiskError
         atomic_write_bytes({str(tmp_path / 'ok.json')!r}, b"small")
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
         try:
@@ -215,7 +215,7 @@ def test_stale_or_unreadable_lock_file_is_taken_over(tmp_path, content):
 
 
 def test_without_flock_a_live_pid_is_refused_and_a_dead_one_taken_over(tmp_path, monkeypatch):
-    import spdbench.runfolder as rf
+    import spdbench.store.runfolder as rf
 
     monkeypatch.setattr(rf, "fcntl", None)  # a file system without flock: the pid decides
     parent = os.getppid()

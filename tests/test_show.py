@@ -13,10 +13,10 @@ import spdbench
 from entry_helpers import copy, run_dir, suite_registered  # noqa: F401 (fixtures)
 from spdbench.cli import main
 from spdbench.errors import InputError
-from spdbench.examples import MAX_SIDE, PER_CELL, example_rel, strip_png
-from spdbench.harness import load_protection
-from spdbench.results import load_records
-from spdbench.submission import verify
+from spdbench.store.strips import MAX_SIDE, PER_CELL, example_rel, strip_png
+from spdbench.harness.pipeline import load_protection
+from spdbench.store.records import load_records
+from spdbench.verify.submit import verify
 
 
 def test_every_test_cell_has_its_strips_and_they_show_the_photo_and_its_protection(run_dir):  # noqa: F811
@@ -62,10 +62,10 @@ def test_show_writes_one_self_contained_page_and_the_folder_still_verifies(run_d
     report = verify(folder, rerun=False)
     assert report.ok, report.problems
     entry_copy = tmp_path / "lb"
-    rep, entry = spdbench.submission.submit(folder, leaderboard_dir=entry_copy, name="with-report", rerun=False)
+    rep, entry = spdbench.verify.submit.submit(folder, leaderboard_dir=entry_copy, name="with-report", rerun=False)
     assert entry is not None and not (entry / "report.html").exists() and list(entry.glob("examples/*.png"))
     with pytest.raises(InputError, match="leaderboard entry"):
-        spdbench.show.write_report(entry)
+        spdbench.report.run_page.write_report(entry)
 
 
 def test_show_refuses_what_is_not_a_run_in_one_line(tmp_path, capsys):
@@ -79,7 +79,7 @@ def test_the_leaderboard_page_shows_each_methods_photo_across_the_budgets(run_di
     page links the strips where they are (no copy) and each link resolves."""
     import re
 
-    from spdbench.leaderboard import build_from_dirs
+    from spdbench.report.board import build_from_dirs
 
     out = tmp_path / "lb"
     build_from_dirs([run_dir], out)

@@ -12,11 +12,11 @@ import pytest
 
 import spdbench
 from spdbench.cli import main as cli_main
-from spdbench.entry_schema import MANIFEST
+from spdbench.verify.entry import MANIFEST
 from spdbench.errors import InputError
-from spdbench.leaderboard import build, build_from_dirs, ranking
-from spdbench.results import read_record
-from spdbench.submission import submit, verify
+from spdbench.report.board import build, build_from_dirs, ranking
+from spdbench.store.records import read_record
+from spdbench.verify.submit import submit, verify
 
 from entry_helpers import copy, run_dir, snapshot, suite_registered  # noqa: F401 (fixtures)
 from tampering_cases import BY_NAME, edit_one, first, set_list

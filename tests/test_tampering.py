@@ -11,8 +11,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from spdbench import remeasure
-from spdbench.submission import verify
+from spdbench.verify import remeasure
+from spdbench.verify.submit import verify
 
 from entry_helpers import FAST, copy, run_dir, suite_registered  # noqa: F401 (fixtures)
 from tampering_cases import CASES, edit_one, set_list
@@ -118,7 +118,8 @@ def test_one_tampered_value_is_caught_exactly_when_drawn(run_dir, tmp_path):
 def _seed_drawing(folder, position: int, hit: bool) -> int:
     """A seed whose draw (replayed here as verify makes it) does / does not pick `position` of the
     first train cell of `folder`."""
-    from spdbench import claims, entry_schema
+    from spdbench.verify import claims
+    from spdbench.verify import entry as entry_schema
 
     c = claims.check(entry_schema.scan(folder), FAST)
     first_train = next(x for x in sorted(c.ok_cells, key=lambda x: x.rel) if x.record.split.value == "train")
@@ -141,7 +142,7 @@ def test_probability_sample_covers_issue_case(run_dir, tmp_path):
 def test_universal_check_accepts_one_delta_and_refuses_per_image_ones():
     import torch
 
-    from spdbench.claims import universal_problem
+    from spdbench.verify.claims import universal_problem
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (6, 3, 16, 16), generator=g).double()
@@ -175,8 +176,8 @@ def test_harness_applies_a_half_level_universal_delta_as_one_delta(norm, eps):
 
     from spdbench import Budget
     from spdbench.budget import quantize_within
-    from spdbench.claims import universal_problem
-    from spdbench.protect import enforce
+    from spdbench.verify.claims import universal_problem
+    from spdbench.harness.protect import enforce
 
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (8, 3, 24, 24), generator=g).double() / 255

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from spdbench import Budget
-from spdbench.zoo.immunization_study import protect_crops as protect
+from zoo.immunization_study import protect_crops as protect
 from spdbench.targets.tiny import TRAINED_DIR
 
 pytestmark = pytest.mark.skipif(not (TRAINED_DIR / "model_index.json").is_file(),
@@ -46,7 +46,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def crops() -> torch.Tensor:
-    from spdbench.zoo.evaluate_tiny import heldout_crops
+    from zoo.evaluate_tiny import heldout_crops
 
     return heldout_crops()[::4].clone()  # quadrant 0 of each of the 4 test photos: (4, 3, 128, 128)
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from spdbench import metrics
+from spdbench.scoring import metrics
 from spdbench.targets.tiny import TRAINED_DIR, V2_DIR
-from spdbench.zoo import train_tiny
+from zoo import train_tiny
 
 RECORD = V2_DIR / train_tiny.TRAINING_JSON
 pytestmark = pytest.mark.skipif(not RECORD.is_file(), reason="trained tiny target not shipped")
-#: a folder made by `python -m spdbench.zoo.photos fetch DIR` (about 500 MB): enables v3's replay
+#: a folder made by `python -m zoo.photos fetch DIR` (about 500 MB): enables v3's replay
 PHOTOS = os.environ.get("SPDBENCH_ZOO_PHOTOS")
 
 
@@ -66,7 +66,7 @@ def test_first_steps_reproduce(record):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not PHOTOS, reason="v3's replay needs the zoo's photos: set SPDBENCH_ZOO_PHOTOS to a folder "
-                                       "made by `python -m spdbench.zoo.photos fetch DIR` (about 500 MB, 1 min)")
+                                       "made by `python -m zoo.photos fetch DIR` (about 500 MB, 1 min)")
 def test_v3_first_steps_reproduce():
     """`tiny` (v3) from its photo list and seed: the recorded first losses of both stages."""
     record = json.loads((TRAINED_DIR / train_tiny.TRAINING_JSON).read_text())
@@ -91,7 +91,7 @@ def test_refuses_to_overwrite_without_force(tmp_path):
 
 def test_heldout_reconstruction_psnr(target):
     """CI guard of the recorded figure (>= 20 dB on 16 crops): > 18 dB on one photo's 4 crops."""
-    from spdbench.zoo.evaluate_tiny import heldout_crops
+    from zoo.evaluate_tiny import heldout_crops
 
     x = heldout_crops(n_photos=1)
     assert x.shape == (4, 3, 128, 128)
@@ -103,7 +103,7 @@ def test_heldout_reconstruction_psnr(target):
 def test_denoise_probe_loses_structure_with_noise(target):
     """The trained UNet denoises: x0 error grows and SSIM falls with t, and at small t the one-step
     estimate is close to plain reconstruction (a random UNet would give noise at every t)."""
-    from spdbench.zoo.evaluate_tiny import denoise_probe, heldout_crops
+    from zoo.evaluate_tiny import denoise_probe, heldout_crops
 
     x = heldout_crops(n_photos=1)
     probe = denoise_probe(target, x, timesteps=(20, 300, 500))

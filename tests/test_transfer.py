@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import spdbench
-from spdbench.submission import verify
+from spdbench.verify.submit import verify
 from spdbench.suites import SUITES, get_suite
 
 from harness_helpers import fast_suite
@@ -72,7 +72,7 @@ def test_smoke_transfer_is_registered_against_tiny_b():
 
 
 def test_the_leaderboard_puts_white_and_black_box_side_by_side(runs):
-    from spdbench.leaderboard import ranking, transfer_markdown, transfer_table
+    from spdbench.report.board import ranking, transfer_markdown, transfer_table
 
     white, black, _ = runs
     rank = ranking(white.records + black.records)
@@ -90,7 +90,7 @@ def test_the_leaderboard_puts_white_and_black_box_side_by_side(runs):
 def test_a_transfer_run_reuses_the_white_box_runs_protections(runs, tmp_path, monkeypatch):
     """--protections-from: the transfer suite edits the very protection the white-box run made,
     without running the attack again; another attack setting is not reused."""
-    from spdbench import harness
+    from spdbench.harness import pipeline as harness
 
     white, black, mp = runs
 
@@ -121,7 +121,7 @@ def test_a_mask_reading_attack_is_reused_on_an_img2img_suite(tmp_path, monkeypat
     """photoguard-diffusion reads the masks on inpainting suites only; on img2img suites neither the
     source nor the transfer run has masks, and that is a match (it was refused: every
     photoguard-diffusion transfer re-ran its attack)."""
-    from spdbench import harness
+    from spdbench.harness import pipeline as harness
 
     params = {"steps": 2, "eval_samples": 1}
     src = spdbench.run("photoguard-diffusion", suite="test-white", out=tmp_path / "white", attack_params=params)
@@ -137,7 +137,7 @@ def test_a_mask_reading_attack_is_reused_on_an_img2img_suite(tmp_path, monkeypat
 def test_the_source_folder_is_read_once_for_every_budget(runs, tmp_path, monkeypatch):
     """Two budgets, one of them not in the source (its attack runs): the source's records are read
     once for the run, not once per budget."""
-    from spdbench import harness
+    from spdbench.harness import pipeline as harness
 
     white, _, _ = runs
     reads = []

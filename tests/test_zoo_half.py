@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from spdbench.errors import InputError
-from spdbench.zoo import photos as zp
-from spdbench.zoo import train_tiny
+from zoo import photos as zp
+from zoo import train_tiny
 
 
 @pytest.fixture(scope="module")

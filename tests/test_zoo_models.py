@@ -2,7 +2,7 @@
 tiny-b, and tiny-inpaint.
 
 Each loads offline, matches its training record, and reproduces the headline figures its
-evaluation record (docs/zoo-eval-*.json, written by `python -m spdbench.zoo.evaluate_tiny` /
+evaluation record (docs/zoo-eval-*.json, written by `python -m zoo.evaluate_tiny` /
 `evaluate_inpaint`) holds for the bundled test split; the held-out package's figures need the
 fetched photos, so CI checks that the recorded ones meet the aims the docs state.
 """
@@ -18,8 +18,8 @@ import torch
 from spdbench import load_target
 from spdbench.errors import TargetLoadError
 from spdbench.targets.tiny import INPAINT_DIR, TINY_B_DIR, V3_DIR
-from spdbench.zoo import train_tiny
-from spdbench.zoo.evaluate_tiny import heldout_crops, img2img_ssim, reconstruction
+from zoo import train_tiny
+from zoo.evaluate_tiny import heldout_crops, img2img_ssim, reconstruction
 
 DOCS = Path(__file__).parent.parent / "docs"
 MODELS = [("tiny", V3_DIR), ("tiny-b", TINY_B_DIR)]
@@ -51,7 +51,7 @@ def test_tiny_b_is_an_independent_sibling():
     v3, b = _record(V3_DIR), _record(TINY_B_DIR)
     assert (v3["settings"]["seed"], b["settings"]["seed"]) == (0, 1)
     assert v3["settings"]["photo_half"] is None and b["settings"]["photo_half"] == "b"
-    from spdbench.zoo import photos as photo_list
+    from zoo import photos as photo_list
 
     assert all(photo_list.half_of(p["sha256"]) == "b" for p in b["data"]["photos"])
     assert load_target("tiny-b").fingerprint != load_target("tiny").fingerprint
@@ -91,9 +91,9 @@ def test_tiny_inpaint_loads_on_v3s_vae_and_text_encoder():
 
 
 def test_tiny_inpaint_refuses_a_parent_it_was_not_trained_on(monkeypatch):
-    import spdbench.data
+    import spdbench.data.photos
 
-    monkeypatch.setattr(spdbench.data, "sha256_file", lambda path: "0" * 64)
+    monkeypatch.setattr(spdbench.data.photos, "sha256_file", lambda path: "0" * 64)
     with pytest.raises(TargetLoadError, match="trained on another model"):
         load_target("tiny-inpaint")
 
@@ -109,7 +109,7 @@ def test_tiny_inpaint_reproduces_its_record_and_reads_the_kept_region():
     *worse*), and it reads the photo: the kept region comes back 5.7 dB closer to the truth than the
     hole, which starts from the same noise. The guards hold those figures with a margin.
     """
-    from spdbench.zoo.evaluate_inpaint import figures
+    from zoo.evaluate_inpaint import figures
 
     heldout = _record(INPAINT_DIR)["heldout"]
     rec = heldout["bundled"]["box"]
@@ -138,7 +138,7 @@ def test_tiny_inpaints_at_least_as_well_as_a_mean_colour_fill_on_every_recorded_
 
 
 def test_the_mean_of_four_paintings_beats_a_mean_colour_fill_on_boxes_too():
-    """docs/zoo-eval-tiny-inpaint-samples4.json (`python -m spdbench.zoo.evaluate_inpaint --photos DIR
+    """docs/zoo-eval-tiny-inpaint-samples4.json (`python -m zoo.evaluate_inpaint --photos DIR
     --samples 4`, on the shipped weights): a single painting pays the hole's conditional variance
     twice, so on a large box it only edges the flat fill; the average of four paintings per crop
     beats the fill with intervals clear of 0 on both sets and every mask kind (boxes +1.6 dB
@@ -174,7 +174,7 @@ def test_inpaint_loss_weight_is_truncated_snr():
     from diffusers import DDPMScheduler
 
     from spdbench.targets.tiny import SCHEDULER_CONFIG
-    from spdbench.zoo.train_inpaint import loss_weight
+    from zoo.train_inpaint import loss_weight
 
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
     ac = sched.alphas_cumprod
@@ -193,8 +193,8 @@ def test_inpaint_sample_mean_scores_the_average_of_the_recorded_seeds():
     """`--samples K`: the K paintings are the ones its record names (sample k of crop i drawn with
     seed k * stride + i, sample 0 the single-sample figure), and their average is scored -- which
     can never have a larger hole error than the paintings do on average (Jensen, per crop)."""
-    from spdbench.region_metrics import region_psnr
-    from spdbench.zoo.evaluate_inpaint import SAMPLE_SEED_STRIDE, figures, inpaint, masks_for
+    from spdbench.scoring.regions import region_psnr
+    from zoo.evaluate_inpaint import SAMPLE_SEED_STRIDE, figures, inpaint, masks_for
 
     target, x = load_target("tiny-inpaint"), heldout_crops(1)[:2]
     got = figures(target, x, "two crops", kinds=("box",), samples=3)["box"]
@@ -211,7 +211,7 @@ def test_inpaint_sample_mean_scores_the_average_of_the_recorded_seeds():
 
 
 def test_inpaint_evaluation_refuses_a_sample_count_below_one(capsys):
-    from spdbench.zoo.evaluate_inpaint import main
+    from zoo.evaluate_inpaint import main
 
     with pytest.raises(SystemExit) as e:
         main(["--samples", "0"])

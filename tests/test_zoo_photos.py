@@ -1,4 +1,4 @@
-"""The zoo's photo list (spdbench/zoo/photos.json) and the v3 crop sampler: fast, no photos needed."""
+"""The zoo's photo list (zoo/photos.json) and the v3 crop sampler: fast, no photos needed."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from spdbench.data import BUNDLED, bundled_split
+from spdbench.data.photos import BUNDLED, bundled_split
 from spdbench.errors import InputError
-from spdbench.zoo import photos as zp
-from spdbench.zoo.train_tiny import CropSampler, package_weights
+from zoo import photos as zp
+from zoo.train_tiny import CropSampler, package_weights
 
 
 @pytest.fixture(scope="module")

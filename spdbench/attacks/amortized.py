@@ -14,12 +14,12 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from ..budget import Budget, clamp_to_image
-from ..errors import InputError
-from .base import AmortizedAttack, register
-from .objectives import GradientAttack, PerImageObjective, check_norm, ensure_generator
-from .pca import PCAMinus
-from .photoguard import PhotoGuardEncoder
+from spdbench.budget import Budget, clamp_to_image
+from spdbench.errors import InputError
+from spdbench.attacks.base import AmortizedAttack, register
+from spdbench.attacks.objectives import GradientAttack, PerImageObjective, check_norm, ensure_generator
+from spdbench.attacks.pca import PCAMinus
+from spdbench.attacks.photoguard import PhotoGuardEncoder
 
 
 class _Block(nn.Module):

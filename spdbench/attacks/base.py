@@ -15,10 +15,10 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, TypeVar
 
 import torch
 
-from ..budget import Budget
-from ..errors import InputError, RegistryError, UnknownNameError, did_you_mean
-from ..images import check_images
-from ..plugins import load_group
+from spdbench.budget import Budget
+from spdbench.errors import InputError, RegistryError, UnknownNameError, did_you_mean
+from spdbench.images import check_images
+from spdbench.registry import load_group
 
 ENTRY_POINT_GROUP = "spdbench.attacks"
 
@@ -313,7 +313,7 @@ def attack_source(attack: Union[Attack, type]) -> dict[str, str]:
 
 
 def _ensure_loaded() -> None:
-    from . import amortized, baselines, diffprotect, diffusionguard, pca, photoguard, spd  # noqa: F401  (built-ins)
+    from spdbench.attacks import amortized, baselines, diffprotect, diffusionguard, pca, photoguard, spd  # noqa: F401  (built-ins)
 
     load_entry_points()
 

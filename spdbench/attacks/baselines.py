@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-from ..budget import Budget, clamp_to_image
-from .base import Attack, register
+from spdbench.budget import Budget, clamp_to_image
+from spdbench.attacks.base import Attack, register
 
 
 @register("none")

@@ -33,10 +33,10 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import torch
 
-from ..budget import Budget
-from ..errors import InputError
-from .base import register
-from .objectives import ITERATION_DEFAULTS, GradientAttack, check_choice, draw, latent_shape, resize_image
+from spdbench.budget import Budget
+from spdbench.errors import InputError
+from spdbench.attacks.base import register
+from spdbench.attacks.objectives import ITERATION_DEFAULTS, GradientAttack, check_choice, draw, latent_shape, resize_image
 
 #: xavihart/Diff-Protect configs/attack/base.yaml + code/diff_mist.py: L-inf eps 16/255, sign
 #: step 1/255 (2/255 on [-1, 1]), 100 iterations, constant step, prompt "a photo"

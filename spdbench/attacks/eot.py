@@ -24,8 +24,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..errors import InputError
-from ..purifiers.classical import gaussian_blur, resize
+from spdbench.errors import InputError
+from spdbench.purifiers.classical import gaussian_blur, resize
 
 Transform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 
@@ -41,7 +41,7 @@ def _jpeg(quality: float) -> Transform:
 
 def _jpeg_bpda(quality: float) -> Transform:
     def apply(x: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:
-        from ..purifiers.classical import jpeg
+        from spdbench.purifiers.classical import jpeg
 
         return x + (jpeg(x.detach(), int(quality)).to(x.dtype) - x).detach()
     return apply

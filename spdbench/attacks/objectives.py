@@ -21,11 +21,11 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
-from ..budget import Budget, clamp_to_image
-from ..errors import InputError
-from ..optim import optimize
-from .base import Attack
-from .eot import check_robust_to, expectation
+from spdbench.budget import Budget, clamp_to_image
+from spdbench.errors import InputError
+from spdbench.attacks.optim import optimize
+from spdbench.attacks.base import Attack
+from spdbench.attacks.eot import check_robust_to, expectation
 
 #: the norms an optimization attack supports unless a class narrows it
 ALL_NORMS = ("linf", "l2")

@@ -13,10 +13,10 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from ..budget import Budget
-from ..errors import InputError
-from .base import register
-from .objectives import ITERATION_DEFAULTS, GradientAttack, kl_to_isotropic_gaussian
+from spdbench.budget import Budget
+from spdbench.errors import InputError
+from spdbench.attacks.base import register
+from spdbench.attacks.objectives import ITERATION_DEFAULTS, GradientAttack, kl_to_isotropic_gaussian
 
 #: ZhongliangGuo/PosteriorCollapseAttack main.py / vae_attack.py: eps 16/255, alpha 2/255 sign
 #: steps, 40 iterations, delta = 0 start, delta clipped to eps then x + delta to [0, 1]

@@ -15,10 +15,10 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..budget import Budget
-from ..errors import InputError
-from .base import register
-from .objectives import (ITERATION_DEFAULTS, GradientAttack, check_choice, check_masks, draw, latent_distance,
+from spdbench.budget import Budget
+from spdbench.errors import InputError
+from spdbench.attacks.base import register
+from spdbench.attacks.objectives import (ITERATION_DEFAULTS, GradientAttack, check_choice, check_masks, draw, latent_distance,
                          latent_shape, resize_image)
 
 

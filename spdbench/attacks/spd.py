@@ -11,17 +11,17 @@ from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 
-from ..budget import Budget, clamp_to_image
-from ..errors import InputError
-from ..images import check_images
-from ..optim import optimize
-from .base import UniversalAttack, register
-from .objectives import (ALL_NORMS, GradientAttack, PerImageObjective, check_iteration_params, check_norm,
+from spdbench.budget import Budget, clamp_to_image
+from spdbench.errors import InputError
+from spdbench.images import check_images
+from spdbench.attacks.optim import optimize
+from spdbench.attacks.base import UniversalAttack, register
+from spdbench.attacks.objectives import (ALL_NORMS, GradientAttack, PerImageObjective, check_iteration_params, check_norm,
                          chunked_mean,
                          ensure_generator, resolve_step_size, start_delta)
-from .diffprotect import AdvDM, Mist, SDSMinus, SDSPlus
-from .pca import PCAMinus, PCAPlus
-from .photoguard import PhotoGuardEncoder
+from spdbench.attacks.diffprotect import AdvDM, Mist, SDSMinus, SDSPlus
+from spdbench.attacks.pca import PCAMinus, PCAPlus
+from spdbench.attacks.photoguard import PhotoGuardEncoder
 
 SPD_DEFAULTS: dict[str, Any] = dict(
     steps=500,            # the SPD protocol's 500 iterations

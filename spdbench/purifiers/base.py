@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..errors import RegistryError, UnknownNameError, did_you_mean
-from ..plugins import load_group
+from spdbench.errors import RegistryError, UnknownNameError, did_you_mean
+from spdbench.registry import load_group
 
 ENTRY_POINT_GROUP = "spdbench.purifiers"
 
@@ -85,7 +85,7 @@ def load_entry_points(force: bool = False) -> list[str]:
 
 
 def _ensure_loaded() -> None:
-    from . import builtin  # noqa: F401  (registers the built-ins)
+    from spdbench.purifiers import builtin  # noqa: F401  (registers the built-ins)
 
     load_entry_points()
 

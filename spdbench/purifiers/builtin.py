@@ -1,9 +1,9 @@
 """The built-in purifiers, each with the settings it runs at (recorded with every suite that names it)."""
 from __future__ import annotations
 
-from .base import Purifier, register_purifier
-from .classical import gaussian_blur, jpeg, resize, tv_denoise
-from .diffusion import consistency, diffpure, gridpure
+from spdbench.purifiers.base import Purifier, register_purifier
+from spdbench.purifiers.classical import gaussian_blur, jpeg, resize, tv_denoise
+from spdbench.purifiers.diffusion import consistency, diffpure, gridpure
 
 
 def _jpeg(q: int) -> Purifier:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..budget import quantize_8bit
+from spdbench.budget import quantize_8bit
 
 
 def diffpure(images: torch.Tensor, target, strength: float = 0.2, steps: int = 20, seed: int = 0) -> torch.Tensor:

@@ -7,10 +7,10 @@ from typing import Optional, Union
 
 import torch
 
-from ..errors import InputError, TargetLoadError
-from .base import Encoding, Target
-from .sd15 import SD15_HUB_ID, SD15_INPAINT_HUB_ID, load_sd15
-from .tiny import ASSETS, INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, V2_DIR, build_tiny
+from spdbench.errors import InputError, TargetLoadError
+from spdbench.targets.base import Encoding, Target
+from spdbench.targets.sd15 import SD15_HUB_ID, SD15_INPAINT_HUB_ID, load_sd15
+from spdbench.targets.tiny import ASSETS, INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, V2_DIR, build_tiny
 
 __all__ = ["Encoding", "Target", "load_target", "load_sd15", "build_tiny", "SD15_HUB_ID", "SD15_INPAINT_HUB_ID", "parse_dtype",
            "parse_device"]
@@ -90,7 +90,7 @@ def load_target(name: Union[str, Path] = "tiny", device: Union[str, torch.device
 def _check_installed(folder: Path, name: str) -> None:
     if not folder.is_dir() or not any(folder.iterdir()):
         raise TargetLoadError(f"the {name!r} target is not installed ({folder} is missing); train it with "
-                              "spdbench.zoo (docs/zoo.md)")
+                              "zoo (docs/zoo.md)")
 
 
 def _load_tiny_inpaint(device, dtype) -> Target:
@@ -101,7 +101,7 @@ def _load_tiny_inpaint(device, dtype) -> Target:
 
     from diffusers import UNet2DConditionModel
 
-    from ..data import sha256_file
+    from spdbench.data.photos import sha256_file
 
     _check_installed(INPAINT_DIR, "tiny-inpaint")
     record = json.loads((INPAINT_DIR / "training.json").read_text())
@@ -110,7 +110,7 @@ def _load_tiny_inpaint(device, dtype) -> Target:
         if part.startswith(("vae/", "text_encoder/")) and (
                 not (parent / part).is_file() or sha256_file(parent / part) != want):
             raise TargetLoadError(f"tiny-inpaint was trained on another model: {part} of {parent} does not "
-                                  "match its training record; retrain it (python -m spdbench.zoo.train_inpaint)")
+                                  "match its training record; retrain it (python -m zoo.train_inpaint)")
     base = load_sd15(parent, name=record["parent"])
     comps = base.components()
     comps["unet"] = UNet2DConditionModel.from_pretrained(str(INPAINT_DIR / "unet"))
@@ -133,7 +133,7 @@ def _load(name: Union[str, Path], device, dtype) -> Target:
         if not (TRAINED_DIR / "model_index.json").is_file():
             raise TargetLoadError(
                 f"the trained tiny target is not installed ({TRAINED_DIR} is missing); "
-                "use 'tiny-random' or train it with `python -m spdbench.zoo.train_tiny`"
+                "use 'tiny-random' or train it with `python -m zoo.train_tiny`"
             )
         return load_sd15(TRAINED_DIR, device=device, dtype=dtype, name="tiny")
     if text == "tiny-v3":  # its name before the switch-over: the same model, under its one name
@@ -149,7 +149,7 @@ def _load(name: Union[str, Path], device, dtype) -> Target:
     if seeded:
         seed = int(seeded.group(2) or 0)
         if seeded.group(1) == "sd15-arch-random":
-            from .sd15_arch import build_sd15_random
+            from spdbench.targets.sd15_arch import build_sd15_random
 
             return build_sd15_random(seed, device=device, dtype=dtype)
         return build_tiny(seed, device=device, dtype=dtype)

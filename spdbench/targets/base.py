@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..errors import TargetLoadError
-from ..images import check_images
+from spdbench.errors import TargetLoadError
+from spdbench.images import check_images
 
 
 @dataclass
@@ -231,7 +231,7 @@ class Target:
         in the model's [-1, 1] space (mid grey). `masks` None means "repaint everything" (mask all
         ones), the condition under which an inpainting UNet acts as a text-to-image model.
         """
-        from ..masks import latent_mask
+        from spdbench.data.masks import latent_mask
 
         n, _, h, w = images.shape
         if masks is None:

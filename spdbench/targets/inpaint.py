@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Target
+from spdbench.targets.base import Target
 
 
 def inpaint_unet_from(unet):

@@ -11,8 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..errors import TargetLoadError
-from .base import Target
+from spdbench.errors import TargetLoadError
+from spdbench.targets.base import Target
 
 SD15_HUB_ID = "runwayml/stable-diffusion-v1-5"
 #: SD1.5-inpainting (9-channel UNet), the model of PhotoGuard's inpainting demo and DiffusionGuard

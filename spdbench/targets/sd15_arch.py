@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Target
-from .tiny import SCHEDULER_CONFIG, tiny_tokenizer
+from spdbench.targets.base import Target
+from spdbench.targets.tiny import SCHEDULER_CONFIG, tiny_tokenizer
 
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

@@ -6,7 +6,7 @@ scaled-linear betas), just narrow. The tokenizer is SD1.5's real vocabulary, der
 BPE file (shipped in assets/clip_tokenizer), so prompts tokenize to SD1.5's ids.
 
 `build_tiny(seed)` gives random weights (plumbing tests, target name "tiny-random"); the trained
-weights shipped in `assets/tiny-v3` are target "tiny" (see spdbench/zoo/train_tiny.py and docs/zoo.md);
+weights shipped in `assets/tiny-v3` are target "tiny" (see zoo/train_tiny.py and docs/zoo.md);
 `assets/tiny-v2`, its predecessor, is "tiny-v2".
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def build_tiny_components(seed: int = 0) -> dict:
 
 def build_tiny(seed: int = 0, device=None, dtype=None):
     """A random-weight tiny `Target` (plumbing only: its edits are noise)."""
-    from .base import Target
+    from spdbench.targets.base import Target
 
     return Target(**build_tiny_components(seed), name=f"tiny-random-{seed}",
                   source=f"spdbench:tiny-random(seed={seed})", device=device, dtype=dtype)

@@ -1,0 +1,1 @@
+"""Photos and inpainting masks: bundled sets, folders, manifests, the seeded split."""

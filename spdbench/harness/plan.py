@@ -1,0 +1,94 @@
+"""What an attack will run with: its parameters, its budgets, and where each value came from.
+
+One place applies the rules, the same way for an attack given by name and for an instance:
+- a value the user gave explicitly (a parameter, `eps`, `norm`) is used as given;
+- otherwise a preset's values are used exactly — its parameters, its steps and its budget
+  (`preset_budgets`), so `--preset madry` reproduces the paper's setting and says so;
+- otherwise the suite's iteration budget (`Suite.attack_steps`) applies to every attack with a
+  `steps` parameter (methods compared at equal cost), and the suite's eps grid and norm apply;
+- otherwise the attack's default.
+The record keeps `param_sources`, so nobody has to guess which rule produced a number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+from spdbench.attacks.base import Attack, attack_class
+from spdbench.budget import Budget
+from spdbench.errors import InputError
+
+EpsArg = Union[None, str, float, int, Sequence]
+
+
+@dataclass
+class AttackPlan:
+    """The configured attack, the budgets of its cell groups, and the source of every setting."""
+
+    attack: Attack
+    budgets: list[Budget]
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def _eps_list(eps: EpsArg) -> Optional[list]:
+    """None when eps was not given; a list otherwise (an empty grid is an error, not 'the default')."""
+    if eps is None:
+        return None
+    if isinstance(eps, (str, float, int)) or _is_scalar(eps):
+        if isinstance(eps, str) and not eps.strip():
+            raise InputError("eps is empty: give a budget such as '16/255' or leave it out for the suite's grid")
+        return [eps]
+    values = list(eps)
+    if not values:
+        raise InputError("eps is an empty list: give at least one budget such as '16/255' or leave it out "
+                         "for the suite's grid")
+    return values
+
+
+def _is_scalar(value: Any) -> bool:
+    """numpy scalars and 0-d tensors count as one eps (converted by parse_eps)."""
+    shape = getattr(value, "shape", None)
+    return shape is not None and tuple(shape) == ()
+
+
+def resolve_attack(attack: Union[str, Attack], params: Optional[dict]) -> Attack:
+    """An attack instance from a name (+ params, which may hold "preset") or an instance as is."""
+    if isinstance(attack, Attack):
+        if params:
+            raise InputError("pass attack parameters either to get_attack() or to run(), not both")
+        return attack
+    if not isinstance(attack, str):
+        raise InputError(f"attack must be a registered name or an spdbench.Attack instance, "
+                         f"got {type(attack).__name__}")
+    params = dict(params or {})
+    preset = params.pop("preset", None)
+    return attack_class(attack)(preset=preset, **params)
+
+
+def plan(attack: Union[str, Attack], suite, *, params: Optional[dict] = None, eps: EpsArg = None,
+         norm: Optional[str] = None) -> AttackPlan:
+    """Apply the precedence rules above; returns the configured attack (a copy) and its budgets."""
+    attack = resolve_attack(attack, params)
+    sources = {key: attack.param_source(key) for key in attack.params}
+    overrides: dict[str, Any] = {}
+    if "steps" in attack.defaults and suite.attack_steps is not None and sources.get("steps") == "default":
+        overrides["steps"] = suite.attack_steps
+        sources["steps"] = "suite"
+    if overrides:
+        attack = attack.configure(**overrides)
+    preset_budget = attack.preset_budgets.get(attack.preset) if attack.preset else None
+    eps_values = _eps_list(eps)
+    if eps_values is not None:
+        budget_norm = norm or suite.norm
+        sources["eps"] = "explicit"
+        sources["norm"] = "explicit" if norm else "suite"
+        budgets = [Budget(budget_norm, e) for e in eps_values]
+    elif preset_budget is not None and norm in (None, preset_budget.norm):
+        budgets = [Budget(preset_budget.norm, preset_budget.eps)]
+        sources["eps"] = sources["norm"] = f"preset:{attack.preset}"
+    else:
+        budget_norm = norm or suite.norm
+        sources["eps"] = "suite"
+        sources["norm"] = "explicit" if norm else "suite"
+        budgets = [Budget(budget_norm, e) for e in suite.eps]
+    return AttackPlan(attack=attack, budgets=budgets, sources=dict(sorted(sources.items())))

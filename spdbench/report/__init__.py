@@ -1,0 +1,1 @@
+"""Records -> pages: the leaderboard tables, Markdown/HTML, plots, the gallery, `spdbench show`."""

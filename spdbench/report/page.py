@@ -1,0 +1,229 @@
+"""The leaderboard page: the ranking cut into one section per (task, suite, norm, eps), each as
+three narrow tables (protection, after purification, cost), with the best value per column marked.
+
+Why cut it up: one row per method and eps with ~27 columns wrapped every cell onto three lines and
+put methods measured at different budgets side by side; a reader compares methods at one budget,
+so each budget gets its own tables, and no number is averaged over eps unless its label says so.
+The same cells feed the Markdown (README.md) and the HTML page (Jinja2, autoescaped).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pandas as pd
+
+#: rows never marked best: the no-protection baseline wins imperceptibility and cost trivially
+UNMARKED = {"none"}
+
+
+@dataclass
+class Cell:
+    """One table cell: its value, the interval under it (if any), whether it is its column's best."""
+    text: str
+    ci: str = ""
+    best: bool = False
+    name: bool = False  # a name (left-aligned), not a number
+
+    def md(self) -> str:
+        from spdbench.report.board import md_escape
+
+        core = md_escape(self.text)
+        if self.best and self.text not in ("–", ""):
+            core = f"**{core}**"
+        return f"{core} {md_escape(self.ci)}" if self.ci else core
+
+
+@dataclass
+class Table:
+    """A titled table: `head` labels, `rows` of Cells."""
+    title: str
+    head: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    """One budget of one suite: its heading, an optional note and its tables."""
+    title: str
+    note: str
+    tables: list[Table]
+
+
+def _isnum(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+
+
+def _value(row, col: str) -> Optional[float]:
+    v = row.get(col) if col in row else None
+    return float(v) if _isnum(v) else None
+
+
+def _mark_best(rows: list[list[Cell]], values: list[list[Optional[float]]], directions: list[Optional[str]],
+               methods: list[str]) -> None:
+    """Mark, per column with a direction ('min' or 'max'), every row holding the best value (ties
+    all marked); rows of UNMARKED methods take no part."""
+    for j, d in enumerate(directions):
+        if d is None:
+            continue
+        cand = [values[i][j] for i in range(len(rows)) if methods[i] not in UNMARKED and values[i][j] is not None]
+        if len(cand) < 2:  # a column with one contender has no "best"
+            continue
+        best = min(cand) if d == "min" else max(cand)
+        for i in range(len(rows)):
+            if methods[i] not in UNMARKED and values[i][j] is not None and math.isclose(values[i][j], best,
+                                                                                           rel_tol=1e-12):
+                rows[i][j].best = True
+
+
+def _seconds(row) -> Cell:
+    """Seconds per image: the median over the method's cells at this budget, and their range."""
+    from spdbench.report.board import _fmt
+
+    med = row.get("seconds_per_image")
+    lo, hi = row.get("seconds_per_image_lo"), row.get("seconds_per_image_hi")
+    spread = f"({_fmt(lo)}–{_fmt(hi)})" if _isnum(lo) and _isnum(hi) and hi > lo else ""
+    return Cell(_fmt(med), spread)
+
+
+@dataclass
+class Column:
+    """One column of a table: its label, how a row becomes its cell, the row's value for marking
+    the best, and which way is better ('min', 'max' or None = never marked).
+
+    Why a spec: head, cells, values and directions used to be four parallel lists kept in step by
+    hand; one Column per column cannot drift out of step."""
+    head: str
+    cell: Callable[[pd.Series], Cell]
+    value: Optional[Callable[[pd.Series], Optional[float]]] = None
+    better: Optional[str] = None
+
+
+def _build(title: str, columns: list[Column], part: pd.DataFrame, methods: list[str]) -> Table:
+    """A Table from a column spec, its best values marked."""
+    table = Table(title, [c.head for c in columns])
+    values = []
+    for _, row in part.iterrows():
+        table.rows.append([c.cell(row) for c in columns])
+        values.append([c.value(row) if c.value is not None else None for c in columns])
+    _mark_best(table.rows, values, [c.better if c.value is not None else None for c in columns], methods)
+    return table
+
+
+def _text(key: str, with_ci: bool = False) -> Callable[[pd.Series], Cell]:
+    from spdbench.report.board import _fmt, ci_text
+
+    if with_ci:
+        return lambda row: Cell(_fmt(row.get(key)), ci_text(row, key))
+    return lambda row: Cell(_fmt(row.get(key)))
+
+
+def _num(head: str, key: str, better: Optional[str], with_ci: bool = False) -> Column:
+    """A numeric column read from `key` (its interval under it when `with_ci`)."""
+    return Column(head, _text(key, with_ci), (lambda row: _value(row, key)) if better else None, better)
+
+
+def _name_column() -> Column:
+    return Column("method", lambda row: Cell(str(row["method"]), name=True))
+
+
+def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
+    """The three tables of one budget's rows (already sorted by rank)."""
+    from spdbench.report.board import LABELS, PROTECTION, _fmt, _missing
+
+    methods = [str(m) for m in part["method"]]
+    region = "region_ssim" in part.columns and part["region_ssim"].notna().any()
+    worst = "worst_ssim" in part.columns and part["worst_ssim"].notna().any()
+
+    # protection
+    prot = [_num("rank", "rank", None), _name_column(), _num("SSIM ↓", "ssim", "min", with_ci=True),
+            _num("stronger than the next (paired)", "vs_next", None)]
+    prot += [_num(f"{LABELS[m]} ↓", m, "min", with_ci=True) for m in PROTECTION if m != "ssim"]
+    if region:
+        prot += [_num("SSIM repainted region ↓", "region_ssim", "min", with_ci=True),
+                 _num("PSNR repainted region ↓", "region_psnr", "min", with_ci=True)]
+    if worst:
+        prot += [_num("worst-case SSIM ↓", "worst_ssim", "min", with_ci=True), _num("worst-case rank", "rank_worst", None)]
+    prot.append(_num("imperceptibility PSNR ↑", "imp_psnr", "max"))
+    if region:
+        prot.append(_num("kept-region PSNR ↑", "kept_psnr", "max"))
+    prot.append(_num("flags", "flags", None))
+    tables = [_build("Protection", prot, part, methods)]
+
+    # after purification: SSIM per purifier, the worst case, and which purifier it was
+    after = [c for c in part.columns if c.startswith("ssim_after_") and not c.endswith(("_lo", "_hi"))
+             and part[c].notna().any()]
+    if after:
+        pur = [_name_column(), _num("none", "ssim", "min")] + [_num(c[len("ssim_after_"):], c, "min") for c in after]
+        if worst:
+            pur += [_num("worst case", "worst_ssim", "min"), _num("worst case by (images)", "worst_by", None)]
+        tables.append(_build("SSIM after purification ↓ (the editor cleans the photo first)", pur, part, methods))
+
+    # cost
+    def dev(key: str) -> Callable[[pd.Series], Cell]:
+        # no device clock or peak-memory counter on a CPU: say so
+        return lambda row: Cell("n/a (CPU)" if row.get("device") == "cpu" and _missing(row.get(key))
+                                else _fmt(row.get(key)))
+
+    cost = [_name_column(), Column("s / image (median; range over cells)", _seconds,
+                                   lambda row: _value(row, "seconds_per_image"), "min"),
+            Column("device s / image", dev("device_seconds_per_image"),
+                   lambda row: _value(row, "device_seconds_per_image"), "min"),
+            _num("fit s", "fit_seconds", None),
+            Column("peak MB", dev("peak_memory_mb"), lambda row: _value(row, "peak_memory_mb"), "min"),
+            _num("images", "n_images", None), _num("steps", "steps", None),
+            _num("model passes / image (fwd/bwd)", "model_calls", None)]
+    tables.append(_build("Cost", cost, part, methods))
+    return tables
+
+
+def sections(rank: pd.DataFrame) -> list[Section]:
+    """One Section per (task, suite, norm, eps), in the ranking's order."""
+    from spdbench.report.board import INPAINT_NOTE, TASKS, by_task
+
+    out: list[Section] = []
+    if rank.empty:
+        return out
+    for task, part in by_task(rank):
+        keys = list(dict.fromkeys(zip(part["suite"], part["norm"], part["eps"], part["eps_label"])))
+        for suite, norm, eps, label in keys:
+            rows = part[(part["suite"] == suite) & (part["norm"] == norm) & (part["eps"] == eps)]
+            rows = rows.sort_values(["rank", "method"], kind="stable")
+            title = f"{TASKS[task].split(' (')[0]} · {suite} · {norm} eps {label}"
+            out.append(Section(title, INPAINT_NOTE if task == "inpaint" else "", section_tables(rows, task)))
+    return out
+
+
+def sections_markdown(secs: list[Section]) -> str:
+    """Every section as Markdown: `##` heading, `###` per table; best values in bold."""
+    parts = []
+    for s in secs:
+        parts.append(f"## {s.title}" + (f"\n\n{s.note}" if s.note else ""))
+        for t in s.tables:
+            lines = [f"### {t.title}\n", "| " + " | ".join(t.head) + " |", "|" + "---|" * len(t.head)]
+            lines += ["| " + " | ".join(c.md() for c in row) + " |" for row in t.rows]
+            parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def table1_sections(t1: pd.DataFrame, suites: tuple[str, ...]) -> list[tuple[str, pd.DataFrame]]:
+    """The seed's Table 1 layout, one per (suite, eps) of `suites`: rows (prompt, split), columns
+    (metric, method); never averaged over eps."""
+    if t1.empty:
+        return []
+    out = []
+    for (suite, label), t in t1.groupby(level=["suite", "eps_label"], sort=False):
+        if suite in suites:
+            out.append((f"Table 1 layout · {suite} · eps {label}",
+                        t.droplevel(["suite", "eps_label"]).dropna(axis=1, how="all")))
+    return out
+
+
+def summary_markdown(rank: pd.DataFrame) -> str:
+    """What a terminal shows after a run or a build: each budget's protection table only (the
+    purification and cost tables are in the files)."""
+    secs = sections(rank)
+    if not secs:
+        return "(no finished records)"
+    return sections_markdown([Section(s.title, "", s.tables[:1]) for s in secs])

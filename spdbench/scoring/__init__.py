@@ -1,0 +1,1 @@
+"""Metrics and what is computed from per-image values: regions, worst case, statistics, comparisons."""

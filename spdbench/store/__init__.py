@@ -1,0 +1,1 @@
+"""One owner per file format: records, run folders, perturbations, networks, strips, provenance."""

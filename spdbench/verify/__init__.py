@@ -1,0 +1,1 @@
+"""Untrusted entries: the entry folder, its claims, re-measurement, submit."""

@@ -1,0 +1,330 @@
+"""Submissions are untrusted data: `verify` checks an entry whole; `submit` never destroys.
+
+`verify` runs four stages and stops at the first that fails:
+1. files   -- the folder under the entry schema (entry_schema: layout, content, sizes, links);
+2. claims  -- the records against themselves, their suite and the stored perturbations (claims);
+3. sample  -- from every cell, random images re-edited and re-scored (remeasure.sample_cells);
+4. re-run  -- one random cell group run again, attack included (remeasure.rerun_group).
+An amortized entry's stored networks are re-applied to every image between stages 2 and 3
+(remeasure.reapply_networks): its perturbations must be what its networks make.
+The random draws come from a seed taken from `secrets` unless one is given; the report records it,
+so `verify --seed N` repeats a verification exactly.
+
+`submit` copies the run folder's entry files into a temporary folder inside leaderboard/entries,
+verifies that copy (what is verified is what lands), writes its manifest and renames it into
+place. An existing entry is refused unless `replace=True`; it is then moved aside until the new one
+is in place. A refused submit leaves leaderboard/ as it was.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from spdbench.verify import claims as claims_mod
+from spdbench.verify import entry as entry_schema
+from spdbench.errors import InputError, RecordError, SpdbenchError
+from spdbench.store.records import Record, attack_kind
+
+DEFAULT_TOLERANCE = 2e-3
+
+
+@dataclass
+class VerifyReport:
+    """What was checked, what was re-measured (with the seed of the draw), and every reason to refuse."""
+
+    folder: str = ""
+    seed: Optional[int] = None
+    records: list[Record] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)       # one line per stage that passed
+    problems: list[str] = field(default_factory=list)
+    sampled: dict[str, list[str]] = field(default_factory=dict)   # cell id -> images re-edited
+    rerun: list[str] = field(default_factory=list)                # cell ids re-run with the attack
+    compared: int = 0
+    max_deviation: dict[str, float] = field(default_factory=dict)
+    remeasured: bool = False      # False: only the files and the claims were checked (--no-rerun)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> dict[str, Any]:
+        """The verification as data (kept in the entry's manifest)."""
+        return dict(seed=self.seed, remeasured=self.remeasured, checks=self.checks, sampled=self.sampled,
+                    rerun=self.rerun, values_compared=self.compared,
+                    max_deviation={k: round(v, 9) for k, v in sorted(self.max_deviation.items())})
+
+
+def _check_options(sample: Any, tolerance: Any, seed: Any) -> None:
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
+        raise InputError(f"sample must be a whole number of images per cell >= 1, got {sample!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
+            math.isfinite(tolerance) and 0 < tolerance < 1):
+        raise InputError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise InputError(f"seed must be a whole number >= 0, got {seed!r}")
+
+
+def verify(folder: Union[str, Path], sample: int = 2, tolerance: float = DEFAULT_TOLERANCE, rerun: bool = True,
+           attack_rerun: bool = True, seed: Optional[int] = None, device: Optional[str] = None,
+           images: Optional[torch.Tensor] = None, image_names: Optional[list[str]] = None,
+           data: Union[str, Path, None] = None, manifest: Union[str, Path, None] = None, suite=None) -> VerifyReport:
+    """Check a folder as an untrusted submission; `report.problems` lists every reason to refuse it.
+
+    sample: images re-edited per cell; rerun=False checks files and claims only (the report says so);
+    attack_rerun=False skips stage 4; seed: the draw's seed (default: unpredictable, recorded);
+    images/image_names or data/manifest: the suite's photos when they are not bundled; suite: a
+    Suite object the entry claims (default: the registered suite the records name).
+    """
+    _check_options(sample, tolerance, seed)
+    from spdbench.targets import parse_device
+
+    parse_device(device)
+    report = VerifyReport(folder=str(folder), seed=secrets.randbits(63) if seed is None else seed)
+    try:
+        entry = entry_schema.scan(folder)
+    except RecordError as exc:
+        report.problems.append(str(exc))
+        return report
+    report.checks.append(f"files: {len(entry.files)} files, {entry.total_bytes / 2**20:.1f} MiB, all data under "
+                         f"the entry schema{' and its manifest' if entry.is_entry else ''}")
+    claims = claims_mod.check(entry, suite, strict=True)
+    report.records = claims.records
+    if claims.problems:
+        report.problems += claims.problems
+        return report
+    try:
+        suite = claims_mod.suite_of(claims.cells[0].record, suite)
+    except SpdbenchError as exc:
+        report.problems.append(str(exc))
+        return report
+    groups = claims.groups()
+    report.checks.append(f"claims: {len(claims.cells)} cells = {len(groups)} eps x {len(suite.prompts)} prompts x "
+                         f"2 splits of suite {suite.name!r}, per-image lists whole, means derived")
+    if not rerun:
+        _static_only(report, claims, entry, suite, images, image_names, data, manifest)
+        return report
+    _remeasure(report, claims, entry, suite, sample, tolerance, attack_rerun, device, images, image_names, data,
+               manifest)
+    return report
+
+
+def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, tolerance: float, attack_rerun: bool,
+               device: Optional[str], images, image_names, data, manifest) -> None:
+    from spdbench.verify import remeasure
+    from spdbench.targets import load_target
+
+    rec = claims.cells[0].record
+    measured_on = torch.device(rec.target.device).type
+    if device is not None and torch.device(device).type != measured_on:
+        raise InputError(f"device {device!r}: this entry was measured on {measured_on}, and edits reproduce only on "
+                         f"the same device type (its random generators differ); use --device {measured_on}")
+    images, names = _suite_images(suite, images, image_names, data, manifest)
+    deltas, networks = _check_against_images(report, claims, entry, suite, images, names)
+    if not report.ok:
+        return
+    target = load_target(suite.target, device=device or measured_on, dtype=rec.target.dtype)
+    if target.fingerprint != rec.target.fingerprint:
+        report.problems.append(f"target: suite {suite.name!r}'s model {suite.target!r} has fingerprint "
+                               f"{target.fingerprint}, the records claim {rec.target.fingerprint}")
+        return
+    editing = target
+    if suite.edit_target:  # transfer: the edits are the edit target's, and must be re-made with it
+        editing = load_target(suite.edit_target, device=device or measured_on, dtype=rec.target.dtype)
+        claimed = rec.edit_target.fingerprint if rec.edit_target else None
+        if editing.fingerprint != claimed:
+            report.problems.append(f"edit target: suite {suite.name!r}'s editing model {suite.edit_target!r} has "
+                                   f"fingerprint {editing.fingerprint}, the records claim {claimed}")
+            return
+    if networks:
+        t0 = time.perf_counter()
+        got = remeasure.reapply_networks(claims, networks, deltas, suite, target, images, names)
+        report.problems += got.problems
+        if not report.ok:
+            return
+        report.checks.append(f"networks: {len(networks)} stored network(s) rebuilt by attack {rec.attack!r} from "
+                             f"the records' params and re-applied in a worker to all {len(names)} images: identical "
+                             f"perturbations ({time.perf_counter() - t0:.0f} s)")
+    rng = random.Random(report.seed)
+    t0 = time.perf_counter()
+    from spdbench.harness.pipeline import suite_masks
+
+    masks, _ = suite_masks(suite, None, names, images, editing)  # inpainting: the suite's mask of every photo
+    got = remeasure.sample_cells(claims, deltas, suite, editing, images, rng, sample, tolerance, masks)
+    _merge(report, got)
+    report.sampled = got.sampled
+    report.remeasured = True
+    if got.problems:
+        return
+    report.checks.append(f"sample: {sample} image(s) from each of {len(got.sampled)} cells re-edited and every "
+                         f"image's imperceptibility recomputed ({got.compared} values, {time.perf_counter() - t0:.0f} s)")
+    if not attack_rerun:
+        report.checks.append("attack re-run: SKIPPED (attack_rerun=False)")
+        return
+    from spdbench.attacks.base import attack_class
+
+    try:
+        cls = attack_class(rec.attack)
+    except SpdbenchError as exc:
+        report.problems.append(f"attack {rec.attack!r} is not installed here, so it cannot be re-run: {exc}")
+        return
+    if (cls.universal, cls.amortized) != (rec.universal, rec.amortized):
+        report.problems.append(f"attack {rec.attack!r} is {attack_kind(cls.universal, cls.amortized)}, the records "
+                               f"claim {attack_kind(rec.universal, rec.amortized)}")
+        return
+    eps = rng.choice(sorted(claims.groups()))
+    cells = claims.groups()[eps]
+    t0 = time.perf_counter()
+    got = remeasure.rerun_group(cells, deltas, suite, target, images, names, tolerance)
+    _merge(report, got)
+    report.rerun = [c.record.cell_id for c in cells]
+    if not got.problems:
+        report.checks.append(f"attack re-run: eps {eps} ({len(cells)} cells) run again from scratch: identical "
+                             f"perturbation, every per-image value reproduced ({time.perf_counter() - t0:.0f} s)")
+
+
+def _suite_images(suite, images, image_names, data, manifest) -> tuple[torch.Tensor, list[str]]:
+    if images is None:
+        images, names = suite.load_images(data, manifest)
+    else:
+        names = list(image_names) if image_names is not None else [f"image-{i}" for i in range(len(images))]
+    return images.detach().float().cpu(), names
+
+
+def _check_against_images(report: VerifyReport, claims, entry, suite, images, names) -> tuple[dict, dict]:
+    """The records name the suite's images; the perturbations fit them (and are one delta if
+    universal); an amortized entry's networks are the ones the records describe."""
+    report.problems += claims_mod.image_problems(claims, images, names, suite)
+    if not report.ok:
+        return {}, {}
+    deltas = claims_mod.check_perturbations(claims, entry, suite, images)
+    networks = claims_mod.check_networks(claims, entry)
+    report.problems += claims.problems
+    rec = claims.cells[0].record
+    if report.ok:
+        report.checks.append("images and perturbations: the suite's images and split; shapes, hashes, norms within "
+                             "eps on the 8-bit grid" + (", one universal delta" if rec.universal else "")
+                             + (", networks: hashes, attack, config and size" if rec.amortized else ""))
+    return deltas, networks
+
+
+def _static_only(report: VerifyReport, claims, entry, suite, images, image_names, data, manifest) -> None:
+    """--no-rerun: everything but the re-measurement (the images too, when they can be loaded)."""
+    if images is None and data is None and suite.data != "bundled":
+        claims_mod.check_perturbations(claims, entry, suite)
+        claims_mod.check_networks(claims, entry)
+        report.problems += claims.problems
+        if report.ok:
+            report.checks.append(f"perturbations: shapes, hashes and norms within eps; images NOT checked (suite "
+                                 f"{suite.name!r} needs --data/--manifest)")
+    else:
+        _check_against_images(report, claims, entry, suite, *_suite_images(suite, images, image_names, data,
+                                                                            manifest))
+    if report.ok:
+        report.checks.append("per-image values NOT re-measured (--no-rerun)")
+
+
+def _merge(report: VerifyReport, got) -> None:
+    report.problems += got.problems
+    report.compared += got.compared
+    for k, v in got.max_dev.items():
+        report.max_deviation[k] = max(report.max_deviation.get(k, 0.0), v)
+
+
+# --- submit --------------------------------------------------------------------------------------
+def submit(folder: Union[str, Path], leaderboard_dir: Union[str, Path] = "leaderboard", name: Optional[str] = None,
+           replace: bool = False, **verify_kw) -> tuple[VerifyReport, Optional[Path]]:
+    """Verify `folder` and add it as leaderboard/entries/NAME; (report, entry path or None if refused).
+
+    Never destroys: the entry is assembled and verified in a temporary folder next to the others and
+    renamed into place; an existing NAME needs `replace=True` and is moved aside until the new entry
+    is in place (restored if that fails). Refused: nothing under leaderboard/ changes.
+    """
+    folder = Path(folder)
+    name = name if name is not None else folder.resolve().name
+    try:
+        entry_schema.check_name("entry name", name)
+    except RecordError as exc:
+        raise InputError(f"--name: {exc}") from None
+    entries = Path(leaderboard_dir) / "entries"
+    dest = entries / name
+    if (dest.exists() or dest.is_symlink()) and not replace:
+        raise InputError(f"entry {name!r} already exists in {entries}; pass --replace to replace it "
+                         "(or --name to submit under another name)")
+    report = VerifyReport(folder=str(folder))
+    try:
+        source = entry_schema.scan(folder)
+    except RecordError as exc:
+        report.problems.append(str(exc))
+        return report, None
+    created = not entries.exists()
+    entries.mkdir(parents=True, exist_ok=True)
+    stage = entries / f".submit-{name}-{secrets.token_hex(4)}"
+    try:
+        stage.mkdir()
+        entry_schema.copy_files(source, stage)
+        report = verify(stage, **verify_kw)
+        report.folder = str(folder)
+        if not report.ok:
+            return report, None
+        clash = _same_method_elsewhere(report.records, entries, name)
+        if clash:
+            report.problems.append(f"entry {clash!r} already holds {report.records[0].attack!r} on suite "
+                                   f"{report.records[0].suite!r}; to update it, submit with --name {clash} --replace")
+            return report, None
+        staged = entry_schema.scan(stage)
+        manifest = entry_schema.build_manifest(staged, name, report.summary())
+        with open(stage / entry_schema.MANIFEST, "xb") as f:
+            f.write(manifest)
+            f.flush()
+            os.fsync(f.fileno())
+        entry_schema.scan(stage)  # the entry as it will be read: manifest and files agree
+        _swap_in(stage, dest)
+        return report, dest
+    except SpdbenchError as exc:
+        report.problems.append(str(exc))
+        return report, None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(entries.iterdir()):
+            entries.rmdir()
+
+
+def _same_method_elsewhere(records: list[Record], entries: Path, name: str) -> Optional[str]:
+    """The name of another (valid) entry holding the same method on the same suite, or None."""
+    from spdbench.report.board import load_checked
+
+    others = sorted(p for p in entries.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != name)
+    ours = {claims_mod.method_key(r) for r in records}
+    for other in others:
+        theirs, _ = load_checked([other])
+        if ours & {claims_mod.method_key(r) for r in theirs}:
+            return other.name
+    return None
+
+
+def _swap_in(stage: Path, dest: Path) -> None:
+    """Rename `stage` to `dest`; an existing `dest` is moved aside first and removed only after."""
+    aside = None
+    if dest.exists() or dest.is_symlink():
+        aside = dest.parent / f".replaced-{dest.name}-{secrets.token_hex(4)}"
+        os.rename(dest, aside)
+    try:
+        os.rename(stage, dest)
+    except OSError as exc:
+        if aside is not None:
+            os.rename(aside, dest)
+        raise RecordError(f"could not move the new entry into {dest}: {exc.strerror or exc}; nothing changed") from None
+    if aside is not None:
+        if aside.is_symlink() or not aside.is_dir():
+            aside.unlink()
+        else:
+            shutil.rmtree(aside)
