@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spdbench.report.board import method_label
-from spdbench.store.records import Status, load_records
+from spdbench.store.records import Status, load_records, method_label
 from spdbench.scoring.stats import bootstrap_diff_ci
 from spdbench.scoring.worst_case import worst_case
 

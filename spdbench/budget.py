@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal, Union
 
+import numpy as np
 import torch
 
 from spdbench.errors import BudgetError
@@ -79,8 +80,6 @@ def _eps_from_array(value) -> tuple[float, str]:
         ok = dtype.is_floating_point or not (dtype.is_complex or dtype == torch.bool)
         tiny = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     else:
-        import numpy as np
-
         ok = np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
         tiny = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else 0.0
     if not ok:

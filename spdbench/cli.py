@@ -1,4 +1,4 @@
-"""The `spdbench` command: list | run | leaderboard | submit | verify | doctor.
+"""The `spdbench` command: list | run | leaderboard | submit | verify | doctor | protect.
 
 Every user error (SpdbenchError) is printed as one line on stderr with exit code 2; a run with
 failed cells exits 1 after finishing the others; success is 0.
@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from spdbench.attacks import attack_class, list_attacks
+from spdbench.attacks.base import ATTACKS, attack_source
 from spdbench.errors import InputError, SpdbenchError, UnknownNameError
+from spdbench.purifiers import describe
+from spdbench.purifiers.base import PURIFIERS
+from spdbench.scoring.metrics import METRICS, get_metric
+from spdbench.suites import SUITES
+from spdbench.targets import TARGETS
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_USER_ERROR = 0, 1, 2
 
@@ -42,29 +49,26 @@ def _summary(doc: str) -> str:
 
 
 def cmd_list(args) -> int:
-    from spdbench.attacks import attack_class, list_attacks
-    from spdbench.attacks.base import attack_source
-    from spdbench.suites import SUITES
-
     rows = []
     for name in list_attacks():
         cls = attack_class(name)
         doc = (cls.__doc__ or "").strip()
         source = attack_source(cls)
-        rows.append(dict(name=name, universal=cls.universal, presets=sorted(cls.presets),
+        rows.append(dict(name=name, kind=cls.kind.value, universal=cls.universal, presets=sorted(cls.presets),
                          doc=_summary(doc) if doc else "(no description: give the class a docstring)",
                          plugin=None if source["distribution"] == "spdbench" else
                          f"{source['distribution']} {source['version']}"))
-    from spdbench.purifiers import describe
 
     purifiers = describe()
+    metric_rows, targets, broken = _registry_rows()
     if args.json:
         print(json.dumps({"attacks": rows, "suites": {k: v.description for k, v in SUITES.items()},
-                          "purifiers": purifiers}, indent=1))
+                          "purifiers": purifiers, "metrics": metric_rows, "targets": targets,
+                          "broken_plugins": broken}, indent=1))
         return EXIT_OK
     print("attacks:")
     for r in rows:
-        kind = "universal" if r["universal"] else "per-image"
+        kind = r["kind"]
         presets = f" presets: {', '.join(r['presets'])}" if r["presets"] else ""
         plugin = f" [plugin: {r['plugin']}]" if r["plugin"] else ""
         print(f"  {r['name']:<22} {kind:<10} {r['doc']}{presets}{plugin}")
@@ -74,7 +78,34 @@ def cmd_list(args) -> int:
     print("purifiers:")
     for d in purifiers:
         print(f"  {d['name']:<22} {d['description']}")
+    print("metrics:")
+    for m in metric_rows:
+        print(f"  {m['name']:<22} {m['label']}, {'higher' if m['higher_is_better'] else 'lower'} = more similar, "
+              f"range [{m['range'][0]:g}, {m['range'][1]:g}]")
+    print(f"targets: {', '.join(targets)}; or a model folder, or a hub id")
+    if broken:
+        print("plugins that failed to load:")
+        for message in broken:
+            print(f"  {message}")
     return EXIT_OK
+
+
+def _registry_rows() -> tuple[list[dict], list[str], list[str]]:
+    """The metrics (name, label, direction, range), the target names, and every plugin that failed to
+    load (of any kind), as `list` prints them -- all read from the registries."""
+    metric_rows = [dict(name=n, label=i.label, higher_is_better=i.higher_is_better, range=list(i.range),
+                        convention=i.convention) for n, i in METRICS.items()]
+    targets = sorted(TARGETS.names())
+    broken = [msg for reg in (ATTACKS, PURIFIERS, METRICS, SUITES, TARGETS) for msg in reg.failures.values()]
+    return metric_rows, targets, broken
+
+
+def _metric_arg(text: str) -> str:
+    """A registered metric's name (read from the registry, so a plugin metric is accepted too)."""
+    try:
+        return get_metric(text).name
+    except UnknownNameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _eps_arg(text: Optional[str]) -> Optional[list[str]]:
@@ -88,62 +119,112 @@ def _eps_arg(text: Optional[str]) -> Optional[list[str]]:
     return items
 
 
-def cmd_run(args) -> int:
-    from spdbench.harness.pipeline import run
-    from spdbench.report.board import ranking
-    from spdbench.report.page import summary_markdown
-    from spdbench.store.runfolder import RunLock, prepare_out
-    from spdbench.suites import get_suite
-    from spdbench.targets import parse_device
+def _list_arg(option: str, text: Optional[str], example: str) -> Optional[list[str]]:
+    """A comma-separated option as a list; an empty value or item is an error naming the option,
+    never silently 'the suite's default'."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise InputError(f"{option} {text!r} holds an empty name; expected comma-separated names such as "
+                         f"{example} (leave {option} out for the default)")
+    return items
 
+
+def _path_arg(option: str, text: Optional[str], default: Path) -> Path:
+    """A folder option: the default when left out; an empty value is an error, not the default."""
+    if text is None:
+        return default
+    if not text.strip():
+        raise InputError(f"{option} {text!r} is empty; expected a folder path (leave {option} out for {default})")
+    return Path(text)
+
+
+def _run_kwargs(args) -> dict[str, Any]:
+    """`spdbench run`'s options as the keyword arguments of `spdbench.run` (checked by build_request)."""
     params = _params(args.param or [])
     if args.preset:
         params["preset"] = args.preset
-    eps = _eps_arg(args.eps)
-    parse_device(args.device)  # before any folder is created or model built
-    get_suite(args.suite)
-    prompts = args.prompts.split(",") if args.prompts else None
-    purifiers = None if not args.purifiers else [] if args.purifiers == "none" else args.purifiers.split(",")
-    common = dict(norm=args.norm, prompts=prompts, target=args.target, data=args.data, manifest=args.manifest,
-                  device=args.device, dtype=args.dtype, resume=args.resume, purifiers=purifiers,
-                  compile_backend=args.compile_backend, isolation=args.isolation,
-                  attack_timeout_s=args.attack_timeout, masks=args.masks, cache_dir=args.cache_dir,
-                  protections_from=args.protections_from)
-    attacks = args.attack.split(",")
-    if args.backend != "serial" or len(attacks) > 1:
-        from spdbench.harness.grid import run_grid
-        from spdbench.store.records import Status
+    purifiers = _list_arg("--purifiers", args.purifiers, "jpeg75,blur1 (or none)")
+    return dict(suite=args.suite, eps=_eps_arg(args.eps), norm=args.norm, attack_params=params,
+                prompts=_list_arg("--prompts", args.prompts, "P3,P4"), target=args.target, data=args.data,
+                manifest=args.manifest, device=args.device, dtype=args.dtype, resume=args.resume,
+                purifiers=[] if purifiers == ["none"] else purifiers, compile_backend=args.compile_backend,
+                isolation=args.isolation, attack_timeout_s=args.attack_timeout, masks=args.masks,
+                cache_dir=args.cache_dir, protections_from=args.protections_from)
 
-        out = prepare_out(Path(args.out) if args.out else Path("spdbench-runs") / f"{args.suite}-grid")
-        suite = get_suite(args.suite)
-        with RunLock(out):
-            records = run_grid(attacks, suite, eps or list(suite.eps), out, backend=args.backend,
-                               attack_params=params, ray_address=args.ray_address, **common)
-        print(summary_markdown(ranking(records)))
-        failed = [r for r in records if r.status == Status.error]
-        for rec in failed:
-            print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
-        return EXIT_FAILED_CELLS if failed else EXIT_OK
-    out = prepare_out(Path(args.out) if args.out else Path("spdbench-runs") / f"{args.suite}-{args.attack}")
-    with RunLock(out):
-        result = run(args.attack, suite=args.suite, eps=eps, out=out, attack_params=params,
-                     progress=not args.quiet, **common)
-    print(summary_markdown(ranking(result.records)))
+
+def _slow_dtype_warning(device: Optional[str], dtype: Optional[str]) -> Optional[str]:
+    """One line when a half dtype is asked for on the CPU, where it has no native kernels: `doctor`
+    measured float16 ~167x slower than float32 there, a run that looks hung."""
+    on_cpu = device is None or str(device).strip().lower().startswith("cpu")
+    if dtype in ("float16", "bfloat16") and on_cpu:
+        return (f"warning: --dtype {dtype} on the CPU runs far slower than float32 (about 167x for float16, "
+                f"measured by `spdbench doctor --bench`); use --dtype float32 on a CPU, {dtype} on a GPU")
+    return None
+
+
+def _warn_slow_dtype(args) -> None:
+    warning = _slow_dtype_warning(getattr(args, "device", None), getattr(args, "dtype", None))
+    if warning:
+        print(warning, file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    from spdbench.harness.pipeline import build_request, execute  # deferred: a command loads only its own stack
+
+    attacks = _list_arg("--attack", args.attack, "photoguard-encoder,pca-minus")
+    _warn_slow_dtype(args)
+    kwargs = _run_kwargs(args)
+    if args.backend != "serial" or len(attacks) > 1:
+        return _run_grid(args, attacks, kwargs)
+    out = _path_arg("--out", args.out, Path("spdbench-runs") / f"{args.suite}-{args.attack}")
+    request = build_request(attacks[0], out=out, progress=not args.quiet, **kwargs)
+    result = execute(request)
+    _print_table(result.records)
     print(f"\n{len(result.computed)} cell(s) computed, {len(result.reused)} reused; records in {result.out}/records")
     earlier = result.clean_cache_hits - result.clean_cache_hits_own
     print(f"clean edits: {result.clean_cache_misses} computed, {result.clean_cache_hits_own} reused within this run, "
           f"{earlier} from earlier runs' cache; "
-          f"{result.edits_run} {get_suite(args.suite).task} edits run (cache: {result.clean_cache_dir})")
-    for rec in result.failed:
+          f"{result.edits_run} {request.suite.task} edits run (cache: {result.clean_cache_dir})")
+    return _exit_code(result.records)
+
+
+def _run_grid(args, attacks: list[str], kwargs: dict[str, Any]) -> int:
+    """Several attacks, or the Ray backend: one folder per attack under --out (grid.py)."""
+    from spdbench.harness.grid import run_grid  # deferred: a command loads only its own stack
+
+    out = _path_arg("--out", args.out, Path("spdbench-runs") / f"{args.suite}-grid")
+    suite, eps = kwargs.pop("suite"), kwargs.pop("eps")
+    records = run_grid(attacks, suite, eps, out, backend=args.backend, ray_address=args.ray_address, **kwargs)
+    _print_table(records)
+    return _exit_code(records)
+
+
+def _print_table(records) -> None:
+    from spdbench.report.board import ranking  # deferred: a command loads only its own stack
+    from spdbench.report.page import summary_markdown  # deferred: a command loads only its own stack
+
+    print(summary_markdown(ranking(records)))
+
+
+def _exit_code(records) -> int:
+    """1 when a cell failed (each named on stderr), else 0."""
+    from spdbench.store.records import Status  # deferred: a command loads only its own stack
+
+    failed = [r for r in records if r.status == Status.error]
+    for rec in failed:
         print(f"FAILED {rec.cell_id}: {rec.error}", file=sys.stderr)
-    return EXIT_FAILED_CELLS if result.failed else EXIT_OK
+    return EXIT_FAILED_CELLS if failed else EXIT_OK
 
 
 def cmd_leaderboard(args) -> int:
-    from spdbench.report.board import build, load_checked_by_folder, ranking
-    from spdbench.report.page import summary_markdown
+    from spdbench.report.board import build, ranking  # deferred: a command loads only its own stack
+    from spdbench.verify.claims import load_checked_by_folder  # deferred: a command loads only its own stack
+    from spdbench.report.page import summary_markdown  # deferred: a command loads only its own stack
 
     dirs = [Path(d) for d in (args.records or ["spdbench-runs"])]
+    out = _output_folder(_path_arg("--out", args.out, dirs[0] / "leaderboard"))
     folders = []
     for d in dirs:
         if not d.is_dir():
@@ -156,7 +237,6 @@ def cmd_leaderboard(args) -> int:
     records = [r for recs in by_folder.values() for r in recs]
     for name, reason in skipped:
         print(f"LEFT OUT {name}: {reason}", file=sys.stderr)
-    out = Path(args.out) if args.out else dirs[0] / "leaderboard"
     written = build(records, out, args.format.split(","), skipped=skipped, by_folder=by_folder)
     print(summary_markdown(ranking(records)))
     for fmt, path in written.items():
@@ -164,9 +244,19 @@ def cmd_leaderboard(args) -> int:
     return EXIT_OK
 
 
+def _output_folder(out: Path) -> Path:
+    """--out of `leaderboard`: a folder to write into (new or existing), checked before any record is read."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == out else f"lies under {str(path)!r}, which is a file"
+            raise InputError(f"--out {str(out)!r} {where}; expected a folder to write the leaderboard into "
+                             "(new or existing)")
+    return out
+
+
 def cmd_compare(args) -> int:
-    from spdbench.scoring import compare
-    from spdbench.report.board import load_checked
+    from spdbench.scoring import compare  # deferred: a command loads only its own stack
+    from spdbench.verify.claims import load_checked  # deferred: a command loads only its own stack
 
     sides = []
     for label, folder in (("A", args.a), ("B", args.b)):
@@ -183,7 +273,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from spdbench.report.run_page import write_report
+    from spdbench.report.run_page import write_report  # deferred: a command loads only its own stack
 
     path = write_report(args.folder, args.out)
     print(f"wrote {path}")
@@ -199,7 +289,7 @@ def _print_report(report) -> None:
 
 
 def cmd_verify(args) -> int:
-    from spdbench.verify.submit import verify
+    from spdbench.verify.submit import verify  # deferred: a command loads only its own stack
 
     report = verify(args.folder, sample=args.sample, tolerance=args.tolerance, rerun=not args.no_rerun,
                     attack_rerun=not args.no_attack_rerun, seed=args.seed, device=args.device, data=args.data,
@@ -208,12 +298,35 @@ def cmd_verify(args) -> int:
     if report.ok:
         what = "re-measured" if report.remeasured else "checked (NOT re-measured: --no-rerun)"
         print(f"verified: {len(report.records)} record(s) {what}; {report.compared} per-image values compared")
+    if report.ok and args.holdout:
+        if _measure_holdout(Path(args.folder), args.holdout, args.device) is None:
+            return EXIT_FAILED_CELLS
     return EXIT_OK if report.ok else EXIT_FAILED_CELLS
 
 
+def _measure_holdout(folder: Path, holdout_dir: str, device: Optional[str]):
+    """--holdout: a universal or amortized entry re-measured on the maintainer's private photos
+    (printed, one line per budget and prompt); a per-image entry says why it needs none."""
+    from spdbench.verify import holdout  # deferred: a command loads only its own stack
+
+    kind = holdout.entry_kind(folder)
+    if kind == "per-image":
+        print("hold-out: not needed (a per-image attack protects each photo itself; verify re-runs it)")
+        return {}
+    result = holdout.measure(folder, holdout_dir, device=device)
+    for p in result.problems:
+        print(f"REJECTED (hold-out): {p}", file=sys.stderr)
+    if not result.ok:
+        return None
+    for c in result.cells:
+        print(f"hold-out {c.norm} {c.eps_label} {c.prompt_key}: SSIM {c.protection_mean['ssim']:.4f} over "
+              f"{len(c.image_names)} private photos ({kind}, stored {'network' if kind == 'amortized' else 'delta'})")
+    return result
+
+
 def cmd_submit(args) -> int:
-    from spdbench.report.board import build_from_dirs
-    from spdbench.verify.submit import submit
+    from spdbench.report.board import build_from_dirs  # deferred: a command loads only its own stack
+    from spdbench.verify.submit import submit  # deferred: a command loads only its own stack
 
     report, dest = submit(args.folder, leaderboard_dir=args.leaderboard, name=args.name, replace=args.replace,
                           sample=args.sample, tolerance=args.tolerance, seed=args.seed, device=args.device,
@@ -222,6 +335,14 @@ def cmd_submit(args) -> int:
     if dest is None:
         print("refused: nothing in the leaderboard changed", file=sys.stderr)
         return EXIT_FAILED_CELLS
+    if args.holdout:
+        from spdbench.verify import holdout  # deferred: a command loads only its own stack
+
+        result = _measure_holdout(dest, args.holdout, args.device)
+        if result is None:
+            return EXIT_FAILED_CELLS
+        if result:
+            print(f"hold-out numbers written to {holdout.write(result, args.leaderboard)}")
     entries = sorted(p for p in (Path(args.leaderboard) / "entries").iterdir() if p.is_dir())
     _, skipped = build_from_dirs(entries, args.leaderboard)
     for name, reason in skipped:
@@ -231,7 +352,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from spdbench.doctor.env import command
+    from spdbench.doctor.command import command  # deferred: a command loads only its own stack
 
     return command(bench=args.bench, quick=args.quick, device=args.device, dtypes=args.dtypes, attacks=args.attacks,
                    out=args.out, steps=args.steps, compile_backend=args.compile_backend, time_limit=args.time_limit,
@@ -282,6 +403,44 @@ def _count(text: str) -> int:
     return value
 
 
+def cmd_protect(args) -> int:
+    """Protect one photo or a folder (protect_photos.py); prints where the files went."""
+    from spdbench.protect_photos import protect  # deferred: a command loads only its own stack
+
+    _warn_slow_dtype(args)
+    summary = protect(args.photos, args.attack, eps=args.eps, norm=args.norm, out=args.out, target=args.target,
+                      device=args.device, dtype=args.dtype, params=_params(args.param or []),
+                      from_entry=args.from_entry, size=args.size, seed=args.seed)
+    for photo in summary["photos"]:
+        print(f"{photo['output']}: L-inf {round(photo['linf'] * 255)}/255, L2 {photo['l2']:.3f}")
+    print(f"{len(summary['photos'])} photo(s) protected with {summary['attack']} ({summary['attack_kind']}) at "
+          f"{summary['eps_label']} on {summary['target']['name']}; what was done: {summary['summary_file']}")
+    return EXIT_OK
+
+
+def _add_protect_parser(sub) -> None:
+    s = sub.add_parser("protect", help="protect your photos: a photo or a folder, with a per-image attack "
+                                       "or a universal/amortized entry; writes PNGs and a JSON")
+    s.add_argument("photos", help="a photo file or a folder of photos")
+    s.add_argument("--attack", default=None, help="a registered per-image attack (see `spdbench list`)")
+    s.add_argument("--from-entry", default=None, dest="from_entry",
+                   help="a universal or amortized entry folder: apply its stored perturbation or network")
+    s.add_argument("--eps", default=None, help="budget, e.g. 8/255 (default 8/255; an entry: its only budget)")
+    s.add_argument("--norm", default="linf", choices=["linf", "l2"], help="budget norm (default linf)")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE", help="attack parameter (repeatable)")
+    s.add_argument("-o", "--out", default=None,
+                   help="output .png for a photo, folder for a folder (default: beside the input, '-protected')")
+    s.add_argument("--target", default=None, help="model to attack (default tiny, the smoke suite's; an entry "
+                                                  "runs on its own)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default cpu)")
+    s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="model dtype (default float32; half dtypes are for GPUs)")
+    s.add_argument("--size", type=_positive, default=None,
+                   help="centre-crop and resize to SIZE x SIZE (default: keep the size, cropped to a multiple of 8)")
+    s.add_argument("--seed", type=int, default=0, help="the attack's seed (default 0)")
+    s.set_defaults(fn=cmd_protect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spdbench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -317,9 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local one)")
     s.add_argument("--compile", dest="compile_backend", nargs="?", const="inductor", default=None,
                    help="torch.compile the VAE and UNet (backend, default inductor); compile time is recorded apart")
-    s.add_argument("--isolation", default="process", choices=["process", "none"],
-                   help="process (default): the attack runs in its own worker process and sees only what it may; "
-                        "none: in this process, for debugging only (recorded; verify and submit refuse it)")
+    s.add_argument("--isolation", default="sandbox", choices=["sandbox", "process", "none"],
+                   help="sandbox (default): the attack runs in its own worker process, confined by the OS "
+                        "(files, network, processes, limits; recorded as 'process' with the reason where the "
+                        "kernel cannot); process: that worker unconfined; none: in this process, for debugging "
+                        "only (recorded; verify and submit refuse it)")
     s.add_argument("--attack-timeout", type=float, default=None, metavar="SECONDS",
                    help="wall-clock limit per cell group's attack (default: the suite's attack_timeout_s)")
     s.add_argument("--protections-from", metavar="RUN", default=None,
@@ -348,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compare", help="two methods on the same photos: paired bootstrap of their difference")
     s.add_argument("a", help="run folder or leaderboard entry of method a")
     s.add_argument("b", help="run folder or leaderboard entry of method b (same suite)")
-    s.add_argument("--metric", default="ssim", choices=["ssim", "psnr", "vifp", "fsim"],
-                   help="protection metric (default ssim)")
+    s.add_argument("--metric", default="ssim", type=_metric_arg,
+                   help="protection metric: a registered metric name, as `spdbench list` shows (default ssim)")
     s.add_argument("--split", default="test", choices=["train", "test"], help="split compared (default test)")
     s.add_argument("--region", default="whole", choices=["whole", "repainted"],
                    help="where the metric is measured: the whole edit (default) or, on an inpainting suite, "
@@ -370,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default=None, help="default: the device type the entry was measured on")
         s.add_argument("--data", help="image folder of the suite (suites whose photos are not bundled)")
         s.add_argument("--manifest", help="spdbench-manifest/1 JSON listing the suite's images (with --data)")
+        s.add_argument("--holdout", metavar="DIR",
+                       help="the maintainer's private photo folder: a universal or amortized entry is re-measured "
+                            "on it with its stored perturbation or network (submit: written to LEADERBOARD/holdout/)")
         if name == "verify":
             s.add_argument("--no-rerun", action="store_true",
                            help="check files, claims and perturbations only; re-measure nothing (reported)")
@@ -399,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="with --bench: report folder (default spdbench-doctor/bench-MODE-DEVICE-TIME)")
     s.add_argument("--cost", metavar="BENCH_JSON", help="print the sd15-spd protocol's hours per attack from a bench JSON")
     s.set_defaults(fn=cmd_doctor)
+    _add_protect_parser(sub)
     return p
 
 

@@ -1,6 +1,8 @@
 """Exception types. Every user error is a subclass of `SpdbenchError` so the CLI can print it as one
 line and exit non-zero instead of showing a traceback from deep inside torch."""
 
+import difflib
+
 
 class SpdbenchError(Exception):
     """Base class of every error spdbench raises on purpose."""
@@ -39,7 +41,5 @@ class RecordError(SpdbenchError, ValueError):
 
 def did_you_mean(name: str, choices) -> str:
     """' Did you mean 'x'?' for close matches (difflib), or an empty string."""
-    import difflib
-
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -5,6 +5,8 @@ expected and what was received, so nobody has to read a traceback from inside to
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from spdbench.errors import InputError
@@ -44,7 +46,5 @@ def check_images(images, name: str = "images", *, allow_batchless: bool = False)
 def image_sha256(image: torch.Tensor) -> str:
     """The hash that names one clean image in records: sha256 of its 8-bit bytes (the photos are
     8-bit, so this is exact; the harness and the submission checks share it)."""
-    import hashlib
-
     data = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()
     return hashlib.sha256(data).hexdigest()

@@ -5,15 +5,32 @@ photos, split, budgets, attack iterations and editing settings.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from spdbench.harness.editing import EditSettings
-from spdbench.errors import InputError, UnknownNameError, did_you_mean
+from spdbench.data import photos as data
+from spdbench.errors import InputError, RegistryError
+from spdbench.registry import Registry
+from spdbench.scoring.metrics import DEFAULT_METRICS, get_metric
 from spdbench.targets import SD15_HUB_ID, SD15_INPAINT_HUB_ID
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """img2img settings; PhotoGuard's strength 0.5 / guidance 7.5 / 50 steps / seed 9222 by default.
+    Here, in the protocol, because a suite names them; the editor (harness/editing.py) applies them."""
+
+    strength: float = 0.5
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int = 9222
+    eta: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,10 @@ class Suite:
     #: the user's PNGs. The target (or edit_target) must then be an inpainting model.
     masks: Optional[str] = None
     description: str = ""
+    #: the metrics every record of the suite must hold (the claims check); the harness scores every
+    #: registered metric, so an entry may hold more. Left out of `to_dict` while it is the default
+    #: four, so records and cell ids of today's suites are unchanged
+    metrics: tuple[str, ...] = DEFAULT_METRICS
 
     @property
     def task(self) -> str:
@@ -52,13 +73,15 @@ class Suite:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["edit"] = self.edit.to_dict() if hasattr(self.edit, "to_dict") else asdict(self.edit)
+        if tuple(self.metrics) == DEFAULT_METRICS:
+            del d["metrics"]
+        else:
+            d["metrics"] = list(self.metrics)
         return d
 
     def load_images(self, data_path: Union[str, Path, None] = None,
                     manifest: Union[str, Path, None] = None) -> tuple[torch.Tensor, list[str]]:
         """The suite's photos and their names (bundled, an image folder, or a manifest + root)."""
-        from spdbench.data import photos as data
-
         if manifest is not None:
             if data_path is None:
                 raise InputError("a manifest needs --data pointing at the folder that holds its images")
@@ -83,48 +106,63 @@ class Suite:
 #: smoke run's scoring together; pass them with --purifiers, docs/threat-model.md)
 LADDER = ("jpeg70", "jpeg75", "jpeg90", "resize0.5", "blur1", "tv0.05", "diffpure0.2")
 
-SUITES: dict[str, Suite] = {
-    "smoke": Suite(
+def _check_suite(name: str, obj: object) -> None:
+    if not isinstance(obj, Suite):
+        raise RegistryError(f"a suite registration needs a spdbench Suite, got {obj!r}")
+    if obj.name != name:
+        raise RegistryError(f"suite {obj.name!r} must be registered under its own name, not {name!r}")
+
+
+def _suite_from_entry_point(name: str, obj: object, where: str) -> Suite:
+    """An entry point of `spdbench.suites` names one Suite whose `name` is the entry-point name."""
+    _check_suite(name, obj)
+    return obj
+
+
+#: every suite: the built-ins below and plugins (entry-point group `spdbench.suites`)
+SUITES: Registry[Suite] = Registry("suite", check=_check_suite, from_entry_point=_suite_from_entry_point)
+_BUILT_INS = (
+    Suite(
         name="smoke", target="tiny", image_size=128, eps=("8/255", "16/255"), prompts=("P3", "P4"),
         edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
         attack_steps=40, attack_batch_size=11, purifiers=LADDER,
         description="offline trained tiny target, 11 bundled photos at 128 px (7 train / 4 test), CPU minutes",
     ),
-    "smoke-transfer": Suite(
+    Suite(
         name="smoke-transfer", target="tiny", edit_target="tiny-b", image_size=128, eps=("8/255", "16/255"),
         prompts=("P3", "P4"), edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
         attack_steps=40, attack_batch_size=11, purifiers=LADDER,
         description="smoke, but crafted on tiny and edited with tiny-b (trained apart: other seed, other "
                     "half of the photos): black-box protection beside white box",
     ),
-    "smoke-inpaint": Suite(
+    Suite(
         name="smoke-inpaint", target="tiny-inpaint", image_size=128, eps=("8/255", "16/255"), prompts=("P3", "P4"),
         edit=EditSettings(strength=1.0, steps=20, guidance=7.5, seed=9222), masks="centre-box",
         attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
         description="inpainting on the offline tiny-inpaint target: 11 bundled photos at 128 px, the centre box "
                     "repainted from noise (strength 1), scored on the whole image and on the box, CPU minutes",
     ),
-    "smoke-inpaint-subject": Suite(
+    Suite(
         name="smoke-inpaint-subject", target="tiny-inpaint", image_size=128, eps=("8/255", "16/255"),
         prompts=("P3", "P4"), edit=EditSettings(strength=1.0, steps=20, guidance=7.5, seed=9222), masks="subject",
         attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
         description="smoke-inpaint in PhotoGuard's setting: each photo's subject kept (hand-drawn masks), its "
                     "surroundings repainted from noise, CPU minutes",
     ),
-    "sd15-quick": Suite(
+    Suite(
         name="sd15-quick", target=SD15_HUB_ID, image_size=512, eps=("16/255",),
         prompts=("P1", "P2", "P3", "P4"), edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222),
         n_images=8, attack_steps=100, attack_batch_size=4, attack_timeout_s=4 * 3600.0,
         description="Stable Diffusion 1.5, 8 bundled photos at 512 px, one GPU, minutes",
     ),
-    "sd15-spd": Suite(
+    Suite(
         name="sd15-spd", target=SD15_HUB_ID, image_size=512,
         eps=("4/255", "13/255", "22/255", "31/255", "40/255"), prompts=("P1", "P2", "P3", "P4"),
         edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222), data="manifest",
         attack_steps=500, attack_batch_size=4, attack_timeout_s=48 * 3600.0,
         description="the SPD protocol: SD1.5, 100 ImageNet images at 512 px split 64:36, eps 4..40/255, 500 iters",
     ),
-    "sd15-inpaint": Suite(
+    Suite(
         name="sd15-inpaint", target=SD15_INPAINT_HUB_ID, image_size=512, eps=("8/255", "16/255"),
         prompts=("P3", "P4"), edit=EditSettings(strength=1.0, steps=50, guidance=7.5, seed=9222, eta=1.0),
         masks="centre-box", n_images=8, attack_steps=100, attack_batch_size=2, purifiers=("jpeg75", "blur1"),
@@ -132,16 +170,22 @@ SUITES: dict[str, Suite] = {
         description="Stable Diffusion 1.5 inpainting, 8 bundled photos at 512 px with the centre box repainted "
                     "(guidance 7.5, eta 1, seed 9222 as in PhotoGuard's inpainting demo; 50 steps), one GPU",
     ),
-}
+)
+for _suite in _BUILT_INS:
+    SUITES.add(_suite.name, _suite)
 
 
 def get_suite(name: Union[str, Suite], **overrides) -> Suite:
+    """A registered suite by name (UnknownNameError with close matches otherwise), or a Suite as
+    given; `overrides` replace fields. Its required metrics must be registered."""
     if isinstance(name, Suite):
-        return replace(name, **overrides) if overrides else name
-    if not isinstance(name, str):
+        suite = name
+    elif isinstance(name, str):
+        suite = SUITES.get(name)
+    else:
         raise InputError(f"suite must be a suite name ({', '.join(SUITES)}) or a Suite, got "
                          f"{type(name).__name__} {name!r:.60}")
-    if name not in SUITES:
-        raise UnknownNameError(f"unknown suite {name!r}.{did_you_mean(name, SUITES)} Available: {', '.join(SUITES)}")
-    suite = SUITES[name]
-    return replace(suite, **overrides) if overrides else suite
+    suite = replace(suite, **overrides) if overrides else suite
+    for m in suite.metrics:
+        get_metric(m)  # an unknown metric name: UnknownNameError with close matches
+    return suite

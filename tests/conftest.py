@@ -61,14 +61,14 @@ def _attack_registry_unchanged():
     registry-wide tests collect and run, so the suite would pass or fail by test order."""
     from spdbench.attacks import base
 
-    base._ensure_loaded()  # import the built-ins first, so loading them is not mistaken for a leak
-    before = dict(base._REGISTRY)
+    base.ATTACKS.load()  # import the built-ins first, so loading them is not mistaken for a leak
+    before = dict(base.ATTACKS)
     yield
-    after = dict(base._REGISTRY)
+    after = dict(base.ATTACKS)
     if after != before:
         added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
         removed += sorted(n for n in set(after) & set(before) if after[n] is not before[n])  # replaced
-        base._REGISTRY.clear()
-        base._REGISTRY.update(before)  # restore, so one leaky test does not break the ones after it
+        base.ATTACKS.clear()
+        base.ATTACKS.update(before)  # restore, so one leaky test does not break the ones after it
         pytest.fail(f"test changed the attack registry (added {added}, removed {removed}); "
                     f"register test-only attacks with spdbench.attacks.base.registered()")

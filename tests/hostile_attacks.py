@@ -143,3 +143,71 @@ class ClaimsSteps(spdbench.Attack):
     def perturb(self, images, target, budget, generator=None):
         _spy(f"steps {self.steps}")
         return torch.zeros_like(images)
+
+
+# --- issue 40: what attack code may do to the machine (contained by the sandbox, sandbox.py) -----
+
+class Probes(spdbench.Attack):
+    """Tries what a hostile author would from the worker and reports each outcome in its error
+    (the one channel out that needs no file): "refused" or what it got."""
+
+    defaults = {"read": [], "write": [], "harness_pid": 0}
+
+    def perturb(self, images, target, budget, generator=None):
+        import json
+        import socket
+
+        out = {}
+
+        def attempt(name, fn):
+            try:
+                got = fn()
+                out[name] = "succeeded" if got is None else f"succeeded: {got}"
+            except OSError as exc:
+                out[name] = f"refused ({type(exc).__name__})"
+
+        for i, path in enumerate(self.read):
+            attempt(f"read{i}", lambda p=path: len(os.listdir(p)) if os.path.isdir(p) else len(open(p, "rb").read(16)))
+        for i, path in enumerate(self.write):
+            attempt(f"write{i}", lambda p=path: open(p, "ab").close())
+        attempt("socket", lambda: socket.create_connection(("127.0.0.1", 9), timeout=1).close())
+        attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close())
+        if self.harness_pid:
+            attempt("signal-harness", lambda: os.kill(self.harness_pid, 0))
+        out["secret"] = "leaked" if any("s3cret-40" in v for v in os.environ.values()) else "absent"
+        out["env"] = sorted(os.environ)
+        raise RuntimeError("probes " + json.dumps(out))
+
+
+class SpawnsSleepers(spdbench.Attack):
+    """Leaves processes behind: a plain child, and a double-forked one in its own session (the
+    shape of a daemon, which a process-group kill alone does not reach)."""
+
+    defaults = {"tag": "313.25"}
+
+    def perturb(self, images, target, budget, generator=None):
+        import subprocess
+
+        subprocess.Popen(["sleep", self.tag])
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.execvp("sleep", ["sleep", self.tag])
+            os._exit(0)
+        time.sleep(0.5)
+        return torch.zeros_like(images)
+
+
+class MemoryBomb(spdbench.Attack):
+    """Allocates 1 GiB at a time (address space only, never touched), up to 64 GiB."""
+
+    def perturb(self, images, target, budget, generator=None):
+        hoard = [bytearray(1 << 30) for _ in range(64)]
+        del hoard
+        return torch.zeros_like(images)
+
+
+class EndlessLoop(spdbench.Attack):
+    def perturb(self, images, target, budget, generator=None):
+        while True:
+            pass

@@ -20,7 +20,7 @@ from spdbench.errors import InputError
 from harness_helpers import attack_param
 
 ATTACKS = spdbench.list_attacks()
-UNIVERSAL = [n for n in ATTACKS if attack_class(n).universal]
+UNIVERSAL = [n for n in ATTACKS if attack_class(n).kind == "universal"]
 
 #: small settings that keep the file fast; a setting an attack does not accept is left out
 FAST = dict(steps=8, grad_samples=1, eval_samples=2, unroll_steps=2)

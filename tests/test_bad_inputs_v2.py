@@ -359,11 +359,74 @@ def test_cli_empty_eps_is_refused_not_the_default_grid(tmp_path, capsys):
     assert code == 2 and "--eps ''" in _one_line(err) and not (tmp_path / "run").exists()
 
 
-def test_tiny_eps_is_labelled_by_its_value_and_flagged(tmp_path):
-    result = api(tmp_path, eps=1e-30, prompts=["P4"])
-    labels = {r.eps_label for r in result.records}
-    assert labels == {"1e-30"}, "was labelled '0/255'"
-    assert all("zero-delta" in r.flags for r in result.records), "a budget that changes no 8-bit pixel is visible"
+@pytest.mark.parametrize("eps", [1e-30, 0.4 / 255])
+def test_eps_below_half_an_8bit_level_is_refused(tmp_path, eps):
+    """Issue 40: eps 1e-30 ran, and measured the clean photo under the attack's name (no pixel of an
+    8-bit photo moves by less than half a level); now one line, before anything is written."""
+    with pytest.raises(BudgetError) as info:
+        api(tmp_path, eps=eps, prompts=["P4"])
+    msg = _one_line(str(info.value))
+    assert "below half an 8-bit level" in msg and "expected eps >=" in msg and "0/255" not in msg
+    assert not (tmp_path / "run").exists()
+    assert api(tmp_path, eps=0.5 / 255, prompts=["P4"]).ok, "half a level is the smallest budget accepted"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--prompts", ""], "--prompts '' holds an empty name"),
+    (["--prompts", "P3,"], "--prompts 'P3,' holds an empty name"),
+    (["--purifiers", ""], "--purifiers '' holds an empty name"),
+    (["--purifiers", "jpeg75,jpeg75"], "lists 'jpeg75' more than once"),
+    (["--out", ""], "--out '' is empty"),
+    (["--eps", "1e-30"], "eps 1e-30 (linf) is below half an 8-bit level"),
+    (["--compile", "bogusbackend"], "compile backend 'bogusbackend' is not a torch.compile backend"),
+    (["--target", ""], "target must be a model name"),
+    (["--attack", "none,"], "--attack 'none,' holds an empty name"),
+])
+def test_cli_input_that_was_silently_accepted_is_one_line(tmp_path, capsys, monkeypatch, argv, needle):
+    """Issue 40: each of these ran with a default in its place (or a traceback after the models
+    loaded, for --compile); now one line, exit 2, nothing created."""
+    monkeypatch.chdir(tmp_path)  # --out '' used to mean the default folder under the working directory
+    extra = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "run")]
+    code, err = cli_run(capsys, *extra)
+    assert code == 2 and needle in _one_line(err) and err.startswith("spdbench run: error:"), err
+    assert list(tmp_path.iterdir()) == [], "refused before anything was created"
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(prompts=[]), "prompts [] holds no name"),
+    (dict(prompts="P3"), "prompts must be a list of names"),
+    (dict(purifiers=["jpeg75", "blur1", "jpeg75"]), "lists 'jpeg75' more than once"),
+    (dict(purifiers=[""]), "purifiers [''] holds no name or an empty one"),
+    (dict(out=""), "out '' is empty"),
+    (dict(compile_backend="bogusbackend"), "compile backend 'bogusbackend'"),
+    (dict(cache_dir=""), "cache_dir '' is not a path"),
+    (dict(image_names=["a", "b", "c"]), "got 2 images but 3 image names"),
+    (dict(images=fast_images(2), data="somewhere"), "images were given together with data/manifest"),
+    (dict(progress="yes"), "progress must be True or False"),
+])
+def test_api_input_that_was_silently_accepted_is_one_line(tmp_path, kw, needle):
+    with pytest.raises(SpdbenchError) as info:
+        api(tmp_path, **kw)
+    assert needle in _one_line(str(info.value))
+    assert not (tmp_path / "run").exists()
+
+
+def test_api_purifiers_empty_list_means_none(tmp_path):
+    """[] is the CLI's --purifiers none: scored without purifiers (not the suite's list, not an error)."""
+    res = api(tmp_path, purifiers=[], prompts=["P4"], suite=fast_suite(purifiers=("jpeg75",)))
+    assert res.ok and all(r.purified == {} for r in res.records)
+
+
+def test_leaderboard_out_that_is_a_file_is_one_line(tmp_path, capsys, existing):
+    """Issue 40: a traceback after every record had been read; now one line before any is read."""
+    for out in (tmp_path / "board.txt", tmp_path / "board.txt" / "sub"):
+        (tmp_path / "board.txt").write_text("precious")
+        code = cli.main(["leaderboard", "--records", str(existing.parent), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"--out {str(out)!r}" in _one_line(err) and "file" in err, err
+        assert (tmp_path / "board.txt").read_text() == "precious"
+    code = cli.main(["leaderboard", "--records", str(existing.parent), "--out", ""])
+    assert code == 2 and "--out '' is empty" in capsys.readouterr().err
 
 
 # --- CLI options --------------------------------------------------------------------------------

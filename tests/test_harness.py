@@ -60,7 +60,11 @@ def test_clean_and_protected_edits_share_seeds_and_none_is_identity(tmp_path, ta
         assert rec.protection_mean["ssim"] == pytest.approx(1.0, abs=1e-5), "same seed + same image = same edit"
 
 
-def test_universal_attack_never_sees_test_images(tmp_path, target, test_attacks):
+def test_universal_attack_never_sees_test_images(tmp_path, target, test_attacks, monkeypatch):
+    from spdbench.harness import sandbox
+
+    (tmp_path / "seen").mkdir()  # the one folder the sandboxed worker may write besides its own
+    monkeypatch.setattr(sandbox, "EXTRA_WRITE", [str(tmp_path / "seen")])
     images = fast_images(6)
     spdbench.run("test-recording-uap", suite=fast_suite(), out=tmp_path / "run", target=target, images=images,
                  attack_params={"record_dir": str(tmp_path / "seen")})

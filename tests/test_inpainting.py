@@ -262,7 +262,7 @@ def test_every_attack_runs_against_the_inpainting_model(name, inpainter, photos)
     x = photos[:2]
     budget = Budget("linf", "8/255")
     masks = mask_args(attack, x, inpainter)
-    if attack.fits:
+    if attack.kind.fits:
         attack.fit(x, inpainter, budget, torch.Generator().manual_seed(0), **masks)
     delta = attack(x, inpainter, budget, torch.Generator().manual_seed(0), **masks)
     assert delta.shape == x.shape and torch.isfinite(delta).all()

@@ -3,7 +3,6 @@ one defeated the harness from inside its process) now leaves the harness's numbe
 from __future__ import annotations
 
 import pytest
-import torch
 
 import spdbench
 from spdbench.harness.plan import plan
@@ -25,8 +24,16 @@ def target():
 
 @pytest.fixture
 def spy(tmp_path, monkeypatch):
-    path = tmp_path / "spy.txt"
+    """A file the test's attacks may write what they saw to: the sandboxed worker may write only its
+    own folder, so this one folder (not the run folder) and the variable naming it are let through."""
+    from spdbench.harness import sandbox
+
+    folder = tmp_path / "spy"
+    folder.mkdir()
+    path = folder / "spy.txt"
     monkeypatch.setenv("SPDBENCH_TEST_SPY", str(path))
+    monkeypatch.setattr(sandbox, "EXTRA_WRITE", [str(folder)])
+    monkeypatch.setattr(sandbox, "EXTRA_ENV", ["SPDBENCH_TEST_SPY"])
     return path
 
 
@@ -118,9 +125,9 @@ def test_exit_and_interrupt_become_error_records_and_the_run_goes_on(tmp_path, t
 
 def test_cli_exit_code_is_not_zero_when_the_attack_exits(tmp_path, monkeypatch):
     from spdbench import cli
-    from spdbench.attacks.base import _REGISTRY
+    from spdbench.attacks.base import ATTACKS
 
-    monkeypatch.setitem(_REGISTRY, "test-exits", H.Exits)
+    monkeypatch.setitem(ATTACKS, "test-exits", H.Exits)
     monkeypatch.setattr(H.Exits, "name", "test-exits")
     code = cli.main(["run", "--attack", "test-exits", "--suite", "smoke", "--target", "tiny-random",
                      "--eps", "8/255", "--prompts", "P4", "--out", str(tmp_path / "r"), "--quiet"])
@@ -174,7 +181,10 @@ def test_explicit_values_win_over_a_preset(tmp_path, target):
 def test_records_carry_worker_start_and_model_calls_apart(tmp_path, target):
     res = _run("photoguard-encoder", target, tmp_path)
     rec = res.records[0]
-    assert rec.isolation == "process" and rec.timing.worker_start_s > 0
+    from spdbench.harness import sandbox
+
+    assert rec.isolation == ("sandbox" if sandbox.supported() is None else "process")
+    assert rec.timing.worker_start_s > 0
     assert rec.model_calls["vae_encoder_fwd"] >= 3 and rec.model_calls["unet_fwd"] == 0
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from spdbench.report import board as leaderboard
-from spdbench.report.board import build, load_checked, ranking
+from spdbench.report.board import build, ranking
+from spdbench.verify.claims import load_checked
 from spdbench.report.page import UNMARKED, sections
 
 ENTRIES = Path(__file__).parent.parent / "leaderboard" / "entries"
@@ -99,3 +100,38 @@ def test_entries_awaiting_re_measurement_are_listed_not_ranked(records, tmp_path
 
     with pytest.raises(InputError, match="pending.json: not a pending list"):
         build(records, lb)
+
+
+def _train_means(records, method: str, eps_label: str) -> float:
+    """SSIM averaged per image over the train prompts, then over images (how ranking averages)."""
+    import numpy as np
+
+    per_prompt = [r.protection["ssim"] for r in records
+                  if r.attack == method and r.eps_label == eps_label and r.split.value == "train"]
+    return float(np.mean(np.mean(np.asarray(per_prompt), axis=0)))
+
+
+def test_a_budget_without_test_records_is_ranked_on_train_and_says_so(records):
+    """Issue 34's trust bug: a budget with no test records was dropped when another had some, and
+    every split was pooled, unlabelled, when none had; now it is ranked on train and labelled."""
+    no_test_16 = [r for r in records if not (r.eps_label == "16/255" and r.split.value == "test")]
+    rank = ranking(no_test_16)
+    tested, trained = rank[rank["eps_label"] == "8/255"], rank[rank["eps_label"] == "16/255"]
+    assert len(trained) == len(rank[rank["eps_label"] == "16/255"]) == len(set(trained["method"])) >= 2
+    assert (trained["split"] == "train").all() and tested["split"].isna().all()
+    assert trained["flags"].str.contains("ranked on train split (no test records)", regex=False).all()
+    assert not tested["flags"].fillna("").str.contains("ranked on").any()
+    row = trained[trained["method"] == "uniform-noise"].iloc[0]
+    assert row["ssim"] == pytest.approx(_train_means(records, "uniform-noise", "16/255"))
+    titles = [s.title for s in sections(rank)]
+    assert any(t.endswith("eps 16/255 · ranked on the train split") for t in titles)
+    assert any(t.endswith("eps 8/255") for t in titles), "a test budget's heading is unchanged"
+
+
+def test_without_any_test_records_no_split_is_pooled(records):
+    train_only = [r for r in records if r.split.value == "train"]
+    rank = ranking(train_only)
+    assert (rank["split"] == "train").all() and (rank["prompts"] == 2).all()
+    row = rank[(rank["method"] == "uniform-noise") & (rank["eps_label"] == "8/255")].iloc[0]
+    assert row["ssim"] == pytest.approx(_train_means(records, "uniform-noise", "8/255"))
+    assert "split" not in ranking(records).columns, "a board with test records everywhere is unlabelled"

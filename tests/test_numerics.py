@@ -74,7 +74,7 @@ def objective(attack, images, delta, target) -> float:
 def run_attack(attack, images, target, seed=0):
     masks = mask_args(attack, images, target)  # centre boxes for an attack that reads masks, else nothing
     attack.set_masks(masks.get("masks"))
-    if attack.fits:  # fit on the images the objective is then compared on
+    if attack.kind.fits:  # fit on the images the objective is then compared on
         attack.fit(images, target, BUDGET, torch.Generator().manual_seed(seed), **masks)
     return attack(images, target, BUDGET, torch.Generator().manual_seed(seed), **masks)
 

@@ -31,7 +31,7 @@ def test_unknown_purifier_suggests_the_near_name():
 
 
 def test_register_refuses_a_taken_name_and_non_purifiers():
-    mine = Purifier("test-identity", "identity", lambda x: x.clone(), settings=dict(none=True))
+    mine = Purifier("test-identity", "identity", lambda x, scale=1.0: x * scale, settings=dict(scale=1.0))
     register_purifier(mine)
     try:
         assert get_purifier("test-identity") is mine
@@ -42,6 +42,30 @@ def test_register_refuses_a_taken_name_and_non_purifiers():
     with pytest.raises(RegistryError, match="needs a spdbench.Purifier"):
         register_purifier(lambda x: x)
     assert "test-identity" not in list_purifiers()
+
+
+def test_a_purifier_is_called_with_exactly_its_recorded_settings():
+    seen = {}
+
+    def fn(x, target, strength=0.5, seed=0):
+        seen.update(strength=strength, seed=seed, target=target)
+        return x.clone()
+
+    p = Purifier("test-settings", "settings", fn, needs_target=True, settings=dict(strength=0.2, seed=3))
+    p(torch.rand(1, 3, 8, 8), "the target")
+    assert seen == dict(strength=0.2, seed=3, target="the target") and p.to_dict()["settings"] == dict(strength=0.2, seed=3)
+    with pytest.raises(RegistryError, match=r"'test-hand-copied'.*cannot be called.*\['steps'\]"):
+        Purifier("test-hand-copied", "x", lambda x: x, settings=dict(steps=20))  # a setting that never runs
+
+
+def test_builtin_settings_are_the_call_kwargs():
+    """diffpure0.2 once recorded steps/prompt/guidance/seed beside a lambda that passed only the strength."""
+    import inspect
+
+    for name in list_purifiers():
+        p = get_purifier(name)
+        params = inspect.signature(p.fn).parameters
+        assert set(p.settings) <= set(params), f"{name} records settings its function does not take"
 
 
 def test_a_purifier_that_changes_the_shape_is_an_error():

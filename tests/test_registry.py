@@ -64,18 +64,21 @@ def test_entry_point_plugin_is_listed_and_usable(monkeypatch):
         return eps if kw.get("group") == attack_base.ENTRY_POINT_GROUP else real(**kw)
 
     monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
-    monkeypatch.setattr(attack_base, "_REGISTRY", dict(attack_base._REGISTRY))
-    monkeypatch.setattr(attack_base, "_entry_points_loaded", attack_base._entry_points_loaded)  # restored after
+    monkeypatch.setattr(attack_base.ATTACKS, "failures", {})  # restored after
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = attack_base.load_entry_points(force=True)
-    assert loaded == ["third-party-ones"]
-    assert any("broken-plugin" in str(w.message) for w in caught), "a broken plugin is reported, not fatal"
-    assert "third-party-ones" in spdbench.list_attacks()
-    attack = spdbench.get_attack("third-party-ones")
-    x = torch.full((1, 3, 8, 8), 0.5)
-    delta = attack(x, None, spdbench.Budget("linf", "4/255"))
-    assert torch.allclose(delta, torch.full_like(x, 4 / 255))
+    try:
+        assert loaded == ["third-party-ones"]
+        assert any("broken-plugin" in str(w.message) for w in caught), "a broken plugin is reported, not fatal"
+        assert list(attack_base.ATTACKS.failures) == ["broken-plugin"], "and listed"
+        assert "third-party-ones" in spdbench.list_attacks()
+        attack = spdbench.get_attack("third-party-ones")
+        x = torch.full((1, 3, 8, 8), 0.5)
+        delta = attack(x, None, spdbench.Budget("linf", "4/255"))
+        assert torch.allclose(delta, torch.full_like(x, 4 / 255))
+    finally:
+        attack_base.unregister("third-party-ones")
 
 
 def test_cli_list_prints_attacks():

@@ -59,6 +59,7 @@ def test_show_writes_one_self_contained_page_and_the_folder_still_verifies(run_d
     assert "Loss curves" not in page, "uniform noise optimizes nothing: no loss plot"
     assert "uniform-noise on test-fast" in page and "worst purified edit" in page and "jpeg75" in page
     assert "src=\"http" not in page and "src='http" not in page
+    assert "<th>SSIM ↓</th><th>PSNR ↓</th><th>VIFp ↓</th><th>FSIM ↓</th>" in page, "heads from the metric registry"
     report = verify(folder, rerun=False)
     assert report.ok, report.problems
     entry_copy = tmp_path / "lb"

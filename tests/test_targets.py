@@ -1,11 +1,15 @@
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import spdbench
 from spdbench.errors import TargetLoadError
+from spdbench.suites import get_suite
 from spdbench.targets import load_sd15
+from spdbench.targets.sd15 import (SD15_HUB_ID, SD15_INPAINT_HUB_ID, SD15_INPAINT_REVISION, SD15_REVISION,
+                                   hub_revision)
 from spdbench.targets.tiny import tiny_tokenizer
 
 
@@ -67,10 +71,11 @@ def test_unreachable_hub_id_fails_fast_with_advice(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     start = time.monotonic()
     with pytest.raises(TargetLoadError) as info:
-        load_sd15("runwayml/stable-diffusion-v1-5")
+        load_sd15(SD15_HUB_ID)
     assert time.monotonic() - start < 10
     msg = str(info.value)
-    assert "runwayml/stable-diffusion-v1-5" in msg and "--local-dir" in msg and "\n" not in msg
+    assert SD15_HUB_ID in msg and "--local-dir" in msg and "\n" not in msg
+    assert f"--revision {SD15_REVISION}" in msg, "the download command names the pinned revision"
     assert "`hf download" in msg and "--target DIR" in msg, "names the installed CLI and where DIR goes"
 
 
@@ -91,3 +96,45 @@ def test_inpaint_pipeline_needs_an_inpainting_unet(tiny_random):
     assert not tiny_random.inpainting
     with pytest.raises(TargetLoadError, match="not an inpainting model.*9"):
         tiny_random.inpaint()
+
+
+def test_hub_ids_in_code_equal_those_documented():
+    """The runwayml/ repositories were deleted from the hub: code, README and docs name the mirrors."""
+    root = Path(__file__).resolve().parents[1]
+    assert SD15_HUB_ID == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert SD15_INPAINT_HUB_ID == "stable-diffusion-v1-5/stable-diffusion-inpainting"
+    readme = (root / "README.md").read_text()
+    inpaint_doc = (root / "docs" / "inpainting.md").read_text()
+    assert f"`{SD15_HUB_ID}`" in readme and f"`{SD15_INPAINT_HUB_ID}`" in readme
+    assert f"`{SD15_INPAINT_HUB_ID}` (revision `{SD15_INPAINT_REVISION}`)" in inpaint_doc
+    assert f"revision `{SD15_REVISION}`" in readme
+    stale = [str(p.relative_to(root)) for p in [root / "README.md", *(root / "docs").rglob("*.md"),
+                                                *(root / "spdbench").rglob("*.py")]
+             if "runwayml/" in p.read_text() and "deleted" not in p.read_text()]
+    assert not stale, f"deleted hub ids still named in {stale}"
+    assert {s.name: s.target for s in map(get_suite, ("sd15-quick", "sd15-inpaint"))} == {
+        "sd15-quick": SD15_HUB_ID, "sd15-inpaint": SD15_INPAINT_HUB_ID}
+
+
+def test_hub_revision_is_recorded_and_absent_key_keeps_old_records():
+    from spdbench.store.records import TargetInfo
+
+    assert hub_revision(SD15_HUB_ID) == SD15_REVISION and hub_revision("org/other") == "main"
+    assert hub_revision(SD15_HUB_ID, "abc123") == "abc123"
+    info = dict(name="a", source=SD15_HUB_ID, fingerprint="f", dtype="float32", device="cpu")
+    assert '"revision"' not in TargetInfo(**info).model_dump_json(), "old records re-serialize unchanged"
+    again = TargetInfo.model_validate_json(TargetInfo(**info, revision="main").model_dump_json())
+    assert again.revision == "main"
+
+
+
+def test_records_of_a_hub_model_carry_its_revision(tiny_random, tmp_path):
+    """What a record stores comes from the loaded Target: a hub-loaded one names its revision, a
+    folder-loaded one none (a folder has no hub history)."""
+    from spdbench.harness.pipeline import _target_info
+
+    folder = tiny_random.save_pretrained(tmp_path / "m")
+    local = load_sd15(folder)
+    assert local.revision is None and _target_info(local).revision is None
+    local.revision = SD15_REVISION  # as load_sd15 sets it after a hub download
+    assert f'"revision":"{SD15_REVISION}"' in _target_info(local).model_dump_json()

@@ -7,20 +7,58 @@ receives it and must return a delta inside it (the harness re-checks anyway).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata
 import warnings
 from contextlib import contextmanager
+from enum import Enum
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, TypeVar, Union
 
 import torch
 
 from spdbench.budget import Budget
-from spdbench.errors import InputError, RegistryError, UnknownNameError, did_you_mean
+from spdbench.errors import InputError, RegistryError
 from spdbench.images import check_images
-from spdbench.registry import load_group
+from spdbench.registry import Registry
 
 ENTRY_POINT_GROUP = "spdbench.attacks"
+
+
+class AttackKind(str, Enum):
+    """How an attack protects, the one thing the harness branches on: what it may see and what it returns.
+
+    per-image: `perturb` sees one batch; universal: `fit` sees the train split and returns one delta;
+    amortized: `fit` trains a network on the train split, `apply` protects any batch feed-forward.
+    The values are the words records and tables use (store.records.attack_kind)."""
+
+    per_image = "per-image"
+    universal = "universal"
+    amortized = "amortized"
+
+    @property
+    def fits(self) -> bool:
+        """True when `fit(train_images, ...)` runs before the attack protects anything."""
+        return self is not AttackKind.per_image
+
+
+def _declared_kind(cls: type) -> Optional[AttackKind]:
+    """The kind a class declares itself: `kind = ...`, or the flags of plugins written before `kind`
+    existed (`universal = True`, `amortized = True`, `fits = True`); None when it declares neither."""
+    own = vars(cls)
+    if "kind" in own:
+        try:
+            return AttackKind(own["kind"])
+        except ValueError:
+            raise RegistryError(f"attack class {cls.__qualname__}: kind {own['kind']!r} is not one of "
+                                f"{[k.value for k in AttackKind]}") from None
+    if own.get("amortized") is True:
+        return AttackKind.amortized
+    if own.get("universal") is True or own.get("fits") is True:
+        return AttackKind.universal
+    if own.get("universal") is False or own.get("amortized") is False:
+        return AttackKind.per_image
+    return None
 
 
 class Attack:
@@ -32,11 +70,12 @@ class Attack:
     """
 
     name: ClassVar[str] = ""
+    #: per-image, universal or amortized (AttackKind): the one attribute callers branch on
+    kind: ClassVar[AttackKind] = AttackKind.per_image
+    #: read-only aliases derived from `kind` (plugins written before `kind` read and set them; a
+    #: subclass that sets `universal = True` gets kind universal, see __init_subclass__)
     universal: ClassVar[bool] = False
-    #: True for a feed-forward immunizer (AmortizedAttack): fit once on the train split, then apply
     amortized: ClassVar[bool] = False
-    #: True when `fit(train_images, ...)` must run before the attack protects anything (universal
-    #: and amortized attacks): the one flag callers branch on
     fits: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -51,6 +90,15 @@ class Attack:
     #: checks run on an inpainting target with masks; an attack that merely *can* read masks
     #: (photoguard-diffusion's original inpainting setting) gets `masks=None` on an img2img target
     needs_inpainting: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Settle the class's `kind` (declared, derived from legacy flags, or inherited) and derive the
+        three legacy flags from it, so `kind` is the one source and old readers see the same answer."""
+        super().__init_subclass__(**kwargs)
+        cls.kind = _declared_kind(cls) or cls.kind
+        cls.universal = cls.kind is AttackKind.universal
+        cls.amortized = cls.kind is AttackKind.amortized
+        cls.fits = cls.kind.fits
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
         if preset is not None and preset not in self.presets:
@@ -82,8 +130,6 @@ class Attack:
     def configure(self, **params: Any) -> "Attack":
         """A copy of this attack with `params` set (the harness applies the suite's step budget
         here, for instances and names alike); unknown names are an error, as in `__init__`."""
-        import copy
-
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             raise InputError(f"attack {self.name!r} got unknown parameter(s) {unknown};"
@@ -138,8 +184,7 @@ class UniversalAttack(Attack):
     The harness gives `fit` the training split only; `perturb` then applies the fitted delta.
     """
 
-    universal: ClassVar[bool] = True
-    fits: ClassVar[bool] = True
+    kind: ClassVar[AttackKind] = AttackKind.universal
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
         super().__init__(preset, **params)
@@ -168,8 +213,7 @@ class AmortizedAttack(Attack):
     quantizes what comes back, and stores the weights as safetensors beside the perturbations.
     """
 
-    amortized: ClassVar[bool] = True
-    fits: ClassVar[bool] = True
+    kind: ClassVar[AttackKind] = AttackKind.amortized
     #: the largest network the harness accepts back from `fit` ("a few million parameters")
     max_network_params: ClassVar[int] = 8_000_000
 
@@ -198,36 +242,49 @@ class AmortizedAttack(Attack):
 
 
 # --- registry ----------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Attack]] = {}
-_entry_points_loaded = False
 A = TypeVar("A", bound=type)
 
 
-def register(name: str) -> Callable[[A], A]:
+def _check_attack(name: str, obj: Any) -> None:
+    if not (isinstance(obj, type) and issubclass(obj, Attack)):
+        raise RegistryError(f"@register({name!r}) needs a subclass of spdbench.Attack, got {obj!r}")
+
+
+def _attack_from_entry_point(name: str, obj: Any, where: str) -> type[Attack]:
+    """The contract (docs/writing-an-attack.md): an entry point names one `Attack` subclass and its
+    name is the registry name (a plugin needs no `@register`; one `@register`-ed under another name
+    is moved to the entry-point name, with a warning)."""
+    if not (isinstance(obj, type) and issubclass(obj, Attack)):
+        raise RegistryError(f"the entry point must name a subclass of spdbench.Attack, got {obj!r}")
+    other = [n for n, c in ATTACKS.items() if c is obj and n != name]
+    if other:
+        warnings.warn(f"spdbench: {where} is also @register-ed as {other}; the entry-point name "
+                      f"{name!r} is its registry name")
+        for n in other:
+            del ATTACKS[n]
+    return obj
+
+
+def _set_name(name: str, cls: type[Attack]) -> None:
+    cls.name = name
+
+
+#: every attack, built-in (each module of spdbench.attacks registers its own: one new file is one
+#: new attack) and plugin (entry-point group `spdbench.attacks`)
+ATTACKS: Registry[type[Attack]] = Registry("attack", package="spdbench.attacks", group=ENTRY_POINT_GROUP,
+                                           check=_check_attack, from_entry_point=_attack_from_entry_point,
+                                           on_add=_set_name)
+
+
+def register(name: str, **metadata: Any) -> Callable[[A], A]:
     """Class decorator: `@register("my-attack")` makes the class available by name."""
-
-    def decorator(cls: A) -> A:
-        if not (isinstance(cls, type) and issubclass(cls, Attack)):
-            raise RegistryError(f"@register({name!r}) needs a subclass of spdbench.Attack, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise RegistryError(
-                f"attack name {name!r} is already registered by {_REGISTRY[name].__module__}."
-                f"{_REGISTRY[name].__qualname__}; pick another name"
-            )
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
+    return ATTACKS.register(name, **metadata)
 
 
 def unregister(name: str) -> type[Attack]:
     """Remove `name` from the registry and return its class (tests, notebooks). A built-in removed
     this way does not come back in this process; an unknown name is an UnknownNameError."""
-    if name not in _REGISTRY:
-        raise UnknownNameError(f"cannot unregister attack {name!r}: it is not registered."
-                               f"{did_you_mean(name, _REGISTRY)}")
-    return _REGISTRY.pop(name)
+    return ATTACKS.remove(name)
 
 
 @contextmanager
@@ -242,8 +299,8 @@ def registered(name: str, cls: A) -> Iterator[A]:
     try:
         yield cls
     finally:
-        if _REGISTRY.get(name) is cls:
-            del _REGISTRY[name]
+        if ATTACKS.get(name, None) is cls:
+            del ATTACKS[name]
         if had_own_name:
             cls.name = old_name
         else:
@@ -254,33 +311,10 @@ def registered(name: str, cls: A) -> Iterator[A]:
 
 
 def load_entry_points(force: bool = False) -> list[str]:
-    """Import third-party attacks from the `spdbench.attacks` entry-point group.
-
-    The contract (docs/writing-an-attack.md): each entry point names one `Attack` subclass, and
-    the entry-point name is its registry name (a plugin needs no `@register`; if it uses one with
-    another name, the entry-point name wins and the other is dropped, with a warning). A plugin
-    that fails to import, names something else or takes a name already in use is reported with a
-    warning naming its distribution and skipped, so one broken package does not break every
-    command. Returns the names that loaded.
-    """
-    global _entry_points_loaded
-    if _entry_points_loaded and not force:
-        return []
-    _entry_points_loaded = True
-
-    def load_one(ep, where: str) -> None:
-        obj = ep.load()
-        if not (isinstance(obj, type) and issubclass(obj, Attack)):
-            raise RegistryError(f"the entry point must name a subclass of spdbench.Attack, got {obj!r}")
-        other = [n for n, c in _REGISTRY.items() if c is obj and n != ep.name]
-        if other:
-            warnings.warn(f"spdbench: {where} is also @register-ed as {other}; the entry-point name "
-                          f"{ep.name!r} is its registry name")
-            for n in other:
-                del _REGISTRY[n]
-        register(ep.name)(obj)
-
-    return load_group(ENTRY_POINT_GROUP, "attack", load_one)
+    """Import third-party attacks from the `spdbench.attacks` entry-point group (see
+    `_attack_from_entry_point`); a broken plugin is reported with a warning naming its distribution
+    and skipped, so one broken package does not break every command. Returns the names that loaded."""
+    return ATTACKS.load_entry_points(force)
 
 
 @functools.lru_cache(maxsize=1)
@@ -312,25 +346,14 @@ def attack_source(attack: Union[Attack, type]) -> dict[str, str]:
     return {"distribution": name, "version": version, "module": module}
 
 
-def _ensure_loaded() -> None:
-    from spdbench.attacks import amortized, baselines, diffprotect, diffusionguard, pca, photoguard, spd  # noqa: F401  (built-ins)
-
-    load_entry_points()
-
-
 def list_attacks() -> list[str]:
     """Names of every registered attack, built-in and plugin."""
-    _ensure_loaded()
-    return sorted(_REGISTRY)
+    return sorted(ATTACKS.names())
 
 
 def attack_class(name: str) -> type[Attack]:
-    _ensure_loaded()
-    if name not in _REGISTRY:
-        raise UnknownNameError(
-            f"unknown attack {name!r}.{did_you_mean(name, _REGISTRY)} Available: {', '.join(sorted(_REGISTRY))}"
-        )
-    return _REGISTRY[name]
+    """The class registered as `name`; UnknownNameError with close matches otherwise."""
+    return ATTACKS.get(name)
 
 
 def get_attack(name: str, **params: Any) -> Attack:

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from spdbench.budget import Budget
 from spdbench.errors import InputError
@@ -67,8 +68,6 @@ def make_pattern(size: int = 512) -> np.ndarray:
 
 def load_pattern() -> torch.Tensor:
     """The shipped pattern PNG (512 px, == make_pattern(512)) as a (1, 3, 512, 512) float in [0, 1]."""
-    from PIL import Image
-
     with resources.files(__package__).joinpath("assets", PATTERN_FILE).open("rb") as fh:
         array = np.asarray(Image.open(fh).convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()

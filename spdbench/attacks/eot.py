@@ -25,13 +25,14 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from spdbench.errors import InputError
-from spdbench.purifiers.classical import gaussian_blur, resize
+from spdbench.purifiers.classical import gaussian_blur, jpeg, resize
 
 Transform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 
 
 def _jpeg(quality: float) -> Transform:
     def apply(x: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:
+        # deferred: kornia is slow to import; only the JPEG stand-in needs it
         from kornia.enhance import jpeg_codec_differentiable
 
         q = torch.full((x.shape[0],), float(quality), device=x.device, dtype=x.dtype)
@@ -41,8 +42,6 @@ def _jpeg(quality: float) -> Transform:
 
 def _jpeg_bpda(quality: float) -> Transform:
     def apply(x: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:
-        from spdbench.purifiers.classical import jpeg
-
         return x + (jpeg(x.detach(), int(quality)).to(x.dtype) - x).detach()
     return apply
 

@@ -204,6 +204,7 @@ class PhotoGuardDiffusion(GradientAttack):
         inpainting = bool(getattr(target, "inpainting", False))
 
         def make():
+            # deferred: diffusers takes seconds to import; only this variant needs its scheduler
             from diffusers import DDIMScheduler
 
             sched = DDIMScheduler.from_config(target.scheduler.config)

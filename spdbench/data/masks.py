@@ -7,6 +7,7 @@ Strokes are drawn with scikit-image (`skimage.draw`), not by hand.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from skimage.draw import disk, ellipse, line, polygon
+
+from spdbench.errors import InputError
 
 MASK_KINDS = ("box", "strokes", "full")
 
@@ -40,8 +45,6 @@ def box_mask(size: int, g: torch.Generator, min_frac: float = 0.25, max_frac: fl
 def stroke_mask(size: int, g: torch.Generator, strokes: tuple[int, int] = (1, 4),
                 vertices: tuple[int, int] = (2, 6), width_frac: tuple[float, float] = (0.06, 0.16)) -> torch.Tensor:
     """(1, size, size): free-form brush strokes (LaMa-style polylines of random width)."""
-    from skimage.draw import disk, line
-
     canvas = np.zeros((size, size), dtype=bool)
     for _ in range(_randint(g, *strokes)):
         radius = max(1.0, size * _uniform(g, *width_frac) / 2)
@@ -95,8 +98,6 @@ SUBJECT_DIR = Path(__file__).parent / "mask_assets" / "subject"
 
 
 def _name_seed(name: str) -> int:
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
@@ -111,8 +112,6 @@ def centre_box(size: int, frac: float = 0.5) -> torch.Tensor:
 
 def draw_subject_mask(shape: dict, size: int) -> torch.Tensor:
     """(1, size, size) from one hand-drawn outline of shapes.json: 0 inside (the kept subject), 1 outside."""
-    from skimage.draw import ellipse, polygon
-
     keep = np.zeros((size, size), dtype=bool)
     if "polygon" in shape:
         pts = np.asarray(shape["polygon"], dtype=np.float64) * size
@@ -126,8 +125,6 @@ def draw_subject_mask(shape: dict, size: int) -> torch.Tensor:
 
 def subject_masks(names: Sequence[str], size: int) -> torch.Tensor:
     """The shipped subject-keeping PNGs of the named bundled photos, at `size` (nearest: still {0, 1})."""
-    from PIL import Image
-
     missing = [n for n in names if not (SUBJECT_DIR / f"{n}.png").is_file()]
     if missing:
         raise ValueError(f"the subject mask set covers the bundled photos only; no mask for {missing[:5]} "
@@ -162,8 +159,6 @@ def mask_set(kind: str, names: Sequence[str], size: int) -> torch.Tensor:
 
 def save_masks(masks: torch.Tensor, names: Sequence[str], folder) -> list:
     """One 8-bit greyscale PNG per photo, `NAME.png`, white (255) = repaint, black (0) = keep."""
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -180,10 +175,6 @@ def load_masks(folder, names: Sequence[str], size: int) -> torch.Tensor:
     A mask must exist for every photo, be exactly size x size (masks are data: they are not resized
     behind the user's back) and contain both values; any problem is one line naming the file.
     """
-    from PIL import Image
-
-    from spdbench.errors import InputError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--masks {str(folder)!r}: not a folder (expected one PNG per photo, NAME.png)")
@@ -212,6 +203,4 @@ def load_masks(folder, names: Sequence[str], size: int) -> torch.Tensor:
 
 def mask_sha256(mask: torch.Tensor) -> str:
     """The hash that names one mask in records: sha256 of its {0, 1} bytes."""
-    import hashlib
-
     return hashlib.sha256((mask.detach().cpu() >= 0.5).to(torch.uint8).numpy().tobytes()).hexdigest()

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from spdbench.errors import InputError
 
@@ -84,7 +84,9 @@ def read_image(path: Union[str, Path]) -> np.ndarray:
     most 16 bits) is scaled to 8 bits as round(v * 255 / 65535) -- Pillow's own convert("RGB")
     clips it, turning almost every pixel white; 16-bit RGB PNGs keep their high byte (Pillow);
     palette, greyscale, alpha and CMYK images are converted to RGB (alpha dropped). 32-bit
-    integer and float images are refused: their range is unknown.
+    integer and float images are refused: their range is unknown. A JPEG's EXIF orientation is
+    applied (the photo as a viewer shows it); an animation (GIF, APNG, WebP, multi-page TIFF) is
+    refused (see `_still_upright`).
     """
     path = Path(path)
     if not path.is_file():
@@ -98,7 +100,7 @@ def read_image(path: Union[str, Path]) -> np.ndarray:
             if w * h > MAX_IMAGE_PIXELS:
                 raise InputError(f"image file {path} declares {w}x{h} pixels ({w * h / 1e6:.1f} Mpx), above the "
                                  f"limit of {MAX_IMAGE_PIXELS / 1e6:.1f} Mpx: refused as a possible decompression bomb")
-            return _to_rgb8(im, path)
+            return _to_rgb8(_still_upright(im, path), path)
     except Image.DecompressionBombError as exc:
         raise InputError(f"image file {path} declares too many pixels, refused as a possible decompression "
                          f"bomb (limit {MAX_IMAGE_PIXELS / 1e6:.1f} Mpx): {exc}") from None
@@ -106,6 +108,21 @@ def read_image(path: Union[str, Path]) -> np.ndarray:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"image file {path} is not a readable image: {exc}") from None
+
+
+def _still_upright(im: Image.Image, path: Path) -> Image.Image:
+    """`im` turned upright by its EXIF orientation (in place: Pillow's format stays, `_to_rgb8` reads
+    it); an animated image is refused with one line naming the file.
+
+    Why: a phone stores a portrait JPEG as landscape pixels plus an orientation tag, so without it
+    the photo was edited lying on its side; and Pillow reads only an animation's first frame, which
+    silently made one picture of many. An MPO (a camera JPEG with previews or a depth map behind
+    the picture) is kept: its first frame is the photo."""
+    if getattr(im, "is_animated", False) and im.format != "MPO":
+        raise InputError(f"image file {path} is animated ({im.format}, {getattr(im, 'n_frames', '?')} frames); "
+                         "expected a still photo (save the frame you want as PNG)")
+    ImageOps.exif_transpose(im, in_place=True)
+    return im
 
 
 def _to_rgb8(im: Image.Image, path: Path) -> np.ndarray:
@@ -267,6 +284,26 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 def _manifest_entries(manifest: Path) -> list[tuple[Path, str]]:
     """The (relative file, sha256) pairs of a manifest, every entry checked before any file is read."""
+    out: list[tuple[Path, str]] = []
+    files: dict[str, int] = {}
+    digests: dict[str, int] = {}
+    for i, entry in enumerate(_manifest_images(manifest)):
+        where = f"manifest {manifest}: images[{i}]"
+        rel, digest = _manifest_entry(entry, where, manifest)
+        key = rel.as_posix()
+        if key in files:
+            raise InputError(f"{where} lists {entry['file']!r} again (first at images[{files[key]}]); duplicates "
+                             "would count one photo twice")
+        if digest in digests:
+            raise InputError(f"{where} ({entry['file']!r}) has the same sha256 as images[{digests[digest]}]: the "
+                             "same image twice")
+        files[key], digests[digest] = i, i
+        out.append((rel, digest))
+    return out
+
+
+def _manifest_images(manifest: Path) -> list:
+    """The manifest's 'images' list: a spdbench-manifest/1 JSON object with a non-empty list."""
     try:
         data = json.loads(manifest.read_text())
     except (OSError, ValueError, RecursionError) as exc:
@@ -280,32 +317,23 @@ def _manifest_entries(manifest: Path) -> list[tuple[Path, str]]:
         raise InputError(f"manifest {manifest}: 'images' must be {expected}, got {type(entries).__name__}")
     if not entries:
         raise InputError(f"manifest {manifest} lists no images")
-    out: list[tuple[Path, str]] = []
-    files: dict[str, int] = {}
-    digests: dict[str, int] = {}
-    for i, entry in enumerate(entries):
-        where = f"manifest {manifest}: images[{i}]"
-        if not isinstance(entry, dict):
-            raise InputError(f"{where} must be an object with 'file' and 'sha256', got {type(entry).__name__} "
-                             f"{str(entry)[:60]!r}")
-        file, digest = entry.get("file"), entry.get("sha256")
-        if not isinstance(file, str) or not file:
-            raise InputError(f"{where} needs 'file', a relative path string, got {file!r}")
-        rel = Path(file)
-        if rel.is_absolute() or ".." in rel.parts:
-            raise InputError(f"manifest {manifest}: file name {file!r} must be relative, without '..'")
-        if not isinstance(digest, str) or not _SHA256.match(digest):
-            raise InputError(f"{where} ({file!r}) needs 'sha256', 64 hex digits, got {str(digest)[:70]!r}")
-        key, digest = rel.as_posix(), digest.lower()
-        if key in files:
-            raise InputError(f"{where} lists {file!r} again (first at images[{files[key]}]); duplicates would "
-                             "count one photo twice")
-        if digest in digests:
-            raise InputError(f"{where} ({file!r}) has the same sha256 as images[{digests[digest]}]: the same "
-                             "image twice")
-        files[key], digests[digest] = i, i
-        out.append((rel, digest))
-    return out
+    return entries
+
+
+def _manifest_entry(entry, where: str, manifest: Path) -> tuple[Path, str]:
+    """One entry: an object with a relative 'file' (no '..') and a 64-hex 'sha256' (returned lower-case)."""
+    if not isinstance(entry, dict):
+        raise InputError(f"{where} must be an object with 'file' and 'sha256', got {type(entry).__name__} "
+                         f"{str(entry)[:60]!r}")
+    file, digest = entry.get("file"), entry.get("sha256")
+    if not isinstance(file, str) or not file:
+        raise InputError(f"{where} needs 'file', a relative path string, got {file!r}")
+    rel = Path(file)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise InputError(f"manifest {manifest}: file name {file!r} must be relative, without '..'")
+    if not isinstance(digest, str) or not _SHA256.match(digest):
+        raise InputError(f"{where} ({file!r}) needs 'sha256', 64 hex digits, got {str(digest)[:70]!r}")
+    return rel, digest.lower()
 
 
 def load_manifest(manifest: Union[str, Path], root: Union[str, Path], size: int = 512) -> tuple[torch.Tensor, list[str]]:

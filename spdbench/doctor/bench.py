@@ -43,6 +43,17 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from spdbench.errors import InputError
+from spdbench.attacks import attack_class, get_attack, list_attacks
+from spdbench.attacks.diffprotect import DiffProtectAttack
+from spdbench.budget import Budget, apply_budget, quantize_8bit
+from spdbench.data.photos import load_photos
+from spdbench.doctor.env import device_checks, library_checks, torch_checks
+from spdbench.harness.editing import EditSettings, Editor
+from spdbench.scoring import metrics
+from spdbench.store import provenance
+from spdbench.targets import Target, load_target, parse_device
+from spdbench.targets.inpaint import inpainting_twin
+from spdbench.testing.check import mask_args
 
 SCHEMA = "spdbench-doctor-bench/1"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -95,8 +106,6 @@ class BenchConfig:
         return replace(base, **overrides)
 
     def validate(self) -> None:
-        from spdbench.targets import parse_device
-
         parse_device(self.device)
         bad = [d for d in self.dtypes if d not in DTYPES]
         if bad or not self.dtypes:
@@ -165,8 +174,6 @@ def _model_gb(target) -> float:
 
 def cast_target(base, dtype: torch.dtype):
     """A copy of `base` in `dtype` with the *same* weights (so float16 and float32 are comparable)."""
-    from spdbench.targets import Target
-
     if base.dtype == dtype:
         return base
     return Target(copy.deepcopy(base.vae), copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder),
@@ -177,8 +184,8 @@ def cast_target(base, dtype: torch.dtype):
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """diffusers warns on every dtype cast and transformers draws loading bars: noise in a report."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+    from diffusers.utils import logging as dlog  # deferred: diffusers takes seconds to import; only to quiet it
+    from transformers.utils import logging as tlog  # deferred: transformers is slow to import; only to quiet it
 
     dlevel, tlevel = dlog.get_verbosity(), tlog.get_verbosity()
     tbar = tlog.is_progress_bar_enabled()
@@ -208,8 +215,6 @@ def bench_attack(name: str, steps: int, budget):
     """The attack with `steps` iterations and, where it takes one, a step of eps / 8 (the default step of a
     20-iteration run): the default 2.5 * eps / steps would jump across the whole ball at 2-5 iterations
     and make "the objective improved" a coin toss on random weights. An iteration costs the same either way."""
-    from spdbench.attacks import attack_class, get_attack
-
     defaults = attack_class(name).defaults
     params: dict[str, Any] = {}
     if "steps" in defaults:
@@ -220,20 +225,16 @@ def bench_attack(name: str, steps: int, budget):
 
 
 def _call(attack, images: torch.Tensor, target, budget, seed: int) -> torch.Tensor:
-    from spdbench.testing.check import mask_args
-
     generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same draws on every device
     masks = mask_args(attack, images, target)  # centre boxes for an attack that reads inpainting masks
     attack.set_masks(masks.get("masks"))
-    if attack.fits:
+    if attack.kind.fits:
         attack.fit(images, target, budget, generator, **masks)
         return attack.perturb(images, target, budget)
     return attack(images, target, budget, generator, **masks)
 
 
 def _noise_images(images: torch.Tensor, budget, seed: int) -> torch.Tensor:
-    from spdbench.budget import apply_budget
-
     noise = budget.random(images.cpu(), generator=torch.Generator().manual_seed(seed)).to(images.device)
     return apply_budget(images, noise, budget)
 
@@ -241,14 +242,33 @@ def _noise_images(images: torch.Tensor, budget, seed: int) -> torch.Tensor:
 def run_attack_cell(name: str, dtype: str, target, reference_target, images: torch.Tensor, budget,
                     cfg: BenchConfig, references: dict[str, _Reference]) -> dict:
     """Time and check one attack in one dtype; returns the report row (its `failures` decide the exit)."""
-    from spdbench.attacks import attack_class
-    from spdbench.budget import apply_budget, quantize_8bit
-
     cls = attack_class(name)
     iterates = "steps" in cls.defaults
-    row: dict[str, Any] = dict(attack=name, dtype=dtype, universal=bool(cls.universal), batch=int(images.shape[0]),
+    row: dict[str, Any] = dict(attack=name, dtype=dtype, universal=cls.kind == "universal", batch=int(images.shape[0]),
                                steps=cfg.steps if iterates else None, failures=[], notes=[])
-    fail, note = row["failures"].append, row["notes"].append
+    timed = _timed_call(name, target, images, budget, cfg, row)
+    if timed is None:
+        return row
+    attack, delta = timed
+    if iterates:
+        row["s_per_iteration"] = row["seconds"] / cfg.steps
+        row["s_per_image_iteration"] = row["seconds"] / cfg.steps / images.shape[0]
+    delta = _finite_delta(delta, images, row)
+    if delta is None:
+        return row
+    _loss_checks(attack, iterates and cls.has_objective, row)
+    adv = _budget_checks(name, images, delta, budget, row)
+    if hasattr(attack, "objective_loss"):
+        _gradient_check(attack, target, adv, images, cfg.seed + 1, row)
+    if cls.has_objective:
+        _objective_checks(attack, name, dtype, target, reference_target, images, adv, delta, budget, cfg, references,
+                          row)
+    return row
+
+
+def _timed_call(name: str, target, images: torch.Tensor, budget, cfg: BenchConfig, row: dict) -> Optional[tuple]:
+    """(attack, its delta): one warm-up call of `warmup_steps`, then the timed call of `steps`, the
+    times and memory into `row`; None (and the failure) where either raised."""
     device = images.device
     try:
         with _clock(device) as warm:
@@ -257,47 +277,56 @@ def run_attack_cell(name: str, dtype: str, target, reference_target, images: tor
         with _clock(device) as clock:
             delta = _call(attack, images, target, budget, cfg.seed)
     except Exception as exc:  # noqa: BLE001 - a crash is a reported failure, the bench goes on
-        fail(f"raised {_short(exc)}")
-        return row
+        row["failures"].append(f"raised {_short(exc)}")
+        return None
     row.update(warmup_s=warm.seconds, seconds=clock.seconds, peak_memory_gb=clock.peak_gb,
                working_memory_gb=clock.working_gb)
-    if iterates:
-        row["s_per_iteration"] = clock.seconds / cfg.steps
-        row["s_per_image_iteration"] = clock.seconds / cfg.steps / images.shape[0]
+    return attack, delta
+
+
+def _finite_delta(delta, images: torch.Tensor, row: dict) -> Optional[torch.Tensor]:
+    """The attack's output as a float32 delta on the images' device, if it is a finite tensor of the
+    images' shape; None (and the failure) where not."""
     if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != tuple(images.shape):
-        fail(f"returned {type(delta).__name__} of shape {tuple(getattr(delta, 'shape', ()))}, "
-             f"expected {tuple(images.shape)}")
-        return row
-    delta = delta.detach().to(device, torch.float32)
+        row["failures"].append(f"returned {type(delta).__name__} of shape {tuple(getattr(delta, 'shape', ()))}, "
+                               f"expected {tuple(images.shape)}")
+        return None
+    delta = delta.detach().to(images.device, torch.float32)
     if not bool(torch.isfinite(delta).all()):
-        fail("delta has NaN/Inf")
-        return row
+        row["failures"].append("delta has NaN/Inf")
+        return None
+    return delta
+
+
+def _loss_checks(attack, expects_loss: bool, row: dict) -> None:
+    """The loss curve (`loss_history`), if recorded, is finite; an iterating attack with an
+    objective that records none gets a note."""
     history = [float(v) for v in getattr(attack, "loss_history", [])]
     if history:
         row.update(loss_first=history[0], loss_last=history[-1], loss_steps=len(history))
         if not _finite(history):
             bad = next(i for i, v in enumerate(history) if not math.isfinite(v))
-            fail(f"loss is {history[bad]} at iteration {bad}")
-    elif iterates and cls.has_objective:
-        note("no loss curve recorded")
+            row["failures"].append(f"loss is {history[bad]} at iteration {bad}")
+    elif expects_loss:
+        row["notes"].append("no loss curve recorded")
+
+
+def _budget_checks(name: str, images: torch.Tensor, delta: torch.Tensor, budget, row: dict) -> torch.Tensor:
+    """The protected images after the harness's budget and 8-bit rounding; the delta must change
+    pixels there (the 'none' reference: none at all). A raw delta over the budget is a note."""
     excess = float((budget.norms(delta) - budget.eps).max())
     if excess > 1e-6:
-        note(f"raw delta exceeds the budget by {excess * 255:.3g}/255 (the harness projects it)")
+        row["notes"].append(f"raw delta exceeds the budget by {excess * 255:.3g}/255 (the harness projects it)")
     adv = apply_budget(images, delta, budget)
     changed = float((adv != quantize_8bit(images)).float().mean())
     row.update(delta_linf_255=float(delta.abs().max()) * 255, changed_fraction=changed)
     if name == "none":
         if changed > 0:
-            fail(f"the 'none' reference changed {changed:.2%} of the pixels")
+            row["failures"].append(f"the 'none' reference changed {changed:.2%} of the pixels")
     elif changed == 0:
-        fail(f"zero perturbation after the budget and 8-bit rounding (raw max |delta| "
-             f"{float(delta.abs().max()) * 255:.3g}/255)")
-    if hasattr(attack, "objective_loss"):
-        _gradient_check(attack, target, adv, images, cfg.seed + 1, row)
-    if cls.has_objective:
-        _objective_checks(attack, name, dtype, target, reference_target, images, adv, delta, budget, cfg, references,
-                          row)
-    return row
+        row["failures"].append(f"zero perturbation after the budget and 8-bit rounding (raw max |delta| "
+                               f"{float(delta.abs().max()) * 255:.3g}/255)")
+    return adv
 
 
 def _gradient_check(attack, target, adv: torch.Tensor, images: torch.Tensor, seed: int, row: dict) -> None:
@@ -322,36 +351,23 @@ def _gradient_check(attack, target, adv: torch.Tensor, images: torch.Tensor, see
 
 def _reads_denoising_error(attack) -> bool:
     """AdvDM, SDS, Mist and their SPD versions: objectives made of the UNet's denoising error."""
-    from spdbench.attacks.diffprotect import DiffProtectAttack
-
     return isinstance(getattr(attack, "per_image", attack), DiffProtectAttack)
 
 
 def _objective_checks(attack, name: str, dtype: str, target, reference_target, images: torch.Tensor,
                       adv: torch.Tensor, delta: torch.Tensor, budget, cfg: BenchConfig,
                       references: dict[str, _Reference], row: dict) -> None:
-    fail = row["failures"].append
-    if cfg.mode == "full" and _reads_denoising_error(attack):
-        # the full bench's SD1.5 has random weights: its UNet's denoising error barely depends on
-        # the image, so "beats noise" cannot be judged there (it is, on the trained tiny: --quick)
-        def fail(message: str) -> None:
-            row["notes"].append(f"not judged on random weights: {message}")
-    noisy = _noise_images(images, budget, cfg.seed + 2)
+    """The delta beats uniform noise of the same budget on the attack's objective; float32's result
+    is kept as the reference that a low-precision dtype's delta is then judged against."""
+    fail = _judge(attack, cfg, row)
 
     def objective(x: torch.Tensor, model) -> float:
         return float(attack.objective(x, model, images).float().mean())
 
-    try:
-        o_adv, o_noise, o_clean = objective(adv, target), objective(noisy, target), objective(images, target)
-    except Exception as exc:  # noqa: BLE001
-        fail(f"objective raised {_short(exc)}")
+    got = _objective_vs_noise(objective, target, images, adv, budget, cfg, row, fail)
+    if got is None:
         return
-    row["objective"] = dict(adv=o_adv, noise=o_noise, clean=o_clean)
-    if not _finite([o_adv, o_noise, o_clean]):
-        fail(f"objective is NaN/Inf (adv {o_adv}, noise {o_noise}, clean {o_clean})")
-        return
-    if not o_adv < o_noise:
-        fail(f"objective not improved: {o_adv:.5g} at x+delta vs {o_noise:.5g} at x+noise (lower is stronger)")
+    o_adv, o_noise = got
     if dtype == "float32":
         references[name] = _Reference(delta=delta, o32_adv=o_adv, o32_noise=o_noise)
         row["fp32_gain_ratio"], row["fp32_delta_cosine"] = 1.0, 1.0
@@ -360,6 +376,43 @@ def _objective_checks(attack, name: str, dtype: str, target, reference_target, i
     if ref is None:
         row["notes"].append("no float32 reference (float32 not run or failed): agreement not checked")
         return
+    _fp32_agreement(objective, dtype, reference_target, adv, delta, ref, row, fail)
+
+
+def _judge(attack, cfg: BenchConfig, row: dict) -> Callable[[str], None]:
+    """Where an objective check's verdict goes: a failure, or a note where it cannot be judged."""
+    if cfg.mode == "full" and _reads_denoising_error(attack):
+        # the full bench's SD1.5 has random weights: its UNet's denoising error barely depends on
+        # the image, so "beats noise" cannot be judged there (it is, on the trained tiny: --quick)
+        def note(message: str) -> None:
+            row["notes"].append(f"not judged on random weights: {message}")
+        return note
+    return row["failures"].append
+
+
+def _objective_vs_noise(objective: Callable, target, images: torch.Tensor, adv: torch.Tensor, budget,
+                        cfg: BenchConfig, row: dict, fail: Callable[[str], None]) -> Optional[tuple[float, float]]:
+    """(objective at x + delta, at x + noise), recorded with the clean one in `row`; the delta must
+    be lower (stronger). None where the objective raised or is not finite."""
+    noisy = _noise_images(images, budget, cfg.seed + 2)
+    try:
+        o_adv, o_noise, o_clean = objective(adv, target), objective(noisy, target), objective(images, target)
+    except Exception as exc:  # noqa: BLE001
+        fail(f"objective raised {_short(exc)}")
+        return None
+    row["objective"] = dict(adv=o_adv, noise=o_noise, clean=o_clean)
+    if not _finite([o_adv, o_noise, o_clean]):
+        fail(f"objective is NaN/Inf (adv {o_adv}, noise {o_noise}, clean {o_clean})")
+        return None
+    if not o_adv < o_noise:
+        fail(f"objective not improved: {o_adv:.5g} at x+delta vs {o_noise:.5g} at x+noise (lower is stronger)")
+    return o_adv, o_noise
+
+
+def _fp32_agreement(objective: Callable, dtype: str, reference_target, adv: torch.Tensor, delta: torch.Tensor,
+                    ref: _Reference, row: dict, fail: Callable[[str], None]) -> None:
+    """A low-precision delta, judged by the float32 model's objective, beats the same noise; its
+    gain relative to float32's delta and the cosine between the two deltas are reported."""
     try:
         o32 = objective(adv, reference_target)
     except Exception as exc:  # noqa: BLE001
@@ -376,8 +429,6 @@ def _objective_checks(attack, name: str, dtype: str, target, reference_target, i
 # --- the other sections ------------------------------------------------------------------------------
 def edit_rows(target, dtype: str, photos: torch.Tensor, cfg: BenchConfig) -> list[dict]:
     """img2img images/s at each batch size (strength 0.5, guidance 7.5, `edit_steps` steps, prompt P1)."""
-    from spdbench.harness.editing import EditSettings, Editor
-
     device = target.device
     rows = []
     try:
@@ -405,9 +456,6 @@ def edit_rows(target, dtype: str, photos: torch.Tensor, cfg: BenchConfig) -> lis
 
 def metric_row(device: torch.device, cfg: BenchConfig, budget) -> dict:
     """Metric pairs per second with all four metrics (`metrics.score`), and score(x, x) == identity."""
-    from spdbench.scoring import metrics
-    from spdbench.data.photos import load_photos
-
     n = cfg.metric_pairs
     row: dict[str, Any] = dict(pairs=n, size=cfg.image_size, failures=[], notes=[])
     try:
@@ -443,7 +491,6 @@ def compile_row(base, dtype: str, images: torch.Tensor, budget, cfg: BenchConfig
         _call(bench_attack(ENCODER_ATTACK, cfg.warmup_steps, budget), images, target, budget, cfg.seed)
         with _clock(device) as off:
             delta_off = _call(bench_attack(ENCODER_ATTACK, cfg.steps, budget), images, target, budget, cfg.seed)
-        from spdbench.targets import Target
 
         compiled = Target(copy.deepcopy(target.vae), target.unet, target.text_encoder, target.tokenizer,
                           target.scheduler, name=target.name, device=target.device, dtype=target.dtype)
@@ -468,8 +515,6 @@ def compile_row(base, dtype: str, images: torch.Tensor, budget, cfg: BenchConfig
 def goal_rows(target, dtype: str, photos: torch.Tensor, budget, cfg: BenchConfig) -> list[dict]:
     """The issue's two targets: encoder seconds per image for 1000 iterations at batch 8 (fp16/bf16),
     and photoguard-diffusion memory at batch 1 with checkpointing (weights of this dtype + working)."""
-    from spdbench.attacks import list_attacks
-
     rows, device = [], photos.device
     registered = set(list_attacks())
     runs = []
@@ -517,8 +562,6 @@ class BenchReport:
 
 
 def _attack_names(cfg: BenchConfig) -> list[str]:
-    from spdbench.attacks import attack_class, list_attacks
-
     if cfg.attacks:
         for name in cfg.attacks:
             attack_class(name)  # an unknown name is one clear line, before anything is built
@@ -561,109 +604,170 @@ def run_bench(cfg: BenchConfig, out: Path, log: Callable[[str], None] = print) -
         return _run_bench(cfg, Path(out), log)
 
 
-def _run_bench(cfg: BenchConfig, out: Path, log: Callable[[str], None]) -> BenchReport:
-    from spdbench.store import provenance
-    from spdbench.budget import Budget
-    from spdbench.data.photos import load_photos
-    from spdbench.doctor.env import device_checks, library_checks, torch_checks
-    from spdbench.targets import load_target, parse_device
+@dataclass
+class _Run:
+    """A bench in progress: its settings, the report it fills, and the clock its lines are stamped with."""
 
+    cfg: BenchConfig
+    device: torch.device
+    log: Callable[[str], None]
+    report: BenchReport
+    start: float
+    twin: Any = None  # an inpainting twin of the target, built once, for attacks that read masks
+
+    @property
+    def data(self) -> dict:
+        return self.report.data
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def save(self) -> None:
+        """bench.json rewritten after every cell, so a killed bench keeps what it measured."""
+        self.data["elapsed_s"] = self.elapsed()
+        self.report.failures = collect_failures(self.data)
+        _write_atomic(self.report.out / "bench.json", json.dumps(self.data, indent=1, default=str))
+
+    def over_time(self, what: str) -> bool:
+        """True (and `what` listed as not run) once the time limit is reached."""
+        if self.cfg.time_limit_s is not None and self.elapsed() > self.cfg.time_limit_s:
+            self.data["skipped"].append(f"{what} (time limit {self.cfg.time_limit_s:.0f} s reached)")
+            return True
+        return False
+
+    def free_cuda(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _run_bench(cfg: BenchConfig, out: Path, log: Callable[[str], None]) -> BenchReport:
     cfg.validate()
     names = _attack_names(cfg)
     device = parse_device(cfg.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data: dict[str, Any] = dict(
+    run = _Run(cfg, device, log, BenchReport(data=_initial_data(cfg, device), out=out), start)
+    budget = Budget("linf", cfg.eps)
+    photos_cpu = _bench_photos(cfg)
+    photos = photos_cpu.to(device)
+    order = sorted(cfg.dtypes, key=DTYPES.index)  # float32 first: it is the others' reference
+    with _quiet_libraries():
+        base = _build_base(run, names, order)
+        references: dict[str, _Reference] = {}
+        for dtype in order:
+            target = cast_target(base, getattr(torch, dtype))
+            _attack_stage(run, names, dtype, target, base, photos, budget, references)
+            _goal_stage(run, dtype, target, photos, budget)
+            _edit_stage(run, dtype, target, photos_cpu)
+            if target is not base:
+                del target
+                run.free_cuda()
+        _metric_stage(run, budget)
+        _compile_stage(run, base, names, order, photos, budget)
+    run.save()
+    run.data["status"] = "pass" if run.report.ok else "fail"
+    run.save()
+    _write_atomic(out / "bench.md", markdown(run.data))
+    return run.report
+
+
+def _initial_data(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """bench.json before any cell: the settings, the environment and its checks, empty sections."""
+    return dict(
         schema=SCHEMA, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         config=asdict(cfg), environment=provenance.environment(device),
         checks=[c.to_dict() for c in torch_checks() + device_checks() + library_checks()],
         attacks=[], goals=[], edits=[], metrics=None, compile=None, skipped=[], status="running")
-    report = BenchReport(data=data, out=out)
 
-    def save() -> None:
-        data["elapsed_s"] = time.perf_counter() - start
-        report.failures = collect_failures(data)
-        _write_atomic(out / "bench.json", json.dumps(data, indent=1, default=str))
 
-    def over_time(what: str) -> bool:
-        if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
-            data["skipped"].append(f"{what} (time limit {cfg.time_limit_s:.0f} s reached)")
-            return True
-        return False
-
-    budget = Budget("linf", cfg.eps)
+def _bench_photos(cfg: BenchConfig) -> torch.Tensor:
+    """As many bundled photos as the largest batch needs (repeated where there are too few)."""
     n_photos = max([cfg.batch, cfg.fit_images, *cfg.edit_batches, 8 if cfg.goals else 1])
     photos_cpu = load_photos(n=min(n_photos, 11), size=cfg.image_size)
     if photos_cpu.shape[0] < n_photos:
         photos_cpu = photos_cpu.repeat((n_photos + photos_cpu.shape[0] - 1) // photos_cpu.shape[0], 1, 1, 1)[:n_photos]
-    photos = photos_cpu.to(device)
-    order = sorted(cfg.dtypes, key=DTYPES.index)  # float32 first: it is the others' reference
-    with _quiet_libraries():
-        with _clock(device) as build:
-            base = load_target(cfg.target, device=device, dtype=torch.float32)
-        data["target"] = dict(name=cfg.target, build_s=build.seconds, weights_gb_fp32=_model_gb(base),
-                              device_name=provenance.device_name(device))
-        log(f"bench ({cfg.mode}) on {data['target']['device_name']} ({device}): {cfg.target} at {cfg.image_size} px, "
-            f"built in {build.seconds:.1f} s; {len(names)} attacks x {', '.join(order)}")
-        references: dict[str, _Reference] = {}
-        twin = None  # an inpainting twin of the target, built once, for attacks that read masks
-        for dtype in order:
-            target = cast_target(base, getattr(torch, dtype))
-            for name in names:
-                if over_time(f"{name} {dtype}"):
-                    continue
-                images = photos[: cfg.fit_images if _fits(name) else cfg.batch]
-                if _needs_inpainting(name):
-                    from spdbench.targets.inpaint import inpainting_twin
+    return photos_cpu
 
-                    twin = twin or inpainting_twin(base, seed=cfg.seed)
-                    row = run_attack_cell(name, dtype, cast_target(twin, getattr(torch, dtype)), twin, images,
-                                          budget, cfg, references)
-                else:
-                    row = run_attack_cell(name, dtype, target, base, images, budget, cfg, references)
-                data["attacks"].append(row)
-                save()
-                log(_cell_line(row, time.perf_counter() - start))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # one cell's cached blocks (or an OOM's) must not burden the next
-            if cfg.goals and not over_time(f"goals {dtype}"):
-                rows = goal_rows(target, dtype, photos, budget, cfg)
-                data["goals"] += rows
-                save()
-                for g in rows:
-                    log(f"[{time.perf_counter() - start:6.1f}s] goal {g['goal']} {dtype} batch {g['batch']}: "
-                        + (f"{g['value']:.3g} ({g['what']}; goal <= {g['limit']:g})" if "value" in g else "FAIL"))
-            if cfg.edit_batches and not over_time(f"img2img {dtype}"):
-                rows = edit_rows(target, dtype, photos_cpu, cfg)
-                data["edits"] += rows
-                save()
-                log(f"[{time.perf_counter() - start:6.1f}s] img2img {dtype}: " + ", ".join(
-                    f"b{r['batch']} {r['images_per_s']:.3g} img/s" if "images_per_s" in r else f"b{r.get('batch')} FAIL"
-                    for r in rows))
-            if target is not base:
-                del target
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        if cfg.metric_pairs and not over_time("metrics"):
-            data["metrics"] = metric_row(device, cfg, budget)
-            save()
-            log(f"[{time.perf_counter() - start:6.1f}s] metrics: {data['metrics'].get('pairs_per_s', 0):.3g} pairs/s")
-        if cfg.compile_backend and not over_time("torch.compile"):
-            if ENCODER_ATTACK in names:
-                dtype = next((d for d in ("bfloat16", "float16") if d in order), "float32")
-                data["compile"] = compile_row(base, dtype, photos[: cfg.batch], budget, cfg)
-                c = data["compile"]
-                log(f"[{time.perf_counter() - start:6.1f}s] torch.compile ({cfg.compile_backend}) {dtype}: "
-                    + (f"{c['s_per_iteration_off']:.3g} -> {c['s_per_iteration_on']:.3g} s/it, compile "
-                       f"{c['compile_s']:.1f} s" if "speedup" in c else "FAIL"))
-            else:
-                data["compile"] = dict(failures=[], notes=[f"{ENCODER_ATTACK} not in the attack list: not measured"])
-    save()
-    data["status"] = "pass" if report.ok else "fail"
-    save()
-    _write_atomic(out / "bench.md", markdown(data))
-    return report
+
+def _build_base(run: _Run, names: list[str], order: list[str]):
+    """The float32 target every dtype is cast from, its build time and size recorded."""
+    cfg, device = run.cfg, run.device
+    with _clock(device) as build:
+        base = load_target(cfg.target, device=device, dtype=torch.float32)
+    run.data["target"] = dict(name=cfg.target, build_s=build.seconds, weights_gb_fp32=_model_gb(base),
+                              device_name=provenance.device_name(device))
+    run.log(f"bench ({cfg.mode}) on {run.data['target']['device_name']} ({device}): {cfg.target} at "
+            f"{cfg.image_size} px, built in {build.seconds:.1f} s; {len(names)} attacks x {', '.join(order)}")
+    return base
+
+
+def _attack_stage(run: _Run, names: list[str], dtype: str, target, base, photos: torch.Tensor, budget,
+                  references: dict[str, _Reference]) -> None:
+    """Every attack in one dtype, one cell each, saved and logged as it finishes."""
+    cfg = run.cfg
+    for name in names:
+        if run.over_time(f"{name} {dtype}"):
+            continue
+        images = photos[: cfg.fit_images if _fits(name) else cfg.batch]
+        if _needs_inpainting(name):
+            run.twin = run.twin or inpainting_twin(base, seed=cfg.seed)
+            row = run_attack_cell(name, dtype, cast_target(run.twin, getattr(torch, dtype)), run.twin, images,
+                                  budget, cfg, references)
+        else:
+            row = run_attack_cell(name, dtype, target, base, images, budget, cfg, references)
+        run.data["attacks"].append(row)
+        run.save()
+        run.log(_cell_line(row, run.elapsed()))
+        run.free_cuda()  # one cell's cached blocks (or an OOM's) must not burden the next
+
+
+def _goal_stage(run: _Run, dtype: str, target, photos: torch.Tensor, budget) -> None:
+    """The issue's goals in one dtype (full mode)."""
+    if not run.cfg.goals or run.over_time(f"goals {dtype}"):
+        return
+    rows = goal_rows(target, dtype, photos, budget, run.cfg)
+    run.data["goals"] += rows
+    run.save()
+    for g in rows:
+        run.log(f"[{run.elapsed():6.1f}s] goal {g['goal']} {dtype} batch {g['batch']}: "
+                + (f"{g['value']:.3g} ({g['what']}; goal <= {g['limit']:g})" if "value" in g else "FAIL"))
+
+
+def _edit_stage(run: _Run, dtype: str, target, photos_cpu: torch.Tensor) -> None:
+    """img2img images/s at each batch size in one dtype."""
+    if not run.cfg.edit_batches or run.over_time(f"img2img {dtype}"):
+        return
+    rows = edit_rows(target, dtype, photos_cpu, run.cfg)
+    run.data["edits"] += rows
+    run.save()
+    run.log(f"[{run.elapsed():6.1f}s] img2img {dtype}: " + ", ".join(
+        f"b{r['batch']} {r['images_per_s']:.3g} img/s" if "images_per_s" in r else f"b{r.get('batch')} FAIL"
+        for r in rows))
+
+
+def _metric_stage(run: _Run, budget) -> None:
+    """Metric pairs per second."""
+    if not run.cfg.metric_pairs or run.over_time("metrics"):
+        return
+    run.data["metrics"] = metric_row(run.device, run.cfg, budget)
+    run.save()
+    run.log(f"[{run.elapsed():6.1f}s] metrics: {run.data['metrics'].get('pairs_per_s', 0):.3g} pairs/s")
+
+
+def _compile_stage(run: _Run, base, names: list[str], order: list[str], photos: torch.Tensor, budget) -> None:
+    """torch.compile on vs off for the encoder attack, in the lowest precision run."""
+    cfg = run.cfg
+    if not cfg.compile_backend or run.over_time("torch.compile"):
+        return
+    if ENCODER_ATTACK not in names:
+        run.data["compile"] = dict(failures=[], notes=[f"{ENCODER_ATTACK} not in the attack list: not measured"])
+        return
+    dtype = next((d for d in ("bfloat16", "float16") if d in order), "float32")
+    run.data["compile"] = c = compile_row(base, dtype, photos[: cfg.batch], budget, cfg)
+    run.log(f"[{run.elapsed():6.1f}s] torch.compile ({cfg.compile_backend}) {dtype}: "
+            + (f"{c['s_per_iteration_off']:.3g} -> {c['s_per_iteration_on']:.3g} s/it, compile "
+               f"{c['compile_s']:.1f} s" if "speedup" in c else "FAIL"))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -674,15 +778,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _needs_inpainting(name: str) -> bool:
-    from spdbench.attacks import attack_class
-
     return bool(attack_class(name).needs_inpainting)
 
 
 def _fits(name: str) -> bool:
-    from spdbench.attacks import attack_class
-
-    return bool(attack_class(name).fits)
+    return attack_class(name).kind.fits
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:

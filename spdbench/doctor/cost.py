@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from spdbench.errors import InputError
+from spdbench.data.photos import split_indices
+from spdbench.doctor.bench import SCHEMA
+from spdbench.suites import get_suite
 
 #: the protocol's image count (DESIGN §1: 100 ImageNet images, split 64:36)
 PROTOCOL_IMAGES = 100
@@ -29,9 +32,6 @@ PROTOCOL_IMAGES = 100
 
 def protocol_counts(suite_name: str = "sd15-spd") -> dict:
     """The counts the cost multiplies, read from the suite and the split rule."""
-    from spdbench.data.photos import split_indices
-    from spdbench.suites import get_suite
-
     suite = get_suite(suite_name)
     train, _ = split_indices(PROTOCOL_IMAGES, suite.split_seed)
     return dict(suite=suite.name, eps=len(suite.eps), steps=int(suite.attack_steps or 0), images=PROTOCOL_IMAGES,
@@ -40,8 +40,6 @@ def protocol_counts(suite_name: str = "sd15-spd") -> dict:
 
 
 def load_bench(path: Union[str, Path]) -> dict:
-    from spdbench.doctor.bench import SCHEMA
-
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:

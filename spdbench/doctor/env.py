@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
-from spdbench.errors import InputError
+from spdbench.targets import SD15_HUB_ID, load_target
+from spdbench.targets.sd15_arch import SD15_TEXT, SD15_UNET, SD15_VAE
 
 #: the levels of a check, mildest first; "error" means a built-in feature is unusable here
 LEVELS = ("ok", "info", "warn", "error")
@@ -233,7 +236,7 @@ def library_checks() -> list[Check]:
                          "reinstall spdbench with its dependencies: pip install -e ."))
     problem = torchvision_problem(torch.__version__, versions["torchvision"])
     try:  # the symptom of a mismatched pair is an import error or a missing C++ operator
-        import torchvision
+        import torchvision  # deferred: the check is whether it imports beside this torch
 
         boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
         torchvision.ops.nms(boxes, torch.tensor([1.0, 0.5]), 0.5)
@@ -254,10 +257,10 @@ def library_checks() -> list[Check]:
 def _sd15_arch_meta() -> str:
     """Builds SD1.5's three models on the meta device (no memory, no time): checks that this diffusers /
     transformers accept the configs and counts parameters."""
+    # deferred: diffusers takes seconds to import; only this check needs it
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    # deferred: transformers is slow to import; only this check needs it
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from spdbench.targets.sd15_arch import SD15_TEXT, SD15_UNET, SD15_VAE
 
     with torch.device("meta"):
         models = (AutoencoderKL(**SD15_VAE), UNet2DConditionModel(**SD15_UNET),
@@ -269,7 +272,7 @@ def _sd15_arch_meta() -> str:
 def _hub_cached(repo: str) -> Optional[str]:
     """The local snapshot folder of `repo` if its model_index.json is in the hub cache; never uses the network."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # deferred: a broken hub install is a finding, not a crash
 
         path = try_to_load_from_cache(repo, "model_index.json")
     except Exception:  # noqa: BLE001 - an unreadable cache is "not cached"
@@ -281,15 +284,11 @@ def target_checks(build_all: bool = False) -> list[Check]:
     """Load each built-in target for real (the trained tiny one also encodes an image); the SD1.5
     architecture is only instantiated on the meta device unless `build_all`; the hub id is looked up
     in the local cache only."""
-    import spdbench
-
-    from spdbench.targets import SD15_HUB_ID
-
     out = []
     probe = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for name in ("tiny", "tiny-random"):
         try:
-            seconds, target = _timed(lambda n=name: spdbench.load_target(n))
+            seconds, target = _timed(lambda n=name: load_target(n))
             latent = target.encode(probe).mean
             if not bool(torch.isfinite(latent).all()):
                 raise FloatingPointError("encoding a test image gave NaN/Inf")
@@ -300,7 +299,7 @@ def target_checks(build_all: bool = False) -> list[Check]:
     try:
         if build_all:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            seconds, _ = _timed(lambda: spdbench.load_target("sd15-arch-random", device=device))
+            seconds, _ = _timed(lambda: load_target("sd15-arch-random", device=device))
             out.append(Check("targets", "sd15-arch-random", f"builds on {device} ({seconds:.1f} s); {_sd15_arch_meta()}"))
         else:
             out.append(Check("targets", "sd15-arch-random",
@@ -324,7 +323,7 @@ def target_checks(build_all: bool = False) -> list[Check]:
 def cache_folders() -> dict[str, Path]:
     """Where spdbench and its libraries write: hub downloads, torch hub, compile cache, run folders."""
     try:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # deferred: a broken hub install is a finding, not a crash
 
         hub = Path(constants.HF_HUB_CACHE)
     except Exception:  # noqa: BLE001
@@ -366,8 +365,6 @@ def disk_checks(sd15_cached: bool) -> list[Check]:
 # --- the report --------------------------------------------------------------------------------
 def collect(build_all: bool = False) -> list[Check]:
     """Every check, in display order. Nothing here touches the network."""
-    from spdbench.targets import SD15_HUB_ID
-
     checks = machine_checks() + torch_checks() + device_checks() + dtype_checks() + library_checks()
     checks += target_checks(build_all)
     checks += disk_checks(_hub_cached(SD15_HUB_ID) is not None)
@@ -380,9 +377,6 @@ def worst(checks: list[Check]) -> str:
 
 def render(checks: list[Check], console=None) -> None:
     """One table, then one line per warning with what to do."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     style = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "bold red"}
     table = Table(title="spdbench doctor", show_header=False, expand=False, padding=(0, 1))
@@ -402,47 +396,3 @@ def render(checks: list[Check], console=None) -> None:
     n_warn = sum(c.level == "warn" for c in checks)
     n_err = sum(c.level == "error" for c in checks)
     console.print(f"{n_err} error(s), {n_warn} warning(s)" + ("" if n_err else "; this machine can run spdbench"))
-
-
-# --- the command -------------------------------------------------------------------------------
-def _default_out(mode: str, device: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("spdbench-doctor") / f"bench-{mode}-{device.replace(':', '')}-{stamp}"
-
-
-def command(bench: bool = False, quick: bool = False, device: Optional[str] = None, dtypes: Optional[str] = None,
-            attacks: Optional[str] = None, out: Optional[str] = None, steps: Optional[int] = None,
-            compile_backend: Optional[str] = None, time_limit: Optional[float] = None, cost: Optional[str] = None,
-            build_all: bool = False, json_out: bool = False) -> int:
-    """`spdbench doctor [...]`: 0 = fine (warnings allowed), 1 = an error check or a bench failure."""
-    import json
-
-    if cost:
-        from spdbench.doctor.cost import cost_report
-
-        print(cost_report(cost))
-        return 0
-    bench_only = dict(quick=quick, device=device, dtypes=dtypes, attacks=attacks, out=out, steps=steps,
-                      compile_backend=compile_backend, time_limit=time_limit)
-    given = [f"--{k.replace('_', '-')}" for k, v in bench_only.items() if v not in (None, False)]
-    if given and not bench:
-        raise InputError(f"{', '.join(given)} only apply with --bench (spdbench doctor --bench {given[0]} ...)")
-    if bench:
-        from spdbench.doctor.bench import BenchConfig, run_bench
-
-        split = (lambda text: tuple(p.strip() for p in text.split(",") if p.strip()) if text else None)
-        cfg = BenchConfig.for_mode(quick, device=device, dtypes=split(dtypes), attacks=split(attacks), steps=steps,
-                                   compile_backend=compile_backend, time_limit_s=time_limit)
-        cfg.validate()
-        folder = Path(out) if out else _default_out(cfg.mode, cfg.device)
-        report = run_bench(cfg, folder)
-        for line in report.failures:
-            print(f"FAILED {line}")
-        print(f"{'PASS' if report.ok else 'FAIL'}: wrote {folder / 'bench.json'} and {folder / 'bench.md'}")
-        return 0 if report.ok else 1
-    checks = collect(build_all=build_all)
-    if json_out:
-        print(json.dumps([c.to_dict() for c in checks], indent=1))
-    else:
-        render(checks)
-    return 1 if worst(checks) == "error" else 0

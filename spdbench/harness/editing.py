@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save
 from spdbench.errors import InputError, UnknownNameError, did_you_mean
 from spdbench.images import check_images
 from spdbench.store.records import atomic_write_bytes
+from spdbench.store.runfolder import DiskError
+from spdbench.suites import EditSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +50,37 @@ def clean_edit_cache_dir(target, root: Union[str, Path, None] = None) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(target.name))[-60:] or "model"
     return Path(root if root is not None else default_cache_root()) / "clean-edits" / f"{name}-{target.fingerprint}"
 
+def prepare_cache_dir(folder: Union[str, Path]) -> Path:
+    """Create the clean-edit cache folder and prove it writable; one InputError / DiskError line if not.
+
+    Why up front: the first clean edit is written only after the first cell group's attack has run,
+    so a cache path that is a file (or lies under one) or a read-only folder ended the run there, with
+    a traceback and the attack's time lost. Permission bits do not tell (root, read-only mounts): a
+    probe file is created and removed."""
+    folder = Path(folder).expanduser()
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"cache_dir {str(folder)!r}: {str(blocker)!r} is a file, not a folder; expected a "
+                         f"clean-edit cache folder (pass another --cache-dir or set ${CACHE_ENV})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".spdbench-probe-", suffix=".tmp")
+    except OSError as exc:
+        err = DiskError(f"cache_dir {str(folder)!r} is not writable: {exc.strerror or exc}; expected a writable "
+                        f"clean-edit cache folder (pass another --cache-dir or set ${CACHE_ENV})")
+        err.errno = exc.errno  # type: ignore[misc]  # callers may branch on errno like any OSError
+        raise err from None
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
 PROMPTS: dict[str, str] = {
     "P1": "make it like a watercolor painting",
     "P2": "apply sunset lighting",
     "P3": "add some snow",
     "P4": "",
 }
-
-
-@dataclass(frozen=True)
-class EditSettings:
-    """img2img settings; PhotoGuard's strength 0.5 / guidance 7.5 / 50 steps / seed 9222 by default."""
-
-    strength: float = 0.5
-    steps: int = 50
-    guidance: float = 7.5
-    seed: int = 9222
-    eta: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_prompt(prompt: str) -> str:

@@ -7,11 +7,19 @@ it. Requests go to it pickled (cloudpickle, so attacks defined in a script or a 
 travel by value or by reference); answers come back as `wire` frames, read with a size bound
 and a time limit. A crash, `sys.exit`, a kill or a timeout ends that worker and becomes an
 `AttackError` for the cell group; the next group gets a fresh worker.
+
+With `sandbox=True` (isolation "sandbox", the default of `run`) the worker is started through
+sandbox.py, which confines it (namespaces, Landlock, seccomp, limits, a scrubbed environment) before
+it imports torch; its report of what took effect, probed on itself, decides `isolation` /
+`isolation_detail` here, and those go into every record of the group.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +29,7 @@ from typing import Any, Optional
 import cloudpickle
 import torch
 
+from spdbench.harness import sandbox as sandbox_mod
 from spdbench.harness import wire
 from spdbench.errors import AttackError
 from spdbench.harness.protect import SplitOutput
@@ -47,11 +56,22 @@ class WorkerResult:
 class AttackWorker:
     """One worker process; `start` is timed apart from the optimization (`start_s`)."""
 
-    def __init__(self, target, threads: Optional[int] = None) -> None:
+    def __init__(self, target, threads: Optional[int] = None, sandbox: bool = False,
+                 limits: Optional[sandbox_mod.Limits] = None, denied: Optional[list[str]] = None) -> None:
         self.target = target
         self.threads = threads or torch.get_num_threads()
         self.proc: Optional[subprocess.Popen] = None
         self.start_s: Optional[float] = None
+        self.sandbox = sandbox
+        self.limits = limits or sandbox_mod.DEFAULT_LIMITS
+        self.denied = denied  # None: sandbox.denied_paths()
+        #: what the record says: "sandbox" (confinement checked) or "process", and the details
+        self.isolation: str = sandbox_mod.PROCESS
+        self.isolation_detail: dict = {}
+        self._tmp: Optional[str] = None
+        self._cgroup: Optional[sandbox_mod.Cgroup] = None
+        self._plan: Optional[sandbox_mod.Plan] = None
+        self.sandbox_report: Optional[dict] = None
 
     @property
     def alive(self) -> bool:
@@ -61,14 +81,10 @@ class AttackWorker:
         t0 = time.perf_counter()
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-        env["SPDBENCH_WORKER_THREADS"] = str(self.threads)
+        cmd, env = self._command(str(to_child_r), str(from_child_w))
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "spdbench.harness.worker", str(to_child_r), str(from_child_w)],
-                pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL,
-                start_new_session=True, close_fds=True)
+            self.proc = subprocess.Popen(cmd, pass_fds=(to_child_r, from_child_w), env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
@@ -76,15 +92,36 @@ class AttackWorker:
         self._in = Connection(from_child_r, writable=False)
         device = self.target.device
         request = dict(kind="load", device=str(device), dtype=str(self.target.dtype).replace("torch.", ""),
-                       **target_spec(self.target))
+                       cpu_s=self.limits.cpu_s if self.sandbox else None, **target_spec(self.target))
         reply, _ = self._ask(request, {}, START_TIMEOUT_S, "starting")
         if reply.kind != "ready":
             raise AttackError(f"the attack worker could not load the target: {reply.error}")
         if reply.fingerprint != self.target.fingerprint:
             raise AttackError(f"the attack worker's model copy has fingerprint {reply.fingerprint}, "
                               f"the harness's {self.target.fingerprint}")
+        self.sandbox_report = reply.sandbox  # as sent; the record keeps only what check_report vouches for
+        self.isolation, self.isolation_detail = sandbox_mod.check_report(reply.sandbox, self._plan)
         self.start_s = time.perf_counter() - t0
         return self.start_s
+
+    def _command(self, read_fd: str, write_fd: str) -> tuple[list[str], dict[str, str]]:
+        """The worker's command line and environment: plain (`-m spdbench.harness.worker`, the
+        harness's environment), or through sandbox.py with a plan, a private folder and a
+        scrubbed environment."""
+        if not self.sandbox:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+            env["SPDBENCH_WORKER_THREADS"] = str(self.threads)
+            return [sys.executable, "-m", "spdbench.harness.worker", read_fd, write_fd], env
+        self._tmp = tempfile.mkdtemp(prefix="spdbench-worker-")
+        self._cgroup = sandbox_mod.Cgroup.create(self.limits.nproc) if sys.platform == "linux" else None
+        env = sandbox_mod.scrubbed_env(self._tmp, self.threads)
+        denied = self.denied if self.denied is not None else sandbox_mod.denied_paths()
+        self._plan = sandbox_mod.make_plan(self._tmp, getattr(self.target, "load_spec", None),
+                                           str(self.target.device), self.limits, denied,
+                                           self._cgroup.procs_file if self._cgroup else None, env)
+        plan_path = sandbox_mod.write_plan(self._plan)
+        return [sys.executable, sandbox_mod.__file__, read_fd, write_fd, plan_path], env
 
     def _ask(self, request: dict, expected: dict, timeout: Optional[float], what: str, network_max_values: int = 0):
         try:
@@ -101,8 +138,9 @@ class AttackWorker:
             frame = self._in.recv_bytes(maxlength=self._max_bytes(expected) + 4 * network_max_values
                                         + (wire.MAX_HEADER_BYTES if network_max_values else 0))
         except (EOFError, OSError) as exc:
+            ended = self._exit_text()  # before close(): a supervisor about to exit must not read as killed
             self.close()
-            raise AttackError(f"the attack worker ended while {what} ({self._exit_text()})") from exc
+            raise AttackError(f"the attack worker ended while {what} ({ended})") from exc
         return wire.decode(frame, expected, network_max_values)
 
     @staticmethod
@@ -117,7 +155,12 @@ class AttackWorker:
             code = self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             return "still running"
-        return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        sig = -code if code < 0 else code - 128 if self.sandbox and code > 128 else 0
+        if sig == signal.SIGXCPU or (self.sandbox and code == wire.CPU_LIMIT_EXIT):
+            return f"it used up its CPU time limit of {self.limits.cpu_s} s (RLIMIT_CPU)"
+        if sig:
+            return f"killed by signal {sig}"
+        return f"exit code {code}"
 
     def run(self, *, attack, budget, universal: bool, batch_size: int, splits: dict[str, dict],
             timeout: Optional[float]) -> WorkerResult:
@@ -145,16 +188,16 @@ class AttackWorker:
         return WorkerResult(out, wall)
 
     def close(self) -> None:
-        """Stop the worker (kill if it does not end at once) and close the pipes."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, 9)
-            except (ProcessLookupError, PermissionError):
-                self.proc.kill()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        """Stop the worker and everything it started (its process group; with the sandbox also its
+        PID namespace, which dies with it, and its cgroup), close the pipes, remove its folder."""
+        if self.proc is not None:
+            self._kill_group()
+        if self._cgroup is not None:
+            self._cgroup.remove()
+            self._cgroup = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
         for conn in (getattr(self, "_out", None), getattr(self, "_in", None)):
             if conn is not None:
                 try:
@@ -162,6 +205,19 @@ class AttackWorker:
                 except OSError:
                     pass
         self._out = self._in = None
+
+    def _kill_group(self) -> None:
+        if self.proc.returncode is None:  # not reaped yet: the group id is still this worker's
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
 
     def __enter__(self) -> "AttackWorker":
         return self

@@ -1,10 +1,12 @@
 """`run`: the harness. It owns the data, the split, the budget, the seeds and the scorer.
 
-A run reads as a pipeline of stages, each owning its inputs and outputs:
-plan (attack_plan: parameters, budgets and where each came from) -> cells (ids, what is done)
--> protect (the attack runs in its worker process and sees only what it may: isolation.py,
-worker.py) -> enforce (protect.enforce: validate, project, clamp, quantize) -> edit (editing.py,
-clean edits cached) -> score (metrics.py) -> record (results.py).
+A run is one checked request (request.py: every argument checked once, for the API, the CLI and
+the grid alike) consumed by a pipeline of stages, each a function below:
+plan (request.plan: parameters, budgets and where each came from) -> cells (ids, what is done:
+_open_run) -> protect (the attack runs in its worker process and sees only what it may:
+_protect_group, isolation.py, worker.py) -> enforce (_enforce_group: validate, project, clamp,
+quantize) -> edit (_edit: editing.py, clean edits cached) -> score (_score: metrics.py) -> record
+(_record: records.py).
 """
 from __future__ import annotations
 
@@ -16,36 +18,40 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
+from tqdm import auto as tqdm_auto  # looked up per run: a test (or a notebook) may swap the bar
 
-from spdbench.scoring import metrics as metrics_mod
-from spdbench.store import networks as network_file
-from spdbench.store import perturbations as perturbation_file
-from spdbench.harness.plan import AttackPlan, plan
-from spdbench.attacks.base import Attack, attack_source
+from spdbench.attacks.base import Attack, AttackKind, attack_source
 from spdbench.budget import Budget, effective_eps, format_eps
+from spdbench.data.masks import mask_sha256
 from spdbench.data.photos import split_indices
-from spdbench.harness.editing import PROMPTS, Editor, clean_edit_cache_dir, image_seed
-from spdbench.errors import AttackError, InputError, SpdbenchError, UnknownNameError, did_you_mean
-from spdbench.store.strips import write_cell_examples
-from spdbench.images import check_images, image_sha256
+from spdbench.errors import AttackError, InputError, SpdbenchError
+from spdbench.harness.editing import PROMPTS, Editor, clean_edit_cache_dir, image_seed, prepare_cache_dir
 from spdbench.harness.isolation import AttackWorker
 from spdbench.harness.protect import Protection, SplitOutput, enforce, run_jobs
-from spdbench.store.provenance import environment
-from spdbench.purifiers import get_purifier
+from spdbench.harness.request import (ISOLATION_MODES, RunInputs, RunRequest, build_request, interactive,
+                                      load_inputs, suite_masks)
+from spdbench.images import image_sha256
+from spdbench.scoring import metrics as metrics_mod
 from spdbench.scoring.regions import score_region
-from spdbench.store.runfolder import DiskError, RunLock, prepare_out
-from spdbench.data.photos import check_size_multiple
+from spdbench.scoring.stats import records_frame
+from spdbench.store import networks as network_file
+from spdbench.store import perturbations as perturbation_file
+from spdbench.store.provenance import environment
 from spdbench.store.records import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes, cell_id,
-                      finished_cells, load_records, remove_stale_temp, write_jsonl, write_record)
-from spdbench.suites import Suite, get_suite
-from spdbench.targets import Target, load_target
+                                    finished_cells, load_records, remove_stale_temp, write_jsonl, write_record)
+from spdbench.store.runfolder import DiskError, prepare_out
+from spdbench.store.strips import write_cell_examples
+from spdbench.suites import Suite
+from spdbench.targets import Target
 
 log = logging.getLogger("spdbench")
 
-ISOLATION_MODES = ("process", "none")
+#: re-exported: verify and the tests reach these through the pipeline
+__all__ = ["run", "execute", "RunResult", "RunRequest", "build_request", "load_protection", "AttackRunner",
+           "suite_masks", "interactive", "reusable_protection", "ISOLATION_MODES"]
 
 
 @dataclass
@@ -83,24 +89,14 @@ class RunResult:
         return not self.failed
 
     def table(self, full: bool = False):
-        """Per-cell means as a pandas DataFrame: method, eps, prompt, split and the four protection
-        metrics (lower = stronger); `full=True` adds every column (imperceptibility, costs, ids)."""
-        from spdbench.report.board import PROTECTION, records_frame
-
+        """Per-cell means as a pandas DataFrame: method, eps, prompt, split and every registered
+        protection metric (lower = stronger for a similarity); `full=True` adds every column
+        (imperceptibility, costs, ids)."""
         df = records_frame(self.records)
         if full or df.empty:
             return df
-        return df[["method", "eps_label", "prompt", "split", *PROTECTION]].rename(columns={"eps_label": "eps"})
-
-
-
-
-def _resolve_prompts(keys: Sequence[str]) -> list[str]:
-    for k in keys:
-        if k not in PROMPTS:
-            raise UnknownNameError(f"unknown prompt {k!r}.{did_you_mean(k, PROMPTS)} Available: {', '.join(PROMPTS)}")
-    return list(keys)
-
+        return df[["method", "eps_label", "prompt", "split", *metrics_mod.list_metrics()]].rename(
+            columns={"eps_label": "eps"})
 
 def load_protection(path: Union[str, Path], images: torch.Tensor) -> torch.Tensor:
     """Protected images from a stored perturbation file (perturbation_file owns the format)."""
@@ -110,13 +106,14 @@ def load_protection(path: Union[str, Path], images: torch.Tensor) -> torch.Tenso
 
 # --- stage: protect (the attack runs where it may see only its inputs) -------------------------
 class AttackRunner:
-    """Runs one attack's cell groups: in a worker process (isolation "process", the default), or in
+    """Runs one attack's cell groups: in a worker process (isolation "sandbox", the default, or "process"), or in
     this process for debugging (isolation "none": recorded, refused by verify and submit)."""
 
     def __init__(self, isolation: str, target: Target, timeout_s: Optional[float]) -> None:
         self.isolation, self.target, self.timeout_s = isolation, target, timeout_s
         self.worker: Optional[AttackWorker] = None
         self.start_s: Optional[float] = None
+        self._isolation_fields: dict = {}
 
     def run(self, attack: Attack, budget: Budget, jobs: dict[str, dict], batch_size: int) -> tuple[dict, float]:
         """{split name: SplitOutput}, and the harness-measured wall seconds of the whole group."""
@@ -124,10 +121,13 @@ class AttackRunner:
             return self._in_process(attack, budget, jobs, batch_size)
         if self.worker is None or not self.worker.alive:
             self.close()
-            self.worker = AttackWorker(self.target)
+            self.worker = AttackWorker(self.target, sandbox=self.isolation == "sandbox")
+            self._isolation_fields = {"isolation": "process", "isolation_detail": {"reason": "the worker did not start"}}
             self.start_s = self.worker.start()
+            self._isolation_fields = {"isolation": self.worker.isolation,
+                                      "isolation_detail": self.worker.isolation_detail}
         try:
-            result = self.worker.run(attack=attack, budget=budget, universal=attack.universal, batch_size=batch_size,
+            result = self.worker.run(attack=attack, budget=budget, universal=attack.kind is AttackKind.universal, batch_size=batch_size,
                                      splits={k: {kk: vv.cpu() if isinstance(vv, torch.Tensor) else vv
                                                  for kk, vv in v.items()} for k, v in jobs.items()},
                                      timeout=self.timeout_s)
@@ -135,6 +135,15 @@ class AttackRunner:
             self.close()  # the next group starts from a fresh process and a fresh model copy
             raise
         return result.splits, result.wall_s
+
+    def achieved(self) -> str:
+        """The isolation the last group ran under, as checked (a sandbox that did not take is "process")."""
+        return self.worker.isolation if self.isolation != "none" and self.worker is not None else self.isolation
+
+    def isolation_fields(self) -> dict:
+        """The records' `isolation` and `isolation_detail` for the group just run (kept after its
+        worker was stopped); none until a worker has started."""
+        return dict(self._isolation_fields)
 
     def _in_process(self, attack: Attack, budget: Budget, jobs: dict, batch_size: int) -> tuple[dict, float]:
         fingerprint = self.target.fingerprint
@@ -170,6 +179,8 @@ def _group_flags(attack: Attack, outputs: dict[str, SplitOutput], protections: d
         flags.append("budget-projected")
     if isolation == "none":
         flags.append("isolation-none")
+    elif isolation == "process":  # a worker the OS did not confine (or confinement off): visible
+        flags.append("not-sandboxed")
     return flags
 
 
@@ -185,46 +196,72 @@ def _check_outputs(attack: Attack, outputs: dict[str, SplitOutput], dtype: torch
 def _protect_group(runner: AttackRunner, attack: Attack, target: Target, images: torch.Tensor, splits: dict,
                    budget: Budget, suite: Suite,
                    masks: Optional[torch.Tensor] = None) -> tuple[dict[Split, Protection], list[str]]:
-    """Run the attack on what it may see (an inpainting attack also its split's masks), then
-    enforce the budget on what came back."""
-    if attack.universal or attack.amortized:
-        jobs = {"fit": {"images": images[splits[Split.train]], "seed": suite.attack_seed}}
-        fit_idx = {"fit": splits[Split.train]}
-        if attack.amortized:  # fit on the train split, then apply to every split, feed-forward
-            jobs.update({sp.value: {"images": images[idx], "seed": suite.attack_seed} for sp, idx in splits.items()})
-    else:
-        jobs = {sp.value: {"images": images[idx], "seed": suite.attack_seed + 1000 * (sp == Split.test)}
-                for sp, idx in splits.items()}
-        fit_idx = {sp.value: idx for sp, idx in splits.items()}
-    if attack.uses_masks and masks is not None:
-        for name, idx in fit_idx.items():
-            jobs[name]["masks"] = masks[idx]
+    """Stages protect -> enforce for one budget: run the attack on what it may see (an inpainting
+    attack also its split's masks), then enforce the budget on what came back."""
+    jobs = _attack_jobs(attack, images, splits, suite.attack_seed, masks)
     outputs, wall = runner.run(attack, budget, jobs, suite.attack_batch_size)
     _check_outputs(attack, outputs, target.dtype)
-    protections: dict[Split, Protection] = {}
+    protections = _enforce_group(attack, images, splits, budget, outputs, wall)
+    return protections, _group_flags(attack, outputs, protections, runner.achieved())
+
+
+def _attack_jobs(attack: Attack, images: torch.Tensor, splits: dict, seed: int,
+                 masks: Optional[torch.Tensor]) -> dict[str, dict]:
+    """What the attack may see: each split (per-image), or the train split alone ("fit": universal
+    and amortized; an amortized network is then applied to every split, feed-forward)."""
+    if attack.kind is AttackKind.per_image:
+        jobs = {sp.value: {"images": images[idx], "seed": seed + 1000 * (sp == Split.test)}
+                for sp, idx in splits.items()}
+        seen = {sp.value: idx for sp, idx in splits.items()}
+    else:
+        jobs = {"fit": {"images": images[splits[Split.train]], "seed": seed}}
+        seen = {"fit": splits[Split.train]}
+        if attack.kind is AttackKind.amortized:
+            jobs.update({sp.value: {"images": images[idx], "seed": seed} for sp, idx in splits.items()})
+    if attack.uses_masks and masks is not None:
+        for name, idx in seen.items():
+            jobs[name]["masks"] = masks[idx]
+    return jobs
+
+
+# --- stage: enforce (the harness's side: validate, project, clamp, quantize) --------------------
+def _enforce_group(attack: Attack, images: torch.Tensor, splits: dict, budget: Budget,
+                   outputs: dict[str, SplitOutput], wall: float) -> dict[Split, Protection]:
+    """Each split's protected photos from what the attack returned; a per-image attack's group wall
+    time is shared among the splits by their photo counts."""
     n_all = sum(len(idx) for idx in splits.values())
-    for sp, idx in splits.items():
-        x = images[idx]
-        out = outputs["fit"] if attack.universal else outputs[sp.value]
-        t0 = time.perf_counter()
-        adv, returned, over, applied, zero = enforce(out.delta.to(x.device), x, budget, attack.name,
-                                                     universal=attack.universal)
-        if attack.universal:  # the fit is a one-off cost; applying the delta is this split's cost
-            wall_s, fit_s = time.perf_counter() - t0, wall
-        elif attack.amortized:  # the fit is a one-off cost; the forward passes are this split's cost
-            wall_s, fit_s = out.wall_s, outputs["fit"].wall_s
-        else:
-            wall_s, fit_s = wall * len(idx) / n_all, None
-        protections[sp] = Protection(adv=adv, wall_s=wall_s, device_s=out.device_s,
-                                     peak_memory_bytes=out.peak_memory_bytes, max_norm_returned=returned,
-                                     over_budget_images=over, max_norm_applied=applied,
-                                     loss_curve=outputs["fit"].loss_curve if attack.amortized else out.loss_curve,
-                                     fit_wall_s=fit_s, oom_events=out.oom_events,
-                                     model_calls=outputs["fit"].model_calls if attack.amortized else out.model_calls,
-                                     zero_delta=zero)
-        if attack.amortized:
-            protections[sp].network_state = outputs["fit"].network
-    return protections, _group_flags(attack, outputs, protections, runner.isolation)
+    return {sp: _enforce_split(attack, images[idx], budget, outputs, sp, wall * len(idx) / n_all, wall)
+            for sp, idx in splits.items()}
+
+
+def _enforce_split(attack: Attack, x: torch.Tensor, budget: Budget, outputs: dict[str, SplitOutput], sp: Split,
+                   share_s: float, wall: float) -> Protection:
+    kind = attack.kind
+    fit = outputs.get("fit")
+    out = fit if kind is AttackKind.universal else outputs[sp.value]
+    t0 = time.perf_counter()
+    adv, returned, over, applied, zero = enforce(out.delta.to(x.device), x, budget, attack.name,
+                                                 universal=kind is AttackKind.universal)
+    wall_s, fit_s = _split_costs(kind, time.perf_counter() - t0, out, fit, share_s, wall)
+    learned = fit if kind is AttackKind.amortized else out  # an amortized attack's curve and calls are its fit's
+    protection = Protection(adv=adv, wall_s=wall_s, device_s=out.device_s, peak_memory_bytes=out.peak_memory_bytes,
+                            max_norm_returned=returned, over_budget_images=over, max_norm_applied=applied,
+                            loss_curve=learned.loss_curve, fit_wall_s=fit_s, oom_events=out.oom_events,
+                            model_calls=learned.model_calls, zero_delta=zero)
+    if kind is AttackKind.amortized:
+        protection.network_state = fit.network
+    return protection
+
+
+def _split_costs(kind: AttackKind, enforce_s: float, out: SplitOutput, fit: Optional[SplitOutput], share_s: float,
+                 wall: float) -> tuple[float, Optional[float]]:
+    """(this split's attack seconds, the one-off fit seconds): a fit is a one-off cost; applying the
+    universal delta (the enforce step) or the amortized network's forward passes is the split's."""
+    if kind is AttackKind.universal:
+        return enforce_s, wall
+    if kind is AttackKind.amortized:
+        return out.wall_s, fit.wall_s
+    return share_s, None
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -256,12 +293,14 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
         resume: bool = True, cache_dir: Union[str, Path, None] = None, progress: Optional[bool] = None,
         purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None,
-        isolation: str = "process", attack_timeout_s: Optional[float] = None,
+        isolation: str = "sandbox", attack_timeout_s: Optional[float] = None,
         lock_scope: Optional[str] = None, masks: Union[str, Path, None] = None,
         protections_from: Union[str, Path, None] = None) -> RunResult:
     """Run one attack over its budgets and the suite's prompts; write and return the records.
 
-    The attack runs in its own worker process (`isolation="process"`); `isolation="none"` runs it
+    The attack runs in its own worker process, confined by the OS (`isolation="sandbox"`, sandbox.py;
+    the records say "process" with the reason where that is not possible; `isolation="process"`
+    skips the confinement); `isolation="none"` runs it
     here for debugging and marks every record so. Finished cells in `out` are reused (resume); a
     failing cell group is recorded with its error and the run goes on with the others.
     `protections_from`: a run folder whose protections this attack made under the same attack
@@ -272,319 +311,377 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     every run folder. On an inpainting suite every photo is edited with its mask (the suite's set, or `masks`: a
     folder of NAME.png, white = repaint) and also scored on the repainted and the kept region.
     """
-    if isolation not in ISOLATION_MODES:
-        raise InputError(f"isolation must be one of {list(ISOLATION_MODES)}, got {isolation!r}")
-    if progress is None:  # a person at a terminal sees progress; a log file or CI does not
-        progress = interactive()
-    suite = get_suite(suite)
-    if protections_from is not None:
-        protections_from = Path(protections_from)
-        if not (protections_from / "records").is_dir():
-            raise InputError(f"protections_from {str(protections_from)!r}: not a run folder (expected a folder "
-                             "with records/ and perturbations/, made by an earlier run)")
-    if attack_timeout_s is not None:
-        if not (isinstance(attack_timeout_s, (int, float)) and attack_timeout_s > 0):
-            raise InputError(f"attack_timeout_s must be a number of seconds > 0, got {attack_timeout_s!r}")
-        from dataclasses import replace
-
-        suite = replace(suite, attack_timeout_s=float(attack_timeout_s))
-    the_plan: AttackPlan = plan(attack, suite, params=attack_params, eps=eps, norm=norm)
-    attack = the_plan.attack
-    prompt_keys = _resolve_prompts(prompts or suite.prompts)
-    purifier_list = [get_purifier(p) for p in (suite.purifiers if purifiers is None else purifiers)]
-    if images is None:
-        images, names = suite.load_images(data, manifest)
-    else:
-        names = list(image_names) if image_names is not None else [f"image-{i}" for i in range(len(images))]
-    check_images(images, "images")
-    if not isinstance(target, Target):
-        target = load_target(target or suite.target, device=device, dtype=dtype)
-    # transfer: the editor's own model (same device and dtype); None = the attack's target edits
-    edit_target = load_target(suite.edit_target, device=target.device, dtype=target.dtype) \
-        if suite.edit_target else None
-    mask_tensor, mask_set_name = suite_masks(suite, masks, names, images, edit_target or target)
-    # every input is checked before anything is created (the CLI checks --out before the model load)
-    out = prepare_out(out or Path("spdbench-runs") / suite.name)  # one line if it cannot hold a run
-    # one writer per folder: a second run on it stops with one line; a grid's parallel tasks on one
-    # attack folder (backends.py) each lock their own scope
-    with RunLock(out, scope=lock_scope):
-        return _run_locked(suite, the_plan, prompt_keys, purifier_list, target, images, names, out, cache_dir,
-                           resume, progress, compile_backend, isolation, edit_target, mask_tensor, mask_set_name,
-                           protections_from)
+    return execute(build_request(attack, suite, eps, out, norm=norm, prompts=prompts, attack_params=attack_params,
+                                 target=target, images=images, image_names=image_names, data=data,
+                                 manifest=manifest, device=device, dtype=dtype, resume=resume, cache_dir=cache_dir,
+                                 progress=progress, purifiers=purifiers, compile_backend=compile_backend,
+                                 isolation=isolation, attack_timeout_s=attack_timeout_s, lock_scope=lock_scope,
+                                 masks=masks, protections_from=protections_from))
 
 
-def interactive() -> bool:
-    """True when stderr is a terminal (where a progress bar is read, not logged)."""
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):  # replaced or closed stream
-        return False
+def execute(request: RunRequest) -> RunResult:
+    """Run one checked request: load its photos and models, create its folder (only now: a refused
+    request leaves no folder behind), then run the stages under its lock (one writer per folder; a
+    grid's parallel tasks on one attack folder each lock their own scope)."""
+    inputs = load_inputs(request)
+    prepare_out(request.out)
+    with request.lock():
+        return _run_locked(request, inputs)
 
 
-def suite_masks(suite: Suite, masks: Union[str, Path, None], names: Sequence[str], images: torch.Tensor,
-                editing: Target) -> tuple[Optional[torch.Tensor], Optional[str]]:
-    """The (N, 1, H, W) mask of every photo (1 = repaint) and the set's name, or (None, None) for
-    img2img. An inpainting model needs masks and an img2img model takes none: one line otherwise."""
-    from spdbench.data.masks import load_masks, mask_set
-
-    inpainting = bool(getattr(editing, "inpainting", False))
-    if masks is not None:
-        if not inpainting:
-            raise InputError(f"--masks {str(masks)!r}: the editing model {editing.name!r} is an img2img model; "
-                             "masks apply to inpainting suites (e.g. smoke-inpaint)")
-        return load_masks(masks, names, images.shape[-1]), "folder"
-    if suite.masks is None:
-        if inpainting:
-            raise InputError(f"suite {suite.name!r} edits with {editing.name!r}, an inpainting model, but names no "
-                             "mask set: use an inpainting suite (smoke-inpaint) or pass --masks DIR")
-        return None, None
-    if not inpainting:
-        raise InputError(f"suite {suite.name!r} has masks ({suite.masks!r}) but its editing model {editing.name!r} "
-                         "is an img2img model, not inpainting")
-    if images.shape[-1] != images.shape[-2]:
-        raise InputError(f"mask set {suite.masks!r} needs square photos, got {images.shape[-2]}x{images.shape[-1]}")
-    try:
-        return mask_set(suite.masks, names, images.shape[-1]), suite.masks
-    except ValueError as exc:
-        raise InputError(f"suite {suite.name!r}: {exc}") from None
-
-
-def _run_locked(suite: Suite, the_plan: AttackPlan, prompt_keys, purifier_list, target: Target, images, names,
-                out: Path, cache_dir, resume: bool, progress: bool, compile_backend, isolation: str,
-                edit_target: Optional[Target] = None, masks: Optional[torch.Tensor] = None,
-                mask_set_name: Optional[str] = None, protections_from: Optional[Path] = None) -> RunResult:
-    attack = the_plan.attack
-    editing = edit_target or target  # edits and purifies
-    check_size_multiple(images, target.latent_factor, "images")
-    if len(names) != len(images):
-        raise InputError(f"got {len(images)} images but {len(names)} image names")
-    images = images.detach().clone()  # the harness's own copy: nobody else holds a reference to it
-    if target.device.type == "cuda" and images.device.type == "cpu":
-        images = images.float().pin_memory()  # one asynchronous copy; the set then stays on the GPU
-    images = images.to(target.device, torch.float32, non_blocking=True)
-    compile_s = None
-    if compile_backend:
-        t0 = time.perf_counter()
-        target.accelerate(compile_backend=compile_backend)
-        target.warmup(images)
-        compile_s = time.perf_counter() - t0
-    stale = remove_stale_temp(out, min_age_s=60)  # a parallel task (Ray) may be writing right now
-    # clean edits: the caller's folder, else one shared per model in the user's cache folder
-    cache_dir = Path(cache_dir) if cache_dir is not None else clean_edit_cache_dir(editing)
-    if cache_dir.is_dir() and not cache_dir.resolve().is_relative_to(out.resolve()):
-        stale += remove_stale_temp(cache_dir, min_age_s=600)  # a shared cache may have live writers
-    if stale:
-        log.warning("removed %d temporary file(s) left by a killed write: %s", len(stale),
-                    ", ".join(str(p) for p in stale[:5]))
-    train_idx, test_idx = split_indices(len(images), suite.split_seed)
-    splits = {Split.train: train_idx, Split.test: test_idx}
-    editor = Editor(editing, suite.edit, cache_dir=cache_dir, batch_size=suite.attack_batch_size)
-    seeds = [image_seed(suite.edit, images[i]) for i in range(len(images))]
-    shas = [image_sha256(images[i]) for i in range(len(images))]
-    mask_shas = None
-    if masks is not None:
-        from spdbench.data.masks import mask_sha256
-
-        masks = masks.to(target.device, torch.float32)
-        mask_shas = [mask_sha256(m) for m in masks]
-    # a cell is defined by its photos, and on an inpainting suite by their masks too
-    data_sha = hashlib.sha256(("".join(shas) + "".join(mask_shas or [])).encode()).hexdigest()
-    suite_cfg = suite.to_dict()
-    suite_cfg["purifiers"] = [p.name for p in purifier_list]
-    suite_cfg["purifier_settings"] = {p.name: p.to_dict() for p in purifier_list}  # what each name ran as
-    # the grid being run (eps list, prompts) is not part of a cell's identity: cells are shared across
-    # grids; the device type and dtype are (CPU and CUDA generators draw different noise for one seed)
-    id_cfg = {k: v for k, v in suite_cfg.items() if k not in ("eps", "prompts", "description", "attack_timeout_s",
-                                                           "purifier_settings")}
-    id_cfg["device_type"], id_cfg["dtype"] = target.device.type, str(target.dtype).replace("torch.", "")
-    if edit_target is None:
-        id_cfg.pop("edit_target", None)  # white box: cell ids as before transfer suites existed
-    else:
-        id_cfg["edit_target_fingerprint"] = edit_target.fingerprint
-    existing = load_records(out, strict=False)  # read once: the model check and resume (corrupt ones skipped)
-    _check_same_models(out, existing, target, edit_target)
-    done = finished_cells(existing) if resume else {}
-    env = environment(target.device)
-    tinfo = TargetInfo(name=target.name, source=target.source, fingerprint=target.fingerprint,
-                       dtype=str(target.dtype).replace("torch.", ""), device=str(target.device))
-    result = RunResult(records=[], out=out, param_sources=dict(the_plan.sources))
-    from tqdm.auto import tqdm
-
-    def group_ids(budget: Budget) -> dict:
-        return {(pk, sp): cell_id(attack.name, _jsonable(attack.params), id_cfg, budget.norm,
-                                  format_eps(budget.eps), pk, sp.value, target.fingerprint, data_sha)
-                for pk in prompt_keys for sp in splits}
-
-    all_ids = [group_ids(b) for b in the_plan.budgets]
-    n_cells = sum(len(g) for g in all_ids)            # what the summary counts: one cell per prompt and split
-    n_done = sum(i in done for g in all_ids for i in g.values())
-    if progress and n_done:
-        print(f"resuming: {n_done} of {n_cells} cells already done in {out}", file=sys.stderr, flush=True)
-    bar = tqdm(total=n_cells, desc=f"{attack.name} on {suite.name}", unit="cell", disable=not progress, leave=False)
-    common = dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
-                  universal=attack.universal, amortized=attack.amortized, suite=suite.name, suite_config=suite_cfg, attack_seed=suite.attack_seed,
-                  split_seed=suite.split_seed, target=tinfo, edit=suite.edit.to_dict(), provenance=env,
-                  edit_target=None if edit_target is None else TargetInfo(
-                      name=edit_target.name, source=edit_target.source, fingerprint=edit_target.fingerprint,
-                      dtype=str(edit_target.dtype).replace("torch.", ""), device=str(edit_target.device)),
-                  metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.DEFAULT_METRICS},
-                  isolation=isolation, param_sources=dict(the_plan.sources), attack_source=attack_source(attack),
-                  task=suite.task)
-    with AttackRunner(isolation, target, suite.attack_timeout_s) as runner:
-        ctx = _Run(result=result, runner=runner, attack=attack, target=target, suite=suite, out=out, images=images,
-                   names=names, shas=shas, seeds=seeds, splits=splits, editor=editor, purifiers=purifier_list,
-                   prompt_keys=prompt_keys, done=done, common=common, compile_s=compile_s, bar=bar,
-                   masks=masks, mask_shas=mask_shas, mask_set=mask_set_name, protections_from=protections_from,
-                   source_records=_source_records(protections_from))
-        for budget, ids in zip(the_plan.budgets, all_ids):
-            bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
-            if all(i in done for i in ids.values()):
-                result.records.extend(done[i] for i in ids.values())
-                result.reused.extend(ids.values())
-                bar.update(len(ids))
-                continue
-            _run_group(ctx, budget, ids)
-    bar.close()
-    result.clean_cache_hits, result.clean_cache_misses = editor.cache_hits, editor.cache_misses
-    result.clean_cache_dir = cache_dir
-    result.clean_cache_hits_own = editor.cache_hits_own
-    result.edits_run = editor.edits_run
-    result.clean_cache_rejected = list(editor.cache_rejected)
-    write_jsonl(load_records(out, strict=False), out / "records.jsonl")
-    return result
+def _run_locked(request: RunRequest, inputs: RunInputs) -> RunResult:
+    """The pipeline: open the run (its cells, what is done), then per budget protect -> enforce ->
+    edit -> score -> record (_run_budget), then the run's export."""
+    ctx = _open_run(request, inputs)
+    with AttackRunner(request.isolation, inputs.target, request.suite.attack_timeout_s) as runner:
+        ctx.runner = runner
+        for budget, ids in zip(request.plan.budgets, ctx.cell_ids):
+            _run_budget(ctx, budget, ids)
+    ctx.bar.close()
+    return _close_run(ctx)
 
 
 @dataclass
 class _Run:
     """What every cell group of one run shares (the harness's side only)."""
 
+    request: RunRequest
+    inputs: RunInputs
     result: RunResult
-    runner: AttackRunner
-    attack: Attack
-    target: Target        # the attack's (what it protects against)
-    suite: Suite
-    out: Path
-    images: torch.Tensor
-    names: list
-    shas: list
-    seeds: list
-    splits: dict
     editor: Editor
-    purifiers: list
-    prompt_keys: list
-    done: dict
-    common: dict
+    cache_dir: Path
+    splits: dict                       # Split -> photo indices
+    shas: list                         # per photo
+    seeds: list                        # per photo: the edit's generator seed
+    mask_shas: Optional[list]
+    done: dict                         # cell id -> finished Record (resume)
+    common: dict                       # the fields every record of the run shares
+    cell_ids: list                     # per budget: {(prompt key, Split): cell id}
     compile_s: Optional[float]
     bar: Any
-    masks: Optional[torch.Tensor] = None     # inpainting: (N, 1, H, W), 1 = repaint
-    mask_shas: Optional[list] = None
-    mask_set: Optional[str] = None
-    protections_from: Optional[Path] = None  # a run folder whose matching protections are reused
-    source_records: Optional[list] = None    # its records, read once for every budget
+    source_records: Optional[list]     # the protections_from folder's records, read once
+    runner: Optional[AttackRunner] = None
+
+    @property
+    def attack(self) -> Attack:
+        return self.request.plan.attack
+
+    @property
+    def out(self) -> Path:
+        return self.request.out
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.inputs.images
+
+    @property
+    def masks(self) -> Optional[torch.Tensor]:
+        return self.inputs.masks
+
+
+# --- stage: cells (what the run is made of, and what is already done) --------------------------
+def _open_run(request: RunRequest, inputs: RunInputs) -> _Run:
+    """Compile if asked, tidy the folders, derive the photos' ids and seeds, the cells and what is done."""
+    images, target, suite = inputs.images, inputs.target, request.suite
+    compile_s = _compile(target, images, request.compile_backend)
+    cache_dir = prepare_cache_dir(request.cache_dir if request.cache_dir is not None
+                                  else clean_edit_cache_dir(inputs.editing))  # before any attack runs
+    _remove_stale(request.out, cache_dir)
+    train_idx, test_idx = split_indices(len(images), suite.split_seed)
+    splits = {Split.train: train_idx, Split.test: test_idx}
+    shas = [image_sha256(images[i]) for i in range(len(images))]
+    mask_shas = None if inputs.masks is None else [mask_sha256(m) for m in inputs.masks]
+    existing = load_records(request.out, strict=False)  # read once: the model check and resume (corrupt ones skipped)
+    _check_same_models(request.out, existing, target, inputs.edit_target)
+    suite_cfg = _suite_config(request)
+    ids = _cell_ids_of(request, inputs, suite_cfg, splits, shas, mask_shas)
+    done = finished_cells(existing) if request.resume else {}
+    return _Run(request=request, inputs=inputs,
+                result=RunResult(records=[], out=request.out, param_sources=dict(request.plan.sources)),
+                editor=Editor(inputs.editing, suite.edit, cache_dir=cache_dir, batch_size=suite.attack_batch_size),
+                cache_dir=cache_dir, splits=splits, shas=shas,
+                seeds=[image_seed(suite.edit, images[i]) for i in range(len(images))], mask_shas=mask_shas,
+                done=done, common=_record_fields(request, inputs, suite_cfg), cell_ids=ids, compile_s=compile_s,
+                bar=_progress(request, ids, done), source_records=_source_records(request.protections_from))
+
+
+def _compile(target: Target, images: torch.Tensor, backend: Optional[str]) -> Optional[float]:
+    """torch.compile the target's modules and warm them up; the seconds are recorded apart."""
+    if not backend:
+        return None
+    t0 = time.perf_counter()
+    target.accelerate(compile_backend=backend)
+    target.warmup(images)
+    return time.perf_counter() - t0
+
+
+def _remove_stale(out: Path, cache_dir: Path) -> None:
+    """Temporary files a killed write left behind (old enough that no live writer owns them)."""
+    stale = remove_stale_temp(out, min_age_s=60)  # a parallel task (Ray) may be writing right now
+    if cache_dir.is_dir() and not cache_dir.resolve().is_relative_to(out.resolve()):
+        stale += remove_stale_temp(cache_dir, min_age_s=600)  # a shared cache may have live writers
+    if stale:
+        log.warning("removed %d temporary file(s) left by a killed write: %s", len(stale),
+                    ", ".join(str(p) for p in stale[:5]))
+
+
+def _suite_config(request: RunRequest) -> dict:
+    """The suite as recorded: its rules, and the purifiers this run scored after (what each name ran as)."""
+    suite_cfg = request.suite.to_dict()
+    suite_cfg["purifiers"] = [p.name for p in request.purifiers]
+    suite_cfg["purifier_settings"] = {p.name: p.to_dict() for p in request.purifiers}
+    return suite_cfg
+
+
+def _cell_ids_of(request: RunRequest, inputs: RunInputs, suite_cfg: dict, splits: dict, shas: list,
+                 mask_shas: Optional[list]) -> list[dict]:
+    """Per budget, {(prompt key, split): cell id}. A cell is defined by its photos (and on an inpainting
+    suite their masks); the grid being run (eps list, prompts) is not part of its identity, so cells
+    are shared across grids; the device type and dtype are (CPU and CUDA draw different noise)."""
+    target, edit_target, attack = inputs.target, inputs.edit_target, request.attack
+    data_sha = hashlib.sha256(("".join(shas) + "".join(mask_shas or [])).encode()).hexdigest()
+    id_cfg = {k: v for k, v in suite_cfg.items() if k not in ("eps", "prompts", "description", "attack_timeout_s",
+                                                           "purifier_settings")}
+    id_cfg["device_type"], id_cfg["dtype"] = target.device.type, _dtype_name(target.dtype)
+    if edit_target is None:
+        id_cfg.pop("edit_target", None)  # white box: cell ids as before transfer suites existed
+    else:
+        id_cfg["edit_target_fingerprint"] = edit_target.fingerprint
+    params = _jsonable(attack.params)
+    return [{(pk, sp): cell_id(attack.name, params, id_cfg, b.norm, format_eps(b.eps), pk, sp.value,
+                               target.fingerprint, data_sha)
+             for pk in request.prompts for sp in splits} for b in request.plan.budgets]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _target_info(target: Optional[Target]) -> Optional[TargetInfo]:
+    if target is None:
+        return None
+    return TargetInfo(name=target.name, source=target.source, fingerprint=target.fingerprint,
+                      dtype=_dtype_name(target.dtype), device=str(target.device),
+                      revision=getattr(target, "revision", None))
+
+
+def _record_fields(request: RunRequest, inputs: RunInputs, suite_cfg: dict) -> dict:
+    """The fields every record of this run shares (records keep `universal` and `amortized`, derived
+    from the attack's kind)."""
+    attack, suite = request.attack, request.suite
+    return dict(attack=attack.name, attack_params=_jsonable(attack.params), preset=attack.preset,
+                universal=attack.kind is AttackKind.universal, amortized=attack.kind is AttackKind.amortized,
+                suite=suite.name, suite_config=suite_cfg, attack_seed=suite.attack_seed,
+                split_seed=suite.split_seed, target=_target_info(inputs.target), edit=suite.edit.to_dict(),
+                provenance=environment(inputs.target.device), edit_target=_target_info(inputs.edit_target),
+                metric_conventions={m: metrics_mod.METRICS[m].convention for m in metrics_mod.list_metrics()},
+                isolation=request.isolation, param_sources=dict(request.plan.sources),
+                attack_source=attack_source(attack), task=suite.task)
+
+
+def _progress(request: RunRequest, ids: list[dict], done: dict):
+    """A progress bar over the cells (one per prompt and split), disabled unless asked for."""
+    n_cells = sum(len(g) for g in ids)
+    n_done = sum(i in done for g in ids for i in g.values())
+    if request.progress and n_done:
+        print(f"resuming: {n_done} of {n_cells} cells already done in {request.out}", file=sys.stderr, flush=True)
+    return tqdm_auto.tqdm(total=n_cells, desc=f"{request.attack.name} on {request.suite.name}", unit="cell",
+                disable=not request.progress, leave=False)
+
+
+def _reuse(ctx: _Run, ids: Iterable[str]) -> None:
+    """Finished cells found in the folder: returned as they are, never recomputed or rewritten."""
+    for i in ids:
+        ctx.result.records.append(ctx.done[i])
+        ctx.result.reused.append(i)
+
+
+def _close_run(ctx: _Run) -> RunResult:
+    """The run's counters, and records.jsonl over every record now in the folder."""
+    result, editor = ctx.result, ctx.editor
+    result.clean_cache_hits, result.clean_cache_misses = editor.cache_hits, editor.cache_misses
+    result.clean_cache_dir = ctx.cache_dir
+    result.clean_cache_hits_own = editor.cache_hits_own
+    result.edits_run = editor.edits_run
+    result.clean_cache_rejected = list(editor.cache_rejected)
+    write_jsonl(load_records(ctx.out, strict=False), ctx.out / "records.jsonl")
+    return result
+
+
+# --- one budget: protect -> enforce -> edit -> score -> record ---------------------------------
+@dataclass
+class _Group:
+    """One budget's protected photos, shared by every prompt and split of its cells."""
+
+    base: dict                    # the record fields of this budget's cells
+    protections: dict             # Split -> Protection
+    flags: list
+    pfile: str                    # the perturbation file, relative to the run folder
+    psha: str
+    adv: torch.Tensor             # every photo, protected
+    imperceptibility: dict        # metric -> per photo, protected vs clean
+    kept: dict                    # inpainting: the same on the kept region
+    purified: dict                # purifier name -> the protected photos, purified
+
+
+@dataclass
+class _Edits:
+    clean: torch.Tensor
+    adv: torch.Tensor
+    purified: dict
+    wall_s: float
+
+
+@dataclass
+class _Scores:
+    protection: dict              # metric -> per photo: edit of the protected vs of the clean photo
+    purified: dict                # purifier name -> the same after that purifier
+    protection_region: dict       # inpainting: on the repainted region
+    purified_region: dict
+    wall_s: float
+
+
+def _run_budget(ctx: _Run, budget: Budget, ids: dict) -> None:
+    ctx.bar.set_postfix_str(f"eps {format_eps(budget.eps)}")
+    if all(i in ctx.done for i in ids.values()):
+        _reuse(ctx, ids.values())
+        ctx.bar.update(len(ids))
+        return
+    _run_group(ctx, budget, ids)
 
 
 def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
-    """One cell group (one budget): protect, then edit, score and record every prompt and split."""
+    """One cell group (one budget): protect, then edit, score and record every prompt and split. A
+    failing protection is recorded as the error of every cell of the group; the run goes on."""
     base = dict(ctx.common, norm=budget.norm, eps=budget.eps, eps_label=format_eps(budget.eps))
     try:
-        protections, flags, pfile, psha = _stored_or_new(ctx.runner, ctx.attack, ctx.target, ctx.images, ctx.splits,
-                                                         budget, ctx.suite, ctx.out, base, ctx.masks, ctx.mask_shas,
-                                                         ctx.protections_from, ctx.shas, ctx.source_records)
+        protections, flags, pfile, psha = _stored_or_new(ctx, budget, base)
     except DiskError:
         raise  # a full or read-only disk ends the run with one line; nothing to record
     except SpdbenchError as exc:
-        for (pk, sp), cid in ids.items():
-            rec = Record(cell_id=cid, status=Status.error, error=str(exc), prompt_key=pk, prompt=PROMPTS[pk],
-                         split=sp, **base)
-            write_record(rec, ctx.out)
-            ctx.result.records.append(rec)
-            ctx.result.computed.append(cid)
-        log.error("cell group %s %s failed: %s", ctx.attack.name, budget, exc)
-        ctx.bar.update(len(ids))
+        _record_group_error(ctx, budget, ids, base, exc)
         return
-    _edit_score_record(ctx, protections, flags, pfile, psha, ids, base)
-
-
-def _edit_score_record(ctx: _Run, protections: dict, flags: list, pfile: str, psha: str, ids: dict,
-                       base: dict) -> None:
-    """Stages edit -> score -> record for one cell group (every prompt and both splits)."""
-    result, editor, images, names, shas, seeds, splits = (ctx.result, ctx.editor, ctx.images, ctx.names, ctx.shas,
-                                                          ctx.seeds, ctx.splits)
-    target, done, bar, out = ctx.editor.target, ctx.done, ctx.bar, ctx.out  # the editing model purifies
-    compile_s, start_s, purifier_list = ctx.compile_s, ctx.runner.start_s, ctx.purifiers
-    adv_all = torch.empty_like(images)
-    for sp, idx in splits.items():
-        adv_all[idx] = protections[sp].adv
-    imperceptibility = metrics_mod.score(adv_all, images)
-    masks = ctx.masks
-    kept = score_region({"": adv_all}, images, 1 - masks)[""] if masks is not None else {}
-    purified_imgs = {p.name: p(adv_all, target) for p in purifier_list}
-    for pk in ctx.prompt_keys:
-        bar.update(len(splits))
-        if all(ids[(pk, sp)] in done for sp in splits):
-            result.records.extend(done[ids[(pk, sp)]] for sp in splits)
-            result.reused.extend(ids[(pk, sp)] for sp in splits)
+    group = _group(ctx, base, protections, flags, pfile, psha)
+    for pk in ctx.request.prompts:
+        ctx.bar.update(len(ctx.splits))
+        prompt_ids = {sp: ids[(pk, sp)] for sp in ctx.splits}
+        if all(i in ctx.done for i in prompt_ids.values()):
+            _reuse(ctx, prompt_ids.values())
             continue
-        t0 = time.perf_counter()
-        clean_edits = editor.edit_clean(images, PROMPTS[pk], seeds, masks)
-        adv_edits = editor.edit(adv_all, PROMPTS[pk], seeds, masks)
-        purified_edits = {name: editor.edit(img, PROMPTS[pk], seeds, masks) for name, img in purified_imgs.items()}
-        edit_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        # one call: the clean edits' features are computed once for every comparison
-        scored = metrics_mod.score_many({"": adv_edits, **purified_edits}, clean_edits)
-        protection = scored.pop("")
-        # inpainting: the same comparisons on the repainted region only (region_metrics.py)
-        region = score_region({"": adv_edits, **purified_edits}, clean_edits, masks) if masks is not None else {}
-        protection_region = region.pop("", {})
-        score_s = time.perf_counter() - t0
-        for sp, idx in splits.items():
-            if ids[(pk, sp)] in done:  # a finished cell (its sibling split was cut short) is never rewritten
-                result.records.append(done[ids[(pk, sp)]])
-                result.reused.append(ids[(pk, sp)])
-                continue
-            p = protections[sp]
-            n = len(idx)
-            rec = Record(
-                cell_id=ids[(pk, sp)], prompt_key=pk, prompt=PROMPTS[pk], split=sp,
-                image_names=[names[i] for i in idx], image_sha256=[shas[i] for i in idx],
-                edit_seeds=[seeds[i] for i in idx],
-                protection={m: v[idx].tolist() for m, v in protection.items()},
-                protection_mean={m: float(v[idx].mean()) for m, v in protection.items()},
-                imperceptibility={m: v[idx].tolist() for m, v in imperceptibility.items()},
-                imperceptibility_mean={m: float(v[idx].mean()) for m, v in imperceptibility.items()},
-                purified={n_: {m: v[idx].tolist() for m, v in sc.items()} for n_, sc in scored.items()},
-                purified_mean={n_: {m: float(v[idx].mean()) for m, v in sc.items()} for n_, sc in scored.items()},
-                timing=Timing(compile_s=compile_s, attack_wall_s=p.wall_s, attack_device_s=p.device_s,
-                              fit_wall_s=p.fit_wall_s, per_image_s=p.wall_s / n, edit_wall_s=edit_s * n / len(images),
-                              score_wall_s=score_s * n / len(images), peak_memory_bytes=p.peak_memory_bytes,
-                              worker_start_s=start_s),
-                validation=Validation(max_norm_returned=p.max_norm_returned, over_budget_images=p.over_budget_images,
-                                      projected=p.over_budget_images > 0, max_norm_applied=p.max_norm_applied,
-                                      effective_eps=effective_eps(Budget(base['norm'], base['eps']))),
-                oom_events=p.oom_events + editor.oom_events, flags=list(flags), model_calls=p.model_calls,
-                loss_curve=p.loss_curve, perturbation_file=pfile, perturbation_sha256=psha, network=p.network,
-                **_region_fields(ctx, idx, protection_region, region, kept), **base)
-            if sp == Split.test:  # illustrations first: a finished record implies its examples exist
-                write_cell_examples(out, rec.cell_id, names, idx, images, adv_all, clean_edits, adv_edits,
-                                    purified_edits, {n_: sc["ssim"] for n_, sc in scored.items()})
-            write_record(rec, out)
-            result.records.append(rec)
-            result.computed.append(rec.cell_id)
+        edits = _edit(ctx, group, pk)
+        _record(ctx, group, pk, prompt_ids, edits, _score(ctx, edits))
 
 
-def _region_fields(ctx: "_Run", idx, protection_region: dict, purified_region: dict, kept: dict) -> dict:
+def _record_group_error(ctx: _Run, budget: Budget, ids: dict, base: dict, exc: SpdbenchError) -> None:
+    for (pk, sp), cid in ids.items():
+        rec = Record(cell_id=cid, status=Status.error, error=str(exc), prompt_key=pk, prompt=PROMPTS[pk],
+                     split=sp, **base)
+        write_record(rec, ctx.out)
+        ctx.result.records.append(rec)
+        ctx.result.computed.append(cid)
+    log.error("cell group %s %s failed: %s", ctx.attack.name, budget, exc)
+    ctx.bar.update(len(ids))
+
+
+def _group(ctx: _Run, base: dict, protections: dict, flags: list, pfile: str, psha: str) -> _Group:
+    """The protected photos put together, their imperceptibility, and every purifier's output (the
+    editing model purifies)."""
+    images, masks = ctx.images, ctx.masks
+    adv = torch.empty_like(images)
+    for sp, idx in ctx.splits.items():
+        adv[idx] = protections[sp].adv
+    imperceptibility = metrics_mod.score(adv, images)
+    kept = score_region({"": adv}, images, 1 - masks)[""] if masks is not None else {}
+    return _Group(base=base, protections=protections, flags=flags, pfile=pfile, psha=psha, adv=adv,
+                  imperceptibility=imperceptibility, kept=kept,
+                  purified={p.name: p(adv, ctx.editor.target) for p in ctx.request.purifiers})
+
+
+# --- stage: edit -------------------------------------------------------------------------------
+def _edit(ctx: _Run, group: _Group, pk: str) -> _Edits:
+    """Clean, protected and purified photos edited with one prompt, the same seed per photo."""
+    editor, prompt, seeds, masks = ctx.editor, PROMPTS[pk], ctx.seeds, ctx.masks
+    t0 = time.perf_counter()
+    clean = editor.edit_clean(ctx.images, prompt, seeds, masks)
+    adv = editor.edit(group.adv, prompt, seeds, masks)
+    purified = {name: editor.edit(img, prompt, seeds, masks) for name, img in group.purified.items()}
+    return _Edits(clean=clean, adv=adv, purified=purified, wall_s=time.perf_counter() - t0)
+
+
+# --- stage: score ------------------------------------------------------------------------------
+def _score(ctx: _Run, edits: _Edits) -> _Scores:
+    """Every edit against the clean edit, in one call (the clean edits' features are computed once);
+    on an inpainting suite also on the repainted region only (regions.py)."""
+    t0 = time.perf_counter()
+    scored = metrics_mod.score_many({"": edits.adv, **edits.purified}, edits.clean)
+    protection = scored.pop("")
+    region = score_region({"": edits.adv, **edits.purified}, edits.clean, ctx.masks) if ctx.masks is not None else {}
+    protection_region = region.pop("", {})
+    return _Scores(protection=protection, purified=scored, protection_region=protection_region,
+                   purified_region=region, wall_s=time.perf_counter() - t0)
+
+
+# --- stage: record -----------------------------------------------------------------------------
+def _record(ctx: _Run, group: _Group, pk: str, prompt_ids: dict, edits: _Edits, scores: _Scores) -> None:
+    """One record per split; the test split's example strip first (a finished record implies its
+    examples exist); a finished cell (its sibling split was cut short) is never rewritten."""
+    for sp, idx in ctx.splits.items():
+        cid = prompt_ids[sp]
+        if cid in ctx.done:
+            _reuse(ctx, [cid])
+            continue
+        rec = _cell_record(ctx, group, pk, sp, idx, cid, edits, scores)
+        if sp == Split.test:
+            write_cell_examples(ctx.out, cid, ctx.inputs.names, idx, ctx.images, group.adv, edits.clean, edits.adv,
+                                edits.purified, {n: sc["ssim"] for n, sc in scores.purified.items()})
+        write_record(rec, ctx.out)
+        ctx.result.records.append(rec)
+        ctx.result.computed.append(cid)
+
+
+def _per_image(scores: dict, idx) -> dict:
+    return {m: v[idx].tolist() for m, v in scores.items()}
+
+
+def _mean(scores: dict, idx) -> dict:
+    return {m: float(v[idx].mean()) for m, v in scores.items()}
+
+
+def _cell_record(ctx: _Run, group: _Group, pk: str, sp: Split, idx, cid: str, edits: _Edits,
+                 scores: _Scores) -> Record:
+    p, n, n_all, base = group.protections[sp], len(idx), len(ctx.images), group.base
+    return Record(
+        cell_id=cid, prompt_key=pk, prompt=PROMPTS[pk], split=sp,
+        image_names=[ctx.inputs.names[i] for i in idx], image_sha256=[ctx.shas[i] for i in idx],
+        edit_seeds=[ctx.seeds[i] for i in idx],
+        protection=_per_image(scores.protection, idx), protection_mean=_mean(scores.protection, idx),
+        imperceptibility=_per_image(group.imperceptibility, idx),
+        imperceptibility_mean=_mean(group.imperceptibility, idx),
+        purified={name: _per_image(sc, idx) for name, sc in scores.purified.items()},
+        purified_mean={name: _mean(sc, idx) for name, sc in scores.purified.items()},
+        timing=Timing(compile_s=ctx.compile_s, attack_wall_s=p.wall_s, attack_device_s=p.device_s,
+                      fit_wall_s=p.fit_wall_s, per_image_s=p.wall_s / n, edit_wall_s=edits.wall_s * n / n_all,
+                      score_wall_s=scores.wall_s * n / n_all, peak_memory_bytes=p.peak_memory_bytes,
+                      worker_start_s=ctx.runner.start_s),
+        validation=Validation(max_norm_returned=p.max_norm_returned, over_budget_images=p.over_budget_images,
+                              projected=p.over_budget_images > 0, max_norm_applied=p.max_norm_applied,
+                              effective_eps=effective_eps(Budget(base['norm'], base['eps']))),
+        oom_events=p.oom_events + ctx.editor.oom_events, flags=list(group.flags), model_calls=p.model_calls,
+        loss_curve=p.loss_curve, perturbation_file=group.pfile, perturbation_sha256=group.psha, network=p.network,
+        **_region_fields(ctx, idx, scores, group.kept), **base)
+
+
+def _region_fields(ctx: _Run, idx, scores: _Scores, kept: dict) -> dict:
     """An inpainting record's masks and its region scores (per image; means derived from them)."""
     if ctx.masks is None:
         return {}
-    per = lambda sc: {m: v[idx].tolist() for m, v in sc.items()}  # noqa: E731
-    mean = lambda sc: {m: float(v[idx].mean()) for m, v in sc.items()}  # noqa: E731
-    return dict(masks=dict(set=ctx.mask_set, convention="1 = repaint (white), 0 = keep",
+    return dict(masks=dict(set=ctx.inputs.mask_set, convention="1 = repaint (white), 0 = keep",
                            sha256=[ctx.mask_shas[i] for i in idx],
                            repaint_fraction=[round(float(ctx.masks[i].mean()), 6) for i in idx]),
-                protection_region=per(protection_region), protection_region_mean=mean(protection_region),
-                purified_region={n: per(sc) for n, sc in purified_region.items()},
-                imperceptibility_kept=per(kept), imperceptibility_kept_mean=mean(kept))
+                protection_region=_per_image(scores.protection_region, idx),
+                protection_region_mean=_mean(scores.protection_region, idx),
+                purified_region={n: _per_image(sc, idx) for n, sc in scores.purified_region.items()},
+                imperceptibility_kept=_per_image(kept, idx), imperceptibility_kept_mean=_mean(kept, idx))
 
 
 _META_KEYS = ("wall_s", "device_s", "peak_memory_bytes", "max_norm_returned", "over_budget_images",
@@ -614,26 +711,15 @@ def reusable_protection(source: Path, attack: Attack, params: dict, budget: Budg
     white-box suite made; re-running a seeded attack to get the same bytes is waste. The file is
     read as data and shape-checked like any stored perturbation, and `verify` re-runs the attack.
     `records`: the source's records if already read (a run reads them once for all its budgets)."""
-    if attack.amortized:  # its records also name a network file: fit it here instead
+    if attack.kind is AttackKind.amortized:  # its records also name a network file: fit it here instead
         return None
     recs = _source_records(source) if records is None else records
     if recs is None:
         return None
     by_file: dict[str, dict[str, list]] = {}
     for r in recs:
-        if r.status != Status.ok or not r.perturbation_file:
-            continue
-        if (r.attack, r.norm, r.target.fingerprint, r.attack_seed, r.split_seed) != (
-                attack.name, budget.norm, target_fingerprint, suite.attack_seed, suite.split_seed) \
-                or not math.isclose(r.eps, budget.eps, rel_tol=1e-9) \
-                or json.dumps(r.attack_params, sort_keys=True) != json.dumps(params, sort_keys=True) \
-                or r.suite_config.get("attack_batch_size") != suite.attack_batch_size:
-            continue
-        if attack.uses_masks:  # the same masks -- or none on either side (an img2img suite has none)
-            want = None if mask_shas is None else [mask_shas[shas.index(h)] for h in r.image_sha256 if h in shas]
-            if (r.masks.get("sha256") if r.masks else None) != want:
-                continue
-        by_file.setdefault(r.perturbation_file, {})[r.split.value] = list(r.image_sha256)
+        if _same_protection(r, attack, params, budget, target_fingerprint, suite, shas, mask_shas):
+            by_file.setdefault(r.perturbation_file, {})[r.split.value] = list(r.image_sha256)
     for rel, covered in by_file.items():
         if all(covered.get(sp.value) == [shas[i] for i in idx] for sp, idx in splits.items()):
             path = (source / rel).resolve()
@@ -642,45 +728,91 @@ def reusable_protection(source: Path, attack: Attack, params: dict, budget: Budg
     return None
 
 
-def _stored_or_new(runner: AttackRunner, attack: Attack, target: Target, images: torch.Tensor, splits: dict,
-                   budget: Budget, suite: Suite, out: Path, base: dict, masks: Optional[torch.Tensor] = None,
-                   mask_shas: Optional[list] = None, protections_from: Optional[Path] = None,
-                   shas: Optional[Sequence[str]] = None,
-                   source_records: Optional[list] = None) -> tuple[dict, list[str], str, str]:
+def _same_protection(r: Record, attack: Attack, params: dict, budget: Budget, target_fingerprint: str,
+                     suite: Suite, shas: Sequence[str], mask_shas: Optional[Sequence[str]]) -> bool:
+    """Whether finished record `r` names a protection made by this attack under these settings."""
+    if r.status != Status.ok or not r.perturbation_file:
+        return False
+    if (r.attack, r.norm, r.target.fingerprint, r.attack_seed, r.split_seed) != (
+            attack.name, budget.norm, target_fingerprint, suite.attack_seed, suite.split_seed) \
+            or not math.isclose(r.eps, budget.eps, rel_tol=1e-9) \
+            or json.dumps(r.attack_params, sort_keys=True) != json.dumps(params, sort_keys=True) \
+            or r.suite_config.get("attack_batch_size") != suite.attack_batch_size:
+        return False
+    if not attack.uses_masks:
+        return True
+    # the same masks -- or none on either side (an img2img suite has none)
+    want = None if mask_shas is None else [mask_shas[shas.index(h)] for h in r.image_sha256 if h in shas]
+    return (r.masks.get("sha256") if r.masks else None) == want
+
+
+def _stored_or_new(ctx: _Run, budget: Budget, base: dict) -> tuple[dict, list[str], str, str]:
     """Protect every split once per budget; reuse a stored protection when resuming, or one made by
     the same attack in `protections_from` (reusable_protection)."""
-    what = (attack.name, sorted(base["attack_params"].items()), suite.name, budget.label,
-            base["target"].fingerprint, target.device.type, image_sha256(images))
-    if attack.uses_masks and mask_shas:  # a mask-reading attack's delta depends on the masks
-        what += (tuple(mask_shas),)
-    key = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
-    rel = f"perturbations/{attack.name}__{budget.norm}-{format_eps(budget.eps).replace('/', 'o')}__{key}.safetensors"
-    path = out / rel
-    if not path.is_file() and protections_from is not None and shas is not None:
-        src = reusable_protection(protections_from, attack, base["attack_params"], budget,
-                                  base["target"].fingerprint, suite, shas, splits, mask_shas, source_records)
-        if src is not None:
-            atomic_write_bytes(path, src.read_bytes())
-            print(f"protection at {budget.label} reused from {protections_from}", file=sys.stderr, flush=True)
-    if path.is_file():
-        delta255, meta = perturbation_file.load_delta(path, shape=tuple(images.shape))
-        if meta.get("format") == perturbation_file.FORMAT:
-            stored = _protections_from_meta(meta, perturbation_file.apply_delta(images, delta255), splits)
-            return stored, json.loads(meta["flags"]), rel, perturbation_file.delta_sha256(delta255)
-    protections, flags = _protect_group(runner, attack, target, images, splits, budget, suite, masks)
-    if attack.amortized:
-        info = network_file.save_network(out, rel.replace("perturbations/", "networks/"), attack.name,
+    rel = _perturbation_file(ctx, budget, base)
+    path = ctx.out / rel
+    if not path.is_file() and ctx.request.protections_from is not None:
+        _copy_reusable(ctx, budget, base, path)
+    stored = _load_stored(ctx, path, rel)
+    if stored is not None:
+        if "not-sandboxed" in stored[1] and base["isolation"] == "sandbox":  # made by an unconfined worker
+            base.update(isolation="process", isolation_detail={"reason": "resumed from a protection an "
+                                                                         "unconfined worker made"})
+        return stored
+    attack, suite = ctx.attack, ctx.request.suite
+    try:
+        protections, flags = _protect_group(ctx.runner, attack, ctx.inputs.target, ctx.images, ctx.splits, budget,
+                                            suite, ctx.masks)
+    finally:  # error records too say what the worker's confinement was, as checked
+        base.update(ctx.runner.isolation_fields())
+    if attack.kind is AttackKind.amortized:
+        info = network_file.save_network(ctx.out, rel.replace("perturbations/", "networks/"), attack.name,
                                          base["attack_params"], protections[Split.train].network_state,
                                          suite.attack_batch_size)
         for p in protections.values():
             p.network = info
-    adv_all = torch.empty_like(images)
-    for sp, idx in splits.items():
+    return protections, flags, rel, _save_protections(ctx, path, protections, flags)
+
+
+def _perturbation_file(ctx: _Run, budget: Budget, base: dict) -> str:
+    """Where this budget's perturbation is stored, named by everything it depends on."""
+    attack = ctx.attack
+    what = (attack.name, sorted(base["attack_params"].items()), ctx.request.suite.name, budget.label,
+            base["target"].fingerprint, ctx.inputs.target.device.type, image_sha256(ctx.images))
+    if attack.uses_masks and ctx.mask_shas:  # a mask-reading attack's delta depends on the masks
+        what += (tuple(ctx.mask_shas),)
+    key = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+    return f"perturbations/{attack.name}__{budget.norm}-{format_eps(budget.eps).replace('/', 'o')}__{key}.safetensors"
+
+
+def _copy_reusable(ctx: _Run, budget: Budget, base: dict, path: Path) -> None:
+    source = ctx.request.protections_from
+    src = reusable_protection(source, ctx.attack, base["attack_params"], budget, base["target"].fingerprint,
+                              ctx.request.suite, ctx.shas, ctx.splits, ctx.mask_shas, ctx.source_records)
+    if src is not None:
+        atomic_write_bytes(path, src.read_bytes())
+        print(f"protection at {budget.label} reused from {source}", file=sys.stderr, flush=True)
+
+
+def _load_stored(ctx: _Run, path: Path, rel: str) -> Optional[tuple[dict, list[str], str, str]]:
+    """A stored protection of this budget (resume, or reused), or None."""
+    if not path.is_file():
+        return None
+    delta255, meta = perturbation_file.load_delta(path, shape=tuple(ctx.images.shape))
+    if meta.get("format") != perturbation_file.FORMAT:
+        return None
+    stored = _protections_from_meta(meta, perturbation_file.apply_delta(ctx.images, delta255), ctx.splits)
+    return stored, json.loads(meta["flags"]), rel, perturbation_file.delta_sha256(delta255)
+
+
+def _save_protections(ctx: _Run, path: Path, protections: dict, flags: list[str]) -> str:
+    """The group's perturbation (every photo) with what the records need to resume from it; its sha256."""
+    adv_all = torch.empty_like(ctx.images)
+    for sp, idx in ctx.splits.items():
         adv_all[idx] = protections[sp].adv
     meta = {f"{sp.value}.{k}": json.dumps(getattr(p, k)) for sp, p in protections.items() for k in _META_KEYS}
     meta["flags"] = json.dumps(flags)
-    sha = perturbation_file.save_delta(path, perturbation_file.delta_from_adv(adv_all, images), meta)
-    return protections, flags, rel, sha
+    return perturbation_file.save_delta(path, perturbation_file.delta_from_adv(adv_all, ctx.images), meta)
 
 
 def _protections_from_meta(meta: dict[str, str], adv: torch.Tensor, splits: dict) -> dict:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from spdbench.attacks.base import Attack, attack_class
-from spdbench.budget import Budget
-from spdbench.errors import InputError
+from spdbench.budget import Budget, format_eps
+from spdbench.errors import BudgetError, InputError
 
 EpsArg = Union[None, str, float, int, Sequence]
 
@@ -91,4 +91,20 @@ def plan(attack: Union[str, Attack], suite, *, params: Optional[dict] = None, ep
         sources["eps"] = "suite"
         sources["norm"] = "explicit" if norm else "suite"
         budgets = [Budget(budget_norm, e) for e in suite.eps]
+    for budget in budgets:
+        check_effective(budget)
     return AttackPlan(attack=attack, budgets=budgets, sources=dict(sorted(sources.items())))
+
+
+#: below half an 8-bit level no pixel of the stored (8-bit) protected photo can change
+HALF_LEVEL = 0.5 / 255
+
+
+def check_effective(budget: Budget) -> None:
+    """Refuse a budget that cannot change any pixel: every |delta_i| <= eps < 1/255/2 (under L-inf and
+    L2 alike) rounds to nothing when the protected photo is stored with 8 bits, so a run at it would
+    measure the clean photo under the attack's name."""
+    if budget.eps < HALF_LEVEL:
+        raise BudgetError(f"eps {format_eps(budget.eps)} ({budget.norm}) is below half an 8-bit level "
+                          f"(1/255/2 = {HALF_LEVEL:.6f}): no pixel of the 8-bit protected photo can change; "
+                          "expected eps >= 1/255/2 (immunization budgets are usually 4/255 to 16/255)")

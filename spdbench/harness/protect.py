@@ -18,9 +18,11 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from spdbench.attacks.base import Attack
+from spdbench.attacks.base import Attack, AttackKind
 from spdbench.budget import Budget, apply_budget, quantize_delta
-from spdbench.errors import AttackError, SpdbenchError
+from spdbench.errors import AttackError, RecordError, SpdbenchError
+from spdbench.harness.model_calls import ModelCallCounter
+from spdbench.store.networks import load_into
 
 
 @dataclass
@@ -192,9 +194,6 @@ def fit_network(attack: Attack, target, train_images: torch.Tensor, budget: Budg
 def load_fitted_network(attack: Attack, state: dict[str, torch.Tensor]) -> SplitOutput:
     """An amortized attack's network rebuilt from stored weights instead of fit (verify's re-apply):
     the class builds it from its params, the weights must fit it name for name and shape for shape."""
-    from spdbench.errors import RecordError
-    from spdbench.store.networks import load_into
-
     try:
         network = load_into(attack, state, "the stored network")
     except RecordError as exc:
@@ -205,8 +204,6 @@ def load_fitted_network(attack: Attack, state: dict[str, torch.Tensor]) -> Split
 def apply_split(attack: Attack, target, images: torch.Tensor, budget: Budget, *, batch_size: int) -> SplitOutput:
     """Apply a fitted amortized attack, batch by batch, feed-forward: no autograd, and the target is
     not handed over; a pass through the target during apply (counted) is an error."""
-    from spdbench.harness.model_calls import ModelCallCounter
-
     deltas = []
     with ModelCallCounter(target) as counter:
         if len(images):  # one untimed pass first: the per-image cost is the steady state, not the
@@ -230,10 +227,8 @@ def run_jobs(attack: Attack, target, budget: Budget, jobs: dict[str, dict], batc
     attack that reads them); a universal attack fits on its one job; an amortized attack fits on the
     job "fit" (or loads the weights that job carries as "network"), then applies its network to every
     other job. Each output carries the model passes the attack made per image (model_calls.py)."""
-    from spdbench.harness.model_calls import ModelCallCounter
-
     out: dict[str, SplitOutput] = {}
-    if getattr(attack, "amortized", False):
+    if attack.kind is AttackKind.amortized:
         job = jobs["fit"]
         if job.get("network") is not None:  # verify: re-apply the stored network, no fit
             out["fit"] = load_fitted_network(attack, job["network"])
@@ -252,7 +247,7 @@ def run_jobs(attack: Attack, target, budget: Budget, jobs: dict[str, dict], batc
         masks = job.get("masks")
         masks = None if masks is None else masks.to(target.device)
         with ModelCallCounter(target) as counter:
-            if attack.universal:
+            if attack.kind is AttackKind.universal:
                 res = fit_split(attack, target, images, budget, seed=job["seed"], masks=masks)
             else:
                 res = perturb_split(attack, target, images, budget, batch_size=batch_size, seed=job["seed"],

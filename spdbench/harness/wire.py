@@ -44,6 +44,9 @@ class Reply(BaseModel):
     fingerprint: Optional[str] = None
     load_s: Optional[float] = None
     splits: dict[str, SplitReport] = Field(default_factory=dict, max_length=4)
+    #: the worker's confinement report (sandbox.confine), sent once with "ready"; checked by
+    #: sandbox.check_report, which bounds every list it keeps
+    sandbox: Optional[dict[str, Any]] = None
 
 
 def encode(reply: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = None) -> bytes:
@@ -53,11 +56,8 @@ def encode(reply: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = N
     return struct.pack(">Q", len(header)) + header + payload
 
 
-def decode(frame: bytes, expected: dict[str, tuple[int, ...]],
-           network_max_values: int = 0) -> tuple[Reply, dict[str, torch.Tensor]]:
-    """Parse a frame; `expected` maps tensor names to shapes (exactly those, float32). With
-    `network_max_values`, names under NETWORK_PREFIX are accepted too (float32, at most that many
-    values in all): an amortized attack's weights."""
+def _read_header(frame: bytes) -> tuple[Reply, bytes]:
+    """The JSON header (a validated Reply, its error text cut to size) and the payload after it."""
     if len(frame) < 8:
         raise AttackError("the attack worker sent a truncated message")
     (n,) = struct.unpack(">Q", frame[:8])
@@ -69,22 +69,22 @@ def decode(frame: bytes, expected: dict[str, tuple[int, ...]],
         raise AttackError(f"the attack worker sent a message that is not a valid reply: {str(exc)[:200]}") from None
     if reply.error is not None:
         reply.error = reply.error[:MAX_ERROR_CHARS]
-    payload = frame[8 + n:]
-    if reply.kind != "result":
-        return reply, {}
-    try:
-        tensors = st_load(payload) if payload else {}
-    except Exception as exc:  # noqa: BLE001 - malformed payload from the untrusted side
-        raise AttackError(f"the attack worker sent tensors that safetensors cannot read: {exc}") from None
-    network = {k: v for k, v in tensors.items() if network_max_values and k.startswith(NETWORK_PREFIX)}
-    if network_max_values:
-        if not network:
-            raise AttackError("the amortized attack's worker sent no network weights")
-        n = sum(v.numel() for v in network.values())
-        if n > network_max_values or any(v.dtype != torch.float32 for v in network.values()):
-            raise AttackError(f"the attack worker sent a network of {n:,} values (float32, at most "
-                              f"{network_max_values:,} allowed)")
-        tensors = {k: v for k, v in tensors.items() if k not in network}
+    return reply, frame[8 + n:]
+
+
+def _split_network(tensors: dict[str, torch.Tensor], network_max_values: int) -> dict[str, torch.Tensor]:
+    """An amortized attack's weights (names under NETWORK_PREFIX): present, float32, within the cap."""
+    network = {k: v for k, v in tensors.items() if k.startswith(NETWORK_PREFIX)}
+    if not network:
+        raise AttackError("the amortized attack's worker sent no network weights")
+    n = sum(v.numel() for v in network.values())
+    if n > network_max_values or any(v.dtype != torch.float32 for v in network.values()):
+        raise AttackError(f"the attack worker sent a network of {n:,} values (float32, at most "
+                          f"{network_max_values:,} allowed)")
+    return network
+
+
+def _check_expected(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
     if set(tensors) != set(expected):
         raise AttackError(f"the attack worker sent tensors {sorted(tensors)}, expected {sorted(expected)}")
     for name, shape in expected.items():
@@ -92,4 +92,24 @@ def decode(frame: bytes, expected: dict[str, tuple[int, ...]],
         if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
             raise AttackError(f"the attack worker sent {name} as {t.dtype} {tuple(t.shape)}, "
                               f"expected float32 {tuple(shape)}")
+
+
+def decode(frame: bytes, expected: dict[str, tuple[int, ...]],
+           network_max_values: int = 0) -> tuple[Reply, dict[str, torch.Tensor]]:
+    """Parse a frame; `expected` maps tensor names to shapes (exactly those, float32). With
+    `network_max_values`, names under NETWORK_PREFIX are accepted too (float32, at most that many
+    values in all): an amortized attack's weights."""
+    reply, payload = _read_header(frame)
+    if reply.kind != "result":
+        return reply, {}
+    try:
+        tensors = st_load(payload) if payload else {}
+    except Exception as exc:  # noqa: BLE001 - malformed payload from the untrusted side
+        raise AttackError(f"the attack worker sent tensors that safetensors cannot read: {exc}") from None
+    network = _split_network(tensors, network_max_values) if network_max_values else {}
+    _check_expected({k: v for k, v in tensors.items() if k not in network}, expected)
     return reply, {**tensors, **network}
+
+
+#: the worker's exit status when it used up its CPU time (128 + SIGXCPU, as a shell reports it)
+CPU_LIMIT_EXIT = 128 + 24

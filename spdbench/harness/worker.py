@@ -7,6 +7,10 @@ mutate its inputs or its budget, tamper with its model copy, walk the heap, retu
 subclass, `sys.exit`, raise KeyboardInterrupt — stays here: the harness's images, budget and
 editing model live in another process. Requests come pickled (cloudpickle) *from* the harness,
 the trusted side; nothing is unpickled in the other direction.
+
+Under isolation "sandbox" this module is entered from sandbox.py (`main(..., sandbox_report=...)`)
+after the OS has confined the process: it may then read only code and its model files, write only
+its private folder, open no socket, and everything it starts dies with it.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Optional
 
 from spdbench.harness import wire
 
@@ -72,7 +76,28 @@ def _run(request: dict[str, Any], target) -> bytes:
     return wire.encode({"kind": "result", "splits": reports}, tensors)
 
 
-def main(read_fd: int, write_fd: int) -> None:
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether a MemoryError is behind `exc` (run_jobs wraps what the attack raised)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, MemoryError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _reap_children() -> None:
+    """As PID 1 of the worker's own PID namespace (sandbox.py): end every other process in it, so
+    nothing an attack started (also after setsid and a double fork) outlives its cell group."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass  # none left
+
+
+def main(read_fd: int, write_fd: int, sandbox_report: Optional[dict] = None, reap_children: bool = False) -> None:
+    """The request loop. `sandbox_report` is what sandbox.py measured on this process before any
+    attack code ran; it goes to the harness with the first answer."""
     # Ctrl-C in the terminal is the harness's to handle (it stops the worker); an attack that
     # raises KeyboardInterrupt itself is caught below like any other exception.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -93,12 +118,36 @@ def main(read_fd: int, write_fd: int) -> None:
                 t0 = time.perf_counter()
                 target = _load(request)
                 reply = wire.encode({"kind": "ready", "fingerprint": target.fingerprint,
-                                     "load_s": time.perf_counter() - t0})
+                                     "load_s": time.perf_counter() - t0, "sandbox": sandbox_report})
+                if sandbox_report is not None:  # from now on, before any attack is unpickled
+                    limit_cpu(request.get("cpu_s"))
             else:
                 reply = _run(request, target)
         except BaseException as exc:  # noqa: BLE001 - untrusted code: report, never die silently
-            reply = wire.encode({"kind": "error", "error": f"{type(exc).__name__}: {exc}"[:wire.MAX_ERROR_CHARS]})
+            text = f"{type(exc).__name__}: {exc}"
+            if sandbox_report is not None and _out_of_memory(exc):
+                text += " (the worker's memory limit, RLIMIT_DATA, was reached)"
+            reply = wire.encode({"kind": "error", "error": text[:wire.MAX_ERROR_CHARS]})
+        if reap_children and request.get("kind") == "run":
+            _reap_children()
         outbox.send_bytes(reply)
+
+
+def limit_cpu(seconds: Optional[float]) -> None:
+    """RLIMIT_CPU: `seconds` of CPU time (all threads) from now on -- called by the worker after
+    loading its model and before it unpickles any attack, so the start is not counted. At the soft
+    limit the worker exits with wire.CPU_LIMIT_EXIT; one second later the kernel kills it anyway (the
+    attack can neither raise the hard limit nor catch SIGKILL)."""
+    import math
+    import resource
+    import signal
+
+    if not seconds:
+        return
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(math.ceil(use.ru_utime + use.ru_stime + seconds))
+    signal.signal(signal.SIGXCPU, lambda *_: os._exit(wire.CPU_LIMIT_EXIT))
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
 
 
 if __name__ == "__main__":

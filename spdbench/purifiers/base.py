@@ -10,21 +10,25 @@ deterministically (any randomness from a seed in its settings).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
-from spdbench.errors import RegistryError, UnknownNameError, did_you_mean
-from spdbench.registry import load_group
+from spdbench.errors import RegistryError
+from spdbench.registry import Registry
 
 ENTRY_POINT_GROUP = "spdbench.purifiers"
 
 
 @dataclass(frozen=True)
 class Purifier:
-    """`fn(images)` or, with `needs_target`, `fn(images, target)` (the editing model: DiffPure-style
-    purifiers use the model being attacked, the strongest choice an editor has)."""
+    """`fn(images, **settings)` or, with `needs_target`, `fn(images, target, **settings)` (the editing
+    model: DiffPure-style purifiers use the model being attacked, the strongest choice an editor has).
+
+    Why the settings are the call's keyword arguments: a record states the settings each purifier
+    ran at; settings written down beside a call that does not pass them can drift from what ran."""
 
     name: str
     label: str
@@ -33,8 +37,12 @@ class Purifier:
     settings: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
+    def __post_init__(self) -> None:
+        _check_settings(self)
+
     def __call__(self, images: torch.Tensor, target=None) -> torch.Tensor:
-        out = self.fn(images, target) if self.needs_target else self.fn(images)
+        settings = dict(self.settings)
+        out = self.fn(images, target, **settings) if self.needs_target else self.fn(images, **settings)
         if tuple(out.shape) != tuple(images.shape):
             raise RegistryError(f"purifier {self.name!r} returned shape {tuple(out.shape)} for images of shape "
                                 f"{tuple(images.shape)}")
@@ -44,63 +52,70 @@ class Purifier:
         return dict(name=self.name, label=self.label, needs_target=self.needs_target, settings=dict(self.settings))
 
 
-_REGISTRY: dict[str, Purifier] = {}
-_entry_points_loaded = False
+def _check_settings(purifier: Purifier) -> None:
+    """The function must accept the settings as keyword arguments (checked when the purifier is made,
+    not when a run reaches it)."""
+    if not callable(purifier.fn):
+        raise RegistryError(f"purifier {purifier.name!r}: fn must be callable, got {purifier.fn!r}")
+    try:
+        sig = inspect.signature(purifier.fn)
+    except (TypeError, ValueError):  # a builtin without a signature: checked when called
+        return
+    args = ("images", "target") if purifier.needs_target else ("images",)
+    try:
+        sig.bind(*args, **purifier.settings)
+    except TypeError as exc:
+        raise RegistryError(f"purifier {purifier.name!r}: its function cannot be called as fn({', '.join(args)}, "
+                            f"**settings) with settings {sorted(purifier.settings)}: {exc}") from None
+
+
+def _check_purifier(name: str, obj: Any) -> None:
+    if not isinstance(obj, Purifier):
+        raise RegistryError(f"register_purifier needs a spdbench.Purifier, got {obj!r}")
+    if obj.name != name:
+        raise RegistryError(f"purifier {obj.name!r} registered under another name {name!r}")
+
+
+def _purifier_from_entry_point(name: str, obj: Any, where: str) -> Purifier:
+    """Each entry point names one `Purifier` whose `name` is the entry-point name."""
+    if not isinstance(obj, Purifier):
+        raise RegistryError(f"the entry point must name a spdbench.Purifier, got {obj!r}")
+    if obj.name != name:
+        raise RegistryError(f"its Purifier is named {obj.name!r}, not the entry-point name {name!r}")
+    return obj
+
+
+#: every purifier: built-in (the modules of spdbench.purifiers register their own) and plugin
+#: (entry-point group `spdbench.purifiers`)
+PURIFIERS: Registry[Purifier] = Registry("purifier", package="spdbench.purifiers", group=ENTRY_POINT_GROUP,
+                                         check=_check_purifier, from_entry_point=_purifier_from_entry_point)
 
 
 def register_purifier(purifier: Purifier) -> Purifier:
+    """Add `purifier` under its own name; a taken name or a non-Purifier is a RegistryError."""
     if not isinstance(purifier, Purifier):
         raise RegistryError(f"register_purifier needs a spdbench.Purifier, got {purifier!r}")
-    old = _REGISTRY.get(purifier.name)
-    if old is not None and old is not purifier:
-        raise RegistryError(f"purifier name {purifier.name!r} is already registered; pick another name")
-    _REGISTRY[purifier.name] = purifier
-    return purifier
+    return PURIFIERS.add(purifier.name, purifier)
 
 
 def unregister_purifier(name: str) -> Purifier:
-    if name not in _REGISTRY:
-        raise UnknownNameError(f"cannot unregister purifier {name!r}: it is not registered.{did_you_mean(name, _REGISTRY)}")
-    return _REGISTRY.pop(name)
+    return PURIFIERS.remove(name)
 
 
 def load_entry_points(force: bool = False) -> list[str]:
     """Plugins: each entry point names one `Purifier` whose `name` is the entry-point name. One that
     fails to import, names something else or takes a used name is skipped with a warning naming its
     distribution."""
-    global _entry_points_loaded
-    if _entry_points_loaded and not force:
-        return []
-    _entry_points_loaded = True
-
-    def load_one(ep, where: str) -> None:
-        obj = ep.load()
-        if not isinstance(obj, Purifier):
-            raise RegistryError(f"the entry point must name a spdbench.Purifier, got {obj!r}")
-        if obj.name != ep.name:
-            raise RegistryError(f"its Purifier is named {obj.name!r}, not the entry-point name {ep.name!r}")
-        register_purifier(obj)
-
-    return load_group(ENTRY_POINT_GROUP, "purifier", load_one)
-
-
-def _ensure_loaded() -> None:
-    from spdbench.purifiers import builtin  # noqa: F401  (registers the built-ins)
-
-    load_entry_points()
+    return PURIFIERS.load_entry_points(force)
 
 
 def list_purifiers() -> list[str]:
-    _ensure_loaded()
-    return sorted(_REGISTRY)
+    return sorted(PURIFIERS.names())
 
 
 def get_purifier(name: str) -> Purifier:
-    _ensure_loaded()
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise UnknownNameError(f"unknown purifier {name!r}.{did_you_mean(str(name), _REGISTRY)} "
-                               f"Available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    """The purifier registered as `name`; UnknownNameError with close matches otherwise."""
+    return PURIFIERS.get(name)
 
 
 def describe(name: Optional[str] = None) -> list[dict]:

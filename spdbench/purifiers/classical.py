@@ -1,8 +1,8 @@
 """Classical purifiers: what any photo passes through (JPEG, resizing) or any editor can apply.
 
 A protection that survives only until someone saves the photo as JPEG is not a protection. Each
-maps images (N, 3, H, W) on [0, 1] to images of the same shape; the registry (`builtin.py`) names
-them with their settings.
+maps images (N, 3, H, W) on [0, 1] to images of the same shape; the registrations at the end name
+them with the settings they are called with (the keyword arguments a record states).
 """
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from spdbench.purifiers.base import Purifier, register_purifier
 
-def jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
-    """Re-encode as JPEG (PIL, 4:2:0 subsampling as most software saves)."""
+
+def jpeg(images: torch.Tensor, quality: int = 75, subsampling: str = "4:2:0") -> torch.Tensor:
+    """Re-encode as JPEG (PIL; chroma `subsampling` "4:2:0" as most software saves, "4:2:2" or "4:4:4")."""
     out = []
     for img in images:
         arr = (img.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
         buf.seek(0)
         out.append(torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()))
     return (torch.stack(out).permute(0, 3, 1, 2).float() / 255).to(images.device)
@@ -49,6 +51,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
 def tv_denoise(images: torch.Tensor, weight: float = 0.05) -> torch.Tensor:
     """Total-variation denoising (scikit-image's Chambolle solver, per image, colour channels jointly):
     the classical edge-preserving denoiser, which flattens high-frequency perturbations."""
+    # deferred: skimage.restoration pulls in scipy (seconds); only this purifier needs it
     from skimage.restoration import denoise_tv_chambolle
 
     out = []
@@ -57,3 +60,15 @@ def tv_denoise(images: torch.Tensor, weight: float = 0.05) -> torch.Tensor:
         out.append(torch.from_numpy(denoise_tv_chambolle(arr, weight=weight, channel_axis=-1).copy()))
     return torch.stack(out).permute(0, 3, 1, 2).to(images.device, images.dtype).clamp(0, 1)
 
+
+
+# --- the built-ins: each called as fn(images, **settings), so its record states what ran ----------
+for _q in (70, 75, 90):
+    register_purifier(Purifier(f"jpeg{_q}", f"JPEG q{_q}", jpeg, settings=dict(quality=_q, subsampling="4:2:0"),
+                               description=f"re-encode as JPEG at quality {_q} (PIL)"))
+register_purifier(Purifier("resize0.5", "resize 0.5x", resize, settings=dict(factor=0.5),
+                           description="bicubic down to half size (antialiased) and back"))
+register_purifier(Purifier("blur1", "Gaussian blur σ1", gaussian_blur, settings=dict(sigma=1.0),
+                           description="separable Gaussian blur, radius 3 sigma"))
+register_purifier(Purifier("tv0.05", "TV denoise 0.05", tv_denoise, settings=dict(weight=0.05),
+                           description="total-variation denoising, scikit-image denoise_tv_chambolle"))

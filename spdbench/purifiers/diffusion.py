@@ -10,16 +10,20 @@ from __future__ import annotations
 import torch
 
 from spdbench.budget import quantize_8bit
+from spdbench.errors import InputError
+from spdbench.purifiers.base import Purifier, register_purifier
 
 
-def diffpure(images: torch.Tensor, target, strength: float = 0.2, steps: int = 20, seed: int = 0) -> torch.Tensor:
+def diffpure(images: torch.Tensor, target, strength: float = 0.2, steps: int = 20, seed: int = 0,
+             prompt: str = "", guidance: float = 1.0) -> torch.Tensor:
     """DiffPure-style: noise the latents to `strength` of the schedule and denoise with the target's
-    own img2img pipeline and an empty prompt (no edit intended, only purification)."""
+    own img2img pipeline, by default with an empty prompt and no guidance (no edit intended, only
+    purification)."""
     pipe = target.img2img()
     gens = [torch.Generator(device=target.device).manual_seed(seed + i) for i in range(len(images))]
     with torch.no_grad():
-        out = pipe(prompt=[""] * len(images), image=images.to(target.device, target.dtype), strength=strength,
-                   num_inference_steps=steps, guidance_scale=1.0, generator=gens, output_type="pt").images
+        out = pipe(prompt=[prompt] * len(images), image=images.to(target.device, target.dtype), strength=strength,
+                   num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt").images
     return out.float().clamp(0, 1).to(images.device)
 
 
@@ -32,8 +36,17 @@ def _grid_boxes(size: int, patch: int) -> list[int]:
     return starts
 
 
+#: the one GrIDPure geometry implemented (the published one): its settings name it in words
+GRID_PATCH, GRID_STRIDE = "half the side", "quarter"
+
+
+def _require(name: str, value, supported) -> None:
+    if value != supported:
+        raise InputError(f"{name} must be {supported!r} (the only setting implemented), got {value!r}")
+
+
 def gridpure(images: torch.Tensor, target, steps: int = 10, rounds: int = 20, gamma: float = 0.1,
-             seed: int = 0) -> torch.Tensor:
+             seed: int = 0, patch: str = GRID_PATCH, stride: str = GRID_STRIDE) -> torch.Tensor:
     """GrIDPure (Zhao et al. 2024; ZhengyueZhao/GrIDPure): `rounds` times, cut the image into
     overlapping patches of half its side (256 of 512, stride 128, as published; scaled to the image
     size here) plus one patch assembled from the four corners, purify each with a small DiffPure
@@ -44,6 +57,8 @@ def gridpure(images: torch.Tensor, target, steps: int = 10, rounds: int = 20, ga
     the target's latent pipeline (img2img at strength steps/1000 over a 1000-step DDIM schedule,
     i.e. `steps` denoising steps), the model the protection was crafted against.
     """
+    _require("gridpure patch", patch, GRID_PATCH)
+    _require("gridpure stride", stride, GRID_STRIDE)
     n, c, h, w = images.shape
     ph, pw = h // 2, w // 2
     tops, lefts = _grid_boxes(h, ph), _grid_boxes(w, pw)
@@ -74,7 +89,7 @@ def gridpure(images: torch.Tensor, target, steps: int = 10, rounds: int = 20, ga
 
 
 def consistency(images: torch.Tensor, target, steps: int = 100, lr: float = 0.01, bound: float = 0.05,
-                weight: float = 1.0) -> torch.Tensor:
+                weight: float = 1.0, closeness: str = "1 - SSIM") -> torch.Tensor:
     """IMPRESS-style consistency purification (Cao et al. 2023): optimize x' so that the VAE round
     trip D(E(x')) reproduces x' (a protected photo is inconsistent under it), while x' stays close to
     the protected photo x: loss = ||D(E(x')) - x'||^2 + weight * max(0, (1 - SSIM(x', x)) - bound),
@@ -83,9 +98,12 @@ def consistency(images: torch.Tensor, target, steps: int = 100, lr: float = 0.01
     photo's result does not depend on what else is in its batch.
 
     Departure: IMPRESS bounds LPIPS, whose network weights cannot be installed offline; SSIM
-    (piq, differentiable) takes its place. Encoding uses the posterior mean (deterministic).
+    (piq, differentiable) takes its place (`closeness` names it). Encoding uses the posterior mean
+    (deterministic).
     """
-    import piq
+    import piq  # deferred: piq (and torchvision) is slow to import; only this purifier needs it
+
+    _require("consistency closeness", closeness, "1 - SSIM")
 
     x = images.detach().to(target.device, torch.float32).clamp(0, 1)
     xp = x.clone().requires_grad_(True)
@@ -104,3 +122,15 @@ def consistency(images: torch.Tensor, target, steps: int = 100, lr: float = 0.01
             with torch.no_grad():
                 xp.clamp_(0, 1)
     return xp.detach().to(images.device, images.dtype)
+
+
+# --- the built-ins: each called as fn(images, target, **settings), so its record states what ran ---
+register_purifier(Purifier("diffpure0.2", "DiffPure t=0.2", diffpure, needs_target=True,
+                           settings=dict(strength=0.2, steps=20, prompt="", guidance=1.0, seed=0),
+                           description="noise to t=0.2 and denoise with the target's img2img pipeline"))
+register_purifier(Purifier("gridpure", "GrIDPure", gridpure, needs_target=True,
+                           settings=dict(steps=10, rounds=20, gamma=0.1, patch=GRID_PATCH, stride=GRID_STRIDE, seed=0),
+                           description="GrIDPure: 20 rounds of small DiffPure passes on overlapping patches"))
+register_purifier(Purifier("impress-ssim", "IMPRESS (SSIM bound)", consistency, needs_target=True,
+                           settings=dict(steps=100, lr=0.01, bound=0.05, weight=1.0, closeness="1 - SSIM"),
+                           description="IMPRESS-style VAE-consistency optimization, SSIM in place of LPIPS"))

@@ -8,67 +8,32 @@ rendered; a folder that fails its checks is reported by name and left out, never
 """
 from __future__ import annotations
 
+import json
 import math
-import re
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
+import jinja2
 import numpy as np
 import pandas as pd
 
-from spdbench.errors import InputError, RecordError
+from spdbench.errors import InputError
+from spdbench.report.gallery import galleries
+from spdbench.report.page import Cell, Table, sections, sections_markdown, table1_sections
+from spdbench.report.text import LABELS, PROTECTION, SHOWN_PX, ci_text, fmt, md_escape, protection_arrow
 from spdbench.scoring.regions import REGION_METRICS
-from spdbench.store.records import Record, Status
-from spdbench.scoring.stats import bootstrap_ci
+from spdbench.store.records import Record, Status, method_label
+from spdbench.verify import holdout
+from spdbench.verify.claims import load_checked_by_folder
+from spdbench.scoring.stats import bootstrap_ci, bootstrap_diff_ci, mean_or_none, records_frame
 from spdbench.scoring.worst_case import worst_case
 
 FORMATS = ("md", "csv", "html")
-#: the gallery shows each example panel this many pixels a side (gallery.py)
-SHOWN_PX = 128
-PROTECTION = ("ssim", "psnr", "vifp", "fsim")
-LABELS = {"ssim": "SSIM", "psnr": "PSNR", "vifp": "VIFp", "fsim": "FSIM"}
-
-
-def method_label(record: Record) -> str:
-    """attack[preset], plus "+EOT(jpeg75, ...)" for an adaptive run: a different method on the board."""
-    label = f"{record.attack}[{record.preset}]" if record.preset else record.attack
-    robust = record.attack_params.get("robust_to") or ()
-    return f"{label} +EOT({', '.join(robust)})" if robust else label
 
 
 def torch_device_type(device: str) -> str:
     """'cuda:0' -> 'cuda' (a record names the device it ran on)."""
     return str(device).split(":")[0]
-
-
-def _mean(values: Sequence[float]) -> Optional[float]:
-    """Mean of per-image values (None for an empty list): the only way a mean enters a table."""
-    return float(np.mean(np.asarray(values, dtype=np.float64))) if len(values) else None
-
-
-def md_escape(value) -> str:
-    """Text safe inside a Markdown table cell: no line breaks or control characters, `|` and
-    Markdown punctuation backslash-escaped, and <, >, & as HTML entities (no raw HTML)."""
-    text = re.sub(r"[\x00-\x1f\x7f]+", " ", str(value))
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", text)
-
-
-def records_frame(records: Iterable[Record]) -> pd.DataFrame:
-    """One row per ok record: axes, protection and imperceptibility means (of the per-image values), costs."""
-    rows = []
-    for r in records:
-        if r.status != Status.ok:
-            continue
-        row = dict(method=method_label(r), attack=r.attack, suite=r.suite, task=r.task, target=r.target.name, norm=r.norm,
-                   eps=r.eps, eps_label=r.eps_label, prompt=r.prompt_key, split=r.split.value,
-                   n_images=len(r.image_names), universal=r.universal,
-                   seconds_per_image=r.timing.per_image_s, fit_seconds=r.timing.fit_wall_s,
-                   peak_memory_mb=(r.timing.peak_memory_bytes or 0) / 2**20 or None, cell_id=r.cell_id)
-        row.update({m: _mean(r.protection.get(m, [])) for m in PROTECTION})
-        row.update({f"imp_{m}": _mean(r.imperceptibility.get(m, [])) for m in PROTECTION})
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 #: suites whose page shows the seed's Table 1 layout (its paper's suite); table1.csv has every suite
@@ -99,65 +64,150 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
     counting which purifier that was; imperceptibility PSNR, and costs. Sorted by SSIM ascending:
     lower similarity between clean and protected edits = stronger immunization; `rank_worst` is
     the rank by worst-case SSIM within the same suite and eps.
+
+    A budget (suite, norm, eps) with no `split` records is ranked on the split it has, and each of
+    its rows says so: column `split` and a flag (never another split's numbers passed off as `split`'s).
     """
     ok = [r for r in records if r.status == Status.ok]
-    # seconds per image over every cell of a method and budget (both splits): the spread of a cost
-    # measured on a busy machine is part of the number
+    seconds = _seconds_by_budget(ok)
+    rows = [_ranking_row(key, recs, split, seconds, seed) for key, recs in _ranked_groups(ok, split).items()]
+    return _ranked_frame(pd.DataFrame(rows), seed)
+
+
+def _seconds_by_budget(ok: Sequence[Record]) -> dict[tuple, list[float]]:
+    """Seconds per image over every cell of a method and budget (both splits): the spread of a cost
+    measured on a busy machine is part of the number."""
     seconds: dict[tuple, list[float]] = {}
     for r in ok:
         seconds.setdefault((method_label(r), r.suite, r.norm, r.eps), []).append(r.timing.per_image_s)
-    if any(r.split.value == split for r in ok):
-        ok = [r for r in ok if r.split.value == split]
+    return seconds
+
+
+def _budget_splits(ok: Sequence[Record], split: str) -> dict[tuple, str]:
+    """The split each budget (suite, norm, eps) is ranked on: `split` where it has records of it, else
+    the split it has (the first by name): a budget's methods are only ever compared on one split."""
+    present: dict[tuple, set[str]] = {}
+    for r in ok:
+        present.setdefault((r.suite, r.norm, r.eps), set()).add(r.split.value)
+    return {budget: split if split in have else min(have) for budget, have in present.items()}
+
+
+def _ranked_groups(ok: Sequence[Record], split: str) -> dict[tuple, list[Record]]:
+    """The records ranked, by (method, suite, norm, eps, eps label, split ranked, split asked for),
+    in the order they first appear."""
+    chosen = _budget_splits(ok, split)
     groups: dict[tuple, list[Record]] = {}
     for r in ok:
-        groups.setdefault((method_label(r), r.suite, r.norm, r.eps, r.eps_label), []).append(r)
-    rows = []
-    for (method, suite, norm, eps, label), recs in groups.items():
-        row: dict = dict(method=method, suite=suite, task=recs[0].task, norm=norm, eps=eps, eps_label=label,
-                         device=torch_device_type(recs[0].target.device),
-                         n_images=len(recs[0].image_names), prompts=len(recs), target=recs[0].target.name,
-                         edited_with=recs[0].edit_target.name if recs[0].edit_target else None)
-        series = {m: [r.protection.get(m, []) for r in recs] for m in PROTECTION}
-        if any(r.protection_region for r in recs):  # inpainting: the repainted region (region_metrics.py)
-            series.update({f"region_{m}": [r.protection_region.get(m, []) for r in recs] for m in REGION_METRICS})
-        for name in sorted({p for r in recs for p in r.purified}):
-            series[f"ssim_after_{name}"] = [r.purified.get(name, {}).get("ssim", []) for r in recs]
-        if any(r.purified for r in recs):  # the per-image worst case over purifiers (worst_case.py)
-            worst = [worst_case(r.protection, r.purified) for r in recs]
-            for m in PROTECTION:
-                series[f"worst_{m}"] = [w.get(m, []) for w, _ in worst]
-            choices = [c for _, cs in worst for c in cs]
-            row["worst_by"] = ", ".join(f"{k} {choices.count(k)}" for k in sorted(set(choices),
-                                                                                 key=lambda k: (-choices.count(k), k)))
-        for col, per_prompt in series.items():
-            per_prompt = [v for v in per_prompt if v]
-            if not per_prompt:
-                continue
-            per_image = np.mean(np.asarray(per_prompt, dtype=np.float64), axis=0)
-            if col == "ssim":  # kept (not shown) for the paired comparison with the next row
-                row["_ssim_images"], row["_shas"] = per_image, tuple(recs[0].image_sha256)
-            ci = bootstrap_ci(per_image, seed=seed)
-            row[col], row[f"{col}_lo"], row[f"{col}_hi"] = ci.mean, ci.low, ci.high
-        imp = [_mean(r.imperceptibility.get("psnr", [])) for r in recs]
-        row["imp_psnr"] = float(np.mean(imp)) if imp and None not in imp else None
-        kept = [_mean(r.imperceptibility_kept.get("psnr", [])) for r in recs]
-        row["kept_psnr"] = float(np.mean(kept)) if kept and None not in kept else None
-        secs = [v for v in seconds.get((method, suite, norm, eps), []) if v is not None and math.isfinite(v)]
-        if secs:
-            row["seconds_per_image"] = float(np.median(secs))
-            row["seconds_per_image_lo"], row["seconds_per_image_hi"] = float(min(secs)), float(max(secs))
-        dev = [r.timing.attack_device_s / max(1, len(r.image_names)) for r in recs
-               if r.timing.attack_device_s is not None]
-        row["device_seconds_per_image"] = float(np.mean(dev)) if dev else None
-        fits = [r.timing.fit_wall_s for r in recs if r.timing.fit_wall_s is not None]
-        row["fit_seconds"] = max(fits) if fits else None
-        mems = [r.timing.peak_memory_bytes for r in recs if r.timing.peak_memory_bytes]
-        row["peak_memory_mb"] = max(mems) / 2**20 if mems else None
-        row["steps"] = _steps_label(recs[0])
-        row["model_calls"] = _calls_label(recs[0])
-        row["flags"] = ", ".join(sorted({f for r in recs for f in r.flags})) or None
-        rows.append(row)
-    df = pd.DataFrame(rows)
+        on = chosen[(r.suite, r.norm, r.eps)]
+        if r.split.value == on:
+            groups.setdefault((method_label(r), r.suite, r.norm, r.eps, r.eps_label, on, split), []).append(r)
+    return groups
+
+
+def _ranking_row(key: tuple, recs: Sequence[Record], split: str, seconds: dict[tuple, list[float]],
+                 seed: int) -> dict:
+    """One ranking row: the group's axes, its metric means with CIs, imperceptibility, costs, labels."""
+    method, suite, norm, eps, label, on, asked = key
+    row = _axes_row(method, suite, norm, eps, label, recs)
+    if any(r.purified for r in recs):
+        row["worst_by"] = _worst_by(recs)
+    row.update(_series_stats(_metric_series(recs), recs, seed))
+    row.update(_imperceptibility_means(recs))
+    row.update(_costs(recs, seconds.get((method, suite, norm, eps), [])))
+    row["steps"] = _steps_label(recs[0])
+    row["model_calls"] = _calls_label(recs[0])
+    row["flags"] = _flags_label(recs, on, asked)
+    if on != asked:
+        row["split"] = on
+    return row
+
+
+def _axes_row(method: str, suite: str, norm: str, eps: float, label: str, recs: Sequence[Record]) -> dict:
+    """The row's identity: what was attacked, on which model and budget, over how many photos and prompts."""
+    first = recs[0]
+    return dict(method=method, suite=suite, task=first.task, norm=norm, eps=eps, eps_label=label,
+                device=torch_device_type(first.target.device), n_images=len(first.image_names),
+                prompts=len(recs), target=first.target.name,
+                edited_with=first.edit_target.name if first.edit_target else None)
+
+
+def _metric_series(recs: Sequence[Record]) -> dict[str, list[list[float]]]:
+    """Per column, each prompt's per-image values: protection, the repainted region (inpainting),
+    SSIM after each purifier, and the per-image worst case over purifiers (worst_case.py)."""
+    series = {m: [r.protection.get(m, []) for r in recs] for m in PROTECTION}
+    if any(r.protection_region for r in recs):  # inpainting: the repainted region (region_metrics.py)
+        series.update({f"region_{m}": [r.protection_region.get(m, []) for r in recs] for m in REGION_METRICS})
+    for name in sorted({p for r in recs for p in r.purified}):
+        series[f"ssim_after_{name}"] = [r.purified.get(name, {}).get("ssim", []) for r in recs]
+    if any(r.purified for r in recs):
+        worst = [worst_case(r.protection, r.purified) for r in recs]
+        for m in PROTECTION:
+            series[f"worst_{m}"] = [w.get(m, []) for w, _ in worst]
+    return series
+
+
+def _worst_by(recs: Sequence[Record]) -> str:
+    """Which purifier gave each image's worst case, counted: "jpeg75 12, none 3" (most first)."""
+    choices = [c for r in recs for c in worst_case(r.protection, r.purified)[1]]
+    return ", ".join(f"{k} {choices.count(k)}" for k in sorted(set(choices), key=lambda k: (-choices.count(k), k)))
+
+
+def _series_stats(series: dict[str, list[list[float]]], recs: Sequence[Record], seed: int) -> dict:
+    """Each column's mean with its 95% bootstrap CI over images (prompts averaged per image first);
+    SSIM's per-image values are kept (not shown) for the paired comparison with the next row."""
+    out: dict = {}
+    for col, per_prompt in series.items():
+        per_prompt = [v for v in per_prompt if v]
+        if not per_prompt:
+            continue
+        per_image = np.mean(np.asarray(per_prompt, dtype=np.float64), axis=0)
+        if col == "ssim":
+            out["_ssim_images"], out["_shas"] = per_image, tuple(recs[0].image_sha256)
+        ci = bootstrap_ci(per_image, seed=seed)
+        out[col], out[f"{col}_lo"], out[f"{col}_hi"] = ci.mean, ci.low, ci.high
+    return out
+
+
+def _mean_of_means(means: Sequence[Optional[float]]) -> Optional[float]:
+    """The mean over prompts, or None where any prompt has no value (a partial mean would mislead)."""
+    return float(np.mean(means)) if means and None not in means else None
+
+
+def _imperceptibility_means(recs: Sequence[Record]) -> dict:
+    """PSNR between photo and protected photo, and over the kept region only (inpainting)."""
+    return dict(imp_psnr=_mean_of_means([mean_or_none(r.imperceptibility.get("psnr", [])) for r in recs]),
+                kept_psnr=_mean_of_means([mean_or_none(r.imperceptibility_kept.get("psnr", [])) for r in recs]))
+
+
+def _costs(recs: Sequence[Record], seconds: Sequence[Optional[float]]) -> dict:
+    """Wall seconds per image (median and range over the budget's cells), device seconds per image,
+    the longest fit, and the peak device memory."""
+    out: dict = {}
+    secs = [v for v in seconds if v is not None and math.isfinite(v)]
+    if secs:
+        out["seconds_per_image"] = float(np.median(secs))
+        out["seconds_per_image_lo"], out["seconds_per_image_hi"] = float(min(secs)), float(max(secs))
+    dev = [r.timing.attack_device_s / max(1, len(r.image_names)) for r in recs
+           if r.timing.attack_device_s is not None]
+    out["device_seconds_per_image"] = float(np.mean(dev)) if dev else None
+    fits = [r.timing.fit_wall_s for r in recs if r.timing.fit_wall_s is not None]
+    out["fit_seconds"] = max(fits) if fits else None
+    mems = [r.timing.peak_memory_bytes for r in recs if r.timing.peak_memory_bytes]
+    out["peak_memory_mb"] = max(mems) / 2**20 if mems else None
+    return out
+
+
+def _flags_label(recs: Sequence[Record], on: str, asked: str) -> Optional[str]:
+    """The records' flags, plus the split ranked where it is not the one asked for."""
+    flags = {f for r in recs for f in r.flags}
+    if on != asked:
+        flags.add(f"ranked on {on} split (no {asked} records)")
+    return ", ".join(sorted(flags)) or None
+
+
+def _ranked_frame(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Ranks within each suite and eps (by SSIM, and by worst-case SSIM), the board's order, and the
+    paired test against the next row."""
     if df.empty:
         return df
     if "worst_ssim" in df.columns:
@@ -172,8 +222,6 @@ def _versus_next(df: pd.DataFrame, seed: int) -> list[Optional[str]]:
     """Per row: is its SSIM lower than the next row's (same suite and eps) by more than chance?
     Paired bootstrap over the same test photos (stats.bootstrap_diff_ci); 'yes', 'not shown', or
     None for the last row of a group and where the two were not scored on the same photos."""
-    from spdbench.scoring.stats import bootstrap_diff_ci
-
     out: list[Optional[str]] = [None] * len(df)
     for i in range(len(df) - 1):
         a, b = df.iloc[i], df.iloc[i + 1]
@@ -183,18 +231,6 @@ def _versus_next(df: pd.DataFrame, seed: int) -> list[Optional[str]]:
         ci = bootstrap_diff_ci(a["_ssim_images"], b["_ssim_images"], seed=seed, paired=True)
         out[i] = "yes" if ci.high < 0 else "not shown"
     return out
-
-
-#: the leaderboard's task groups, in page order, with their section titles
-TASKS = {"img2img": "img2img", "inpaint": "Inpainting (whole image, and the repainted region only)"}
-
-
-def by_task(rank: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """The ranking split into its task groups (img2img, inpainting): they are different games."""
-    if rank.empty or "task" not in rank.columns:
-        return [("img2img", rank)]
-    return [(t, rank[rank["task"] == t].dropna(axis=1, how="all").reset_index(drop=True))
-            for t in TASKS if (rank["task"] == t).any()]
 
 
 _SOURCE = {"suite": "suite", "explicit": "set", "default": "default"}
@@ -224,27 +260,11 @@ def _calls_label(rec: Record) -> Optional[str]:
     return " · ".join(parts)
 
 
-def _fmt(v) -> str:
-    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-    return str(v)
-
-
-def ci_text(row, col: str) -> str:
-    """`[low, high]` of column `col`'s 95% interval, or "" where the row has none."""
-    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
-    if lo is None or pd.isna(lo) or hi is None or pd.isna(hi):
-        return ""
-    return f"[{_fmt(lo)}, {_fmt(hi)}]"
-
-
 def _with_ci(row, col: str) -> str:
     if col not in row or pd.isna(row[col]):
         return "–"
     ci = ci_text(row, col)
-    return f"{_fmt(row[col])} {ci}" if ci else _fmt(row[col])
+    return f"{fmt(row[col])} {ci}" if ci else fmt(row[col])
 
 
 def transfer_table(rank: pd.DataFrame) -> pd.DataFrame:
@@ -279,13 +299,13 @@ def table1_markdown(t: pd.DataFrame) -> str:
     head = ["prompt", "split"] + [f"{m} {md_escape(meth)}" for m, meth in t.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (prompt, split), row in t.iterrows():
-        lines.append("| " + " | ".join([md_escape(prompt), md_escape(split)] + [_fmt(v) for v in row.values]) + " |")
+        lines.append("| " + " | ".join([md_escape(prompt), md_escape(split)] + [fmt(v) for v in row.values]) + " |")
     return "\n".join(lines)
 
 
 def _colors(methods: Sequence[str]) -> dict:
     """One colour per method, stable across the page's figures (tab20: enough for 20 methods)."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes seconds to import; only the plots need it
 
     cmap = matplotlib.colormaps["tab20"]
     return {m: cmap(i % 20) for i, m in enumerate(sorted(methods))}
@@ -295,10 +315,10 @@ def plot_metric_vs_eps(df: pd.DataFrame, path: Path, split: str = "test") -> Opt
     """The seed's Figures 1-2: each protection metric against eps, one line per method. The legend
     sits outside the axes; `none` (nothing changed: PSNR 100 dB) is left out of the PSNR panel,
     whose scale it would squash."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes seconds to import; only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib takes seconds to import; only the plots need it
 
     if df.empty:
         return None
@@ -312,7 +332,7 @@ def plot_metric_vs_eps(df: pd.DataFrame, path: Path, split: str = "test") -> Opt
             g = g.groupby("eps")[m].mean().sort_index()
             ax.plot(g.index * 255, g.values, marker="o", label=method, color=colors[method])
         ax.set_xlabel("eps (x/255)")
-        ax.set_title(f"{LABELS[m]} (edit vs edit, {split}) ↓")
+        ax.set_title(f"{LABELS[m]} (edit vs edit, {split}) {protection_arrow(m)}")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
@@ -331,12 +351,14 @@ def plot_tradeoffs(rank: pd.DataFrame, path: Path) -> Optional[Path]:
     against imperceptibility; protection against cost per photo (a universal or amortized method's
     fit spread over 10 to 10,000 photos, drawn as its own line); protection after the strongest
     purifier (the per-image worst case) against eps."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes seconds to import; only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib takes seconds to import; only the plots need it
 
     r = rank[(rank["task"] == "img2img") & (rank["method"] != "none")] if not rank.empty else rank
+    if "split" in r.columns:  # a budget ranked on another split (no test records): not a test number
+        r = r[r["split"].isna()]
     if r.empty:
         return None
     colors = _colors(list(r["method"].unique()))
@@ -366,7 +388,7 @@ def plot_tradeoffs(rank: pd.DataFrame, path: Path) -> Optional[Path]:
         ax.set_ylabel("SSIM (edit vs edit, test) ↓")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # deferred: matplotlib takes seconds to import; only the plots need it
 
     handles = [Line2D([], [], color=c, marker="o", ls="", label=m) for m, c in colors.items()]
     handles += [Line2D([], [], color="grey", marker=mk, ls="", label=f"eps {e * 255:.3g}/255")
@@ -394,7 +416,7 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
     df = records_frame(records)
     if not df.empty:
         df = df[df["task"] == "img2img"]  # the seed's Table 1 and figures are img2img
-    rank, t1 = ranking(records), table1(df)
+    rank, t1 = with_holdout(ranking(records), holdout.read_all(out_dir)), table1(df)
     pending = read_pending(out_dir)
     written: dict[str, Path] = {}
     failed = [r.cell_id for r in records if r.status != Status.ok]
@@ -409,11 +431,42 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
         written["md"].write_text(_markdown(title, rank, t1, plot, failed, skipped, tradeoffs, pending))
     if "html" in formats:
         written["html"] = out_dir / "index.html"
-        from spdbench.report.gallery import galleries
 
         shown = galleries(list(by_folder), by_folder, out_dir) if by_folder else []
         written["html"].write_text(_html(title, rank, t1, plot, failed, skipped, shown, tradeoffs, pending))
     return written
+
+
+def _holdout_rows(results: dict[str, dict], seed: int) -> dict[tuple, dict]:
+    """{(method, suite, norm, eps label): hold-out columns}: each photo's SSIM averaged over prompts,
+    then a bootstrap interval over the private photos -- the public rows' rule."""
+    out: dict[tuple, dict] = {}
+    for data in results.values():
+        by_eps: dict[tuple, list[list[float]]] = {}
+        for cell in data["cells"]:
+            by_eps.setdefault((cell["norm"], cell["eps_label"]), []).append(cell["protection"]["ssim"])
+        for (norm, label), per_prompt in by_eps.items():
+            ci = bootstrap_ci(np.mean(np.asarray(per_prompt, dtype=np.float64), axis=0), seed=seed)
+            out[(data["method"], data["suite"], norm, label)] = {
+                "holdout_ssim": ci.mean, "holdout_ssim_lo": ci.low, "holdout_ssim_hi": ci.high,
+                "holdout_photos": data["n_photos"]}
+    return out
+
+
+def with_holdout(rank: pd.DataFrame, results: dict[str, dict], seed: int = 0) -> pd.DataFrame:
+    """The ranking with the maintainer's hold-out numbers (verify/holdout.py) beside the public ones,
+    and `rank_holdout`: universal and amortized rows ranked by hold-out SSIM within their budget.
+    No hold-out results: the frame unchanged (no new columns)."""
+    rows = _holdout_rows(results, seed)
+    if rank.empty or not rows:
+        return rank
+    rank = rank.copy()
+    keys = list(zip(rank["method"], rank["suite"], rank["norm"], rank["eps_label"]))
+    for col in ("holdout_ssim", "holdout_ssim_lo", "holdout_ssim_hi", "holdout_photos"):
+        rank[col] = [rows.get(k, {}).get(col) for k in keys]
+    rank["holdout_ssim"] = rank["holdout_ssim"].astype(float)
+    rank["rank_holdout"] = rank.groupby(["suite", "norm", "eps"])["holdout_ssim"].rank(method="min").astype("Int64")
+    return rank
 
 
 #: leaderboard/pending.json: entries taken off the board until they are re-measured (a new target)
@@ -423,8 +476,6 @@ PENDING = "pending.json"
 def read_pending(folder: Union[str, Path]) -> list[dict]:
     """The entries a maintainer took off to be re-measured: [{name, attack, suite, reason}, ...].
     Listed on the page by name, never ranked: their old numbers were measured on another model."""
-    import json
-
     path = Path(folder) / PENDING
     if not path.is_file():
         return []
@@ -444,11 +495,6 @@ INTRO = ("Protection = similarity between the edit of the clean photo and the ed
          "the records' per-image values. Each entry was verified when submitted (`spdbench verify`: its files "
          "under the entry schema, its claims against its suite and stored perturbations, a random sample of "
          "images from every cell re-edited, one cell group re-run with the attack); see docs/security.md.")
-
-
-INPAINT_NOTE = ("Inpainting: the mask's region is repainted from noise and the rest kept. Protection is scored on "
-                "the whole edit and on the repainted region only (SSIM, PSNR: the metrics with a per-pixel map); "
-                "kept-region PSNR is the perturbation's visibility where the owner keeps the photo.")
 
 
 def _notes_md(failed: Sequence[str], skipped: Sequence[tuple[str, str]]) -> str:
@@ -472,7 +518,6 @@ def _pending_md(pending: Sequence[dict]) -> str:
 
 def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
               tradeoffs: Optional[Path] = None, pending: Sequence[dict] = ()) -> str:
-    from spdbench.report.page import sections, sections_markdown, table1_sections
 
     tr = transfer_table(rank)
     transfer = ("\n\n## Transfer: white box vs black box\n\nThe same attack at the same eps, its edits made by "
@@ -536,16 +581,9 @@ style="margin-left:-{{ p.left }}px" alt=""></div>{% endif %}{% endmacro %}
 """
 
 
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
 def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
           gallery: Sequence[dict] = (), tradeoffs: Optional[Path] = None, pending: Sequence[dict] = ()) -> str:
     """The page from a Jinja2 template with autoescaping on: every name is text, never markup."""
-    import jinja2
-
-    from spdbench.report.page import Cell, Table, sections, table1_sections
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     tr = transfer_table(rank)
@@ -556,57 +594,13 @@ def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path]
                          [[Cell(str(r[k])) for k in ("method", "eps_label", "crafted_on", "edited_with", "white_box",
                                                      "black_box", "black_box_suite")] for _, r in tr.iterrows()])
     t1_parts = [(name, ["prompt", "split"] + [f"{m} {meth}" for m, meth in t.columns],
-                 [[str(p), str(s)] + [_fmt(v) for v in row.values] for (p, s), row in t.iterrows()])
+                 [[str(p), str(s)] + [fmt(v) for v in row.values] for (p, s), row in t.iterrows()])
                 for name, t in table1_sections(t1, TABLE1_SUITES)]
     return env.from_string(_PAGE).render(
         title=title, intro=INTRO, best_note=BEST_NOTE.replace("**Bold** (on the page: green)", "Green"),
         sections=sections(rank), transfer=transfer, t1=t1_parts,
         plot=plot.name if plot else None, tradeoffs=tradeoffs.name if tradeoffs else None, failed=list(failed),
         skipped=list(skipped), gallery=list(gallery), shown=SHOWN_PX, pending=list(pending))
-
-
-def load_checked(dirs: Sequence[Union[str, Path]]) -> tuple[list[Record], list[tuple[str, str]]]:
-    """The records of every folder that passes its checks (see load_checked_by_folder), flat."""
-    by_folder, skipped = load_checked_by_folder(dirs)
-    return [r for recs in by_folder.values() for r in recs], skipped
-
-
-def load_checked_by_folder(dirs: Sequence[Union[str, Path]]) -> tuple[dict[str, list[Record]],
-                                                                       list[tuple[str, str]]]:
-    """The records of every folder that passes its checks, and (folder name, reason) for the others.
-
-    A leaderboard entry (a folder with a manifest) gets the full claim checks of `verify` except
-    re-measurement; a local run folder the lighter ones (failed cells and partial grids allowed).
-    Either way the numbers the build derives are well defined: whole per-image lists, finite values,
-    safe names, one record per cell. Hidden folders (a submit in progress) are not entries.
-    """
-    from spdbench.verify import claims
-    from spdbench.verify import entry as entry_schema
-
-    records: dict[str, list[Record]] = {}
-    skipped: list[tuple[str, str]] = []
-    owners: dict[tuple, str] = {}  # method key -> the folder that holds it
-    for d in dirs:
-        d = Path(d)
-        if d.name.startswith("."):
-            continue
-        try:
-            entry = entry_schema.scan(d)
-        except RecordError as exc:
-            skipped.append((d.name, str(exc)))
-            continue
-        checked = claims.check(entry, strict=entry.is_entry)
-        if checked.problems:
-            skipped.append((d.name, checked.problems[0]))
-            continue
-        keys = {claims.method_key(r) for r in checked.records}
-        taken = sorted({owners[k] for k in keys if k in owners})
-        if taken:
-            skipped.append((d.name, f"holds the same method and suite as {taken[0]} (one folder per row)"))
-            continue
-        owners.update({k: d.name for k in keys})
-        records[str(d)] = checked.records
-    return records, skipped
 
 
 def build_from_dirs(dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path], formats: Sequence[str] = FORMATS,

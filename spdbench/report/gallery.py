@@ -12,9 +12,8 @@ from urllib.parse import quote
 
 from spdbench.verify.entry import png_size
 from spdbench.store.strips import PANELS, example_rel
-from spdbench.report.board import SHOWN_PX as SHOWN
-from spdbench.report.board import method_label
-from spdbench.store.records import Record, Status
+from spdbench.report.text import SHOWN_PX as SHOWN
+from spdbench.store.records import Record, Status, method_label
 
 _GAP = 4  # examples.py's gap between panels
 

@@ -14,6 +14,9 @@ from typing import Callable, Optional
 
 import pandas as pd
 
+from spdbench.report.text import (INPAINT_NOTE, LABELS, PROTECTION, TASKS, by_task, ci_text, fmt, is_missing, md_escape,
+                                  protection_arrow, protection_better)
+
 #: rows never marked best: the no-protection baseline wins imperceptibility and cost trivially
 UNMARKED = {"none"}
 
@@ -27,8 +30,6 @@ class Cell:
     name: bool = False  # a name (left-aligned), not a number
 
     def md(self) -> str:
-        from spdbench.report.board import md_escape
-
         core = md_escape(self.text)
         if self.best and self.text not in ("–", ""):
             core = f"**{core}**"
@@ -79,12 +80,10 @@ def _mark_best(rows: list[list[Cell]], values: list[list[Optional[float]]], dire
 
 def _seconds(row) -> Cell:
     """Seconds per image: the median over the method's cells at this budget, and their range."""
-    from spdbench.report.board import _fmt
-
     med = row.get("seconds_per_image")
     lo, hi = row.get("seconds_per_image_lo"), row.get("seconds_per_image_hi")
-    spread = f"({_fmt(lo)}–{_fmt(hi)})" if _isnum(lo) and _isnum(hi) and hi > lo else ""
-    return Cell(_fmt(med), spread)
+    spread = f"({fmt(lo)}–{fmt(hi)})" if _isnum(lo) and _isnum(hi) and hi > lo else ""
+    return Cell(fmt(med), spread)
 
 
 @dataclass
@@ -112,16 +111,19 @@ def _build(title: str, columns: list[Column], part: pd.DataFrame, methods: list[
 
 
 def _text(key: str, with_ci: bool = False) -> Callable[[pd.Series], Cell]:
-    from spdbench.report.board import _fmt, ci_text
-
     if with_ci:
-        return lambda row: Cell(_fmt(row.get(key)), ci_text(row, key))
-    return lambda row: Cell(_fmt(row.get(key)))
+        return lambda row: Cell(fmt(row.get(key)), ci_text(row, key))
+    return lambda row: Cell(fmt(row.get(key)))
 
 
 def _num(head: str, key: str, better: Optional[str], with_ci: bool = False) -> Column:
     """A numeric column read from `key` (its interval under it when `with_ci`)."""
     return Column(head, _text(key, with_ci), (lambda row: _value(row, key)) if better else None, better)
+
+
+def _metric_column(metric: str) -> Column:
+    """A protection metric's column: its label and direction from the metric registry."""
+    return _num(f"{LABELS[metric]} {protection_arrow(metric)}", metric, protection_better(metric), with_ci=True)
 
 
 def _name_column() -> Column:
@@ -130,16 +132,18 @@ def _name_column() -> Column:
 
 def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
     """The three tables of one budget's rows (already sorted by rank)."""
-    from spdbench.report.board import LABELS, PROTECTION, _fmt, _missing
-
     methods = [str(m) for m in part["method"]]
     region = "region_ssim" in part.columns and part["region_ssim"].notna().any()
     worst = "worst_ssim" in part.columns and part["worst_ssim"].notna().any()
 
     # protection
-    prot = [_num("rank", "rank", None), _name_column(), _num("SSIM ↓", "ssim", "min", with_ci=True),
+    prot = [_num("rank", "rank", None), _name_column(), _metric_column("ssim"),
             _num("stronger than the next (paired)", "vs_next", None)]
-    prot += [_num(f"{LABELS[m]} ↓", m, "min", with_ci=True) for m in PROTECTION if m != "ssim"]
+    if "holdout_ssim" in part.columns and part["holdout_ssim"].notna().any():
+        # universal / amortized rows re-measured on the maintainer's private photos (verify --holdout)
+        prot += [_num("hold-out SSIM ↓ (private photos)", "holdout_ssim", "min", with_ci=True),
+                 _num("hold-out rank", "rank_holdout", None)]
+    prot += [_metric_column(m) for m in PROTECTION if m != "ssim"]
     if region:
         prot += [_num("SSIM repainted region ↓", "region_ssim", "min", with_ci=True),
                  _num("PSNR repainted region ↓", "region_psnr", "min", with_ci=True)]
@@ -163,8 +167,8 @@ def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
     # cost
     def dev(key: str) -> Callable[[pd.Series], Cell]:
         # no device clock or peak-memory counter on a CPU: say so
-        return lambda row: Cell("n/a (CPU)" if row.get("device") == "cpu" and _missing(row.get(key))
-                                else _fmt(row.get(key)))
+        return lambda row: Cell("n/a (CPU)" if row.get("device") == "cpu" and is_missing(row.get(key))
+                                else fmt(row.get(key)))
 
     cost = [_name_column(), Column("s / image (median; range over cells)", _seconds,
                                    lambda row: _value(row, "seconds_per_image"), "min"),
@@ -178,10 +182,16 @@ def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
     return tables
 
 
+def _split_note(rows: pd.DataFrame) -> str:
+    """The heading's note for a budget ranked on another split than asked (board.ranking labels those
+    rows), e.g. " · ranked on the train split": the heading must say so, not only the flags column."""
+    if "split" not in rows.columns or rows["split"].isna().all():
+        return ""
+    return " · ranked on the " + "/".join(sorted(rows["split"].dropna().unique())) + " split"
+
+
 def sections(rank: pd.DataFrame) -> list[Section]:
     """One Section per (task, suite, norm, eps), in the ranking's order."""
-    from spdbench.report.board import INPAINT_NOTE, TASKS, by_task
-
     out: list[Section] = []
     if rank.empty:
         return out
@@ -190,7 +200,7 @@ def sections(rank: pd.DataFrame) -> list[Section]:
         for suite, norm, eps, label in keys:
             rows = part[(part["suite"] == suite) & (part["norm"] == norm) & (part["eps"] == eps)]
             rows = rows.sort_values(["rank", "method"], kind="stable")
-            title = f"{TASKS[task].split(' (')[0]} · {suite} · {norm} eps {label}"
+            title = f"{TASKS[task].split(' (')[0]} · {suite} · {norm} eps {label}" + _split_note(rows)
             out.append(Section(title, INPAINT_NOTE if task == "inpaint" else "", section_tables(rows, task)))
     return out
 

@@ -12,9 +12,13 @@ import io
 from pathlib import Path
 from typing import Optional, Union
 
+import jinja2
+
 from spdbench.errors import InputError, RecordError
+from spdbench.scoring.metrics import get_metric, list_metrics
 from spdbench.store.strips import PANELS, example_rel, worst_purifier
 from spdbench.store.records import Record, Status, atomic_write_bytes, attack_kind
+from spdbench.verify import claims, entry as entry_schema
 
 REPORT = "report.html"
 
@@ -31,10 +35,10 @@ def _loss_plot(records: list[Record]) -> Optional[str]:
             curves[r.eps_label] = (r.eps, r.loss_curve)
     if not curves:
         return None
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes seconds to import; only the loss plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib takes seconds to import; only the loss plot needs it
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     for label, (_, curve) in sorted(curves.items(), key=lambda kv: kv[1][0]):
@@ -50,6 +54,18 @@ def _loss_plot(records: list[Record]) -> Optional[str]:
     return _png_uri(buf.getvalue())
 
 
+def _metric_text(metric: str, values: Optional[list], i: int) -> str:
+    """Image i's value of a metric, as the table prints it: "–" where the record predates the metric."""
+    if not values:
+        return "–"
+    return f"{values[i]:.2f}" if get_metric(metric).unit == "dB" else f"{values[i]:.4f}"
+
+
+def _metric_heads() -> list[str]:
+    """The metric columns' heads, label and direction read from the metric registry."""
+    return [f"{get_metric(m).label} {'↓' if get_metric(m).higher_is_better else '↑'}" for m in list_metrics()]
+
+
 def _cells(folder: Path, records: list[Record]) -> list[dict]:
     out = []
     for r in sorted(records, key=lambda r: (r.eps, r.prompt_key, r.split.value)):
@@ -57,7 +73,7 @@ def _cells(folder: Path, records: list[Record]) -> list[dict]:
         ssim = {n: v["ssim"] for n, v in r.purified.items()}
         for i, name in enumerate(r.image_names):
             worst = worst_purifier(ssim, i)  # as the strip picked it
-            rows.append(dict(name=name, **{m: r.protection[m][i] for m in ("ssim", "psnr", "vifp", "fsim")},
+            rows.append(dict(name=name, scores=[_metric_text(m, r.protection.get(m), i) for m in list_metrics()],
                              imp_psnr=r.imperceptibility["psnr"][i], worst=worst,
                              worst_ssim=ssim[worst][i] if worst is not None else None))
         examples = []
@@ -74,9 +90,6 @@ def _cells(folder: Path, records: list[Record]) -> list[dict]:
 
 def build_report(folder: Union[str, Path]) -> str:
     """The HTML page of the run folder `folder` (records checked, not strictly: a partial run shows)."""
-    from spdbench.verify import claims
-    from spdbench.verify import entry as entry_schema
-
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"run folder {str(folder)!r} is not an existing folder (expected what spdbench run --out "
@@ -92,7 +105,6 @@ def build_report(folder: Union[str, Path]) -> str:
     failed = [r for r in checked.records if r.status != Status.ok]
     if not ok:
         raise InputError(f"run folder {str(folder)!r} holds no finished cell to show")
-    import jinja2
 
     first = ok[0]
     kind = attack_kind(first.universal, first.amortized)
@@ -101,7 +113,7 @@ def build_report(folder: Union[str, Path]) -> str:
         title=f"{first.attack}{f'[{first.preset}]' if first.preset else ''} on {first.suite}", kind=kind,
         target=f"{first.target.name} ({first.target.fingerprint}, {first.target.device}, {first.target.dtype})",
         params=", ".join(f"{k}={v}" for k, v in sorted(first.attack_params.items())) or "none",
-        panels=[p for p in PANELS if first.purified or p != PANELS[-1]], loss=_loss_plot(ok),
+        panels=[p for p in PANELS if first.purified or p != PANELS[-1]], loss=_loss_plot(ok), metric_heads=_metric_heads(),
         cells=_cells(folder, ok), failed=[(r.cell_id, (r.error or "")[:300]) for r in failed])
 
 
@@ -145,10 +157,10 @@ imperceptibility PSNR {{ '%.2f' % c.imp if c.imp is not none else 'n/a' }} dB;
 <div class="strip"><div class="panels">{% for p in panels %}<span>{{ p }}</span>{% endfor %}</div>
 <img src="{{ e.uri }}" alt="{{ e.name }}: {{ panels|join(', ') }}"><div class="meta">{{ e.name }}</div></div><br>
 {% endfor %}
-<table><tr><th class="l">image</th><th>SSIM</th><th>PSNR</th><th>VIFp</th><th>FSIM</th>
+<table><tr><th class="l">image</th>{% for h in metric_heads %}<th>{{ h }}</th>{% endfor %}
 <th>imperceptibility PSNR</th><th class="l">best purifier for the editor</th><th>its SSIM</th></tr>
-{% for r in c.rows %}<tr><td class="l">{{ r.name }}</td><td>{{ '%.4f' % r.ssim }}</td><td>{{ '%.2f' % r.psnr }}</td>
-<td>{{ '%.4f' % r.vifp }}</td><td>{{ '%.4f' % r.fsim }}</td><td>{{ '%.2f' % r.imp_psnr }}</td>
+{% for r in c.rows %}<tr><td class="l">{{ r.name }}</td>{% for v in r.scores %}<td>{{ v }}</td>{% endfor %}
+<td>{{ '%.2f' % r.imp_psnr }}</td>
 <td class="l">{{ r.worst or '–' }}</td><td>{{ '%.4f' % r.worst_ssim if r.worst_ssim is not none else '–' }}</td></tr>
 {% endfor %}</table>
 {% endfor %}

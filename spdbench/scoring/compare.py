@@ -14,9 +14,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from spdbench.errors import InputError
-from spdbench.report.board import method_label
 from spdbench.scoring.metrics import METRICS
-from spdbench.store.records import Record, Status
+from spdbench.store.records import Record, Status, method_label
 from spdbench.scoring.stats import Interval, bootstrap_diff_ci
 
 

@@ -4,6 +4,10 @@ Every metric compares a distorted batch ``x`` with a REFERENCE batch ``y`` (piq'
 sewar's is ``(ref, dist)``, so mind the swap when cross-checking), both float images in [0, 1] of
 shape (N, 3, H, W), and returns a float32 tensor of shape (N,) on the inputs' device.
 
+Each metric is registered (`register`, below) with keyword metadata -- label, direction, range,
+convention, reference implementation -- that tables, the claims check and records read; a plugin adds
+one through the `spdbench.metrics` entry-point group.
+
 Conventions (each metric's `MetricInfo.convention` repeats its own line, so records can carry it):
 - data_range = 1.0 everywhere.
 - SSIM: Gaussian window 11x11, sigma 1.5, K1 = 0.01, K2 = 0.03, "valid" filtering, NO
@@ -35,14 +39,16 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from spdbench.errors import InputError, UnknownNameError, did_you_mean
+from spdbench.errors import InputError, RegistryError
 from spdbench.images import check_images
+from spdbench.registry import Registry
 
 __all__ = ["ssim", "psnr", "vifp", "fsim", "score", "score_many", "MetricInfo", "METRICS", "get_metric",
-           "list_metrics", "DEFAULT_METRICS", "PSNR_MAX_DB"]
+           "list_metrics", "register", "LABELS", "DEFAULT_METRICS", "PSNR_MAX_DB"]
 
 PSNR_MAX_DB = 100.0
 _MSE_FLOOR = 10.0 ** (-PSNR_MAX_DB / 10.0)
+#: the metrics a suite requires unless it names others (Suite.metrics): every entry on the board has them
 DEFAULT_METRICS: Tuple[str, ...] = ("ssim", "psnr", "vifp", "fsim")
 
 # SSIM constants (Wang et al. 2004; piq and scikit-image defaults)
@@ -111,7 +117,7 @@ def _ssim_fast(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _ssim_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    import piq
+    import piq  # deferred: piq (and torchvision) is slow to import; only the reference cross-check needs it
 
     return piq.ssim(x, y, kernel_size=_SSIM_SIZE, kernel_sigma=_SSIM_SIGMA, data_range=1.0,
                     reduction="none", downsample=False, k1=_SSIM_K1, k2=_SSIM_K2)
@@ -167,7 +173,7 @@ def _vif_fast(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _vif_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    import piq
+    import piq  # deferred: piq (and torchvision) is slow to import; only the reference cross-check needs it
 
     # piq converts 3-channel input to the same BT.601 luminance internally
     return piq.vif_p(x, y, sigma_n_sq=_VIF_SIGMA_N_SQ, data_range=1.0, reduction="none")
@@ -302,7 +308,7 @@ def _fsim_fast(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _fsim_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    import piq
+    import piq  # deferred: piq (and torchvision) is slow to import; only the reference cross-check needs it
 
     return piq.fsim(x, y, reduction="none", data_range=1.0, chromatic=True)
 
@@ -349,57 +355,124 @@ def fsim(x: torch.Tensor, y: torch.Tensor, *, reference: bool = False) -> torch.
 
 
 # --- registry ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MetricInfo:
-    """A metric, its direction and the convention it follows (records and tables print it)."""
+    """A metric and its keyword metadata: what tables print (`label`), which way is better
+    (`higher_is_better`: every built-in is a similarity, so higher = closer to the reference; a
+    protection is stronger when it is lower), the `range` a per-image value can take (the claims
+    check refuses values outside it), the `convention` records carry, and the hooks: `fn(x, y)` the
+    public function, `kernel(x, y)` the per-chunk kernel on validated float32 inputs (default `fn`),
+    `reference(x, y)` an independent implementation the fast one is tested against (piq)."""
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(repr=False)
+    label: str
     higher_is_better: bool = True
+    range: Tuple[float, float] = (-math.inf, math.inf)
     convention: str = ""
     unit: str = ""
     min_size: int = 1
     kernel: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(default=None, repr=False, compare=False)
+    reference: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(default=None, repr=False,
+                                                                                     compare=False)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.range
+        if not lo < hi:
+            raise RegistryError(f"metric {self.name!r}: range must be (low, high) with low < high, got {self.range!r}")
+        if not callable(self.fn):
+            raise RegistryError(f"metric {self.name!r}: fn must be callable, got {self.fn!r}")
 
 
-METRICS: Dict[str, MetricInfo] = {
-    "ssim": MetricInfo(
-        "ssim", ssim, True,
-        "SSIM: Gaussian 11x11 σ=1.5, K1=0.01, K2=0.03, valid filtering, no downsampling, "
-        "mean over RGB, data_range=1", "", _SSIM_SIZE, _ssim_fast),
-    "psnr": MetricInfo(
-        "psnr", psnr, True,
-        f"PSNR: MSE over all RGB channels, data_range=1, capped at {PSNR_MAX_DB:g} dB (MSE floored at "
-        f"{_MSE_FLOOR:g})", "dB", 1, _psnr),
-    "vifp": MetricInfo(
-        "vifp", vifp, True,
-        "VIFp: pixel-domain VIF, 4 scales, σ_n²=2, on BT.601 luminance Y=0.299R+0.587G+0.114B at "
-        "0..255, y=reference (= piq.vif_p; = sewar vifp(ref_Y, dist_Y))", "", _VIF_MIN_SIZE, _vif_fast),
-    "fsim": MetricInfo(
-        "fsim", fsim, True,
-        "FSIMc: chromatic FSIM (YIQ, 4 scales x 4 orientations), after average-pooling by "
-        "round(min(H,W)/256) as in the authors' code, data_range=1 (= piq.fsim chromatic=True)",
-        "", 1, _fsim_fast),
-}
+def _check_metric(name: str, obj: object) -> None:
+    if not isinstance(obj, MetricInfo):
+        raise RegistryError(f"a metric registration needs a spdbench MetricInfo, got {obj!r}")
+    if obj.name != name or name != name.lower():
+        raise RegistryError(f"metric {obj.name!r} must be registered under its own lower-case name, not {name!r}")
+
+
+def _metric_from_entry_point(name: str, obj: object, where: str) -> MetricInfo:
+    """An entry point names a MetricInfo, or a function made by `@register(...)` (which carries one)."""
+    info = obj if isinstance(obj, MetricInfo) else getattr(obj, "metric_info", None)
+    if not isinstance(info, MetricInfo):
+        raise RegistryError(f"the entry point must name a spdbench MetricInfo or a @metrics.register-ed "
+                            f"function, got {obj!r}")
+    if info.name != name:
+        raise RegistryError(f"its metric is named {info.name!r}, not the entry-point name {name!r}")
+    return info
+
+
+#: every metric: the four built-ins below and plugins (entry-point group `spdbench.metrics`);
+#: names are case-insensitive on lookup
+METRICS: Registry[MetricInfo] = Registry("metric", group="spdbench.metrics", check=_check_metric,
+                                         from_entry_point=_metric_from_entry_point, normalize=str.lower)
+
+
+def register(name: str, *, label: str, higher_is_better: bool, range: Tuple[float, float], convention: str,
+             **hooks) -> Callable[[Callable], Callable]:
+    """Decorator for a metric function `fn(x, y) -> (N,)` (x distorted, y the reference): registers
+    it with its metadata (see MetricInfo; `hooks`: unit, min_size, kernel, reference) and hands the
+    function back with its `metric_info`, so an entry point may name the function itself."""
+
+    def decorator(fn: Callable) -> Callable:
+        info = MetricInfo(name=name, fn=fn, label=label, higher_is_better=higher_is_better, range=tuple(range),
+                          convention=convention, **hooks)
+        METRICS.add(name, info, label=label, higher_is_better=higher_is_better, range=info.range)
+        fn.metric_info = info
+        return fn
+
+    return decorator
+
+
+register("ssim", label="SSIM", higher_is_better=True, range=(-1.0, 1.0), min_size=_SSIM_SIZE, kernel=_ssim_fast,
+         reference=_ssim_reference,
+         convention="SSIM: Gaussian 11x11 σ=1.5, K1=0.01, K2=0.03, valid filtering, no downsampling, "
+                    "mean over RGB, data_range=1")(ssim)
+register("psnr", label="PSNR", higher_is_better=True, range=(0.0, PSNR_MAX_DB), unit="dB", kernel=_psnr,
+         convention=f"PSNR: MSE over all RGB channels, data_range=1, capped at {PSNR_MAX_DB:g} dB (MSE floored at "
+                    f"{_MSE_FLOOR:g})")(psnr)
+register("vifp", label="VIFp", higher_is_better=True, range=(0.0, math.inf), min_size=_VIF_MIN_SIZE,
+         kernel=_vif_fast, reference=_vif_reference,
+         convention="VIFp: pixel-domain VIF, 4 scales, σ_n²=2, on BT.601 luminance Y=0.299R+0.587G+0.114B at "
+                    "0..255, y=reference (= piq.vif_p; = sewar vifp(ref_Y, dist_Y))")(vifp)
+register("fsim", label="FSIM", higher_is_better=True, range=(0.0, 1.0), kernel=_fsim_fast, reference=_fsim_reference,
+         convention="FSIMc: chromatic FSIM (YIQ, 4 scales x 4 orientations), after average-pooling by "
+                    "round(min(H,W)/256) as in the authors' code, data_range=1 (= piq.fsim chromatic=True)")(fsim)
 
 
 def list_metrics() -> list:
-    return list(METRICS)
+    """Every registered metric name, built-ins first, in registration order (the tables' column order)."""
+    return METRICS.names()
 
 
 def get_metric(name: str) -> MetricInfo:
     """The registered metric `name` (case-insensitive); UnknownNameError with close matches otherwise."""
-    key = str(name).lower()
-    if key not in METRICS:
-        raise UnknownNameError(f"unknown metric {name!r}.{did_you_mean(key, METRICS)} "
-                               f"Available: {', '.join(METRICS)}")
-    return METRICS[key]
+    return METRICS.get(name)
+
+
+class _Labels(Mapping):
+    """name -> label of every registered metric, read from the registry at each use (a metric
+    registered after import is in it)."""
+
+    def __getitem__(self, name: str) -> str:
+        return get_metric(name).label
+
+    def __iter__(self):
+        return iter(list_metrics())
+
+    def __len__(self) -> int:
+        return len(list_metrics())
+
+
+#: name -> table label, live (see _Labels)
+LABELS: Mapping[str, str] = _Labels()
 
 
 @torch.no_grad()
-def score(x: torch.Tensor, y: torch.Tensor, names: Iterable[str] = DEFAULT_METRICS,
+def score(x: torch.Tensor, y: torch.Tensor, names: Optional[Iterable[str]] = None,
           chunk: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """All requested metrics of distorted x against reference y in one call: {name: (N,) float32}.
+    """All requested metrics (default: every registered one) of distorted x against reference y in
+    one call: {name: (N,) float32}.
 
     Inputs are validated once, converted to float32 once, and processed `chunk` images at a time
     (default: ~2 images at 512 px, which keeps each chunk's maps cache-sized on CPU and memory
@@ -408,16 +481,32 @@ def score(x: torch.Tensor, y: torch.Tensor, names: Iterable[str] = DEFAULT_METRI
     return score_many({"x": x}, y, names, chunk)["x"]
 
 
+def _chunk_scores(infos: Sequence[MetricInfo], prepared: Mapping[str, torch.Tensor], ys: torch.Tensor,
+                  start: int, step: int, parts: Dict[str, Dict[str, list]]) -> None:
+    """Every metric of one chunk of every distorted batch; the reference's FSIM features once."""
+    fy = _fsim_features(ys) if any(i.name == "fsim" for i in infos) else None
+    for key, x in prepared.items():
+        xs = x[start:start + step]
+        for info in infos:
+            if info.name == "fsim":
+                parts[key]["fsim"].append(_fsim_compare(_fsim_features(xs), fy))
+            else:
+                parts[key][info.name].append((info.kernel or info.fn)(xs, ys))
+
+
 @torch.no_grad()
-def score_many(distorted: Mapping[str, torch.Tensor], y: torch.Tensor, names: Iterable[str] = DEFAULT_METRICS,
+def score_many(distorted: Mapping[str, torch.Tensor], y: torch.Tensor, names: Optional[Iterable[str]] = None,
                chunk: Optional[int] = None) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Score several distorted batches against ONE reference batch: {key: {metric: (N,)}}.
+    """Score several distorted batches against ONE reference batch: {key: {metric: (N,)}}; `names`
+    default to every registered metric.
 
     Why: the harness compares the clean edits with the protected edits and with the edits of every
     purified image; the reference's FSIM features (the costly part) are computed once per chunk
     instead of once per comparison. Each result equals `score(distorted[key], y)`.
     """
-    if isinstance(names, str):
+    if names is None:
+        names = list_metrics()
+    elif isinstance(names, str):
         names = (names,)
     infos = [get_metric(n) for n in names]
     if not infos:
@@ -433,13 +522,5 @@ def score_many(distorted: Mapping[str, torch.Tensor], y: torch.Tensor, names: It
         raise InputError(f"chunk must be >= 1, got {chunk}")
     parts: Dict[str, Dict[str, list]] = {k: {i.name: [] for i in infos} for k in prepared}
     for start in range(0, y32.shape[0], step):
-        ys = y32[start:start + step]
-        fy = _fsim_features(ys) if any(i.name == "fsim" for i in infos) else None
-        for key, x in prepared.items():
-            xs = x[start:start + step]
-            for info in infos:
-                if info.name == "fsim":
-                    parts[key]["fsim"].append(_fsim_compare(_fsim_features(xs), fy))
-                else:
-                    parts[key][info.name].append(info.kernel(xs, ys))
+        _chunk_scores(infos, prepared, y32[start:start + step], start, step, parts)
     return {k: {name: torch.cat(vals).float() for name, vals in p.items()} for k, p in parts.items()}

@@ -42,7 +42,7 @@ def region_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch
 
 def region_ssim(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """(N,) mean of the SSIM map over the window centres inside `region`; NaN for an empty region."""
-    import kornia
+    import kornia  # deferred: kornia is slow to import; only region SSIM needs it
 
     _check(x, y, region)
     smap = kornia.metrics.ssim(x.float(), y.float(), WINDOW, max_val=1.0, padding="valid").mean(1)  # (N, H-10, W-10)

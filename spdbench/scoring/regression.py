@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 from spdbench.store.records import Record, Status
 from spdbench.scoring.stats import Interval, bootstrap_diff_ci
+from spdbench.scoring.metrics import METRICS
 
 
 @dataclass
@@ -30,8 +31,6 @@ def _key(r: Record) -> tuple:
 def compare(new: Iterable[Record], baseline: Iterable[Record], metrics: Sequence[str] = ("ssim",),
             level: float = 0.95, seed: int = 0) -> list[Regression]:
     """Regressions of `new` against `baseline`, matched by (attack, suite, eps, prompt, split)."""
-    from spdbench.scoring.metrics import METRICS
-
     base = {_key(r): r for r in baseline if r.status == Status.ok}
     found = []
     for r in new:

@@ -1,10 +1,15 @@
-"""Seeded bootstrap confidence intervals over images: how certain a leaderboard mean is."""
+"""Per-cell means as a frame, and seeded bootstrap confidence intervals over images: how certain a
+leaderboard mean is. The frame is here, below the harness and the report, because both read it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import pandas as pd
+
+from spdbench.scoring.metrics import list_metrics
+from spdbench.store.records import Record, Status, method_label
 
 
 @dataclass(frozen=True)
@@ -48,3 +53,26 @@ def bootstrap_diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000
                  - y[rng.integers(0, y.size, size=(n_boot, y.size))].mean(axis=1))
     q = (1 - level) / 2
     return Interval(float(x.mean() - y.mean()), float(np.quantile(diffs, q)), float(np.quantile(diffs, 1 - q)))
+
+
+def mean_or_none(values: Sequence[float]) -> Optional[float]:
+    """Mean of per-image values (None for an empty list): the only way a mean enters a table."""
+    return float(np.mean(np.asarray(values, dtype=np.float64))) if len(values) else None
+
+
+def records_frame(records: Iterable[Record]) -> pd.DataFrame:
+    """One row per ok record: axes, protection and imperceptibility means (of the per-image values), costs."""
+    rows = []
+    for r in records:
+        if r.status != Status.ok:
+            continue
+        row = dict(method=method_label(r), attack=r.attack, suite=r.suite, task=r.task, target=r.target.name, norm=r.norm,
+                   eps=r.eps, eps_label=r.eps_label, prompt=r.prompt_key, split=r.split.value,
+                   n_images=len(r.image_names), universal=r.universal,
+                   seconds_per_image=r.timing.per_image_s, fit_seconds=r.timing.fit_wall_s,
+                   peak_memory_mb=(r.timing.peak_memory_bytes or 0) / 2**20 or None, cell_id=r.cell_id)
+        # every registered metric: one an entry predates is None ("not measured")
+        row.update({m: mean_or_none(r.protection.get(m, [])) for m in list_metrics()})
+        row.update({f"imp_{m}": mean_or_none(r.imperceptibility.get(m, [])) for m in list_metrics()})
+        rows.append(row)
+    return pd.DataFrame(rows)

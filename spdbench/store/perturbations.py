@@ -64,15 +64,31 @@ def parse_header(data: bytes, name: str, size: Optional[int] = None) -> dict:
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER_BYTES or 8 + n > size:
         raise RecordError(f"{name} is not a safetensors file (header of {n} bytes in a {size}-byte file)")
+    header = _header_object(data[8:8 + n], name)
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise RecordError(f"{name}: safetensors metadata must map strings to strings")
+    end = _tensors_end(header, name)
+    if 8 + n + end != size:
+        raise RecordError(f"{name}: file is {size} bytes, its header describes {8 + n + end}")
+    header["__metadata__"] = meta
+    return header
+
+
+def _header_object(raw: bytes, name: str) -> dict:
+    """The header's bytes as a JSON object (anything else is not a safetensors file)."""
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise RecordError(f"{name} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise RecordError(f"{name} is not a safetensors file (its header is not a JSON object)")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise RecordError(f"{name}: safetensors metadata must map strings to strings")
+    return header
+
+
+def _tensors_end(header: dict, name: str) -> int:
+    """Where the last tensor's bytes end: the tensors, in offset order, are contiguous from 0 and
+    each spans exactly its dtype's size times its shape's element count."""
     end = 0
     for key, info in sorted(header.items(), key=lambda kv: _offsets(kv[1], name)[0]):
         begin, stop = _offsets(info, name)
@@ -86,10 +102,7 @@ def parse_header(data: bytes, name: str, size: Optional[int] = None) -> dict:
         if begin != end or stop - begin != count * _DTYPE_BYTES[dtype]:
             raise RecordError(f"{name}: tensor {key!r} offsets [{begin}, {stop}] do not match its dtype and shape")
         end = stop
-    if 8 + n + end != size:
-        raise RecordError(f"{name}: file is {size} bytes, its header describes {8 + n + end}")
-    header["__metadata__"] = meta
-    return header
+    return end
 
 
 def _offsets(info, name: str) -> tuple[int, int]:

@@ -17,9 +17,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from spdbench.errors import RecordError
+from spdbench.store.runfolder import disk_error, file_mode
 
 SCHEMA_VERSION = 2
 RECORD_KIND = "spdbench-record"
@@ -76,6 +77,17 @@ class TargetInfo(BaseModel):
     fingerprint: str
     dtype: str
     device: str
+    #: the hub revision of a hub-loaded model (`source` is then the hub id); None for the offline models
+    revision: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_revision(self, handler: Any) -> dict:
+        """Records of models not from the hub (every committed one) serialize without the key, so
+        they re-serialize byte for byte as they were written before the field existed."""
+        data = handler(self)
+        if data.get("revision") is None:
+            data.pop("revision", None)
+        return data
 
 
 def attack_kind(universal: bool, amortized: bool) -> str:
@@ -131,9 +143,14 @@ class Record(BaseModel):
     #: an amortized attack's trained network: {"file", "sha256", "values", "bytes", "apply_batch_size"}
     network: Optional[dict[str, Any]] = None
     provenance: dict[str, Any] = {}
-    #: "process": the attack ran in its own worker process (the only mode verify/submit accept);
-    #: "none": in the harness's process, for debugging only
+    #: "sandbox": the attack ran in its own worker process, confined by the OS and checked
+    #: (harness/sandbox.py); "process": in its own worker process without (full) confinement -- the
+    #: reason is in `isolation_detail`; verify/submit accept both. "none": in the harness's
+    #: process, for debugging only
     isolation: str = "process"
+    #: how `isolation` was established: {"mechanisms": [...]} and, for "process", {"reason": ...};
+    #: absent (None) in records written before the sandbox
+    isolation_detail: Optional[dict[str, Any]] = None
     #: visible warnings about this cell, never silently ok: "zero-delta", "loss-flat",
     #: "non-finite" (a NaN/Inf number in the record), ...
     flags: list[str] = []
@@ -174,6 +191,14 @@ def cell_id(attack: str, params: dict, suite: dict, norm: str, eps_label: str, p
     return f"{attack}__{norm}-{eps_label.replace('/', 'o')}__{prompt_key}__{split}__{short}"
 
 
+def method_label(record: Record) -> str:
+    """attack[preset], plus "+EOT(jpeg75, ...)" for an adaptive run: a different method on the board.
+    Here, beside the record, because scoring, report and verify all group records by it."""
+    label = f"{record.attack}[{record.preset}]" if record.preset else record.attack
+    robust = record.attack_params.get("robust_to") or ()
+    return f"{label} +EOT({', '.join(robust)})" if robust else label
+
+
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write-then-rename, so a kill at any moment leaves either the old file or the new one.
 
@@ -182,8 +207,6 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     a folder should be) removes the temporary file and raises one `runfolder.DiskError` line
     naming the file (an OSError subclass, so `except OSError` still holds).
     """
-    from spdbench.store.runfolder import disk_error, file_mode
-
     path = Path(path)
     tmp: Optional[str] = None
     try:

@@ -124,6 +124,20 @@ def prepare_out(out: Union[str, Path]) -> Path:
 
     Nothing is deleted or overwritten: a file in the way is reported, never replaced.
     """
+    out = check_out(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise disk_error(exc, out, "create the run folder") from None
+    for folder in [out] + [out / n for n in SUBFOLDERS if (out / n).is_dir()]:
+        _probe_writable(folder)
+    return out
+
+
+def check_out(out: Union[str, Path]) -> Path:
+    """The checks of `prepare_out` that create nothing: a path that could hold a run folder (no file
+    in the way). Why apart: a run request checks its folder before the models load, and creates it
+    only once every input has passed (a refused run leaves no empty folder behind)."""
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise RunFolderError(f"out must be a folder path, got {out!r}")
     out = Path(out).expanduser()
@@ -143,12 +157,6 @@ def prepare_out(out: Union[str, Path]) -> Path:
         if f.exists() and not f.is_file():
             raise RunFolderError(f"out {str(out)!r} holds a folder {name!r} where the run writes that file; "
                                  "move it away or pick another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise disk_error(exc, out, "create the run folder") from None
-    for folder in [out] + [out / n for n in SUBFOLDERS if (out / n).is_dir()]:
-        _probe_writable(folder)
     return out
 
 

@@ -1,18 +1,22 @@
 """Targets: the one loading door for the tiny models, hub ids and local folders."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
-from spdbench.errors import InputError, TargetLoadError
+from spdbench.data import photos
+from spdbench.errors import InputError, RegistryError, TargetLoadError, did_you_mean
+from spdbench.registry import Registry
 from spdbench.targets.base import Encoding, Target
 from spdbench.targets.sd15 import SD15_HUB_ID, SD15_INPAINT_HUB_ID, load_sd15
+from spdbench.targets.sd15_arch import build_sd15_random
 from spdbench.targets.tiny import ASSETS, INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, V2_DIR, build_tiny
 
-__all__ = ["Encoding", "Target", "load_target", "load_sd15", "build_tiny", "SD15_HUB_ID", "SD15_INPAINT_HUB_ID", "parse_dtype",
+__all__ = ["Encoding", "Target", "TARGETS", "load_target", "load_sd15", "build_tiny", "SD15_HUB_ID", "SD15_INPAINT_HUB_ID", "parse_dtype",
            "parse_device"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -72,9 +76,6 @@ def parse_device(device: Union[str, torch.device, None]) -> Optional[torch.devic
     return dev
 
 
-_SEEDED = re.compile(r"^(tiny-random|sd15-arch-random)(?:-(\d{1,9}))?$")
-
-
 def load_target(name: Union[str, Path] = "tiny", device: Union[str, torch.device, None] = None,
                 dtype: Union[str, torch.dtype, None] = None) -> Target:
     """"tiny" (the trained offline model shipped in the package), "tiny-v3" (its retrained successor),
@@ -93,22 +94,64 @@ def _check_installed(folder: Path, name: str) -> None:
                               "zoo (docs/zoo.md)")
 
 
-def _load_tiny_inpaint(device, dtype) -> Target:
+def _check_loader(name: str, obj: object) -> None:
+    if not callable(obj):
+        raise RegistryError(f"target {name!r} must be registered as a loader fn(device=None, dtype=None) -> Target, "
+                            f"got {obj!r}")
+
+
+def _loader_from_entry_point(name: str, obj: object, where: str) -> Callable[..., Target]:
+    """An entry point of `spdbench.targets` names a loader `fn(device=None, dtype=None) -> Target`."""
+    _check_loader(name, obj)
+    return obj
+
+
+#: every named target: a loader `fn(device=None, dtype=None) -> Target` per name, built-in (below) and
+#: plugin (entry-point group `spdbench.targets`); a `seeded=True` family NAME also answers NAME-SEED,
+#: its loader then taking `seed=`. Anything else is a model folder or a hub id.
+TARGETS: Registry[Callable[..., Target]] = Registry("target", check=_check_loader,
+                                                    from_entry_point=_loader_from_entry_point)
+
+
+@TARGETS.register("tiny")
+def _tiny(device=None, dtype=None) -> Target:
+    """The trained offline model shipped in the package."""
+    if not (TRAINED_DIR / "model_index.json").is_file():
+        raise TargetLoadError(
+            f"the trained tiny target is not installed ({TRAINED_DIR} is missing); "
+            "use 'tiny-random' or train it with `python -m zoo.train_tiny`"
+        )
+    return load_sd15(TRAINED_DIR, device=device, dtype=dtype, name="tiny")
+
+
+TARGETS.add("tiny-v3", _tiny)  # its name before the switch-over: the same model, under its one name
+
+
+@TARGETS.register("tiny-v2")
+def _tiny_v2(device=None, dtype=None) -> Target:
+    _check_installed(V2_DIR, "tiny-v2")
+    return load_sd15(V2_DIR, device=device, dtype=dtype, name="tiny-v2")
+
+
+@TARGETS.register("tiny-b")
+def _tiny_b(device=None, dtype=None) -> Target:
+    _check_installed(TINY_B_DIR, "tiny-b")
+    return load_sd15(TINY_B_DIR, device=device, dtype=dtype, name="tiny-b")
+
+
+@TARGETS.register("tiny-inpaint")
+def _load_tiny_inpaint(device=None, dtype=None) -> Target:
     """tiny's VAE, text encoder and tokenizer with the shipped 9-channel UNet, after checking that
     tiny's weights are the ones the UNet was trained against (a retrained tiny would otherwise
     pair silently with a stale inpainting UNet)."""
-    import json
-
-    from diffusers import UNet2DConditionModel
-
-    from spdbench.data.photos import sha256_file
+    from diffusers import UNet2DConditionModel  # deferred: diffusers takes seconds to import; only this loader needs it
 
     _check_installed(INPAINT_DIR, "tiny-inpaint")
     record = json.loads((INPAINT_DIR / "training.json").read_text())
     parent = ASSETS / record["parent"]  # the zoo folder whose VAE and text encoder it was trained on
     for part, want in record["parent_weights_sha256"].items():
         if part.startswith(("vae/", "text_encoder/")) and (
-                not (parent / part).is_file() or sha256_file(parent / part) != want):
+                not (parent / part).is_file() or photos.sha256_file(parent / part) != want):
             raise TargetLoadError(f"tiny-inpaint was trained on another model: {part} of {parent} does not "
                                   "match its training record; retrain it (python -m zoo.train_inpaint)")
     base = load_sd15(parent, name=record["parent"])
@@ -117,40 +160,42 @@ def _load_tiny_inpaint(device, dtype) -> Target:
     return Target(**comps, name="tiny-inpaint", source="spdbench:tiny-inpaint", device=device, dtype=dtype)
 
 
+@TARGETS.register("tiny-random", seeded=True)
+def _tiny_random(device=None, dtype=None, seed: int = 0) -> Target:
+    return build_tiny(seed, device=device, dtype=dtype)
+
+
+@TARGETS.register("sd15-arch-random", seeded=True)
+def _sd15_arch_random(device=None, dtype=None, seed: int = 0) -> Target:
+    return build_sd15_random(seed, device=device, dtype=dtype)
+
+
+def _registered(text: str) -> tuple[Optional[Callable[..., Target]], dict]:
+    """The loader of a registered name and its keyword arguments (a seeded family's `seed`), or
+    (None, {}) for a name that is not registered (a folder or a hub id)."""
+    if text in TARGETS and not TARGETS.metadata(text).get("seeded"):
+        return TARGETS[text], {}
+    for family in (n for n in TARGETS.names() if TARGETS.metadata(n).get("seeded")):
+        if text.startswith(family):
+            seeded = re.fullmatch(rf"{re.escape(family)}(?:-(\d{{1,9}}))?", text)
+            if not seeded:
+                raise TargetLoadError(f"target {text!r}: expected {family!r} or {family + '-SEED'!r} with an "
+                                      f"integer SEED (e.g. {family + '-3'!r})")
+            return TARGETS[family], {"seed": int(seeded.group(1) or 0)}
+    return None, {}
+
+
 def _load(name: Union[str, Path], device, dtype) -> Target:
     dtype = parse_dtype(dtype)
     device = parse_device(device)
     if not isinstance(name, (str, Path)) or not str(name).strip():
-        raise TargetLoadError(f"target must be 'tiny', 'tiny-random[-SEED]', 'sd15-arch-random[-SEED]', a model "
-                              f"folder or a hub id, got {name!r}")
+        raise TargetLoadError(f"target must be a registered name ({', '.join(sorted(TARGETS))}, or "
+                              f"'tiny-random-SEED'), a model folder or a hub id, got {name!r}")
     text = str(name)
-    seeded = _SEEDED.match(text)
-    if (text.startswith("tiny-random") or text.startswith("sd15-arch-random")) and not seeded:
-        base = "sd15-arch-random" if text.startswith("sd15") else "tiny-random"
-        raise TargetLoadError(f"target {text!r}: expected {base!r} or {base + '-SEED'!r} with an integer SEED "
-                              f"(e.g. {base + '-3'!r})")
-    if text == "tiny":
-        if not (TRAINED_DIR / "model_index.json").is_file():
-            raise TargetLoadError(
-                f"the trained tiny target is not installed ({TRAINED_DIR} is missing); "
-                "use 'tiny-random' or train it with `python -m zoo.train_tiny`"
-            )
-        return load_sd15(TRAINED_DIR, device=device, dtype=dtype, name="tiny")
-    if text == "tiny-v3":  # its name before the switch-over: the same model, under its one name
-        return _load("tiny", device, dtype)
-    if text == "tiny-v2":
-        _check_installed(V2_DIR, text)
-        return load_sd15(V2_DIR, device=device, dtype=dtype, name="tiny-v2")
-    if text == "tiny-b":
-        _check_installed(TINY_B_DIR, text)
-        return load_sd15(TINY_B_DIR, device=device, dtype=dtype, name="tiny-b")
-    if text == "tiny-inpaint":
-        return _load_tiny_inpaint(device, dtype)
-    if seeded:
-        seed = int(seeded.group(2) or 0)
-        if seeded.group(1) == "sd15-arch-random":
-            from spdbench.targets.sd15_arch import build_sd15_random
-
-            return build_sd15_random(seed, device=device, dtype=dtype)
-        return build_tiny(seed, device=device, dtype=dtype)
+    loader, kwargs = _registered(text)
+    if loader is not None:
+        return loader(device=device, dtype=dtype, **kwargs)
+    if "/" not in text and not Path(text).expanduser().exists():  # neither a folder nor a hub id (org/name)
+        raise TargetLoadError(f"unknown target {text!r}.{did_you_mean(text, TARGETS)} Available: "
+                              f"{', '.join(sorted(TARGETS))}; or a model folder, or a hub id such as {SD15_HUB_ID!r}")
     return load_sd15(text, device=device, dtype=dtype)

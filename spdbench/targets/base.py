@@ -15,6 +15,7 @@ import torch
 
 from spdbench.errors import TargetLoadError
 from spdbench.images import check_images
+from spdbench.data.masks import latent_mask
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Target:
         self._fingerprint: Optional[str] = None
         #: the `load_target` name that rebuilds this model (set by load_target; None = built by hand)
         self.load_spec: Optional[str] = None
+        #: the hub revision the weights were loaded at (None: not from the hub)
+        self.revision: Optional[str] = None
 
     def fingerprint_now(self) -> str:
         """The weights' hash recomputed now (not cached): detects in-process tampering."""
@@ -76,6 +79,7 @@ class Target:
     def img2img(self):
         """A diffusers StableDiffusionImg2ImgPipeline over these components (built once)."""
         if self._pipe is None:
+            # deferred: diffusers takes seconds to import; only an edit needs its pipeline
             from diffusers import StableDiffusionImg2ImgPipeline
 
             self._pipe = StableDiffusionImg2ImgPipeline(
@@ -96,6 +100,7 @@ class Target:
             raise TargetLoadError(f"target {self.name!r} is not an inpainting model: its UNet takes "
                                   f"{self.unet.config.in_channels} input channels, inpainting needs 9")
         if self._inpaint_pipe is None:
+            # deferred: diffusers takes seconds to import; only an edit needs its pipeline
             from diffusers import StableDiffusionInpaintPipeline
 
             self._inpaint_pipe = StableDiffusionInpaintPipeline(
@@ -231,8 +236,6 @@ class Target:
         in the model's [-1, 1] space (mid grey). `masks` None means "repaint everything" (mask all
         ones), the condition under which an inpainting UNet acts as a text-to-image model.
         """
-        from spdbench.data.masks import latent_mask
-
         n, _, h, w = images.shape
         if masks is None:
             masks = torch.ones(n, 1, h, w, device=self.device)

@@ -14,6 +14,7 @@ from spdbench.targets.base import Target
 def inpaint_unet_from(unet):
     """A 9-input-channel copy of `unet`: every weight copied, conv_in's 5 new input channels zero
     (so at step 0 it predicts exactly what `unet` does, whatever the mask and masked image)."""
+    # deferred: diffusers takes seconds to import; only the widening needs it
     from diffusers import UNet2DConditionModel
 
     config = dict(unet.config)

@@ -27,7 +27,9 @@ SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_
 
 def build_sd15_random(seed: int = 0, device=None, dtype=None) -> Target:
     """SD1.5-architecture Target with random weights (built directly on `device`)."""
+    # deferred: diffusers takes seconds to import; only this builder needs it
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    # deferred: transformers is slow to import; only this builder needs it
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from spdbench.targets.base import Target
+
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 #: tiny v3, trained on the zoo's photo list (docs/zoo.md): the target "tiny" since the switch-over
@@ -55,7 +57,7 @@ SCHEDULER_CONFIG = dict(
 
 def tiny_tokenizer():
     """SD1.5's CLIP tokenizer (49,408 ids), loaded from the shipped vocab/merges files."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # deferred: transformers is slow to import; only building a model needs it
 
     return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"),
                          model_max_length=77, pad_token="<|endoftext|>")
@@ -63,7 +65,9 @@ def tiny_tokenizer():
 
 def build_tiny_components(seed: int = 0) -> dict:
     """Random-weight components, deterministic for `seed` (no global RNG state is touched)."""
+    # deferred: diffusers takes seconds to import; only building a model needs it
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    # deferred: transformers is slow to import; only building a model needs it
     from transformers import CLIPTextConfig, CLIPTextModel
 
     devices = []  # fork_rng keeps the caller's global RNG untouched
@@ -78,7 +82,5 @@ def build_tiny_components(seed: int = 0) -> dict:
 
 def build_tiny(seed: int = 0, device=None, dtype=None):
     """A random-weight tiny `Target` (plumbing only: its edits are noise)."""
-    from spdbench.targets.base import Target
-
     return Target(**build_tiny_components(seed), name=f"tiny-random-{seed}",
                   source=f"spdbench:tiny-random(seed={seed})", device=device, dtype=dtype)

@@ -30,6 +30,10 @@ import torch
 
 from spdbench.attacks.base import Attack, attack_class
 from spdbench.budget import NORMS, Budget, apply_budget, quantize_8bit
+from spdbench.data.masks import centre_box
+from spdbench.data.photos import load_photos
+from spdbench.errors import InputError
+from spdbench.targets import load_target
 
 AttackLike = Union[str, type, Attack]
 
@@ -96,14 +100,13 @@ def mask_args(attack: Attack, images: torch.Tensor, target=None) -> dict:
         return {}
     if target is not None and not getattr(target, "inpainting", False):
         return {"masks": None}
-    from spdbench.data.masks import centre_box
 
     return {"masks": torch.stack([centre_box(images.shape[-1]) for _ in images]).to(images.device)}
 
 
 def _protect(attack: Attack, images: torch.Tensor, target, budget: Budget, seed: int,
              train: Optional[torch.Tensor]) -> torch.Tensor:
-    if attack.fits:
+    if attack.kind.fits:
         fit_on = train if train is not None else images
         attack.fit(fit_on, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, fit_on, target))
     return attack(images, target, budget, torch.Generator().manual_seed(seed), **mask_args(attack, images, target))
@@ -164,52 +167,21 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
     universal attack is fit on the whole train split (7 photos).
     Returns an `AttackReport`; call `.assert_ok()` in a test.
     """
-    from spdbench.data.photos import load_photos
-    from spdbench.targets import load_target
-
     params = dict(params or {})
     probe = _make(attack, None, params)
     if steps is None:
-        steps = 20 if probe.fits else 8
+        steps = 20 if probe.kind.fits else 8
     steps = steps or None
     report = AttackReport(probe.name)
-    if probe.needs_inpainting and isinstance(target, str) and target == "tiny":
-        target = "tiny-inpaint"
-    model = load_target(target) if isinstance(target, str) else target
-    if probe.needs_inpainting and not getattr(model, "inpainting", False):
-        from spdbench.errors import InputError
-
-        raise InputError(f"check_attack({probe.name!r}): the attack reads inpainting masks; target "
-                         f"{getattr(model, 'name', model)!r} is not an inpainting model (use 'tiny-inpaint')")
+    model = _check_target(probe, target)
     splits = {s: load_photos(n=n_images, size=size, split=s).to(model.device) for s in ("train", "test")}
     # a universal attack is fit on the whole train split: a delta fit on two photos fits those two
-    fits = probe.fits  # fit once on the train split, then protect any photo
-    train = load_photos(size=size, split="train").to(model.device) if fits else splits["train"]
+    train = load_photos(size=size, split="train").to(model.device) if probe.kind.fits else splits["train"]
     norms = list(norms) if norms is not None else list(getattr(probe, "norms", NORMS))
-    reference = probe.name == "none"
     for norm in norms:
         for e in eps:
             budget = Budget("linf", e) if norm == "linf" else l2_budget(e, size)
-            fitted = _make(attack, steps, params)
-            if fits:
-                fitted.fit(train, model, budget, torch.Generator().manual_seed(seed), **mask_args(fitted, train, model))
-            for split, images in splits.items():
-                setting = f"{budget} {split}"
-                run = fitted if fits else _make(attack, steps, params)
-                masks = mask_args(run, images, model)
-                delta = run(images, model, budget, torch.Generator().manual_seed(seed), **masks)
-                run.set_masks(masks.get("masks"))
-                if not _contract(report, run, delta, images, budget, setting, steps):
-                    continue
-                changed = float((apply_budget(images, delta, budget) != quantize_8bit(images)).float().mean())
-                report.add("non-zero", setting, (changed == 0) if reference else (changed > 0),
-                           f"{changed:.1%} of pixels changed after the budget and 8-bit rounding")
-                if run.has_objective:
-                    adv = (images + delta).clamp(0, 1)
-                    o_attack = float(run.objective(adv, model, images).mean())
-                    o_noise = float(run.objective(images + _noise(images, budget, seed), model, images).mean())
-                    report.add("beats-noise", setting, o_attack < o_noise,
-                               f"objective {o_attack:.6g} vs uniform noise {o_noise:.6g} (lower = stronger)")
+            _check_budget(report, attack, probe, model, budget, splits, train, steps, params, seed)
     first = (Budget("linf", eps[0]) if norms[0] == "linf" else l2_budget(eps[0], size)) if norms and eps else None
     if first is not None:
         images = splits["test"]
@@ -218,6 +190,43 @@ def check_attack(attack: AttackLike, *, target="tiny", eps: Sequence[str] = ("8/
         report.add("deterministic", f"{first} seed {seed + 7}", torch.equal(a, b),
                    "" if torch.equal(a, b) else f"max |difference| {float((a - b).abs().max()):.3g}")
     return report
+
+
+def _check_target(probe: Attack, target):
+    """The model the checks run on: an inpainting attack's default is the trained tiny-inpaint."""
+    if probe.needs_inpainting and isinstance(target, str) and target == "tiny":
+        target = "tiny-inpaint"
+    model = load_target(target) if isinstance(target, str) else target
+    if probe.needs_inpainting and not getattr(model, "inpainting", False):
+        raise InputError(f"check_attack({probe.name!r}): the attack reads inpainting masks; target "
+                         f"{getattr(model, 'name', model)!r} is not an inpainting model (use 'tiny-inpaint')")
+    return model
+
+
+def _check_budget(report: AttackReport, attack: AttackLike, probe: Attack, model, budget: Budget, splits: dict,
+                  train: torch.Tensor, steps: Optional[int], params: dict, seed: int) -> None:
+    """Contract, non-zero and beats-noise on both splits at one budget (a fitting attack fit once)."""
+    fits = probe.kind.fits  # fit once on the train split, then protect any photo
+    fitted = _make(attack, steps, params)
+    if fits:
+        fitted.fit(train, model, budget, torch.Generator().manual_seed(seed), **mask_args(fitted, train, model))
+    for split, images in splits.items():
+        setting = f"{budget} {split}"
+        run = fitted if fits else _make(attack, steps, params)
+        masks = mask_args(run, images, model)
+        delta = run(images, model, budget, torch.Generator().manual_seed(seed), **masks)
+        run.set_masks(masks.get("masks"))
+        if not _contract(report, run, delta, images, budget, setting, steps):
+            continue
+        changed = float((apply_budget(images, delta, budget) != quantize_8bit(images)).float().mean())
+        report.add("non-zero", setting, (changed == 0) if probe.name == "none" else (changed > 0),
+                   f"{changed:.1%} of pixels changed after the budget and 8-bit rounding")
+        if run.has_objective:
+            adv = (images + delta).clamp(0, 1)
+            o_attack = float(run.objective(adv, model, images).mean())
+            o_noise = float(run.objective(images + _noise(images, budget, seed), model, images).mean())
+            report.add("beats-noise", setting, o_attack < o_noise,
+                       f"objective {o_attack:.6g} vs uniform noise {o_noise:.6g} (lower = stronger)")
 
 
 def l2_budget(eps: str, size: int) -> Budget:

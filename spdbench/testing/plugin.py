@@ -17,10 +17,17 @@ protection weakens significantly). To use a custom suite, override the session-s
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
+
+from spdbench.store.records import load_records
+from spdbench.suites import get_suite
+from spdbench.targets import load_target
+from spdbench.testing.check import check_attack
 
 
 def pytest_addoption(parser) -> None:
@@ -39,17 +46,11 @@ def pytest_configure(config) -> None:
 
 @pytest.fixture(scope="session")
 def spdbench_suite(request):
-    from spdbench.suites import get_suite
-
     return get_suite(request.config.getoption("--spdbench-suite"))
 
 
 def _device(config) -> str | None:
     """--spdbench-device, or under pytest-xdist on a multi-GPU machine one GPU per worker (gwN -> cuda:N)."""
-    import os
-
-    import torch
-
     device = config.getoption("--spdbench-device")
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if device in (None, "cuda") and worker.startswith("gw") and torch.cuda.is_available():
@@ -59,8 +60,6 @@ def _device(config) -> str | None:
 
 @pytest.fixture(scope="session")
 def spdbench_target(request, spdbench_suite):
-    from spdbench.targets import load_target
-
     name = request.config.getoption("--spdbench-target") or spdbench_suite.target
     return load_target(name, device=_device(request.config))
 
@@ -78,8 +77,6 @@ def _marker_defaults(request) -> dict:
 @pytest.fixture
 def spdbench_check(request) -> Callable[..., Any]:
     """`spdbench_check(attack, **check_attack_kwargs) -> AttackReport`; fails the test on any failed check."""
-    from spdbench.testing.check import check_attack
-
     defaults = _marker_defaults(request)
     target = request.config.getoption("--spdbench-target")
     if target and "target" not in defaults:
@@ -101,9 +98,8 @@ def spdbench_run(request, spdbench_suite, spdbench_target, _spdbench_cache, tmp_
     Clean edits are cached for the whole session. With --spdbench-baseline, a significant
     weakening versus the baseline records fails the test.
     """
-    from spdbench.harness.pipeline import run
-    from spdbench.scoring.regression import compare
-    from spdbench.store.records import load_records
+    from spdbench.harness.pipeline import run  # deferred: the plugin loads in every pytest session
+    from spdbench.scoring.regression import compare  # deferred: (pandas) the plugin loads in every pytest session
 
     baseline = request.config.getoption("--spdbench-baseline")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import stat
@@ -29,10 +30,13 @@ from typing import Any, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
 
 from spdbench.errors import RecordError
 from spdbench.store import networks as network_file
 from spdbench.store.perturbations import check_header, parse_header
+
+log = logging.getLogger(__name__)
 
 ENTRY_KIND = "spdbench-entry"
 ENTRY_SCHEMA_VERSION = 1
@@ -88,6 +92,9 @@ def check_name(what: str, value: Any) -> str:
 #: the run lock of runfolder.RunLock (a run folder only): `.spdbench-run.lock` or `.spdbench-run-<scope>.lock`
 LOCK_RE = re.compile(r"^\.spdbench-run(-[A-Za-z0-9._-]{1,100})?\.lock$")
 LOCK_RULE = Rule("lock", "", ".lock", 64 * 1024, in_entry=False)
+#: the temporary file of a write that was killed: `.NAME.XXXXXXXX.tmp` (store.records.atomic_write_bytes)
+#: or `.spdbench-probe-XXXXXXXX.tmp` (runfolder's write probe); mkstemp's 8 random characters
+TEMP_RE = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9._+-]{0,200}[.-][a-z0-9_]{8}\.tmp$")
 
 
 def rule_for(rel: str) -> Optional[Rule]:
@@ -148,7 +155,6 @@ def check_png(data: bytes, name: str) -> tuple[int, int]:
     width, height = size
     if not (0 < width <= MAX_PNG_SIDE and 0 < height <= MAX_PNG_SIDE):
         raise RecordError(f"{name} declares {width}x{height} pixels; at most {MAX_PNG_SIDE} per side are allowed")
-    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -164,7 +170,7 @@ def _lock_held(path: Path) -> bool:
     """Whether a live run holds this lock file (RunLock keeps it flock()ed while it runs; a killed
     run's file stays behind, unlocked)."""
     try:
-        import fcntl
+        import fcntl  # deferred: POSIX only; the except below is the other platforms' answer
     except ImportError:  # pragma: no cover - not POSIX: a present lock file counts as held
         return True
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
@@ -274,10 +280,28 @@ def _check_stat(st: os.stat_result, rel: str, limit: int) -> None:
         raise RecordError(f"{rel} is {st.st_size / MiB:.1f} MiB; at most {limit // MiB} MiB are allowed for this kind of file")
 
 
+def _listed_name(e: os.DirEntry, rel: str, prefix: str, run_folder: bool) -> bool:
+    """Whether the scan takes this name: True for an allowed name, False for a run folder's stale
+    temporary file (skipped with a warning), a RecordError for any other name.
+
+    Why skip: a run killed mid-write leaves `.NAME.XXXXXXXX.tmp`; a resume within a minute keeps it
+    (a parallel task may own it), and it then blocked `submit`. It is never read nor copied into the
+    entry, and a live writer holds the run lock, which the scan refuses. An entry stays strict."""
+    if FILE_RE.match(e.name) or (not prefix and LOCK_RE.match(e.name)):
+        return True
+    if run_folder and TEMP_RE.match(e.name) and e.is_file(follow_symlinks=False):
+        log.warning("ignoring %s: a temporary file left by an interrupted write (never read, never copied)", rel)
+        return False
+    hint = " (a partial file left by an interrupted write?)" if e.name.startswith(".") else ""
+    raise RecordError(f"{rel!r} is not an allowed file name{hint}: expected letters, digits, "
+                      "'.', '_', '+' or '-', not starting with '.'")
+
+
 def _walk(folder: Path) -> list[tuple[str, Path, os.stat_result]]:
     """Every non-directory below `folder` (one level of subfolders), never following a link."""
     out: list = []
     pending = [("", folder)]
+    run_folder = not (folder / MANIFEST).exists()
     while pending:
         prefix, d = pending.pop()
         try:
@@ -286,10 +310,8 @@ def _walk(folder: Path) -> list[tuple[str, Path, os.stat_result]]:
             raise RecordError(f"cannot list {d}: {exc.strerror or exc}") from None
         for e in entries:
             rel = f"{prefix}{e.name}"
-            if not FILE_RE.match(e.name) and not (not prefix and LOCK_RE.match(e.name)):
-                hint = " (a partial file left by an interrupted write?)" if e.name.startswith(".") else ""
-                raise RecordError(f"{rel!r} is not an allowed file name{hint}: expected letters, digits, "
-                                  "'.', '_', '+' or '-', not starting with '.'")
+            if not _listed_name(e, rel, prefix, run_folder):
+                continue
             st = e.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 if prefix:
@@ -334,37 +356,62 @@ def scan(folder: Union[str, Path]) -> EntryFiles:
 
 
 def _check_content(f: EntryFile, path: Path) -> None:
-    if f.kind in ("manifest", "record"):
-        f.parsed = load_json(f.data or b"", f.rel)
-    elif f.kind == "export":
-        for i, line in enumerate((f.data or b"").splitlines()):
-            if line.strip():
-                load_json(line, f"{f.rel} line {i + 1}")
-    elif f.kind == "example":
-        check_png(f.data or b"", f.rel)
-    elif f.kind == "report":  # spdbench show's page: text, never read for a number, never copied
-        try:
-            text = (f.data or b"").decode("utf-8")
-        except UnicodeDecodeError:
-            raise RecordError(f"{f.rel} is not UTF-8 text") from None
-        if not text.startswith("<!doctype html>"):
-            raise RecordError(f"{f.rel} is not a page written by spdbench show")
-    elif f.kind == "lock":
-        if _lock_held(path):
-            raise RecordError(f"a run is writing to this folder (its lock {f.rel} is held); verify it once the "
-                              "run has finished")
+    """The check of a file's content by its kind; a kind not named in _CONTENT_CHECKS is a
+    safetensors file (perturbation, network, cache), checked by its header."""
+    _CONTENT_CHECKS.get(f.kind, _check_tensor_header)(f, path)
+
+
+def _parse_json(f: EntryFile, path: Path) -> None:
+    """A manifest or record: parsed here once (kept on the file for the checks that read it)."""
+    f.parsed = load_json(f.data or b"", f.rel)
+
+
+def _check_export(f: EntryFile, path: Path) -> None:
+    """An export: JSON lines, each parsed (blank lines allowed)."""
+    for i, line in enumerate((f.data or b"").splitlines()):
+        if line.strip():
+            load_json(line, f"{f.rel} line {i + 1}")
+
+
+def _check_example(f: EntryFile, path: Path) -> None:
+    check_png(f.data or b"", f.rel)
+
+
+def _check_report(f: EntryFile, path: Path) -> None:
+    """spdbench show's page: text, never read for a number, never copied."""
+    try:
+        text = (f.data or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecordError(f"{f.rel} is not UTF-8 text") from None
+    if not text.startswith("<!doctype html>"):
+        raise RecordError(f"{f.rel} is not a page written by spdbench show")
+
+
+def _check_lock(f: EntryFile, path: Path) -> None:
+    """A held lock: a run is still writing, so what it holds is not yet the whole claim."""
+    if _lock_held(path):
+        raise RecordError(f"a run is writing to this folder (its lock {f.rel} is held); verify it once the "
+                          "run has finished")
+
+
+def _check_tensor_header(f: EntryFile, path: Path) -> None:
+    """A safetensors file: its header only, checked by kind (the tensor is read when it is used)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        head += fh.read(min(n, 4 * MiB))
+    f.header = parse_header(head, f.rel, size=f.size)
+    if f.kind == "perturbation":
+        check_header(f.header, f.rel)
+    elif f.kind == "network":
+        network_file.check_header(f.header, f.rel)
     else:
-        with open(path, "rb") as fh:  # the header only; the tensor is read when it is used
-            head = fh.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            head += fh.read(min(n, 4 * MiB))
-        f.header = parse_header(head, f.rel, size=f.size)
-        if f.kind == "perturbation":
-            check_header(f.header, f.rel)
-        elif f.kind == "network":
-            network_file.check_header(f.header, f.rel)
-        else:
-            check_cache_header(f.header, f.rel)
+        check_cache_header(f.header, f.rel)
+
+
+#: the content check of each kind of file that is not a safetensors file
+_CONTENT_CHECKS = {"manifest": _parse_json, "record": _parse_json, "export": _check_export,
+                   "example": _check_example, "report": _check_report, "lock": _check_lock}
 
 
 def _check_manifest(entry: EntryFiles) -> Manifest:

@@ -4,7 +4,7 @@
 1. files   -- the folder under the entry schema (entry_schema: layout, content, sizes, links);
 2. claims  -- the records against themselves, their suite and the stored perturbations (claims);
 3. sample  -- from every cell, random images re-edited and re-scored (remeasure.sample_cells);
-4. re-run  -- one random cell group run again, attack included (remeasure.rerun_group).
+4. re-run  -- every cell group (each eps) run again, attack included (remeasure.rerun_group).
 An amortized entry's stored networks are re-applied to every image between stages 2 and 3
 (remeasure.reapply_networks): its perturbations must be what its networks make.
 The random draws come from a seed taken from `secrets` unless one is given; the report records it,
@@ -30,9 +30,13 @@ from typing import Any, Optional, Union
 import torch
 
 from spdbench.verify import claims as claims_mod
+from spdbench.verify import remeasure
 from spdbench.verify import entry as entry_schema
 from spdbench.errors import InputError, RecordError, SpdbenchError
 from spdbench.store.records import Record, attack_kind
+from spdbench.attacks.base import attack_class
+from spdbench.harness.pipeline import suite_masks
+from spdbench.targets import load_target, parse_device
 
 DEFAULT_TOLERANCE = 2e-3
 
@@ -85,7 +89,6 @@ def verify(folder: Union[str, Path], sample: int = 2, tolerance: float = DEFAULT
     Suite object the entry claims (default: the registered suite the records name).
     """
     _check_options(sample, tolerance, seed)
-    from spdbench.targets import parse_device
 
     parse_device(device)
     report = VerifyReport(folder=str(folder), seed=secrets.randbits(63) if seed is None else seed)
@@ -119,43 +122,88 @@ def verify(folder: Union[str, Path], sample: int = 2, tolerance: float = DEFAULT
 
 def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, tolerance: float, attack_rerun: bool,
                device: Optional[str], images, image_names, data, manifest) -> None:
-    from spdbench.verify import remeasure
-    from spdbench.targets import load_target
-
+    """The re-measurement, each stage only once the one before passed: the stored perturbations
+    against the suite's photos, the models' fingerprints, stored networks re-applied, a sample of
+    every cell re-edited, and one cell group's attack re-run."""
     rec = claims.cells[0].record
-    measured_on = torch.device(rec.target.device).type
-    if device is not None and torch.device(device).type != measured_on:
-        raise InputError(f"device {device!r}: this entry was measured on {measured_on}, and edits reproduce only on "
-                         f"the same device type (its random generators differ); use --device {measured_on}")
+    measured_on = _measured_device_type(rec, device)
     images, names = _suite_images(suite, images, image_names, data, manifest)
     deltas, networks = _check_against_images(report, claims, entry, suite, images, names)
     if not report.ok:
         return
-    target = load_target(suite.target, device=device or measured_on, dtype=rec.target.dtype)
+    models = _load_models(report, suite, rec, device or measured_on)
+    if models is None:
+        return
+    target, editing = models
+    if networks and not _reapply_networks(report, claims, networks, deltas, suite, target, images, names):
+        return
+    rng = random.Random(report.seed)
+    if not _sample_cells(report, claims, deltas, suite, editing, images, names, rng, sample, tolerance):
+        return
+    if not attack_rerun:
+        report.checks.append("attack re-run: SKIPPED (attack_rerun=False)")
+        return
+    problem = _installed_attack_problem(rec)
+    if problem:
+        report.problems.append(problem)
+        return
+    _rerun_group(report, claims, deltas, suite, target, images, names, rng, tolerance)
+
+
+def _measured_device_type(rec, device: Optional[str]) -> str:
+    """The device type the entry was measured on; a `device` of another type is refused (edits
+    reproduce only on the same device type: its random generators differ)."""
+    measured_on = torch.device(rec.target.device).type
+    if device is not None and torch.device(device).type != measured_on:
+        raise InputError(f"device {device!r}: this entry was measured on {measured_on}, and edits reproduce only on "
+                         f"the same device type (its random generators differ); use --device {measured_on}")
+    return measured_on
+
+
+def _load_models(report: VerifyReport, suite, rec, device: str) -> Optional[tuple]:
+    """(attacked model, editing model) of the suite, each with the fingerprint the records claim;
+    None (and the problem) where one differs."""
+    target = load_target(suite.target, device=device, dtype=rec.target.dtype)
     if target.fingerprint != rec.target.fingerprint:
         report.problems.append(f"target: suite {suite.name!r}'s model {suite.target!r} has fingerprint "
                                f"{target.fingerprint}, the records claim {rec.target.fingerprint}")
-        return
+        return None
     editing = target
     if suite.edit_target:  # transfer: the edits are the edit target's, and must be re-made with it
-        editing = load_target(suite.edit_target, device=device or measured_on, dtype=rec.target.dtype)
+        editing = load_target(suite.edit_target, device=device, dtype=rec.target.dtype)
         claimed = rec.edit_target.fingerprint if rec.edit_target else None
         if editing.fingerprint != claimed:
             report.problems.append(f"edit target: suite {suite.name!r}'s editing model {suite.edit_target!r} has "
                                    f"fingerprint {editing.fingerprint}, the records claim {claimed}")
-            return
-    if networks:
-        t0 = time.perf_counter()
-        got = remeasure.reapply_networks(claims, networks, deltas, suite, target, images, names)
-        report.problems += got.problems
-        if not report.ok:
-            return
-        report.checks.append(f"networks: {len(networks)} stored network(s) rebuilt by attack {rec.attack!r} from "
-                             f"the records' params and re-applied in a worker to all {len(names)} images: identical "
-                             f"perturbations ({time.perf_counter() - t0:.0f} s)")
-    rng = random.Random(report.seed)
+            return None
+    return target, editing
+
+
+def _reapply_networks(report: VerifyReport, claims, networks: dict, deltas: dict, suite, target, images,
+                      names: list[str]) -> bool:
+    """An amortized entry's stored networks re-applied to every image; True where they reproduce."""
+    rec = claims.cells[0].record
     t0 = time.perf_counter()
-    from spdbench.harness.pipeline import suite_masks
+    got = remeasure.reapply_networks(claims, networks, deltas, suite, target, images, names)
+    report.problems += got.problems
+    if not report.ok:
+        return False
+    report.checks.append(f"networks: {len(networks)} stored network(s) rebuilt by attack {rec.attack!r} from "
+                         f"the records' params and re-applied in a worker to all {len(names)} images: "
+                         f"{_same(got)} perturbations ({time.perf_counter() - t0:.0f} s)")
+    report.checks += got.notes
+    return True
+
+
+def _same(got) -> str:
+    """How a re-made perturbation matched: bit for bit, or up to float rounding (remeasure.reproduces)."""
+    return "identical" if not got.notes else "up to float rounding at the 8-bit grid, the stored"
+
+
+def _sample_cells(report: VerifyReport, claims, deltas: dict, suite, editing, images, names: list[str],
+                  rng: random.Random, sample: int, tolerance: float) -> bool:
+    """`sample` random images of every cell re-edited (remeasure.sample_cells); True where all reproduce."""
+    t0 = time.perf_counter()
 
     masks, _ = suite_masks(suite, None, names, images, editing)  # inpainting: the suite's mask of every photo
     got = remeasure.sample_cells(claims, deltas, suite, editing, images, rng, sample, tolerance, masks)
@@ -163,32 +211,41 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
     report.sampled = got.sampled
     report.remeasured = True
     if got.problems:
-        return
+        return False
     report.checks.append(f"sample: {sample} image(s) from each of {len(got.sampled)} cells re-edited and every "
                          f"image's imperceptibility recomputed ({got.compared} values, {time.perf_counter() - t0:.0f} s)")
-    if not attack_rerun:
-        report.checks.append("attack re-run: SKIPPED (attack_rerun=False)")
-        return
-    from spdbench.attacks.base import attack_class
+    return True
 
+
+def _installed_attack_problem(rec) -> Optional[str]:
+    """Why the attack cannot be re-run here: not installed, or installed as another kind; None if it can."""
     try:
         cls = attack_class(rec.attack)
     except SpdbenchError as exc:
-        report.problems.append(f"attack {rec.attack!r} is not installed here, so it cannot be re-run: {exc}")
-        return
-    if (cls.universal, cls.amortized) != (rec.universal, rec.amortized):
-        report.problems.append(f"attack {rec.attack!r} is {attack_kind(cls.universal, cls.amortized)}, the records "
-                               f"claim {attack_kind(rec.universal, rec.amortized)}")
-        return
-    eps = rng.choice(sorted(claims.groups()))
-    cells = claims.groups()[eps]
-    t0 = time.perf_counter()
-    got = remeasure.rerun_group(cells, deltas, suite, target, images, names, tolerance)
-    _merge(report, got)
-    report.rerun = [c.record.cell_id for c in cells]
-    if not got.problems:
-        report.checks.append(f"attack re-run: eps {eps} ({len(cells)} cells) run again from scratch: identical "
+        return f"attack {rec.attack!r} is not installed here, so it cannot be re-run: {exc}"
+    if cls.kind != attack_kind(rec.universal, rec.amortized):  # a str Enum: its values are the records' words
+        return (f"attack {rec.attack!r} is {cls.kind.value}, the records "
+                f"claim {attack_kind(rec.universal, rec.amortized)}")
+    return None
+
+
+def _rerun_group(report: VerifyReport, claims, deltas: dict, suite, target, images, names: list[str],
+                 rng: random.Random, tolerance: float) -> None:
+    """EVERY cell group (each eps) run again from scratch (remeasure.rerun_group): re-running one
+    group drawn at random let a group made with other settings (200 steps under a 40-step label)
+    pass whenever the draw fell on the other group. Stops at the first group that does not reproduce."""
+    report.rerun = []
+    for eps in sorted(claims.groups(), key=lambda e: claims.groups()[e][0].record.eps):
+        cells = claims.groups()[eps]
+        t0 = time.perf_counter()
+        got = remeasure.rerun_group(cells, deltas, suite, target, images, names, tolerance)
+        _merge(report, got)
+        report.rerun += [c.record.cell_id for c in cells]
+        if got.problems:
+            return
+        report.checks.append(f"attack re-run: eps {eps} ({len(cells)} cells) run again from scratch: {_same(got)} "
                              f"perturbation, every per-image value reproduced ({time.perf_counter() - t0:.0f} s)")
+        report.checks += got.notes
 
 
 def _suite_images(suite, images, image_names, data, manifest) -> tuple[torch.Tensor, list[str]]:
@@ -300,12 +357,10 @@ def submit(folder: Union[str, Path], leaderboard_dir: Union[str, Path] = "leader
 
 def _same_method_elsewhere(records: list[Record], entries: Path, name: str) -> Optional[str]:
     """The name of another (valid) entry holding the same method on the same suite, or None."""
-    from spdbench.report.board import load_checked
-
     others = sorted(p for p in entries.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != name)
     ours = {claims_mod.method_key(r) for r in records}
     for other in others:
-        theirs, _ = load_checked([other])
+        theirs, _ = claims_mod.load_checked([other])
         if ours & {claims_mod.method_key(r) for r in theirs}:
             return other.name
     return None
