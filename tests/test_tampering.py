@@ -73,7 +73,10 @@ def test_honest_folder_passes_sample_with_tiny_deviations(run_dir):
 def test_honest_folder_passes_attack_rerun(run_dir):
     report = verify(run_dir, sample=1)
     assert report.ok, report.problems
-    assert len(report.rerun) == 2 and any("identical perturbation" in c for c in report.checks)
+    # every budget group is re-run (2 eps x 1 prompt x 2 splits), not one drawn at random: a group made
+    # with other settings than its label cannot pass by being the one not drawn
+    assert len(report.rerun) == 4 and len(set(report.rerun)) == 4
+    assert sum("identical perturbation" in c for c in report.checks) == 2
 
 
 def test_consistently_relabelled_attack_caught_by_rerun(run_dir, tmp_path):
