@@ -1,4 +1,4 @@
-"""The `spdbench` command: list | run | leaderboard | submit | verify | doctor | protect.
+"""The `spdbench` command line: one subcommand per job (`spdbench --help` lists them all).
 
 Every user error (SpdbenchError) is printed as one line on stderr with exit code 2; a run with
 failed cells exits 1 after finishing the others; success is 0.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -14,6 +15,7 @@ from typing import Any, Optional, Sequence
 from spdbench.attacks import attack_class, list_attacks
 from spdbench.attacks.base import ATTACKS, attack_source
 from spdbench.errors import InputError, SpdbenchError, UnknownNameError
+from spdbench.harness.progress import Stages
 from spdbench.purifiers import describe
 from spdbench.purifiers.base import PURIFIERS
 from spdbench.scoring.metrics import METRICS, get_metric
@@ -171,7 +173,7 @@ def _warn_slow_dtype(args) -> None:
 
 
 def cmd_run(args) -> int:
-    from spdbench.harness.pipeline import build_request, execute  # deferred: a command loads only its own stack
+    from spdbench.harness.request import build_request  # deferred: a command loads only its own stack
 
     attacks = _list_arg("--attack", args.attack, "photoguard-encoder,pca-minus")
     _warn_slow_dtype(args)
@@ -179,9 +181,16 @@ def cmd_run(args) -> int:
     if args.backend != "serial" or len(attacks) > 1:
         return _run_grid(args, attacks, kwargs)
     out = _path_arg("--out", args.out, Path("spdbench-runs") / f"{args.suite}-{args.attack}")
+    board = _board_arg(args.board)
     request = build_request(attacks[0], out=out, progress=not args.quiet, **kwargs)
+    # checked: now say so before the pipeline's own imports (seconds), not after them
+    Stages("run", enabled=not args.quiet).stage("loading", f"the harness for {args.attack} on suite {args.suite}")
+    from spdbench.harness.pipeline import execute  # deferred: a command loads only its own stack
+
     result = execute(request)
     _print_table(result.records)
+    if not args.quiet:
+        _print_placement(result.records, board)
     print(f"\n{len(result.computed)} cell(s) computed, {len(result.reused)} reused; records in {result.out}/records")
     earlier = result.clean_cache_hits - result.clean_cache_hits_own
     print(f"clean edits: {result.clean_cache_misses} computed, {result.clean_cache_hits_own} reused within this run, "
@@ -196,7 +205,8 @@ def _run_grid(args, attacks: list[str], kwargs: dict[str, Any]) -> int:
 
     out = _path_arg("--out", args.out, Path("spdbench-runs") / f"{args.suite}-grid")
     suite, eps = kwargs.pop("suite"), kwargs.pop("eps")
-    records = run_grid(attacks, suite, eps, out, backend=args.backend, ray_address=args.ray_address, **kwargs)
+    records = run_grid(attacks, suite, eps, out, backend=args.backend, ray_address=args.ray_address,
+                       progress=not args.quiet, **kwargs)
     _print_table(records)
     return _exit_code(records)
 
@@ -206,6 +216,29 @@ def _print_table(records) -> None:
     from spdbench.report.page import summary_markdown  # deferred: a command loads only its own stack
 
     print(summary_markdown(ranking(records)))
+
+
+def _board_arg(board: Optional[str]) -> Optional[str]:
+    """--board, checked before the run: the folder, "" (none here: a hint is printed), or None ('none')."""
+    if board == "none":
+        return None
+    if board is None:
+        return "leaderboard" if (Path("leaderboard") / "entries").is_dir() else ""
+    if not Path(board).is_dir():
+        raise InputError(f"--board {board!r} is not an existing folder (expected a leaderboard folder with "
+                         "entries/, or 'none')")
+    return board
+
+
+def _print_placement(records, board: Optional[str]) -> None:
+    """The run among the board's verified entries of its suite and budget (report/place.py)."""
+    from spdbench.report.place import place  # deferred: a command loads only its own stack
+
+    if board == "":
+        print("\n(to see where this run stands, pass --board DIR: a clone's leaderboard/ folder)")
+    elif board is not None:
+        print(f"\nAmong the verified entries of {board} (this run: unverified):\n")
+        print(place(records, board))
 
 
 def _exit_code(records) -> int:
@@ -219,8 +252,7 @@ def _exit_code(records) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from spdbench.report.board import build, ranking  # deferred: a command loads only its own stack
-    from spdbench.verify.claims import load_checked_by_folder  # deferred: a command loads only its own stack
+    from spdbench.report.board import build, load_board, ranking  # deferred: a command loads only its own stack
     from spdbench.report.page import summary_markdown  # deferred: a command loads only its own stack
 
     dirs = [Path(d) for d in (args.records or ["spdbench-runs"])]
@@ -233,11 +265,14 @@ def cmd_leaderboard(args) -> int:
                            if not any(part.startswith(".") for part in p.relative_to(d).parts)})
     if not folders:
         raise InputError(f"--records: no records found under {', '.join(map(str, dirs))}")
-    by_folder, skipped = load_checked_by_folder(folders)
+    by_folder, skipped, verified = load_board(folders)
     records = [r for recs in by_folder.values() for r in recs]
     for name, reason in skipped:
         print(f"LEFT OUT {name}: {reason}", file=sys.stderr)
-    written = build(records, out, args.format.split(","), skipped=skipped, by_folder=by_folder)
+    for folder, recs in by_folder.items():
+        for line in _digest_notes(Path(folder).name, recs):
+            print(line, file=sys.stderr)
+    written = build(records, out, args.format.split(","), skipped=skipped, by_folder=by_folder, verified=verified)
     print(summary_markdown(ranking(records)))
     for fmt, path in written.items():
         print(f"wrote {fmt}: {path}")
@@ -258,7 +293,7 @@ def cmd_compare(args) -> int:
     from spdbench.scoring import compare  # deferred: a command loads only its own stack
     from spdbench.verify.claims import load_checked  # deferred: a command loads only its own stack
 
-    sides = []
+    sides, notes = [], []
     for label, folder in (("A", args.a), ("B", args.b)):
         if not Path(folder).is_dir():
             raise InputError(f"{label} {folder!r} is not an existing folder (expected a run folder or an entry)")
@@ -266,10 +301,26 @@ def cmd_compare(args) -> int:
         if skipped:
             raise InputError(f"{label} {folder!r} cannot be compared: {skipped[0][1]}")
         sides.append(records)
+        notes += _digest_notes(f"{label} {Path(folder).name}", records)
     rows = compare.paired(sides[0], sides[1], metric=args.metric, split=args.split, seed=args.seed,
                           region=args.region)
     print(compare.markdown(Path(args.a).name, Path(args.b).name, rows))
+    for line in notes:
+        print(line)
     return EXIT_OK
+
+
+def _digest_notes(name: str, records) -> list[str]:
+    """One line per digest flag ("unsigned", "unsigned-by-this-machine") that records of a folder
+    carry: numbers this machine's harness cannot vouch for are said, never silently shown."""
+    from spdbench.store.digest import FLAGS  # deferred: a command loads only its own stack
+
+    counts: dict[str, int] = {}
+    for rec in records:
+        for flag in set(rec.flags) & set(FLAGS.values()):
+            counts[flag] = counts.get(flag, 0) + 1
+    return [f"FLAGGED {name}: {n} record(s) {flag} (not signed by this machine's record key; "
+            "see docs/security.md, 'Run folder digests')" for flag, n in sorted(counts.items())]
 
 
 def cmd_show(args) -> int:
@@ -288,12 +339,23 @@ def _print_report(report) -> None:
     print(f"seed {report.seed} (repeat this verification with --seed {report.seed})")
 
 
+def _announce(command: str, folder: str, seed: Optional[int]) -> tuple[Stages, int]:
+    """The seed that repeats the check and the first stage, printed before anything slow (not minutes
+    later at the end); (the announcer to pass on, the seed)."""
+    stages = Stages(command)
+    seed = secrets.randbits(63) if seed is None else seed
+    stages.note(f"seed {seed} (repeat this verification with --seed {seed})")
+    stages.stage("verifying", f"{folder}: its files and claims, then a re-measurement")
+    return stages, seed
+
+
 def cmd_verify(args) -> int:
+    stages, seed = _announce("verify", args.folder, args.seed)
     from spdbench.verify.submit import verify  # deferred: a command loads only its own stack
 
     report = verify(args.folder, sample=args.sample, tolerance=args.tolerance, rerun=not args.no_rerun,
-                    attack_rerun=not args.no_attack_rerun, seed=args.seed, device=args.device, data=args.data,
-                    manifest=args.manifest)
+                    attack_rerun=not args.no_attack_rerun, seed=seed, device=args.device, data=args.data,
+                    manifest=args.manifest, progress=stages, fill_metrics=args.fill_metrics)
     _print_report(report)
     if report.ok:
         what = "re-measured" if report.remeasured else "checked (NOT re-measured: --no-rerun)"
@@ -301,6 +363,9 @@ def cmd_verify(args) -> int:
     if report.ok and args.holdout:
         if _measure_holdout(Path(args.folder), args.holdout, args.device) is None:
             return EXIT_FAILED_CELLS
+    if report.ok and args.fill_metrics and report.filled is None:
+        print(f"NOT WRITTEN --fill-metrics {args.fill_metrics}: nothing to fill (see the fill: lines)", file=sys.stderr)
+        return EXIT_FAILED_CELLS
     return EXIT_OK if report.ok else EXIT_FAILED_CELLS
 
 
@@ -313,6 +378,8 @@ def _measure_holdout(folder: Path, holdout_dir: str, device: Optional[str]):
     if kind == "per-image":
         print("hold-out: not needed (a per-image attack protects each photo itself; verify re-runs it)")
         return {}
+    print(f"spdbench: verifying {folder.name} on the private photos in {holdout_dir} (hold-out)", file=sys.stderr,
+          flush=True)
     result = holdout.measure(folder, holdout_dir, device=device)
     for p in result.problems:
         print(f"REJECTED (hold-out): {p}", file=sys.stderr)
@@ -325,12 +392,13 @@ def _measure_holdout(folder: Path, holdout_dir: str, device: Optional[str]):
 
 
 def cmd_submit(args) -> int:
-    from spdbench.report.board import build_from_dirs  # deferred: a command loads only its own stack
     from spdbench.verify.submit import submit  # deferred: a command loads only its own stack
 
+    # the seed and each stage are printed by verify() as it starts: after the name checks (a refused
+    # name stays one line), before anything slow
     report, dest = submit(args.folder, leaderboard_dir=args.leaderboard, name=args.name, replace=args.replace,
                           sample=args.sample, tolerance=args.tolerance, seed=args.seed, device=args.device,
-                          data=args.data, manifest=args.manifest)
+                          data=args.data, manifest=args.manifest, progress=Stages("submit"))
     _print_report(report)
     if dest is None:
         print("refused: nothing in the leaderboard changed", file=sys.stderr)
@@ -344,6 +412,9 @@ def cmd_submit(args) -> int:
         if result:
             print(f"hold-out numbers written to {holdout.write(result, args.leaderboard)}")
     entries = sorted(p for p in (Path(args.leaderboard) / "entries").iterdir() if p.is_dir())
+    Stages("submit").stage("building", f"the leaderboard in {args.leaderboard} from {len(entries)} entries")
+    from spdbench.report.board import build_from_dirs  # deferred: a command loads only its own stack
+
     _, skipped = build_from_dirs(entries, args.leaderboard)
     for name, reason in skipped:
         print(f"LEFT OUT {name}: {reason}", file=sys.stderr)
@@ -458,7 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eps", help="comma-separated budgets, e.g. 4/255,16/255 (default: the suite's)")
     s.add_argument("--norm", choices=["linf", "l2"], help="budget norm (default: the suite's, or the preset's)")
     s.add_argument("--prompts", help="comma-separated prompt keys P1..P4 (default: the suite's)")
-    s.add_argument("--out", help="run folder (default spdbench-runs/SUITE-ATTACK)")
+    s.add_argument("--out", help="run folder (default spdbench-runs/SUITE-ATTACK); one configuration of an "
+                   "attack per folder: other --param/--preset values need another --out")
+    s.add_argument("--board", metavar="DIR", default=None,
+                   help="a leaderboard folder (with entries/) to place the run among its verified entries of the "
+                        "same suite and budget, beside none and uniform-noise (default: ./leaderboard when it "
+                        "exists; 'none' to skip)")
     s.add_argument("--target", help="override the suite's target: tiny, tiny-random, hub id or folder")
     s.add_argument("--data", help="image folder (or the root a --manifest refers to)")
     s.add_argument("--manifest", help="spdbench-manifest/1 JSON listing the protocol images")
@@ -493,7 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("leaderboard", help="aggregate records into Markdown / CSV / HTML")
-    s.add_argument("--records", action="append", help="folder(s) holding run folders (default spdbench-runs)")
+    s.add_argument("--records", action="append",
+                   help="a folder holding run folders or entries (default spdbench-runs); repeat it to rank your "
+                        "runs beside a board's entries: --records spdbench-runs --records leaderboard/entries "
+                        "(your rows are then marked unverified)")
     s.add_argument("--out", help="output folder (default RECORDS/leaderboard)")
     s.add_argument("--format", default="md,csv,html", type=_formats,
                    help="comma-separated formats among md (README.md), csv (leaderboard.csv, table1.csv) and "
@@ -539,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="check files, claims and perturbations only; re-measure nothing (reported)")
             s.add_argument("--no-attack-rerun", action="store_true",
                            help="re-measure the sample but do not re-run the attack (reported)")
+            s.add_argument("--fill-metrics", metavar="DIR", default=None,
+                           help="a new folder: once verified, a copy of the entry is written there whose fully "
+                                "re-edited cells carry the registered metrics it was measured without (flagged "
+                                "filled-by-reedit; the entry itself is never edited). --sample N >= the images of "
+                                "a cell fills every cell")
         else:
             s.add_argument("--leaderboard", default="leaderboard",
                            help="the leaderboard folder entries are added to (default leaderboard)")
@@ -564,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cost", metavar="BENCH_JSON", help="print the sd15-spd protocol's hours per attack from a bench JSON")
     s.set_defaults(fn=cmd_doctor)
     _add_protect_parser(sub)
+    # every command, read from the parser itself (a hand-kept list left out show and compare)
+    p.description = "The `spdbench` command: " + " | ".join(sub.choices) + "."
     return p
 
 

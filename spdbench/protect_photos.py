@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spdbench.attacks import get_attack
 from spdbench.attacks.base import Attack, AttackKind
 from spdbench.budget import Budget
 from spdbench.data.photos import IMAGE_SUFFIXES, center_crop_resize, check_min_size, read_image, sha256_file
 from spdbench.errors import InputError
 from spdbench.harness.pipeline import AttackRunner
+from spdbench.harness.plan import installed_attack
 from spdbench.harness.protect import enforce
 from spdbench.targets import load_target
 
@@ -130,7 +130,7 @@ def _entry_protector(entry: Union[str, Path], eps: Optional[str], device, dtype)
     groups = checked.groups()
     label = _entry_eps(groups, eps, folder.name)
     rec = groups[label][0].record
-    attack = get_attack(rec.attack, **json.loads(json.dumps(rec.attack_params)))
+    attack = installed_attack(rec.attack, rec.attack_params)  # a plugin: described by a worker, not imported
     budget = Budget(rec.norm, rec.eps)
     common = dict(attack=attack, budget=budget, kind=kind, target_name=rec.target.name,
                   target_fingerprint=rec.target.fingerprint, entry=folder.resolve().name)
@@ -164,7 +164,7 @@ def _entry_eps(groups: dict, eps: Optional[str], name: str) -> str:
 
 def _attack_protector(attack: str, params: Optional[dict], norm: str, eps: Optional[str], target: str,
                       device, dtype) -> Protector:
-    built = get_attack(attack, **(params or {}))
+    built = installed_attack(attack, params)  # a plugin: described by a worker, not imported here
     if built.kind is not AttackKind.per_image:
         raise InputError(f"--attack {attack!r} is {built.kind.value}: it is fit on a training set, not run on "
                          f"one photo; apply a fitted one with --from-entry ENTRY (e.g. leaderboard/entries/...)")

@@ -28,9 +28,15 @@ class EditSettings:
     guidance: float = 7.5
     seed: int = 9222
     eta: float = 0.0
+    #: instruction editors (InstructPix2Pix) only: the image guidance scale; None for img2img and
+    #: inpainting, and then left out of `to_dict`, so today's records and cache keys are unchanged
+    image_guidance: Optional[float] = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.image_guidance is None:
+            del d["image_guidance"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,15 @@ _BUILT_INS = (
         attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
         description="smoke-inpaint in PhotoGuard's setting: each photo's subject kept (hand-drawn masks), its "
                     "surroundings repainted from noise, CPU minutes",
+    ),
+    Suite(
+        name="smoke-instruct", target="tiny-ip2p", image_size=128, eps=("8/255", "16/255"),
+        prompts=("I1", "I2"),  # "make it black and white", "invert the colors" (harness/editing.PROMPTS)
+        edit=EditSettings(strength=1.0, steps=20, guidance=7.5, seed=9222, image_guidance=1.5),
+        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
+        description="instruction editing (InstructPix2Pix's architecture) on the offline tiny-ip2p target: 11 "
+                    "bundled photos at 128 px, instructions as prompts, text guidance 7.5 and image guidance 1.5 "
+                    "(strength 1: the pipeline starts from noise), CPU minutes",
     ),
     Suite(
         name="sd15-quick", target=SD15_HUB_ID, image_size=512, eps=("16/255",),

@@ -211,3 +211,32 @@ class EndlessLoop(spdbench.Attack):
     def perturb(self, images, target, budget, generator=None):
         while True:
             pass
+
+
+# --- issue 40: costs the attack reports about itself ---------------------------------------------
+
+class UnderReports(spdbench.Attack):
+    """Runs `steps` encoder forward + backward passes, then makes the per-job counter report 1
+    forward and 0 backward passes (the issue: 40 real steps recorded as 1 / 0)."""
+
+    defaults = {"steps": 4}
+
+    def perturb(self, images, target, budget, generator=None):
+        from spdbench.harness import model_calls
+
+        delta = torch.zeros_like(images, requires_grad=True)
+        for _ in range(self.steps):
+            target.encode(images + delta).mean.float().mean().backward()
+        model_calls.ModelCallCounter.per_image = lambda self, n: {k: (1.0 if k == "vae_encoder_fwd" else 0.0)
+                                                                  for k in model_calls.KEYS}
+        return torch.zeros_like(images)
+
+
+class RemovesHooks(spdbench.Attack):
+    """Takes every forward hook off the encoder before running it: nothing is counted at all."""
+
+    def perturb(self, images, target, budget, generator=None):
+        target.vae.encoder._forward_hooks.clear()
+        with torch.no_grad():
+            target.encode(images)
+        return torch.zeros_like(images)

@@ -48,7 +48,7 @@ def tiny():
 
 
 #: the checks that take over ~15 s on one core (gradients through the UNet, or 7 photos x 20 steps)
-SLOW_CHECKS = {"photoguard-diffusion", "advdm", "mist", "sds-t", "sds-minus", "sds-plus", "spd-advdm",
+SLOW_CHECKS = {"photoguard-diffusion", "advdm", "mist", "mist-diffprotect", "mist-v2", "sds-t", "sds-minus", "sds-plus", "spd-advdm",
                "spd-mist", "spd-sds-minus", "spd-sds-plus", "amortized-encoder", "amortized-pca-minus",
                "diffusionguard"}
 
@@ -108,6 +108,28 @@ def test_check_attack_fails_a_zero_attack_and_a_budget_breaker(tiny):
     assert not outside.ok and any("outside the budget" in c.detail for c in outside.failures)
     with pytest.raises(AssertionError, match="FAIL non-zero"):
         zero.assert_ok()
+
+
+def test_check_attack_warns_an_attack_that_leaves_its_budget_unused(tiny):
+    """Issue 35: an attack ending well inside its ball is reported ("warn budget-use"), visibly,
+    without failing the attack's contract; a full-budget sign perturbation passes the same check."""
+    from spdbench.budget import BUDGET_USE_FLOOR
+    from spdbench.testing.check import check_attack
+
+    class Sign(spdbench.Attack):
+        defaults = {"scale": 1.0}
+
+        def perturb(self, images, target, budget, generator=None):
+            g = torch.Generator().manual_seed(1)
+            sign = torch.randint(0, 2, images.shape, generator=g).to(images) * 2 - 1
+            return (images + sign * budget.eps * self.scale).clamp(0, 1) - images
+
+    full = check_attack(Sign, target=tiny, eps=("8/255",), norms=["linf"])
+    half = check_attack(Sign, target=tiny, eps=("8/255",), norms=["linf"], params={"scale": 0.5})
+    assert full.ok and not full.warnings
+    assert half.ok and {c.name for c in half.warnings} == {"budget-use"}
+    use = [c.detail for c in half.warnings]
+    assert all(f"floor {BUDGET_USE_FLOOR:.0%}" in d for d in use) and "warn budget-use" in str(half)
 
 
 @pytest.mark.parametrize("optimizer", ["pgd", "adam"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spdbench import Budget, BudgetError, apply_budget, format_eps, parse_eps
-from spdbench.budget import clamp_to_image, quantize_8bit
+from spdbench.budget import clamp_to_image, quantize_8bit, quantize_delta
 from spdbench.data.photos import load_photos
 from spdbench.attacks.optim import optimize
 
@@ -180,3 +180,26 @@ def test_effective_eps():
     assert effective_eps(Budget("linf", "8/255")) == pytest.approx(8 / 255)
     assert effective_eps(Budget("linf", 0.03), quantize=False) == 0.03
     assert effective_eps(Budget("l2", 2.0)) == 2.0
+
+
+@pytest.mark.parametrize("eps", [0.5, 2.0, 8.0])
+def test_l2_flat_delta_is_filled_back_up_to_the_budget(eps):
+    """Issue 35: a delta of equal magnitude on every pixel rounds the same way everywhere; at L2 2.0
+    on 128 px (2.3 levels per pixel, all rounded to 2) it was stored at norm 1.739. The fill moves
+    the pixels rounding pulled in one level back out until the norm is as close to eps as the grid
+    allows -- per photo (quantize_within) and for a universal delta (quantize_delta)."""
+    x = load_photos(n=2, size=128)
+    budget = Budget("l2", eps)
+    flat = torch.full_like(x, -1.0)
+    flat = flat / flat.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+    raw = clamp_to_image(x, flat)
+    raw = raw / raw.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps  # still on the boundary after clamping
+    adv = apply_budget(x, raw, budget)
+    norms = applied_norms(x, adv, budget)
+    assert torch.equal(adv, quantize_8bit(adv)) and adv.min() >= 0 and adv.max() <= 1
+    assert (norms <= eps + 1e-6).all() and (norms >= 0.999 * eps).all(), norms.tolist()
+    moved = (adv - x) * raw < 0  # the fill goes the way the attack went, never against it
+    assert not moved.any()
+    u = quantize_delta(flat[:1], budget)
+    assert torch.equal(u * 255, torch.round(u * 255))
+    assert eps * 0.999 <= budget.norms(u).item() <= eps + 1e-6

@@ -32,8 +32,9 @@ def images():
 
 
 def test_prompts_and_defaults_are_the_seed_protocol():
-    assert PROMPTS == {"P1": "make it like a watercolor painting", "P2": "apply sunset lighting",
-                       "P3": "add some snow", "P4": ""}
+    assert {k: v for k, v in PROMPTS.items() if k.startswith("P")} == {
+        "P1": "make it like a watercolor painting", "P2": "apply sunset lighting", "P3": "add some snow", "P4": ""}
+    assert set(PROMPTS) - {"P1", "P2", "P3", "P4"} == {"I1", "I2", "I3", "I4", "I5"}  # the instruction keys
     d = EditSettings()
     assert (d.strength, d.guidance, d.steps) == (0.5, 7.5, 50)
     assert resolve_prompt("P2") == "apply sunset lighting" and resolve_prompt("a cat") == "a cat"

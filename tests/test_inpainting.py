@@ -270,7 +270,7 @@ def test_every_attack_runs_against_the_inpainting_model(name, inpainter, photos)
 
 
 #: the checks that take over ~10 s on one core against the inpainting model
-SLOW_ON_INPAINT = {"advdm", "mist", "photoguard-diffusion", "spd-advdm", "spd-mist", "spd-sds-minus", "spd-sds-plus",
+SLOW_ON_INPAINT = {"advdm", "mist", "mist-diffprotect", "mist-v2", "photoguard-diffusion", "spd-advdm", "spd-mist", "spd-sds-minus", "spd-sds-plus",
                    "diffusionguard", "sds-t", "sds-minus", "sds-plus", "amortized-encoder", "amortized-pca-minus",
                    "spd-pca-plus", "spd-pca-minus", "spd-encoder"}
 #: measured: a universal Mist fit on the 7 train photos does not beat uniform noise on the test

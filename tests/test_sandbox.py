@@ -239,3 +239,44 @@ def test_records_before_the_sandbox_still_load():
     assert "isolation_detail" not in data
     rec = Record.model_validate(data)
     assert rec.isolation == "process" and rec.isolation_detail is None
+
+
+# --- issue 40: costs measured where the attack cannot set them ---------------------------------
+
+def test_an_attack_that_under_reports_its_model_calls_gets_its_real_counts_recorded(tmp_path, target):
+    """The job's own counter is made to say 1 forward / 0 backward; the worker runtime's hooks,
+    installed before the attack existed, counted the real passes, and those are recorded, flagged."""
+    res = _run(H.UnderReports(), target, tmp_path / "run")
+    assert res.ok, [r.error for r in res.records]
+    rec = res.records[0]
+    assert rec.model_calls["vae_encoder_fwd"] >= 3 and rec.model_calls["vae_encoder_bwd"] >= 3, rec.model_calls
+    assert "model-calls-tampered" in rec.flags and "attack-from-caller" in rec.flags
+    honest = _run("photoguard-encoder", target, tmp_path / "honest")
+    assert "model-calls-tampered" not in honest.records[0].flags
+    assert "attack-from-caller" not in honest.records[0].flags, "a built-in by name travels as plain data"
+
+
+def test_an_attack_that_removes_the_counting_hooks_is_flagged(tmp_path, target):
+    res = _run(H.RemovesHooks(), target, tmp_path / "run")
+    assert res.ok, [r.error for r in res.records]
+    assert all("model-calls-tampered" in r.flags for r in res.records)
+
+
+def test_attack_time_is_the_harness_measured_share_not_the_workers_figure(tmp_path, target, monkeypatch):
+    """The worker's own clock says 0 s for every split; the records hold the harness's wall time."""
+    from spdbench.harness import isolation, wire
+
+    real = wire.decode
+
+    def lying(frame, expected, network_max_values=0):
+        reply, tensors = real(frame, expected, network_max_values)
+        for report in reply.splits.values():
+            report.wall_s, report.device_s = 2.5e-7, 1e6
+        return reply, tensors
+
+    monkeypatch.setattr(isolation.wire, "decode", lying)
+    res = _run("uniform-noise", target, tmp_path / "run")
+    assert res.ok
+    rec = res.records[0]
+    assert rec.timing.attack_wall_s > 1e-4, "the harness's measured share, not the worker's 2.5e-7 s"
+    assert rec.timing.attack_device_s is None and "device-time-dropped" in rec.flags

@@ -8,22 +8,33 @@ receives it and must return a delta inside it (the harness re-checks anyway).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib.metadata
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, TypeVar, Union
 
 import torch
 
 from spdbench.budget import Budget
-from spdbench.errors import InputError, RegistryError
+from spdbench.errors import InputError, RegistryError, UnknownNameError, did_you_mean
 from spdbench.images import check_images
 from spdbench.registry import Registry
 
 ENTRY_POINT_GROUP = "spdbench.attacks"
 
+
+def param_source(key: str, explicit, preset: Optional[str], presets) -> str:
+    """Where parameter `key` came from: "explicit" (set by the caller), "preset:NAME" or "default" --
+    one rule for an Attack and for its plain-data AttackSpec."""
+    if key in explicit:
+        return "explicit"
+    if preset is not None and key in presets.get(preset, {}):
+        return f"preset:{preset}"
+    return "default"
 
 class AttackKind(str, Enum):
     """How an attack protects, the one thing the harness branches on: what it may see and what it returns.
@@ -142,11 +153,7 @@ class Attack:
 
     def param_source(self, key: str) -> str:
         """Where parameter `key` came from: "explicit", "preset:NAME" or "default"."""
-        if key in self.explicit_params:
-            return "explicit"
-        if self.preset is not None and key in self.presets.get(self.preset, {}):
-            return f"preset:{self.preset}"
-        return "default"
+        return param_source(key, self.explicit_params, self.preset, self.presets)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -325,13 +332,15 @@ def _top_level_distributions() -> Mapping[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
-def attack_source(attack: Union[Attack, type]) -> dict[str, str]:
+def attack_source(attack: Union[Attack, type, "AttackSpec"]) -> dict[str, str]:
     """The installed distribution (name and version) whose files hold the attack's class.
 
     Why: a leaderboard record must say which code made it; a plugin's version changes its numbers.
     Found from the module's top-level package via `importlib.metadata.packages_distributions`;
     code that no installed distribution holds (a notebook, a test file) is "unknown".
     """
+    if isinstance(attack, AttackSpec):  # a plugin's: read from its entry point's metadata, never imported
+        return dict(attack.source)
     cls = attack if isinstance(attack, type) else type(attack)
     module = cls.__module__
     top = module.split(".")[0]
@@ -359,3 +368,182 @@ def attack_class(name: str) -> type[Attack]:
 def get_attack(name: str, **params: Any) -> Attack:
     """Build a registered attack by name: `get_attack("pca-minus", steps=40)`."""
     return attack_class(name)(**params)
+
+
+# --- an attack as plain data: what the harness plans with, what the worker builds from ----------
+#: where an attack's code comes from: this package ("builtin"), an installed entry point ("plugin",
+#: never imported in the harness or verify), or the Python caller's own process ("caller": a class
+#: or instance the caller made; it travels to the worker pickled, and the record says so)
+ORIGINS = ("builtin", "plugin", "caller")
+
+
+def is_builtin(cls: type) -> bool:
+    """True for a class defined in this package's attacks (our code, scanned, safe to construct)."""
+    module = getattr(cls, "__module__", "") or ""
+    return module == __package__ or module.startswith(f"{__package__}.")
+
+
+def class_description(cls: type[Attack]) -> dict[str, Any]:
+    """What planning reads of an attack class, as plain data (JSON values): the worker sends this
+    for a plugin (wire.AttackDescription checks it), the harness builds it itself for a built-in."""
+    return dict(kind=AttackKind(cls.kind).value, defaults=dict(cls.defaults),
+                presets={k: dict(v) for k, v in cls.presets.items()},
+                preset_budgets={k: {"norm": b.norm, "eps": float(b.eps)} for k, b in cls.preset_budgets.items()},
+                max_network_params=int(getattr(cls, "max_network_params", 0)) if cls.kind is AttackKind.amortized
+                else None,
+                uses_masks=bool(cls.uses_masks), needs_inpainting=bool(cls.needs_inpainting),
+                has_objective=bool(cls.has_objective))
+
+
+def describe(attack: Attack) -> dict[str, Any]:
+    """An instance as plain data: its class's description, its name, preset and merged params."""
+    return dict(name=str(attack.name), preset=attack.preset, params=dict(attack.params),
+                **class_description(type(attack)))
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """A configured attack as plain data. The harness plans, records and verifies with this; the
+    worker constructs the attack itself from `(name, entry_point, preset, given)` (`build`). Only an
+    attack the Python caller made in its own process (`origin` "caller") carries the object
+    (`instance`), which then travels to the worker pickled: it is the caller's code already."""
+
+    name: str
+    kind: AttackKind
+    params: dict[str, Any]               # every parameter, merged (recorded)
+    preset: Optional[str]
+    given: dict[str, Any]                # what the worker constructs with: cls(preset=preset, **given)
+    explicit_params: frozenset[str]
+    defaults: dict[str, Any]
+    presets: dict[str, dict[str, Any]]
+    preset_budgets: dict[str, Budget]
+    origin: str
+    source: dict[str, str]
+    uses_masks: bool = False
+    needs_inpainting: bool = False
+    has_objective: bool = False
+    max_network_params: Optional[int] = None
+    entry_point: Optional[str] = None    # "module:attr" of a plugin, read from metadata
+    instance: Optional[Attack] = field(default=None, compare=False, repr=False)
+
+    def __getattr__(self, key: str) -> Any:
+        """A parameter by name, as on an Attack (`spec.steps`); only for names not otherwise set."""
+        params = self.__dict__.get("params")
+        if params is not None and key in params:
+            return params[key]
+        raise AttributeError(f"{type(self).__name__} {self.__dict__.get('name')!r} has no attribute {key!r}")
+
+    @property
+    def universal(self) -> bool:
+        return self.kind is AttackKind.universal
+
+    @property
+    def amortized(self) -> bool:
+        return self.kind is AttackKind.amortized
+
+    @property
+    def fits(self) -> bool:
+        return self.kind.fits
+
+    @classmethod
+    def from_instance(cls, attack: Attack) -> "AttackSpec":
+        """A built-in instance becomes (name, params) (the worker rebuilds it; one path for all);
+        anything else the caller made stays the caller's object."""
+        builtin = is_builtin(type(attack)) and ATTACKS.local(attack.name, None) is type(attack)
+        info = class_description(type(attack))
+        return cls(name=str(attack.name), kind=AttackKind(info.pop("kind")), params=dict(attack.params),
+                   preset=attack.preset, given=dict(attack.params), explicit_params=frozenset(attack.explicit_params),
+                   preset_budgets=dict(type(attack).preset_budgets), origin="builtin" if builtin else "caller",
+                   source=attack_source(attack), instance=None if builtin else attack,
+                   **{k: v for k, v in info.items() if k != "preset_budgets"})
+
+    @classmethod
+    def from_description(cls, info: dict[str, Any], *, given: dict[str, Any], entry_point: str,
+                         source: dict[str, str]) -> "AttackSpec":
+        """A plugin's spec from what its worker described (checked by wire.AttackDescription);
+        `given`, `entry_point` and `source` are the harness's own, not the worker's word."""
+        info = dict(info)
+        budgets = {k: Budget(b["norm"], b["eps"]) for k, b in info.pop("preset_budgets").items()}
+        return cls(kind=AttackKind(info.pop("kind")), given=dict(given), explicit_params=frozenset(given),
+                   preset_budgets=budgets, origin="plugin", source=dict(source), entry_point=entry_point, **info)
+
+    def param_source(self, key: str) -> str:
+        """Where parameter `key` came from: "explicit", "preset:NAME" or "default" (as Attack's)."""
+        return param_source(key, self.explicit_params, self.preset, self.presets)
+
+    def configure(self, **params: Any) -> "AttackSpec":
+        """A copy with `params` set (the suite's step budget); unknown names are an error."""
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise InputError(f"attack {self.name!r} got unknown parameter(s) {unknown};"
+                             f" accepted: {sorted(self.defaults) or 'none'}")
+        instance = self.instance.configure(**params) if self.instance is not None else None
+        return dataclasses.replace(self, params={**self.params, **params}, given={**self.given, **params},
+                                   instance=instance)
+
+    def payload(self) -> dict[str, Any]:
+        """What the worker gets: plain (name, entry point, preset, params), or the caller's object."""
+        if self.instance is not None:
+            return {"object": self.instance}
+        return {"name": self.name, "entry_point": self.entry_point, "preset": self.preset, "given": dict(self.given)}
+
+    def build(self) -> Attack:
+        """The attack object, constructed in THIS process: called by the worker (and by isolation
+        "none", which runs attack code in the harness on purpose)."""
+        return self.build_payload(self.payload())
+
+    @staticmethod
+    def build_payload(payload: Mapping[str, Any]) -> Attack:
+        """The attack a `payload()` names, constructed here (or the caller's object it carries)."""
+        if "object" in payload:
+            return payload["object"]
+        return build_attack(payload["name"], payload["entry_point"], payload["preset"], payload["given"])
+
+
+def plugin_class(name: str, entry_point: str) -> type[Attack]:
+    """Import the plugin class `entry_point` ("module:attr") names, as `name`: for the worker only."""
+    ep = importlib.metadata.EntryPoint(name=name, value=entry_point, group=ENTRY_POINT_GROUP)
+    cls = _attack_from_entry_point(name, ep.load(), f"attack plugin {name!r} ({entry_point})")
+    if ATTACKS.local(name, None) is not cls:
+        ATTACKS[name] = cls
+    _set_name(name, cls)
+    return cls
+
+
+def build_attack(name: str, entry_point: Optional[str], preset: Optional[str], given: Mapping[str, Any]) -> Attack:
+    """Construct `name` from plain data: a built-in from the package scan, a plugin from its entry
+    point (imported here: call this only where attack code may run)."""
+    cls = plugin_class(name, entry_point) if entry_point else ATTACKS.local(name)
+    return cls(preset=preset, **dict(given))
+
+
+@dataclass(frozen=True)
+class AttackLocation:
+    """Where a name's code is, found without importing a plugin: a class (built-in or the caller's)
+    or an entry point (a plugin: `entry_point` "module:attr", and its distribution)."""
+
+    name: str
+    origin: str
+    cls: Optional[type[Attack]] = None
+    entry_point: Optional[str] = None
+    source: dict[str, str] = field(default_factory=dict)
+
+
+def locate_attack(name: str) -> AttackLocation:
+    """A built-in first, then an installed entry point (metadata only: the plugin is not imported,
+    even when this process imported it before), then a class this process registered itself."""
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"attack must be a registered name or an spdbench.Attack instance, got {name!r}")
+    cls = ATTACKS.local(name, None)
+    if cls is not None and is_builtin(cls):
+        return AttackLocation(name, "builtin", cls=cls)
+    ep = ATTACKS.entry_point(name)
+    if ep is not None:
+        dist = getattr(ep, "dist", None)
+        source = {"distribution": getattr(dist, "name", None) or "unknown",
+                  "version": getattr(dist, "version", None) or "unknown", "module": ep.value.split(":")[0]}
+        return AttackLocation(name, "plugin", entry_point=ep.value, source=source)
+    if cls is not None:
+        return AttackLocation(name, "caller", cls=cls)
+    known = ATTACKS.known_names()
+    raise UnknownNameError(f"unknown attack {name!r}.{did_you_mean(name, known)} Available: {', '.join(sorted(known))}")

@@ -36,14 +36,15 @@ from PIL import Image
 
 from spdbench.budget import Budget
 from spdbench.errors import InputError
-from spdbench.attacks.base import register
-from spdbench.attacks.objectives import ITERATION_DEFAULTS, GradientAttack, check_choice, draw, latent_shape, resize_image
+from spdbench.attacks.base import ATTACKS, register
+from spdbench.attacks.objectives import (ITERATION_DEFAULTS, STOCHASTIC_FINISH, GradientAttack, check_choice, draw,
+                                         latent_shape, resize_image)
 
 #: xavihart/Diff-Protect configs/attack/base.yaml + code/diff_mist.py: L-inf eps 16/255, sign
 #: step 1/255 (2/255 on [-1, 1]), 100 iterations, constant step, prompt "a photo"
 _ANCHOR = dict(steps=100, step_size=1 / 255, optimizer="pgd", schedule="constant", prompt="a photo")
 _ANCHOR_BUDGET = Budget("linf", "16/255")
-_COMMON = {**ITERATION_DEFAULTS, "prompt": "a photo", "eval_samples": 4, "eval_seed": 0}
+_COMMON = {**ITERATION_DEFAULTS, "prompt": "a photo", "eval_samples": 4, "eval_seed": 0, "finish": STOCHASTIC_FINISH}
 PATTERN_FILE = "mist_pattern.png"
 
 
@@ -74,6 +75,21 @@ def load_pattern() -> torch.Tensor:
 
 
 # --- the shared pieces -------------------------------------------------------------------------------
+def pattern_posterior(cache, target_image, target, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, sigma) of the target pattern's posterior at the input's size, once per target and size
+    in `cache` (Mist's and Mist-v2's z^T): `target_image` is "pattern" or a (1, 3, H, W) image."""
+    size = tuple(like.shape[-2:])
+
+    def make():
+        image = load_pattern() if isinstance(target_image, str) else target_image.float()
+        image = resize_image(image.reshape(-1, 3, *image.shape[-2:])[:1], size).to(target.device)
+        with torch.no_grad():
+            enc = target.encode(image)
+        return enc.mean.detach(), (0.5 * enc.logvar).exp().detach()
+
+    return cache.get(target, ("pattern", size), make)
+
+
 @dataclass
 class Draws:
     """One step's randomness for a batch: posterior sample xi, timesteps t (N,), diffusion noise eps."""
@@ -160,16 +176,7 @@ class _PatternMixin:
 
     def pattern_posterior(self, target, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of the pattern's posterior at the input's size (computed once per target)."""
-        size = tuple(like.shape[-2:])
-
-        def make():
-            image = load_pattern() if isinstance(self.target_image, str) else self.target_image.float()
-            image = resize_image(image.reshape(-1, 3, *image.shape[-2:])[:1], size).to(target.device)
-            with torch.no_grad():
-                enc = target.encode(image)
-            return enc.mean.detach(), (0.5 * enc.logvar).exp().detach()
-
-        return self._cache.get(target, ("pattern", size), make)
+        return pattern_posterior(self._cache, self.target_image, target, like)
 
     def pattern_latents(self, target, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """z(x_T): a fresh posterior sample of the pattern per step (as the anchor re-encodes it)."""
@@ -189,6 +196,8 @@ _ARGS = """
             the fixed draws `objective()` averages.
         steps: 100. step_size: None = 2.5 * eps / steps, else a float (1/255 in the anchor).
         optimizer: "pgd" | "adam". schedule: "constant" | "linear". init: {init}. stop_below: None.
+        finish: None | "boundary" (the result pushed onto the budget's boundary, objectives.to_boundary:
+            one draw per step leaves these attacks well inside the ball).
     Presets: "diff-protect" = the anchor's code (L-inf eps 16/255, sign step 1/255, 100 steps,
         constant step, init {init}, prompt "a photo"{preset_extra}).
     Shapes: images (N, 3, H, W) in [0, 1] -> delta (N, 3, H, W); objective (N,) {shape}.
@@ -302,10 +311,12 @@ class SDST(_PatternMixin, _SDS):
         return float(self.rate) * sds + per_image_sum((z.float() - z_target.float()).pow(2))
 
 
-@register("mist")
+@register("mist-diffprotect")
 class Mist(_PatternMixin, DiffProtectAttack):
-    __doc__ = """Mist: pull the latent toward a pattern's while raising the denoising error.
+    __doc__ = """Mist as Diff-Protect implements it: pull the latent toward a pattern's while raising the denoising error.
 
+    Named `mist-diffprotect` (formerly `mist`, still accepted: records made under that name
+    resolve here): it is Diff-Protect's `mode=mist`, not the Mist-v2 tool (`mist-v2`, mist_v2.py).
     Paper: Liang et al., "Mist: Towards Improved Adversarial Examples for Diffusion Models", 2023;
     as implemented in Diff-Protect (`mode=mist`): PGD descent of L_tex - rate * L_sem with
     L_tex = sum (z(x) - z(x_T))^2 on posterior samples (the same z feeds L_sem), full gradient
@@ -316,7 +327,7 @@ class Mist(_PatternMixin, DiffProtectAttack):
         rate: 1e4 (the anchor's fusion weight of L_sem; L_tex is a sum over latent dims, L_sem a
             mean, so the balance shifts toward L_sem at sizes below the anchor's 512 px).""",
                        init='"random" (the anchor)', preset_extra=", rate 1e4",
-                       shape="= L_tex - rate * L_sem (lower = stronger)", name="mist")
+                       shape="= L_tex - rate * L_sem (lower = stronger)", name="mist-diffprotect")
 
     maximize: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {**_COMMON, "init": "random", "target_image": "pattern", "rate": 1e4}
@@ -332,3 +343,7 @@ class Mist(_PatternMixin, DiffProtectAttack):
         z = target.latents(adv, sample=True, noise=d.xi)
         semantic = per_image_mean(denoising_error(target, z, d, self.condition(target)).pow(2))
         return self.texture_loss(target, z, adv, generator) - float(self.rate) * semantic
+
+
+#: the name this attack had before Mist-v2 joined (issue 35): old records and entries still resolve
+ATTACKS.alias("mist", "mist-diffprotect")

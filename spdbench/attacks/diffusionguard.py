@@ -20,10 +20,15 @@ What the anchor does and what this port does (all budgets on spdbench's [0, 1] s
 - The perturbation lives on the kept region only (the hole is blanked before encoding, so its
   gradient is zero there); the harness projects onto the budget and [0, 1] after every step.
 - Mask augmentation: the anchor jitters the kept region's contour points inward (1..15 passes of
-  random offsets up to 1.1 * U(0, r), r = radius of the disk of the kept region's area). Here the
-  kept region is eroded by a random depth k ~ U{0 .. round(1.1 * U(0, r))} pixels (a square
-  structuring element: the repaint mask max-pooled): the same "shrink by a random amount"
-  without OpenCV's contour tracing, drawn from the attack's generator (deterministic).
+  random offsets up to int(1.1 * U(0, r)), smoothed, with OpenCV), r = sqrt(pi * A / 2) for a kept
+  area of A pixels (`utils/utils.py:get_mask_radius_list`: the area of the 3-channel mask PNG over
+  3 * 2 / pi). Here the kept region is eroded by a random depth k ~ U{0 .. int(1.1 * U(0, r))}
+  pixels (a square structuring element: the repaint mask max-pooled), drawn from the attack's
+  generator: the anchor's radius and depth bound without OpenCV's contour tracing. The erosion
+  is harsher than the anchor's smoothed jitter: on smoke-inpaint's centre box (a 32 px kept frame
+  at 128 px, r = 139) it removes the whole kept region in about half the steps, which then have
+  no gradient. `augment="disk"` (or True, what entries made before recorded) is this port's
+  earlier rule, r = sqrt(A / pi), 2.22x smaller.
 - The masked image's latent is the posterior mean (the anchor draws a sample): one less noise
   source, the same expectation.
 `objective()` (lower = stronger) is minus the norm, averaged over `eval_samples` fixed z_T draws
@@ -40,7 +45,8 @@ import torch
 from spdbench.budget import Budget
 from spdbench.errors import InputError
 from spdbench.attacks.base import register
-from spdbench.attacks.objectives import ITERATION_DEFAULTS, GradientAttack, check_choice, check_masks, draw, latent_shape
+from spdbench.attacks.objectives import (ITERATION_DEFAULTS, STOCHASTIC_FINISH, GradientAttack, check_choice, check_masks,
+                                         draw, latent_shape)
 
 
 def first_timestep(target, num_inference_steps: int) -> int:
@@ -50,15 +56,37 @@ def first_timestep(target, num_inference_steps: int) -> int:
     return int(scheduler.timesteps[0])
 
 
-def shrink_kept_region(masks: torch.Tensor, generator: torch.Generator, strength: float = 1.1) -> torch.Tensor:
+#: `augment`: "anchor" (the anchor's radius rule, the default), "disk" (this port's earlier rule),
+#: True (what entries made before the choice existed recorded: the "disk" rule), False (no augmentation)
+AUGMENT_CHOICES = ("anchor", "disk", True, False)
+AUGMENT_RULE = {"anchor": "anchor", "disk": "disk", True: "disk"}
+
+#: the radius rules of the augmentation: "anchor" = utils/utils.py:get_mask_radius_list (the kept
+#: area counted over 3 RGB channels and divided by 3 * 2 / pi, i.e. sqrt(pi * A / 2)); "disk" = the
+#: radius of the disk of area A, sqrt(A / pi), which this port used before (2.22x smaller)
+RADIUS_RULES = ("anchor", "disk")
+
+
+def kept_radius(kept_area: float, rule: str = "anchor") -> float:
+    """The contour-shrink radius of a kept region of `kept_area` pixels under `rule` (RADIUS_RULES)."""
+    if rule == "anchor":
+        return math.sqrt(math.pi * kept_area / 2.0)
+    if rule == "disk":
+        return math.sqrt(kept_area / math.pi)
+    raise InputError(f"radius rule must be one of {list(RADIUS_RULES)}, got {rule!r}")
+
+
+def shrink_kept_region(masks: torch.Tensor, generator: torch.Generator, strength: float = 1.1,
+                       rule: str = "disk") -> torch.Tensor:
     """Each repaint mask (N, 1, H, W; 1 = repaint) grown by a random depth, i.e. its kept region
-    eroded by k ~ U{0 .. round(strength * U(0, r))} px, r = radius of the disk of the kept area."""
+    eroded by k ~ U{0 .. D} px with D = int(strength * U(0, r)) under the anchor's rule (its
+    `eps=int(perturb_dist * contour_strength)`) and D = round(strength * U(0, r)) under "disk"
+    (this port's earlier rule, kept so entries made with it re-run bit for bit); r = kept_radius."""
     out = []
     for m in masks:
-        kept = float((m < 0.5).sum())
-        radius = math.sqrt(kept / math.pi)
+        radius = kept_radius(float((m < 0.5).sum()), rule)
         u = float(torch.rand((), generator=generator, device=generator.device))
-        depth_max = int(round(strength * u * radius))
+        depth_max = int(strength * u * radius) if rule == "anchor" else int(round(strength * u * radius))
         k = int(torch.randint(0, depth_max + 1, (1,), generator=generator, device=generator.device)) if depth_max else 0
         grown = torch.nn.functional.max_pool2d(m[None], 2 * k + 1, stride=1, padding=k)[0] if k else m
         out.append(grown)
@@ -73,7 +101,9 @@ class DiffusionGuard(GradientAttack):
 
     Args (on the [0, 1] image scale):
         prompt: "" (the anchor's). inference_steps: 4 (t = the first timestep of this schedule).
-        augment: True (shrink the kept region by a random depth each step). contour_strength: 1.1.
+        augment: "anchor" (shrink the kept region by a random depth each step, the anchor's radius),
+            "disk" or True (the earlier radius sqrt(A / pi)), False (no augmentation). contour_strength: 1.1.
+        finish: None | "boundary" (push the result onto the budget's boundary: objectives.to_boundary).
         eval_samples: 4, eval_seed: 0 (the fixed z_T draws `objective()` averages).
         steps, step_size, optimizer, schedule, stop_below: the GradientAttack loop; init "zero" (the
             anchor's). The returned delta is zero on the repaint region, whatever the start.
@@ -83,11 +113,12 @@ class DiffusionGuard(GradientAttack):
     """
 
     defaults: ClassVar[dict[str, Any]] = {**ITERATION_DEFAULTS, "init": "zero", "prompt": "", "inference_steps": 4,
-                                          "augment": True,
-                                          "contour_strength": 1.1, "eval_samples": 4, "eval_seed": 0}
+                                          "augment": "anchor",
+                                          "contour_strength": 1.1, "eval_samples": 4, "eval_seed": 0,
+                                          "finish": STOCHASTIC_FINISH}
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "official": dict(steps=800, step_size=0.5 / 255, optimizer="pgd", schedule="constant", init="zero",
-                         inference_steps=4, augment=True, prompt=""),
+                         inference_steps=4, augment="anchor", prompt=""),
     }
     preset_budgets: ClassVar[dict[str, Budget]] = {"official": Budget("linf", "8/255")}
     maximize: ClassVar[bool] = True
@@ -99,7 +130,7 @@ class DiffusionGuard(GradientAttack):
         super().__init__(preset, **params)
         if not isinstance(self.prompt, str):
             raise InputError(f"attack {self.name!r}: prompt must be a string, got {type(self.prompt).__name__}")
-        check_choice(self.name, "augment", self.augment, (True, False))
+        check_choice(self.name, "augment", self.augment, AUGMENT_CHOICES)
         for key in ("inference_steps", "eval_samples"):
             value = self.params[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -127,7 +158,8 @@ class DiffusionGuard(GradientAttack):
         samples = int(self.eval_samples) if evaluation else 1
         total = torch.zeros(adv.shape[0], device=adv.device)
         for _ in range(samples):
-            m = shrink_kept_region(masks, gen, self.contour_strength) if (self.augment and not evaluation) else masks
+            m = masks if (self.augment is False or evaluation) else \
+                shrink_kept_region(masks, gen, self.contour_strength, AUGMENT_RULE[self.augment])
             z_t = draw("randn", latent_shape(target, adv), gen, target.device)
             z_t = z_t * float(getattr(target.scheduler, "init_noise_sigma", 1.0))
             eps = target.predict_noise(z_t, t, cond, inpaint=target.inpaint_condition(adv, m))

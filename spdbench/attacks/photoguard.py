@@ -111,6 +111,10 @@ class PhotoGuardEncoder(GradientAttack):
         return latent_distance(target, adv, self.target_latent(target, adv))
 
 
+#: how f encodes x + delta: the posterior mean (this port's default) or a sample (the anchor's)
+LATENT_CHOICES = ("mean", "sample")
+
+
 @register("photoguard-diffusion")
 class PhotoGuardDiffusion(GradientAttack):
     """PhotoGuard's diffusion attack: pull the img2img *edit* of x + delta toward a target image.
@@ -134,6 +138,9 @@ class PhotoGuardDiffusion(GradientAttack):
             step (from the generator, fresh every step). eval_samples / eval_seed: 4 draws from
             seed 0 for `objective` (so it is deterministic). checkpointing: True.
         autocast_dtype: None | "float16" | "bfloat16" (mixed precision for the forward pass).
+        latent: "mean" (x + delta encoded as its posterior mean) | "sample" (a reparameterized
+            posterior sample, xi drawn after each draw's noise: the notebook's
+            `latent_dist.sample()`, set by the "madry" presets).
         steps: 100. step_size: None = 2.5 * eps / steps. optimizer "pgd" | "adam". schedule
             "constant" | "linear". init "zero" (PhotoGuard) | "random". stop_below: None.
     Presets: "madry" = the notebook's L2 attack (L2 eps 16 on [-1,1] = 8.0, step 1 -> 0.5 on the
@@ -155,14 +162,15 @@ class PhotoGuardDiffusion(GradientAttack):
     defaults: ClassVar[dict[str, Any]] = {
         **ITERATION_DEFAULTS, "init": "zero", "target_image": "grey", "prompt": "", "guidance_scale": 7.5,
         "unroll_steps": 4, "strength": 0.5, "eta": 0.0, "grad_samples": 1, "eval_samples": 4,
-        "eval_seed": 0, "checkpointing": True, "autocast_dtype": None,
+        "eval_seed": 0, "checkpointing": True, "autocast_dtype": None, "latent": "mean",
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "madry": dict(steps=200, step_size=0.5, schedule="constant", init="zero", target_image="grey",
-                      prompt="", guidance_scale=7.5, unroll_steps=4, strength=1.0, eta=1.0, grad_samples=10),
+                      prompt="", guidance_scale=7.5, unroll_steps=4, strength=1.0, eta=1.0, grad_samples=10,
+                      latent="sample"),
         "madry-linf": dict(steps=200, step_size=0.003, schedule="constant", init="zero", target_image="grey",
                            prompt="", guidance_scale=7.5, unroll_steps=4, strength=1.0, eta=1.0,
-                           grad_samples=5),
+                           grad_samples=5, latent="sample"),
     }
     preset_budgets: ClassVar[dict[str, Budget]] = {"madry": Budget("l2", 8.0), "madry-linf": Budget("linf", 0.05)}
 
@@ -180,6 +188,7 @@ class PhotoGuardDiffusion(GradientAttack):
             raise InputError(f"attack {name!r}: target_image must be 'grey' or a Tensor image, got "
                              f"{type(spec).__name__}")
         check_choice(name, "autocast_dtype", self.autocast_dtype, list(self._AUTOCAST))
+        check_choice(name, "latent", self.latent, LATENT_CHOICES)
         for key in ("unroll_steps", "grad_samples", "eval_samples"):
             value = self.params[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -260,8 +269,10 @@ class PhotoGuardDiffusion(GradientAttack):
         return (out.float() + 1.0) / 2.0
 
     def edit(self, target, adv: torch.Tensor, noise: torch.Tensor,
-             variance_noise: Optional[torch.Tensor]) -> torch.Tensor:
-        """The differentiable few-step img2img edit f(adv) for one noise draw -> (N, 3, H, W) float32."""
+             variance_noise: Optional[torch.Tensor], latent_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The differentiable few-step img2img edit f(adv) for one noise draw -> (N, 3, H, W) float32.
+        `latent_noise` (xi) encodes adv (or, inpainting, the masked photo) as the posterior sample
+        mu + sigma * xi (`latent="sample"`, the notebook's `latent_dist.sample()`); None: the mean."""
         sched, timesteps = self.scheduler(target)
         run = (functools.partial(checkpoint, use_reentrant=False) if self.checkpointing
                else (lambda fn, *args: fn(*args)))
@@ -270,12 +281,12 @@ class PhotoGuardDiffusion(GradientAttack):
                 if self._masks is None or self._masks.shape[0] != adv.shape[0]:
                     raise InputError(f"attack {self.name!r}: an inpainting target needs perturb(..., masks=...) "
                                      "or set_masks() first")
-                cond = target.inpaint_condition(adv, self._masks)
+                cond = target.inpaint_condition(adv, self._masks, noise=latent_noise)
                 z = (noise * float(getattr(sched, "init_noise_sigma", 1.0))).to(cond.dtype)
                 emb = self.embeddings(target).to(cond.dtype)
             else:
                 cond = None
-                z0 = target.encode(adv).latents
+                z0 = target.latents(adv, sample=latent_noise is not None, noise=latent_noise)
                 emb = self.embeddings(target).to(z0.dtype)
                 z = target.add_noise(z0, noise, timesteps[0])
             for i, t in enumerate(timesteps):
@@ -290,7 +301,8 @@ class PhotoGuardDiffusion(GradientAttack):
             noise = draw("randn", shape, generator, target.device)
             vn = (draw("randn", (self.unroll_steps,) + shape, generator, target.device)
                   if self.eta > 0 else None)
-            yield noise, vn
+            xi = draw("randn", shape, generator, target.device) if self.latent == "sample" else None
+            yield noise, vn, xi
 
     def objective_loss(self, target, adv: torch.Tensor, clean: torch.Tensor,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -301,7 +313,7 @@ class PhotoGuardDiffusion(GradientAttack):
             samples = self.grad_samples
         x_targ = self.target_pixels(adv, target.device)
         total = 0.0
-        for noise, vn in self._draws(target, adv, samples, generator):
-            edited = self.edit(target, adv, noise, vn)
+        for noise, vn, xi in self._draws(target, adv, samples, generator):
+            edited = self.edit(target, adv, noise, vn, xi)
             total = total + (edited - x_targ).pow(2).flatten(1).sum(dim=1)
         return total / samples

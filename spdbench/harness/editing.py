@@ -1,4 +1,4 @@
-"""The editing suite (img2img, and inpainting on a target that inpaints): prompts, explicit settings, per-image seeds, batched edits, clean-edit cache.
+"""The editing suite (img2img, inpainting on a target that inpaints, instruction editing on an InstructPix2Pix target): prompts, explicit settings, per-image seeds, batched edits, clean-edit cache.
 
 Clean and immunized images are edited with the same prompt, settings and generator seed per image,
 so the only difference between the two edits is the perturbation. Clean edits do not depend on the
@@ -24,6 +24,7 @@ from spdbench.images import check_images
 from spdbench.store.records import atomic_write_bytes
 from spdbench.store.runfolder import DiskError
 from spdbench.suites import EditSettings
+from spdbench.targets.instruct import instruct_pipeline, is_instruct
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,13 @@ PROMPTS: dict[str, str] = {
     "P2": "apply sunset lighting",
     "P3": "add some snow",
     "P4": "",
+    # instructions for instruction editors (InstructPix2Pix); each has an exact result
+    # (spdbench.targets.instruct.EDITS), which tiny-ip2p was trained on
+    "I1": "make it black and white",
+    "I2": "invert the colors",
+    "I3": "make it brighter",
+    "I4": "make it darker",
+    "I5": "blur it",
 }
 
 
@@ -124,8 +132,9 @@ def cache_entry_problem(entry: Optional[torch.Tensor], shape: Sequence[int]) -> 
 
 
 class Editor:
-    """Batched edits through the target's diffusers pipeline (img2img, or inpainting with a mask per
-    image when the target's UNet inpaints), with an on-disk clean cache."""
+    """Batched edits through the target's diffusers pipeline (img2img, inpainting with a mask per
+    image when the target's UNet inpaints, InstructPix2Pix with the settings' image guidance when it
+    takes an image latent), with an on-disk clean cache."""
 
     def __init__(self, target, settings: EditSettings, cache_dir: Union[str, Path, None] = None,
                  batch_size: int = 8) -> None:
@@ -151,13 +160,28 @@ class Editor:
         x = images.to(self.target.device, self.target.dtype)
         common = dict(prompt=[prompt] * len(images), image=x, strength=s.strength, num_inference_steps=s.steps,
                       guidance_scale=s.guidance, eta=s.eta, generator=self._generators(seeds), output_type="pt")
-        if masks is None:
+        if is_instruct(self.target):  # InstructPix2Pix: no strength, an image guidance scale instead
+            out = self._instruct_batch(x, prompt, seeds)
+        elif s.image_guidance is not None:
+            raise InputError(f"image_guidance={s.image_guidance!r} is set but target {self.target.name!r} is not an "
+                             "instruction editor (InstructPix2Pix); leave it unset for img2img and inpainting")
+        elif masks is None:
             out = self.target.img2img()(**common).images
         else:  # diffusers' inpainting pipeline: 1 = repaint; the size is the photo's, not the model's default
             out = self.target.inpaint()(**common, mask_image=masks.to(self.target.device, self.target.dtype),
                                         height=x.shape[-2], width=x.shape[-1]).images
         self.edits_run += len(images)
         return out.float().clamp(0, 1)
+
+    def _instruct_batch(self, x: torch.Tensor, prompt: str, seeds: Sequence[int]) -> torch.Tensor:
+        s = self.settings
+        if s.image_guidance is None:
+            raise InputError(f"target {self.target.name!r} is an instruction editor (InstructPix2Pix): the suite's "
+                             "edit settings need image_guidance (e.g. 1.5)")
+        return instruct_pipeline(self.target)(
+            prompt=[prompt] * len(x), image=x, num_inference_steps=s.steps, guidance_scale=s.guidance,
+            image_guidance_scale=s.image_guidance, eta=s.eta, generator=self._generators(seeds),
+            output_type="pt").images
 
     def _check_masks(self, images: torch.Tensor, masks: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """An inpainting target needs one {0, 1} mask (N, 1, H, W) per image; img2img takes none."""

@@ -23,13 +23,14 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from tqdm import auto as tqdm_auto  # looked up per run: a test (or a notebook) may swap the bar
 
-from spdbench.attacks.base import Attack, AttackKind, attack_source
+from spdbench.attacks.base import Attack, AttackKind, AttackSpec, attack_source
 from spdbench.budget import Budget, effective_eps, format_eps
 from spdbench.data.masks import mask_sha256
 from spdbench.data.photos import split_indices
 from spdbench.errors import AttackError, InputError, SpdbenchError
 from spdbench.harness.editing import PROMPTS, Editor, clean_edit_cache_dir, image_seed, prepare_cache_dir
 from spdbench.harness.isolation import AttackWorker
+from spdbench.harness.progress import Stages
 from spdbench.harness.protect import Protection, SplitOutput, enforce, run_jobs
 from spdbench.harness.request import (ISOLATION_MODES, RunInputs, RunRequest, build_request, interactive,
                                       load_inputs, suite_masks)
@@ -41,7 +42,8 @@ from spdbench.store import networks as network_file
 from spdbench.store import perturbations as perturbation_file
 from spdbench.store.provenance import environment
 from spdbench.store.records import (Record, Split, Status, TargetInfo, Timing, Validation, atomic_write_bytes, cell_id,
-                                    finished_cells, load_records, remove_stale_temp, write_jsonl, write_record)
+                                    finished_cells, load_records, load_vouched, remove_stale_temp, write_jsonl,
+                                    write_record)
 from spdbench.store.runfolder import DiskError, prepare_out
 from spdbench.store.strips import write_cell_examples
 from spdbench.suites import Suite
@@ -114,9 +116,11 @@ class AttackRunner:
         self.worker: Optional[AttackWorker] = None
         self.start_s: Optional[float] = None
         self._isolation_fields: dict = {}
+        self.flags: list[str] = []  # the last group's cost / origin flags (isolation.WorkerResult.flags)
 
     def run(self, attack: Attack, budget: Budget, jobs: dict[str, dict], batch_size: int) -> tuple[dict, float]:
         """{split name: SplitOutput}, and the harness-measured wall seconds of the whole group."""
+        self.flags = []
         if self.isolation == "none":
             return self._in_process(attack, budget, jobs, batch_size)
         if self.worker is None or not self.worker.alive:
@@ -134,6 +138,7 @@ class AttackRunner:
         except AttackError:
             self.close()  # the next group starts from a fresh process and a fresh model copy
             raise
+        self.flags = list(result.flags)
         return result.splits, result.wall_s
 
     def achieved(self) -> str:
@@ -148,7 +153,8 @@ class AttackRunner:
     def _in_process(self, attack: Attack, budget: Budget, jobs: dict, batch_size: int) -> tuple[dict, float]:
         fingerprint = self.target.fingerprint
         t0 = time.perf_counter()
-        out = run_jobs(attack, self.target, budget, jobs, batch_size)
+        out = run_jobs(attack.build() if isinstance(attack, AttackSpec) else attack, self.target, budget, jobs,
+                       batch_size)  # isolation "none": attack code in this process, on purpose
         wall = time.perf_counter() - t0
         if self.target.fingerprint_now() != fingerprint:
             raise AttackError(f"attack {attack.name!r} changed the target's weights (isolation 'none')")
@@ -202,7 +208,7 @@ def _protect_group(runner: AttackRunner, attack: Attack, target: Target, images:
     outputs, wall = runner.run(attack, budget, jobs, suite.attack_batch_size)
     _check_outputs(attack, outputs, target.dtype)
     protections = _enforce_group(attack, images, splits, budget, outputs, wall)
-    return protections, _group_flags(attack, outputs, protections, runner.achieved())
+    return protections, _group_flags(attack, outputs, protections, runner.achieved()) + runner.flags
 
 
 def _attack_jobs(attack: Attack, images: torch.Tensor, splits: dict, seed: int,
@@ -285,6 +291,26 @@ def _check_same_models(out: Path, records: Sequence[Record], target, edit_target
                     f"--out (nothing in {out} was changed)")
 
 
+def _check_same_configuration(out: Path, records: Sequence[Record], request: RunRequest) -> None:
+    """Refuse a run folder holding this attack on this suite with other parameters or another preset.
+
+    Why: cell ids include the parameters, so a `--param steps=5` run would add its cells beside the
+    default run's and every table over the folder would pool two configurations into one number.
+    Nothing in the folder is touched; the user picks another --out."""
+    attack, suite = request.plan.attack, request.suite.name
+    params = json.loads(json.dumps(_jsonable(attack.params), default=str))  # as a record holds them
+    for rec in records:
+        if rec.attack != attack.name or rec.suite != suite:
+            continue
+        if rec.preset != attack.preset or rec.attack_params != params:
+            new = {k: v for k, v in params.items() if k not in rec.attack_params or rec.attack_params[k] != v}
+            old = {k: rec.attack_params.get(k) for k in new}
+            raise InputError(
+                f"--out {out}: holds {attack.name} on {suite} with preset {rec.preset} and {json.dumps(old, default=str)}"
+                f" (cell {rec.cell_id}); this run has preset {attack.preset} and {json.dumps(new, default=str)}. A run "
+                f"folder holds one configuration of an attack: pass another --out (nothing in {out} was changed)")
+
+
 def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Union[None, str, float, Sequence] = None,
         out: Union[str, Path, None] = None, *, norm: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
         attack_params: Optional[dict[str, Any]] = None, target: Union[str, Target, None] = None,
@@ -306,11 +332,16 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     `protections_from`: a run folder whose protections this attack made under the same attack
     settings (model, parameters, budget, seeds, photos) are reused instead of re-running the attack,
     e.g. to edit a white-box run's protected photos with a transfer suite's other model.
-    `progress=None` shows a progress bar when stderr is a terminal. Clean edits are cached in `cache_dir`, by default one folder per model under the user's cache
+    `progress=None` shows a progress bar when stderr is a terminal (with the stage: fitting,
+    protecting, purifying, editing, scoring, and an estimate once a stage has run); `progress=True`
+    elsewhere prints one line per stage on stderr instead. `purifiers=["none"]` (or "none"): no purifier. Clean edits are cached in `cache_dir`, by default one folder per model under the user's cache
     folder ($SPDBENCH_CACHE_DIR, else $XDG_CACHE_HOME/spdbench or ~/.cache/spdbench), shared by
     every run folder. On an inpainting suite every photo is edited with its mask (the suite's set, or `masks`: a
     folder of NAME.png, white = repaint) and also scored on the repainted and the kept region.
     """
+    if isinstance(purifiers, (str, list, tuple)) and list([purifiers] if isinstance(purifiers, str) else purifiers) \
+            == ["none"]:
+        purifiers = []  # "none": no purifier, as `spdbench run --purifiers none` reads it
     return execute(build_request(attack, suite, eps, out, norm=norm, prompts=prompts, attack_params=attack_params,
                                  target=target, images=images, image_names=image_names, data=data,
                                  manifest=manifest, device=device, dtype=dtype, resume=resume, cache_dir=cache_dir,
@@ -323,6 +354,8 @@ def execute(request: RunRequest) -> RunResult:
     """Run one checked request: load its photos and models, create its folder (only now: a refused
     request leaves no folder behind), then run the stages under its lock (one writer per folder; a
     grid's parallel tasks on one attack folder each lock their own scope)."""
+    Stages("run", enabled=request.progress).stage(
+        "loading", f"photos and model {getattr(request.target, 'name', request.target)}")
     inputs = load_inputs(request)
     prepare_out(request.out)
     with request.lock():
@@ -361,6 +394,7 @@ class _Run:
     bar: Any
     source_records: Optional[list]     # the protections_from folder's records, read once
     runner: Optional[AttackRunner] = None
+    stages: Optional[Stages] = None    # the stage being run, in the bar or as a line (progress.py)
 
     @property
     def attack(self) -> Attack:
@@ -391,18 +425,21 @@ def _open_run(request: RunRequest, inputs: RunInputs) -> _Run:
     splits = {Split.train: train_idx, Split.test: test_idx}
     shas = [image_sha256(images[i]) for i in range(len(images))]
     mask_shas = None if inputs.masks is None else [mask_sha256(m) for m in inputs.masks]
-    existing = load_records(request.out, strict=False)  # read once: the model check and resume (corrupt ones skipped)
+    existing = load_vouched(request.out)  # read once: the model check and resume (corrupt, rewritten ones skipped)
     _check_same_models(request.out, existing, target, inputs.edit_target)
+    _check_same_configuration(request.out, existing, request)
     suite_cfg = _suite_config(request)
     ids = _cell_ids_of(request, inputs, suite_cfg, splits, shas, mask_shas)
     done = finished_cells(existing) if request.resume else {}
-    return _Run(request=request, inputs=inputs,
+    ctx = _Run(request=request, inputs=inputs,
                 result=RunResult(records=[], out=request.out, param_sources=dict(request.plan.sources)),
                 editor=Editor(inputs.editing, suite.edit, cache_dir=cache_dir, batch_size=suite.attack_batch_size),
                 cache_dir=cache_dir, splits=splits, shas=shas,
                 seeds=[image_seed(suite.edit, images[i]) for i in range(len(images))], mask_shas=mask_shas,
                 done=done, common=_record_fields(request, inputs, suite_cfg), cell_ids=ids, compile_s=compile_s,
                 bar=_progress(request, ids, done), source_records=_source_records(request.protections_from))
+    ctx.stages = Stages("run", enabled=request.progress, bar=ctx.bar)
+    return ctx
 
 
 def _compile(target: Target, images: torch.Tensor, backend: Optional[str]) -> Optional[float]:
@@ -485,8 +522,9 @@ def _progress(request: RunRequest, ids: list[dict], done: dict):
     n_done = sum(i in done for g in ids for i in g.values())
     if request.progress and n_done:
         print(f"resuming: {n_done} of {n_cells} cells already done in {request.out}", file=sys.stderr, flush=True)
+    # a bar on a terminal only; elsewhere one line per stage (progress.Stages), no redraws in a log
     return tqdm_auto.tqdm(total=n_cells, desc=f"{request.attack.name} on {request.suite.name}", unit="cell",
-                disable=not request.progress, leave=False)
+                          disable=not (request.progress and interactive()), leave=False)
 
 
 def _reuse(ctx: _Run, ids: Iterable[str]) -> None:
@@ -554,6 +592,9 @@ def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
     """One cell group (one budget): protect, then edit, score and record every prompt and split. A
     failing protection is recorded as the error of every cell of the group; the run goes on."""
     base = dict(ctx.common, norm=budget.norm, eps=budget.eps, eps_label=format_eps(budget.eps))
+    fits = ctx.attack.kind is not AttackKind.per_image
+    ctx.stages.stage("fitting" if fits else "protecting",
+                     f"{ctx.attack.name} at eps {format_eps(budget.eps)}: {len(ctx.images)} photos")
     try:
         protections, flags, pfile, psha = _stored_or_new(ctx, budget, base)
     except DiskError:
@@ -568,8 +609,12 @@ def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
         if all(i in ctx.done for i in prompt_ids.values()):
             _reuse(ctx, prompt_ids.values())
             continue
+        ctx.stages.stage("editing", f"prompt {pk} at eps {format_eps(budget.eps)}: clean, protected and "
+                         f"{len(group.purified)} purified version(s) of {len(ctx.images)} photos")
         edits = _edit(ctx, group, pk)
+        ctx.stages.stage("scoring", f"prompt {pk} at eps {format_eps(budget.eps)}")
         _record(ctx, group, pk, prompt_ids, edits, _score(ctx, edits))
+    ctx.stages.done()
 
 
 def _record_group_error(ctx: _Run, budget: Budget, ids: dict, base: dict, exc: SpdbenchError) -> None:
@@ -591,6 +636,9 @@ def _group(ctx: _Run, base: dict, protections: dict, flags: list, pfile: str, ps
     for sp, idx in ctx.splits.items():
         adv[idx] = protections[sp].adv
     imperceptibility = metrics_mod.score(adv, images)
+    if ctx.request.purifiers:
+        ctx.stages.stage("purifying", f"{len(images)} protected photos with "
+                         + ", ".join(p.name for p in ctx.request.purifiers))
     kept = score_region({"": adv}, images, 1 - masks)[""] if masks is not None else {}
     return _Group(base=base, protections=protections, flags=flags, pfile=pfile, psha=psha, adv=adv,
                   imperceptibility=imperceptibility, kept=kept,

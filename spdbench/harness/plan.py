@@ -5,18 +5,25 @@ One place applies the rules, the same way for an attack given by name and for an
 - otherwise a preset's values are used exactly — its parameters, its steps and its budget
   (`preset_budgets`), so `--preset madry` reproduces the paper's setting and says so;
 - otherwise the suite's iteration budget (`Suite.attack_steps`) applies to every attack with a
-  `steps` parameter (methods compared at equal cost), and the suite's eps grid and norm apply;
+  `steps` parameter (methods compared at equal iterations -- not equal work: the board shows each row's work, docs/comparisons.md), and the suite's eps grid and norm apply;
 - otherwise the attack's default.
 The record keeps `param_sources`, so nobody has to guess which rule produced a number.
+
+The plan holds the attack as plain data (`AttackSpec`), never a plugin's object: a built-in is
+constructed here (our own code) to check its parameters, a plugin is looked up in entry-point
+metadata and constructed and described by a worker (`isolation.describe_plugin`), so its module
+never runs in the harness; only an instance the Python caller passes stays the caller's object.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from spdbench.attacks.base import Attack, attack_class
+from spdbench.attacks.base import Attack, AttackSpec, locate_attack
 from spdbench.budget import Budget, format_eps
 from spdbench.errors import BudgetError, InputError
+from spdbench.harness.isolation import describe_plugin
 
 EpsArg = Union[None, str, float, int, Sequence]
 
@@ -25,7 +32,7 @@ EpsArg = Union[None, str, float, int, Sequence]
 class AttackPlan:
     """The configured attack, the budgets of its cell groups, and the source of every setting."""
 
-    attack: Attack
+    attack: AttackSpec
     budgets: list[Budget]
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -51,24 +58,32 @@ def _is_scalar(value: Any) -> bool:
     return shape is not None and tuple(shape) == ()
 
 
-def resolve_attack(attack: Union[str, Attack], params: Optional[dict]) -> Attack:
-    """An attack instance from a name (+ params, which may hold "preset") or an instance as is."""
-    if isinstance(attack, Attack):
+def resolve_attack(attack: Union[str, Attack, AttackSpec], params: Optional[dict],
+                   isolation: str = "sandbox") -> AttackSpec:
+    """An attack's spec from a name (+ params, which may hold "preset") or from the caller's instance.
+
+    A plugin name is resolved from entry-point metadata and described by a worker (confined under
+    isolation "sandbox"; under "none", the debugging mode that runs attack code here anyway, in this
+    process), so its code never runs in the harness."""
+    if isinstance(attack, (Attack, AttackSpec)):
         if params:
             raise InputError("pass attack parameters either to get_attack() or to run(), not both")
-        return attack
+        return attack if isinstance(attack, AttackSpec) else AttackSpec.from_instance(attack)
     if not isinstance(attack, str):
         raise InputError(f"attack must be a registered name or an spdbench.Attack instance, "
                          f"got {type(attack).__name__}")
     params = dict(params or {})
     preset = params.pop("preset", None)
-    return attack_class(attack)(preset=preset, **params)
+    where = locate_attack(attack)
+    if where.origin == "plugin":
+        return describe_plugin(where, preset, params, isolation=isolation)
+    return AttackSpec.from_instance(where.cls(preset=preset, **params))
 
 
-def plan(attack: Union[str, Attack], suite, *, params: Optional[dict] = None, eps: EpsArg = None,
-         norm: Optional[str] = None) -> AttackPlan:
+def plan(attack: Union[str, Attack, AttackSpec], suite, *, params: Optional[dict] = None, eps: EpsArg = None,
+         norm: Optional[str] = None, isolation: str = "sandbox") -> AttackPlan:
     """Apply the precedence rules above; returns the configured attack (a copy) and its budgets."""
-    attack = resolve_attack(attack, params)
+    attack = resolve_attack(attack, params, isolation)
     sources = {key: attack.param_source(key) for key in attack.params}
     overrides: dict[str, Any] = {}
     if "steps" in attack.defaults and suite.attack_steps is not None and sources.get("steps") == "default":
@@ -108,3 +123,11 @@ def check_effective(budget: Budget) -> None:
         raise BudgetError(f"eps {format_eps(budget.eps)} ({budget.norm}) is below half an 8-bit level "
                           f"(1/255/2 = {HALF_LEVEL:.6f}): no pixel of the 8-bit protected photo can change; "
                           "expected eps >= 1/255/2 (immunization budgets are usually 4/255 to 16/255)")
+
+
+def installed_attack(name: str, params: Optional[dict] = None, isolation: str = "sandbox") -> AttackSpec:
+    """The installed attack `name` as plain data, for `verify`: a built-in from this package, a
+    plugin described by a confined worker (its code never runs in verify's process); `params`
+    (JSON values, as a record holds them) checked by its constructor there. Without `params`, its
+    defaults: what the class declares (kind, preset budgets, network cap)."""
+    return resolve_attack(name, json.loads(json.dumps(params or {})), isolation)

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from spdbench.attacks.base import Attack
+from spdbench.attacks.base import Attack, AttackSpec
 from spdbench.data.masks import load_masks, mask_set
 from spdbench.data.photos import check_size_multiple
 from spdbench.errors import InputError, UnknownNameError, did_you_mean
@@ -42,7 +42,7 @@ PathArg = Union[str, Path, None]
 class RunRequest:
     """Everything one run reads, checked: the stages consume this and never the raw arguments."""
 
-    plan: AttackPlan                  # the configured attack, its budgets, where each setting came from
+    plan: AttackPlan                  # the configured attack (plain data), its budgets, each setting's source
     suite: Suite                      # the rule book (with the attack timeout applied)
     prompts: tuple[str, ...]          # prompt keys, each once
     purifiers: tuple[Purifier, ...]   # each once
@@ -64,7 +64,7 @@ class RunRequest:
     isolation: str = "sandbox"
 
     @property
-    def attack(self) -> Attack:
+    def attack(self) -> AttackSpec:
         return self.plan.attack
 
     def lock(self) -> RunLock:
@@ -72,7 +72,7 @@ class RunRequest:
         return RunLock(self.out, scope=self.lock_scope)
 
 
-def build_request(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: EpsArg = None,
+def build_request(attack: Union[str, Attack, AttackSpec], suite: Union[str, Suite] = "smoke", eps: EpsArg = None,
                   out: PathArg = None, *, norm: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
                   attack_params: Optional[dict[str, Any]] = None, target: Union[str, Target, None] = None,
                   images: Optional[torch.Tensor] = None, image_names: Optional[Sequence[str]] = None,
@@ -85,13 +85,15 @@ def build_request(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke"
                   protections_from: PathArg = None) -> RunRequest:
     """Check every argument of `spdbench.run` (same names and meanings) and return the request.
 
-    Cheap and side-effect free apart from constructing the attack: nothing is loaded or created, so
-    the CLI and the grid can check a whole command before the first model loads."""
+    Cheap and side-effect free: nothing is loaded or created, so the CLI and the grid can check a
+    whole command before the first model loads. A built-in attack is constructed here to check its
+    parameters; a plugin is constructed and described by a worker process (plan.resolve_attack),
+    never imported here."""
     isolation = _choice("isolation", isolation, ISOLATION_MODES)
     the_suite = _suite(suite, attack_timeout_s)
     given_images, names = _given_images(images, image_names, data, manifest)
     return RunRequest(
-        plan=plan(attack, the_suite, params=attack_params, eps=eps, norm=norm),
+        plan=plan(attack, the_suite, params=attack_params, eps=eps, norm=norm, isolation=isolation),
         suite=the_suite,
         prompts=_prompts(prompts, the_suite),
         purifiers=_purifiers(purifiers, the_suite),

@@ -28,9 +28,18 @@ runs, and the record says "process" with the reason: never a silent ok.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import importlib.metadata
+import importlib.util
 import json
 import os
+import resource
+import shutil
+import signal
+import socket
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -101,7 +110,7 @@ def supported() -> Optional[str]:
     if sys.platform != "linux":
         return f"no OS sandbox on {sys.platform} (Landlock, namespaces and seccomp are Linux-only)"
     try:
-        import landlock
+        import landlock  # deferred: optional, Linux-only binding; its absence is a recorded reason, not an import error
         version = landlock.landlock_abi_version()
     except Exception as exc:  # noqa: BLE001 - binding missing, or the kernel lacks Landlock
         return f"Landlock is not available: {str(exc).splitlines()[0][:200]}"
@@ -110,9 +119,11 @@ def supported() -> Optional[str]:
 
 def denied_paths(cache_root: Optional[str] = None, out: Optional[str] = None) -> list[str]:
     """What attack code must never read: the bundled photos' folders, the clean-edit cache, the
-    run folder and the user's home (carved out of any allowed tree that holds them)."""
-    from spdbench.data.photos import BUNDLED
-    from spdbench.harness.editing import default_cache_root
+    run folder, the user's home and the folder of the record key (store/digest.py; it may lie
+    outside the home through $XDG_CONFIG_HOME) -- carved out of any allowed tree that holds them."""
+    from spdbench.data.photos import BUNDLED  # deferred: the boot runs this file as a stdlib-only script (no torch before unshare)
+    from spdbench.harness.editing import default_cache_root  # deferred: imports torch; the boot must stay stdlib-only until confined
+    from spdbench.store.digest import key_path  # deferred: this file runs as a stdlib-only script in the worker
 
     paths = set()
     for photo in BUNDLED:
@@ -122,13 +133,14 @@ def denied_paths(cache_root: Optional[str] = None, out: Optional[str] = None) ->
             pass
     paths.add(str(cache_root or default_cache_root()))
     paths.add(str(Path.home()))
+    paths.add(str(key_path().parent))
     if out:
         paths.add(str(out))
     return sorted(os.path.realpath(p) for p in paths)
 
 
 def _probe_photo() -> Optional[str]:
-    from spdbench.data.photos import BUNDLED
+    from spdbench.data.photos import BUNDLED  # deferred: the boot runs this file as a stdlib-only script (no torch before unshare)
 
     for photo in BUNDLED:
         try:
@@ -148,7 +160,7 @@ def model_paths(load_spec: Optional[str]) -> list[str]:
         return [os.path.realpath(load_spec)]
     if "/" in load_spec:
         try:
-            from huggingface_hub import constants
+            from huggingface_hub import constants  # deferred: optional and slow to import; only hub-loaded models need its cache path
             folder = Path(constants.HF_HUB_CACHE) / ("models--" + load_spec.replace("/", "--"))
             return [str(folder)] if folder.exists() else []
         except Exception:  # noqa: BLE001 - no hub library: the load fails in the worker with its own error
@@ -158,8 +170,6 @@ def model_paths(load_spec: Optional[str]) -> list[str]:
 
 def _plugin_dirs() -> list[str]:
     """Folders of installed spdbench plugins (an editable plugin's code is on no sys.path entry)."""
-    import importlib.metadata
-    import importlib.util
 
     dirs = set()
     for dist in importlib.metadata.distributions():
@@ -179,7 +189,7 @@ def _plugin_dirs() -> list[str]:
 
 
 def _spdbench_dir() -> str:
-    import spdbench
+    import spdbench  # deferred: the package imports torch; the boot is stdlib-only until confined
     return os.path.dirname(os.path.realpath(spdbench.__file__))
 
 
@@ -194,7 +204,7 @@ def scrubbed_env(tmp: str, threads: int, base: Optional[dict] = None) -> dict[st
                TRANSFORMERS_OFFLINE="1", SPDBENCH_WORKER_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
     try:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # deferred: optional and slow to import; only hub-loaded models need its cache path
         env["HF_HUB_CACHE"] = str(constants.HF_HUB_CACHE)  # the model files, now that HOME moved
     except Exception:  # noqa: BLE001
         pass
@@ -274,7 +284,6 @@ class Cgroup:
         return os.path.join(self.path, "cgroup.procs")
 
     def kill_all(self) -> None:
-        import signal
 
         kill_file = os.path.join(self.path, "cgroup.kill")
         for _ in range(50):
@@ -292,7 +301,6 @@ class Cgroup:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            import time
             time.sleep(0.02)
 
     def remove(self) -> None:
@@ -331,12 +339,10 @@ def check_report(report: Optional[dict], plan: Optional[Plan]) -> tuple[str, dic
 # --- worker side: runs before torch and before any attack code ---------------------------------
 
 def _libc():
-    import ctypes
     return ctypes.CDLL(None, use_errno=True)
 
 
 def _errno_text() -> str:
-    import ctypes
     return os.strerror(ctypes.get_errno())
 
 
@@ -368,7 +374,6 @@ def _enter_namespaces(done: list[str], failed: list[str]) -> bool:
 def _set_limits(limits: dict, own_userns: bool, done: list[str], failed: list[str]) -> None:
     """No core files, RLIMIT_DATA, and RLIMIT_NPROC in the worker's own user namespace only (there
     it counts the worker's tasks; outside it would count every task of the user)."""
-    import resource
 
     want = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, limits.get("nproc") if own_userns else None)]
     if limits.get("memory_bytes"):
@@ -397,7 +402,7 @@ def _join_cgroup(procs_file: Optional[str], done: list[str], failed: list[str]) 
 
 def _landlock(plan: dict, done: list[str], failed: list[str]) -> None:
     try:
-        from landlock import FSAccess, Ruleset
+        from landlock import FSAccess, Ruleset  # deferred: optional, Linux-only binding (see supported())
     except ImportError as exc:
         failed.append(f"landlock binding: {exc}")
         return
@@ -430,7 +435,7 @@ def _allow(rs, path: str, rights) -> None:
     if not os.path.exists(path):
         return
     if not os.path.isdir(path):  # a file rule may hold file rights only
-        from landlock import FSAccess
+        from landlock import FSAccess  # deferred: optional, Linux-only binding (see supported())
         rights = rights & (FSAccess.READ_FILE | FSAccess.WRITE_FILE | FSAccess.EXECUTE | FSAccess.TRUNCATE
                            | getattr(FSAccess, "IOCTL_DEV", 0))
     try:
@@ -496,9 +501,8 @@ def _is_package(folder: str) -> bool:
 
 def _seccomp(done: list[str], failed: list[str]) -> None:
     try:
-        import errno
 
-        import pyseccomp as sc
+        import pyseccomp as sc  # deferred: optional libseccomp binding; missing means "process" with the reason
         f = sc.SyscallFilter(sc.ALLOW)
         f.add_rule(sc.ERRNO(errno.EACCES), "socket")  # none, of any family (a named unix socket too)
         for name in ("ptrace", "process_vm_readv", "process_vm_writev"):
@@ -519,7 +523,6 @@ def _no_new_privs(done: list[str], failed: list[str]) -> None:
 
 def probe(plan: dict) -> dict[str, str]:
     """Try what attack code must not be able to do; each answer is "refused" or what happened."""
-    import socket
 
     out: dict[str, str] = {}
 
@@ -576,7 +579,6 @@ def _netns() -> Optional[str]:
 
 def boot(read_fd: int, write_fd: int, plan_path: str) -> None:
     """The worker's start: namespaces, fork (parent = supervisor), confine, then the worker loop."""
-    import time
 
     t0 = time.perf_counter()
     with open(plan_path) as f:
@@ -597,7 +599,7 @@ def boot(read_fd: int, write_fd: int, plan_path: str) -> None:
     report["confine_s"] = time.perf_counter() - t0  # namespaces, rules, filters and probes (docs/performance.md)
     if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
         sys.path.pop(0)  # this file ran as a script: its folder is not an import root
-    from spdbench.harness import worker
+    from spdbench.harness import worker  # deferred: the worker imports torch, which may load only after confinement
     worker.main(read_fd, write_fd, sandbox_report=report, reap_children=pid_ns)
 
 
@@ -606,8 +608,6 @@ def _supervise(child: int, read_fd: int, write_fd: int, tmp: str) -> None:
     (128 + signal when it was killed, as a shell reports it). When the harness dies first
     (SIGTERM from PR_SET_PDEATHSIG) it kills the worker -- and with it its PID namespace -- and
     removes the private folder the harness can no longer remove."""
-    import shutil
-    import signal
 
     def harness_gone(*_) -> None:
         os.kill(child, signal.SIGKILL)

@@ -35,11 +35,40 @@ class SplitReport(BaseModel):
     peak_memory_bytes: Optional[int] = None
     oom_events: list[dict[str, int]] = Field(default_factory=list, max_length=64)
     model_calls: dict[str, float] = Field(default_factory=dict, max_length=16)
+    #: the same passes counted by the worker runtime's own hooks, installed when the model loaded
+    #: (before any attack code was unpickled or constructed); see worker.RuntimeCounter
+    runtime_model_calls: dict[str, float] = Field(default_factory=dict, max_length=16)
+    #: why the runtime's count cannot be trusted (its hooks were removed or replaced), or None
+    counter_tampered: Optional[str] = Field(default=None, max_length=500)
+
+
+class PresetBudget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    norm: str = Field(pattern="^(linf|l2)$")
+    eps: float = Field(gt=0, le=1e6)
+
+
+class AttackDescription(BaseModel):
+    """What the harness plans a plugin attack with, described by the worker that constructed it
+    (the plugin's code never runs in the harness): plain JSON values, bounded, checked here."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    preset: Optional[str] = Field(default=None, max_length=200)
+    kind: str = Field(pattern="^(per-image|universal|amortized)$")
+    params: dict[str, Any] = Field(max_length=256)
+    defaults: dict[str, Any] = Field(max_length=256)
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict, max_length=64)
+    preset_budgets: dict[str, PresetBudget] = Field(default_factory=dict, max_length=64)
+    max_network_params: Optional[int] = Field(default=None, ge=1, le=1 << 34)
+    uses_masks: bool = False
+    needs_inpainting: bool = False
+    has_objective: bool = False
 
 
 class Reply(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: str = Field(pattern="^(ready|result|error)$")
+    kind: str = Field(pattern="^(ready|result|error|described)$")
     error: Optional[str] = None
     fingerprint: Optional[str] = None
     load_s: Optional[float] = None
@@ -47,9 +76,12 @@ class Reply(BaseModel):
     #: the worker's confinement report (sandbox.confine), sent once with "ready"; checked by
     #: sandbox.check_report, which bounds every list it keeps
     sandbox: Optional[dict[str, Any]] = None
+    #: answer to a "describe" request
+    attack: Optional[AttackDescription] = None
 
 
 def encode(reply: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = None) -> bytes:
+    """A frame; a value JSON cannot hold (e.g. a plugin parameter that is an object) is a TypeError."""
     header = json.dumps(reply, allow_nan=True).encode()
     payload = st_save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in (tensors or {}).items()}) \
         if tensors else b""

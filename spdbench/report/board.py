@@ -18,17 +18,32 @@ import numpy as np
 import pandas as pd
 
 from spdbench.errors import InputError
+from spdbench.report.about import suites_markdown
+from spdbench.report.budget_use import budget_use_columns, under_budget_flag
+from spdbench.report.export import IDENTITY as EXPORT_IDENTITY, write_per_image
 from spdbench.report.gallery import galleries
 from spdbench.report.page import Cell, Table, sections, sections_markdown, table1_sections
-from spdbench.report.text import LABELS, PROTECTION, SHOWN_PX, ci_text, fmt, md_escape, protection_arrow
+from spdbench.report.text import LABELS, PROTECTION, SHOWN_PX, ci_text, fmt, inline_html, md_escape, protection_arrow
 from spdbench.scoring.regions import REGION_METRICS
 from spdbench.store.records import Record, Status, method_label
 from spdbench.verify import holdout
 from spdbench.verify.claims import load_checked_by_folder
+from spdbench.verify.entry import MANIFEST
 from spdbench.scoring.stats import bootstrap_ci, bootstrap_diff_ci, mean_or_none, records_frame
+from spdbench.scoring.work import encoder_equivalents, known_weights
 from spdbench.scoring.worst_case import worst_case
 
 FORMATS = ("md", "csv", "html")
+
+#: the flag of a local run's records ranked beside verified entries: never verified, its own row
+UNVERIFIED = "unverified"
+
+
+def row_label(record: Record) -> str:
+    """The ranking row a record belongs to: its configuration (method_label), and "(unverified)"
+    for a local run ranked beside the board's entries -- never pooled with an entry's cells."""
+    label = method_label(record)
+    return f"{label} ({UNVERIFIED})" if UNVERIFIED in record.flags else label
 
 
 def torch_device_type(device: str) -> str:
@@ -45,7 +60,8 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
     One value per cell: nothing is averaged over eps (the seed's table is read one eps at a time)."""
     if df.empty:
         return df
-    df = df.sort_values("eps")
+    # a full, stable key: the row order must not depend on the order the folders were listed in
+    df = df.sort_values(["eps", "suite", "prompt", "split", "method"], kind="mergesort")
     t = df.groupby(["suite", "eps_label", "prompt", "split", "method"], sort=False)[list(PROTECTION)].mean()
     t = t.unstack("method")
     methods = sorted({meth for _, meth in t.columns})
@@ -79,7 +95,7 @@ def _seconds_by_budget(ok: Sequence[Record]) -> dict[tuple, list[float]]:
     measured on a busy machine is part of the number."""
     seconds: dict[tuple, list[float]] = {}
     for r in ok:
-        seconds.setdefault((method_label(r), r.suite, r.norm, r.eps), []).append(r.timing.per_image_s)
+        seconds.setdefault((row_label(r), r.suite, r.norm, r.eps), []).append(r.timing.per_image_s)
     return seconds
 
 
@@ -100,7 +116,7 @@ def _ranked_groups(ok: Sequence[Record], split: str) -> dict[tuple, list[Record]
     for r in ok:
         on = chosen[(r.suite, r.norm, r.eps)]
         if r.split.value == on:
-            groups.setdefault((method_label(r), r.suite, r.norm, r.eps, r.eps_label, on, split), []).append(r)
+            groups.setdefault((row_label(r), r.suite, r.norm, r.eps, r.eps_label, on, split), []).append(r)
     return groups
 
 
@@ -116,7 +132,9 @@ def _ranking_row(key: tuple, recs: Sequence[Record], split: str, seconds: dict[t
     row.update(_costs(recs, seconds.get((method, suite, norm, eps), [])))
     row["steps"] = _steps_label(recs[0])
     row["model_calls"] = _calls_label(recs[0])
-    row["flags"] = _flags_label(recs, on, asked)
+    row["work_per_image"] = _work_per_image(recs[0])
+    row.update(budget_use_columns(recs))
+    row["flags"] = _flags_label(recs, on, asked, row["budget_rms"] if row["under_budget"] else None)
     if on != asked:
         row["split"] = on
     return row
@@ -197,11 +215,14 @@ def _costs(recs: Sequence[Record], seconds: Sequence[Optional[float]]) -> dict:
     return out
 
 
-def _flags_label(recs: Sequence[Record], on: str, asked: str) -> Optional[str]:
-    """The records' flags, plus the split ranked where it is not the one asked for."""
+def _flags_label(recs: Sequence[Record], on: str, asked: str, under: Optional[float] = None) -> Optional[str]:
+    """The records' flags, plus the split ranked where it is not the one asked for, and "under
+    budget" where the stored perturbations use less than the floor of their budget (budget_use.py)."""
     flags = {f for r in recs for f in r.flags}
     if on != asked:
         flags.add(f"ranked on {on} split (no {asked} records)")
+    if under is not None:
+        flags.add(under_budget_flag(under))
     return ", ".join(sorted(flags)) or None
 
 
@@ -220,7 +241,8 @@ def _ranked_frame(df: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 def _versus_next(df: pd.DataFrame, seed: int) -> list[Optional[str]]:
     """Per row: is its SSIM lower than the next row's (same suite and eps) by more than chance?
-    Paired bootstrap over the same test photos (stats.bootstrap_diff_ci); 'yes', 'not shown', or
+    Paired bootstrap over the same test photos (stats.bootstrap_diff_ci); 'yes', 'not significant' (the
+    interval includes no difference: not shown to be stronger), or
     None for the last row of a group and where the two were not scored on the same photos."""
     out: list[Optional[str]] = [None] * len(df)
     for i in range(len(df) - 1):
@@ -229,7 +251,7 @@ def _versus_next(df: pd.DataFrame, seed: int) -> list[Optional[str]]:
                 or a.get("_shas") != b.get("_shas"):
             continue
         ci = bootstrap_diff_ci(a["_ssim_images"], b["_ssim_images"], seed=seed, paired=True)
-        out[i] = "yes" if ci.high < 0 else "not shown"
+        out[i] = "yes" if ci.high < 0 else "not significant"
     return out
 
 
@@ -244,6 +266,13 @@ def _steps_label(rec: Record) -> Optional[str]:
     src = rec.param_sources.get("steps", "")
     src = f"preset {src.split(':', 1)[1]}" if src.startswith("preset:") else _SOURCE.get(src, src)
     return f"{steps} ({src})" if src else str(steps)
+
+
+def _work_per_image(rec: Record) -> Optional[float]:
+    """Model work per protected image in encoder-equivalent passes (scoring/work.py), for models
+    whose pass FLOPs are in the table; None otherwise (shown "–")."""
+    weights = known_weights(rec.target.fingerprint, int(rec.suite_config.get("image_size") or 0))
+    return encoder_equivalents(rec.model_calls, weights) if weights else None
 
 
 def _calls_label(rec: Record) -> Optional[str]:
@@ -346,11 +375,28 @@ def plot_metric_vs_eps(df: pd.DataFrame, path: Path, split: str = "test") -> Opt
 SPREAD_N = (10, 10_000)
 
 
+def _plot_row(axes, row: pd.Series, c, mk: str) -> None:
+    """One row's points on the imperceptibility, cost and work panels."""
+    if pd.notna(row.get("imp_psnr")):
+        axes[0].scatter(row["imp_psnr"], row["ssim"], color=c, marker=mk)
+    per, fit = row.get("seconds_per_image"), row.get("fit_seconds")
+    if pd.notna(per) and pd.notna(fit) and fit:
+        xs = [per + fit / n for n in SPREAD_N]
+        axes[1].plot(xs, [row["ssim"]] * 2, color=c, lw=2)
+        axes[1].scatter(xs[-1], row["ssim"], color=c, marker=mk)
+    elif pd.notna(per) and per > 0:
+        axes[1].scatter(per, row["ssim"], color=c, marker=mk)
+    work = row.get("work_per_image")
+    if work is not None and pd.notna(work) and work > 0:
+        axes[3].scatter(work, row["ssim"], color=c, marker=mk)
+
+
 def plot_tradeoffs(rank: pd.DataFrame, path: Path) -> Optional[Path]:
-    """Three questions, img2img test split, one colour per method, a marker per eps: protection
+    """Four questions, img2img test split, one colour per method, a marker per eps: protection
     against imperceptibility; protection against cost per photo (a universal or amortized method's
     fit spread over 10 to 10,000 photos, drawn as its own line); protection after the strongest
-    purifier (the per-image worst case) against eps."""
+    purifier (the per-image worst case) against eps; protection against model work per photo
+    (FLOP-weighted passes: equal iterations are not equal work)."""
     import matplotlib  # deferred: matplotlib takes seconds to import; only the plots need it
 
     matplotlib.use("Agg")
@@ -363,19 +409,9 @@ def plot_tradeoffs(rank: pd.DataFrame, path: Path) -> Optional[Path]:
         return None
     colors = _colors(list(r["method"].unique()))
     markers = {e: mk for e, mk in zip(sorted(r["eps"].unique()), "os^Dv<>p*h")}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.2))
     for _, row in r.iterrows():
-        c, mk = colors[row["method"]], markers.get(row["eps"], "o")
-        if pd.notna(row.get("imp_psnr")):
-            axes[0].scatter(row["imp_psnr"], row["ssim"], color=c, marker=mk)
-        per = row.get("seconds_per_image")
-        fit = row.get("fit_seconds")
-        if pd.notna(per) and pd.notna(fit) and fit:
-            xs = [per + fit / n for n in SPREAD_N]
-            axes[1].plot(xs, [row["ssim"]] * 2, color=c, lw=2)
-            axes[1].scatter(xs[-1], row["ssim"], color=c, marker=mk)
-        elif pd.notna(per) and per > 0:
-            axes[1].scatter(per, row["ssim"], color=c, marker=mk)
+        _plot_row(axes, row, colors[row["method"]], markers.get(row["eps"], "o"))
     for method, g in r.groupby("method"):
         if "worst_ssim" in g and g["worst_ssim"].notna().any():
             g = g.sort_values("eps")
@@ -384,7 +420,10 @@ def plot_tradeoffs(rank: pd.DataFrame, path: Path) -> Optional[Path]:
     axes[1].set_xlabel(f"seconds per photo (log; fit spread over {SPREAD_N[0]}-{SPREAD_N[1]:,} photos as a line)")
     axes[1].set_xscale("log")
     axes[2].set_xlabel("eps (x/255)")
-    for ax, title in zip(axes, ("protection vs imperceptibility", "protection vs cost", "after the strongest purifier")):
+    axes[3].set_xlabel("model work per photo (encoder-equivalent passes, log; docs/comparisons.md)")
+    axes[3].set_xscale("log")
+    for ax, title in zip(axes, ("protection vs imperceptibility", "protection vs cost", "after the strongest purifier",
+                                "protection vs model work")):
         ax.set_ylabel("SSIM (edit vs edit, test) ↓")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -402,10 +441,11 @@ def plot_tradeoffs(rank: pd.DataFrame, path: Path) -> Optional[Path]:
 
 def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequence[str] = FORMATS,
           title: str = "spdbench leaderboard", skipped: Sequence[tuple[str, str]] = (),
-          by_folder: Optional[dict[str, list[Record]]] = None) -> dict[str, Path]:
+          by_folder: Optional[dict[str, list[Record]]] = None, verified: bool = True) -> dict[str, Path]:
     """Write the leaderboard files; returns {format: path}. `skipped`: (folder name, reason) of the
     folders left out, listed on the page; `by_folder`: the records' folders, for the page's gallery
-    of their example strips (gallery.py)."""
+    of their example strips (gallery.py); `verified`: the records are verified entries (False: local
+    run folders, and the page says so); records flagged UNVERIFIED are local rows among entries."""
     formats = list(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -418,22 +458,27 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
         df = df[df["task"] == "img2img"]  # the seed's Table 1 and figures are img2img
     rank, t1 = with_holdout(ranking(records), holdout.read_all(out_dir)), table1(df)
     pending = read_pending(out_dir)
+    intro = intro_text(verified, any(UNVERIFIED in r.flags for r in records))
     written: dict[str, Path] = {}
     failed = [r.cell_id for r in records if r.status != Status.ok]
     if "csv" in formats:
         written["csv"] = out_dir / "leaderboard.csv"
         rank.to_csv(written["csv"], index=False)
         t1.to_csv(out_dir / "table1.csv")
+    if "csv" in formats or "md" in formats:  # the page's "Per-image values" section names this file
+        # every value the means above come from, one row per record and photo (export.py)
+        per_folder = by_folder or {"records": list(records)}
+        written["per-image"] = write_per_image({Path(k).name: v for k, v in per_folder.items()}, out_dir)[0]
     plot = plot_metric_vs_eps(df, out_dir / "metrics_vs_eps.png") if "html" in formats or "md" in formats else None
     tradeoffs = plot_tradeoffs(rank, out_dir / "tradeoffs.png") if "html" in formats or "md" in formats else None
     if "md" in formats:
         written["md"] = out_dir / "README.md"
-        written["md"].write_text(_markdown(title, rank, t1, plot, failed, skipped, tradeoffs, pending))
+        written["md"].write_text(_markdown(title, rank, t1, plot, failed, skipped, tradeoffs, pending, intro))
     if "html" in formats:
         written["html"] = out_dir / "index.html"
 
         shown = galleries(list(by_folder), by_folder, out_dir) if by_folder else []
-        written["html"].write_text(_html(title, rank, t1, plot, failed, skipped, shown, tradeoffs, pending))
+        written["html"].write_text(_html(title, rank, t1, plot, failed, skipped, shown, tradeoffs, pending, intro))
     return written
 
 
@@ -488,13 +533,31 @@ def read_pending(folder: Union[str, Path]) -> list[dict]:
                          '{"entries": [{"name", "attack", "suite", "reason"}, ...]}') from None
 
 
+VERIFIED_TEXT = ("Each entry was verified when submitted (`spdbench verify`: its files under the entry schema, its "
+                 "claims against its suite and stored perturbations, a random sample of images from every cell "
+                 "re-edited, every budget group re-run with the attack); see docs/security.md.")
 INTRO = ("Protection = similarity between the edit of the clean photo and the edit of the protected photo "
          "(same prompt, settings and seed); lower is stronger. Imperceptibility PSNR is between the photo and "
          "its protected version; higher is less visible. Ranking on the test split, mean over prompts; "
          "`[low, high]` is a 95% bootstrap interval over images (seeded). Every number is computed here from "
-         "the records' per-image values. Each entry was verified when submitted (`spdbench verify`: its files "
-         "under the entry schema, its claims against its suite and stored perturbations, a random sample of "
-         "images from every cell re-edited, one cell group re-run with the attack); see docs/security.md.")
+         "the records' per-image values. Methods are ranked at equal iterations (the suite's attack steps), "
+         "which is not equal work: \"work / image\" gives each row's model work in encoder-equivalent passes, and "
+         "\"budget used\" how much of its budget the stored perturbation spends (under 90%: flagged \"under "
+         "budget\"); see docs/comparisons.md. " + VERIFIED_TEXT)
+
+LOCAL_TEXT = ("These rows are local run folders and were NOT verified (`spdbench verify FOLDER` re-measures one; "
+              "`spdbench submit FOLDER` verifies it and adds it to a board).")
+MIXED_TEXT = ("Rows marked (unverified) are local run folders ranked beside the board's entries for comparison; "
+              "they were NOT verified. ")
+
+
+def intro_text(verified: bool, some_unverified: bool) -> str:
+    """The page's opening words: the verification sentence only where it is true of every row."""
+    if not verified:
+        return INTRO.replace(VERIFIED_TEXT, LOCAL_TEXT)
+    if some_unverified:
+        return INTRO.replace(VERIFIED_TEXT, MIXED_TEXT + VERIFIED_TEXT.replace("Each entry", "Every other entry"))
+    return INTRO
 
 
 def _notes_md(failed: Sequence[str], skipped: Sequence[tuple[str, str]]) -> str:
@@ -517,7 +580,7 @@ def _pending_md(pending: Sequence[dict]) -> str:
 
 
 def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
-              tradeoffs: Optional[Path] = None, pending: Sequence[dict] = ()) -> str:
+              tradeoffs: Optional[Path] = None, pending: Sequence[dict] = (), intro: str = INTRO) -> str:
 
     tr = transfer_table(rank)
     transfer = ("\n\n## Transfer: white box vs black box\n\nThe same attack at the same eps, its edits made by "
@@ -526,15 +589,25 @@ def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[P
     secs = sections(rank)
     body = sections_markdown(secs) if secs else "(no finished records)\n"
     t1_md = "".join(f"\n\n## {md_escape(name)}\n\n" + table1_markdown(t) for name, t in table1_sections(t1, TABLE1_SUITES))
-    return (f"# {md_escape(title)}\n\n{INTRO}\n\n{BEST_NOTE}\n\n" + body.rstrip() + transfer + t1_md +
+    about = suites_markdown(rank["suite"]) if not rank.empty else None
+    return (f"# {md_escape(title)}\n\n{intro}\n\n" + (f"{about}\n\n" if about else "") + f"{BEST_NOTE}\n\n"
+            + body.rstrip() + transfer + t1_md +
             (f"\n\n![metrics vs eps]({plot.name})" if plot else "")
             + (f"\n\n![protection vs imperceptibility, cost and purification]({tradeoffs.name})" if tradeoffs else "")
-            + _pending_md(pending) + _notes_md(failed, skipped) + "\n")
+            + _pending_md(pending) + _notes_md(failed, skipped) + f"\n\n{PER_IMAGE_NOTE}\n")
 
+
+PER_IMAGE_NOTE = ("## Per-image values\n\n`per-image.csv` (beside this page) holds every value the means above come "
+                  "from: one row per record and photo. Columns: " + ", ".join(f"`{c}`" for c in EXPORT_IDENTITY)
+                  + ", then one column per value, sorted by name: `protection.<metric>`, `imperceptibility.<metric>`, "
+                  "`protection_region.<metric>`, `imperceptibility_kept.<metric>` (inpainting) and "
+                  "`purified.<purifier>.<metric>`. The schema only grows: a new metric or purifier adds columns; none "
+                  "is renamed or removed. An empty cell is a value the record does not hold.")
 
 BEST_NOTE = ("One section per suite and budget (nothing is averaged over eps). **Bold** (on the page: green): the "
-             "best value of its column at that budget, the `none` baseline aside. \"Stronger than the next\": a "
-             "paired bootstrap over the same test photos says this row's SSIM is below the next row's.")
+             "best value of its column at that budget, the `none` baseline aside. \"Stronger than the next\": yes "
+             "where a paired bootstrap over the same test photos says this row's SSIM is below the next row's, "
+             "\"not significant\" where the 95% interval of the difference includes zero.")
 
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -547,6 +620,7 @@ table.gallery td{padding:2px}.pn{width:{{ shown }}px;height:{{ shown }}px;overfl
 .pn img{display:block;max-width:none}</style></head><body>
 <h1>{{ title }}</h1>
 <p>{{ intro }}</p>
+{% if about %}<p>{{ about[0] }}</p><ul>{% for line in about[1:] %}<li>{{ line }}</li>{% endfor %}</ul>{% endif %}
 <p>{{ best_note }}</p>
 {% macro table(t) %}<div><h3>{{ t.title }}</h3><table><thead><tr>{% for h in t.head %}<th>{{ h }}</th>{% endfor %}
 </tr></thead><tbody>{% for row in t.rows %}<tr>{% for c in row %}<td class="{{ 'best' if c.best }} {{ 'name' if c.name }}">{{ c.text }}
@@ -582,7 +656,8 @@ style="margin-left:-{{ p.left }}px" alt=""></div>{% endif %}{% endmacro %}
 
 
 def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path], failed, skipped,
-          gallery: Sequence[dict] = (), tradeoffs: Optional[Path] = None, pending: Sequence[dict] = ()) -> str:
+          gallery: Sequence[dict] = (), tradeoffs: Optional[Path] = None, pending: Sequence[dict] = (),
+          intro: str = INTRO) -> str:
     """The page from a Jinja2 template with autoescaping on: every name is text, never markup."""
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
@@ -597,16 +672,49 @@ def _html(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[Path]
                  [[str(p), str(s)] + [fmt(v) for v in row.values] for (p, s), row in t.iterrows()])
                 for name, t in table1_sections(t1, TABLE1_SUITES)]
     return env.from_string(_PAGE).render(
-        title=title, intro=INTRO, best_note=BEST_NOTE.replace("**Bold** (on the page: green)", "Green"),
+        title=title, intro=inline_html(intro),
+        best_note=inline_html(BEST_NOTE.replace("**Bold** (on the page: green)", "Green")), about=_about_html(rank),
         sections=sections(rank), transfer=transfer, t1=t1_parts,
         plot=plot.name if plot else None, tradeoffs=tradeoffs.name if tradeoffs else None, failed=list(failed),
         skipped=list(skipped), gallery=list(gallery), shown=SHOWN_PX, pending=list(pending))
+
+
+def _about_html(rank: pd.DataFrame) -> list:
+    """The suites paragraph (about.py) for the page: its heading line, then one rendered line per suite."""
+    about = suites_markdown(rank["suite"]) if not rank.empty else None
+    if not about:
+        return []
+    head, _, items = about.partition("\n\n")
+    return [inline_html(head)] + [inline_html(line[2:]) for line in items.splitlines()]
 
 
 def build_from_dirs(dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path], formats: Sequence[str] = FORMATS,
                     title: str = "spdbench leaderboard") -> tuple[dict[str, Path], list[tuple[str, str]]]:
     """Check each folder, leave out (and list) the broken ones, build from the rest:
     ({format: path}, [(folder name, reason), ...])."""
-    by_folder, skipped = load_checked_by_folder(dirs)
+    by_folder, skipped, verified = load_board(dirs)
     records = [r for recs in by_folder.values() for r in recs]
-    return build(records, out_dir, formats, title, skipped, by_folder), skipped
+    return build(records, out_dir, formats, title, skipped, by_folder, verified), skipped
+
+
+def load_board(dirs: Sequence[Union[str, Path]]) -> tuple[dict[str, list[Record]], list[tuple[str, str]], bool]:
+    """The folders' checked records: ({folder: records}, [(folder, reason left out)], verified).
+
+    Entries (folders with a manifest: verified when submitted) and local run folders are checked
+    apart, so a local run of a method the board holds is not left out as its duplicate; where both
+    are given, the local records are flagged UNVERIFIED (their own rows, marked). `verified` is
+    False when no folder is an entry (the page then says that nothing on it was verified)."""
+    entries = [d for d in dirs if (Path(d) / MANIFEST).is_file()]
+    local = [d for d in dirs if not (Path(d) / MANIFEST).is_file()]
+    by_folder, skipped = load_checked_by_folder(entries)
+    mine, mine_skipped = load_checked_by_folder(local)
+    if entries and mine:
+        mine = {folder: [mark_unverified(r) for r in recs] for folder, recs in mine.items()}
+    order = {str(d): i for i, d in enumerate(dirs)}
+    both = sorted({**by_folder, **mine}.items(), key=lambda kv: order.get(kv[0], len(order)))
+    return dict(both), skipped + mine_skipped, bool(entries) or not local
+
+
+def mark_unverified(record: Record) -> Record:
+    """A copy of a local run's record flagged UNVERIFIED (its own row beside the board's entries)."""
+    return record.model_copy(update={"flags": [*record.flags, UNVERIFIED]})

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from spdbench.report.text import (INPAINT_NOTE, LABELS, PROTECTION, TASKS, by_task, ci_text, fmt, is_missing, md_escape,
-                                  protection_arrow, protection_better)
+from spdbench.report.text import (INPAINT_NOTE, LABELS, PROTECTION, TASKS, by_task, ci_text, eps_text, fmt, is_missing,
+                                  md_escape, protection_arrow, protection_better)
 
 #: rows never marked best: the no-protection baseline wins imperceptibility and cost trivially
 UNMARKED = {"none"}
@@ -130,6 +130,11 @@ def _name_column() -> Column:
     return Column("method", lambda row: Cell(str(row["method"]), name=True))
 
 
+def _fraction(value) -> str:
+    """0.809 -> "81%"; missing -> "–"."""
+    return "–" if is_missing(value) else f"{float(value):.0%}"
+
+
 def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
     """The three tables of one budget's rows (already sorted by rank)."""
     methods = [str(m) for m in part["method"]]
@@ -152,6 +157,9 @@ def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
     prot.append(_num("imperceptibility PSNR ↑", "imp_psnr", "max"))
     if region:
         prot.append(_num("kept-region PSNR ↑", "kept_psnr", "max"))
+    if "budget_rms" in part.columns and part["budget_rms"].notna().any():
+        prot.append(Column("budget used (RMS)", lambda row: Cell(_fraction(row.get("budget_rms"))),
+                           lambda row: _value(row, "budget_rms"), None))
     prot.append(_num("flags", "flags", None))
     tables = [_build("Protection", prot, part, methods)]
 
@@ -177,7 +185,8 @@ def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
             _num("fit s", "fit_seconds", None),
             Column("peak MB", dev("peak_memory_mb"), lambda row: _value(row, "peak_memory_mb"), "min"),
             _num("images", "n_images", None), _num("steps", "steps", None),
-            _num("model passes / image (fwd/bwd)", "model_calls", None)]
+            _num("model passes / image (fwd/bwd)", "model_calls", None),
+            _num("work / image (encoder-equivalent passes)", "work_per_image", None)]
     tables.append(_build("Cost", cost, part, methods))
     return tables
 
@@ -200,7 +209,7 @@ def sections(rank: pd.DataFrame) -> list[Section]:
         for suite, norm, eps, label in keys:
             rows = part[(part["suite"] == suite) & (part["norm"] == norm) & (part["eps"] == eps)]
             rows = rows.sort_values(["rank", "method"], kind="stable")
-            title = f"{TASKS[task].split(' (')[0]} · {suite} · {norm} eps {label}" + _split_note(rows)
+            title = f"{TASKS[task].split(' (')[0]} · {suite} · {norm} eps {eps_text(label, eps)}" + _split_note(rows)
             out.append(Section(title, INPAINT_NOTE if task == "inpaint" else "", section_tables(rows, task)))
     return out
 

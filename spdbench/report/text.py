@@ -10,6 +10,7 @@ import math
 import re
 
 import pandas as pd
+from markupsafe import Markup, escape
 
 from spdbench.scoring.metrics import LABELS as METRIC_LABELS
 from spdbench.scoring.metrics import METRICS, get_metric
@@ -76,3 +77,21 @@ def by_task(rank: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         return [("img2img", rank)]
     return [(t, rank[rank["task"] == t].dropna(axis=1, how="all").reset_index(drop=True))
             for t in TASKS if (rank["task"] == t).any()]
+
+
+def inline_html(text: str) -> Markup:
+    """The page's own Markdown sentences as HTML: escaped first (never markup from a name), then
+    `code` and **bold** rendered, and Markdown's backslash escapes dropped -- the page showed them
+    literally."""
+    html = str(escape(text))
+    html = re.sub(r"`([^`]+)`", r"<code>\1</code>", html)
+    html = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", html)
+    return Markup(re.sub(r"\\([\\`*_{}\[\]()#+!|~-])", r"\1", html))
+
+
+def eps_text(label: str, eps: float) -> str:
+    """A budget as the page prints it: its label ("8/255"), and a decimal one with its size on the
+    same k/255 scale as the others ("0.03 (= 7.65/255)"): 0.03 beside 8/255 read as unrelated numbers."""
+    if "/" in str(label) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        return str(label)
+    return f"{label} (= {eps * 255:.3g}/255)"

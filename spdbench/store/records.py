@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from spdbench.errors import RecordError
+from spdbench.store import digest
 from spdbench.store.runfolder import disk_error, file_mode
 
 SCHEMA_VERSION = 2
@@ -191,10 +192,27 @@ def cell_id(attack: str, params: dict, suite: dict, norm: str, eps_label: str, p
     return f"{attack}__{norm}-{eps_label.replace('/', 'o')}__{prompt_key}__{split}__{short}"
 
 
+def set_params(record: Record) -> dict[str, Any]:
+    """The attack parameters the user set (source "explicit"), beyond its preset, the suite and the
+    defaults; `robust_to` aside (the label's "+EOT(...)")."""
+    return {k: record.attack_params[k] for k in sorted(record.attack_params)
+            if record.param_sources.get(k) == "explicit" and k != "robust_to"}
+
+
+def params_text(params: dict[str, Any]) -> str:
+    """"steps=5, step_size=0.01": parameters as a reader types them after --param."""
+    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items())
+
+
 def method_label(record: Record) -> str:
-    """attack[preset], plus "+EOT(jpeg75, ...)" for an adaptive run: a different method on the board.
-    Here, beside the record, because scoring, report and verify all group records by it."""
+    """One configuration: attack[preset], then every parameter set beyond the preset ("(steps=5)"),
+    plus "+EOT(jpeg75, ...)" for an adaptive run -- each a different method on the board, never
+    pooled with another configuration's cells. Here, beside the record, because scoring, report
+    and verify all group records by it."""
     label = f"{record.attack}[{record.preset}]" if record.preset else record.attack
+    params = set_params(record)
+    if params:
+        label += f" ({params_text(params)})"
     robust = record.attack_params.get("robust_to") or ()
     return f"{label} +EOT({', '.join(robust)})" if robust else label
 
@@ -290,15 +308,18 @@ def remove_stale_temp(folder: Union[str, Path], min_age_s: float = 0.0) -> list[
 
 
 def write_record(record: Record, folder: Union[str, Path]) -> Path:
-    """Validate-flag-write one record atomically; non-finite numbers are flagged (they may have been
-    set after the record was built) and stored so that they read back."""
+    """Validate-flag-write one record atomically, then its digest (store/digest.py: the HMAC under
+    this user's record key that the board and `compare` check it against); non-finite numbers are
+    flagged (they may have been set after the record was built) and stored so that they read back."""
     path = Path(folder) / "records" / f"{record.cell_id}.json"
     bad = non_finite_fields(record)
     if bad:
         flag_non_finite(record)
         log.warning("record %s holds non-finite numbers (%s%s); flagged %r", record.cell_id,
                     ", ".join(bad[:4]), ", ..." if len(bad) > 4 else "", NON_FINITE_FLAG)
-    atomic_write_bytes(path, record.model_dump_json(indent=1).encode())
+    data = record.model_dump_json(indent=1).encode()
+    atomic_write_bytes(path, data)
+    digest.sign_record(folder, f"records/{path.name}", data, atomic_write_bytes)
     return path
 
 
@@ -306,12 +327,19 @@ def read_record(path: Union[str, Path]) -> Record:
     """Read and validate one record; any corruption is a RecordError naming the file and the problem."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
     except OSError as exc:
         raise RecordError(f"cannot read record {path}: {exc}") from None
+    return record_from_bytes(raw, str(path))
+
+
+def record_from_bytes(raw: bytes, name: str) -> Record:
+    """A record file's bytes -> Record; see record_from_data."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RecordError(f"record {path} is not valid JSON (truncated or corrupt?): {exc}") from None
-    return record_from_data(data, str(path))
+        raise RecordError(f"record {name} is not valid JSON (truncated or corrupt?): {exc}") from None
+    return record_from_data(data, name)
 
 
 def record_from_data(data: Any, name: str) -> Record:
@@ -348,6 +376,33 @@ def load_records(folders: Union[str, Path, Iterable[Union[str, Path]]], strict: 
             except RecordError:
                 if strict:
                     raise
+    return out
+
+
+def load_vouched(folder: Union[str, Path]) -> list[Record]:
+    """The records of a run folder that a resumed run may keep, each file read once and checked
+    against its digest (store/digest.py). A rewritten record (or one without a digest in a signed
+    folder) is left out with a warning naming it: its cell is recomputed and signed anew, never
+    reused. Unsigned and other machines' records are kept, as before digests; corrupt ones skipped
+    (as load_records(strict=False))."""
+    folder = Path(folder)
+    raw: dict[str, bytes] = {}
+    for path in sorted((folder / "records").glob("*.json")):
+        try:
+            raw[f"records/{path.name}"] = path.read_bytes()
+        except OSError:
+            continue  # unreadable: recomputed, as a corrupt record
+    states = digest.check(folder, raw)
+    out = []
+    for rel, data in raw.items():
+        state, why = states[rel]
+        if not digest.trusted_on_resume(state):
+            log.warning("%s: its cell is recomputed", why)
+            continue
+        try:
+            out.append(record_from_bytes(data, str(folder / rel)))
+        except RecordError:
+            continue
     return out
 
 

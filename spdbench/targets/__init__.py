@@ -14,7 +14,8 @@ from spdbench.registry import Registry
 from spdbench.targets.base import Encoding, Target
 from spdbench.targets.sd15 import SD15_HUB_ID, SD15_INPAINT_HUB_ID, load_sd15
 from spdbench.targets.sd15_arch import build_sd15_random
-from spdbench.targets.tiny import ASSETS, INPAINT_DIR, TINY_B_DIR, TRAINED_DIR, V2_DIR, build_tiny
+from spdbench.targets.tiny import ASSETS, INPAINT_DIR, IP2P_DIR, TINY_B_DIR, TRAINED_DIR, V2_DIR, build_tiny
+from spdbench.targets.instruct import load_tiny_ip2p
 
 __all__ = ["Encoding", "Target", "TARGETS", "load_target", "load_sd15", "build_tiny", "SD15_HUB_ID", "SD15_INPAINT_HUB_ID", "parse_dtype",
            "parse_device"]
@@ -80,7 +81,8 @@ def load_target(name: Union[str, Path] = "tiny", device: Union[str, torch.device
                 dtype: Union[str, torch.dtype, None] = None) -> Target:
     """"tiny" (the trained offline model shipped in the package), "tiny-v3" (its retrained successor),
     "tiny-b" (v3's independently trained sibling, for transfer), "tiny-inpaint" (SD-inpainting on
-    v3's VAE and text encoder), "tiny-random[-SEED]"
+    v3's VAE and text encoder), "tiny-ip2p" (InstructPix2Pix's 8-channel UNet on the same),
+    "tiny-random[-SEED]"
     (random weights, plumbing only), "sd15-arch-random[-SEED]" (SD1.5's full architecture with random
     weights, for GPU timings), a diffusers folder, or a hub id such as SD15_HUB_ID."""
     target = _load(name, device, dtype)
@@ -158,6 +160,12 @@ def _load_tiny_inpaint(device=None, dtype=None) -> Target:
     comps = base.components()
     comps["unet"] = UNet2DConditionModel.from_pretrained(str(INPAINT_DIR / "unet"))
     return Target(**comps, name="tiny-inpaint", source="spdbench:tiny-inpaint", device=device, dtype=dtype)
+
+
+@TARGETS.register("tiny-ip2p")
+def _load_tiny_ip2p(device=None, dtype=None) -> Target:
+    """InstructPix2Pix's 8-channel UNet (zoo/train_ip2p.py) on tiny's VAE and text encoder."""
+    return load_tiny_ip2p(IP2P_DIR, ASSETS, device=device, dtype=dtype)
 
 
 @TARGETS.register("tiny-random", seeded=True)

@@ -153,7 +153,8 @@ class Target:
         enc.mean.float().sum().backward()
         with torch.no_grad():
             emb = self.encode_prompt([""])
-            self.predict_noise(enc.latents.detach(), 500, emb)
+            image = enc.mean.detach() if int(self.unet.config.in_channels) == 8 else None  # IP2P's image condition
+            self.predict_noise(enc.latents.detach(), 500, emb, image_latents=image)
             self.decode(enc.latents.detach())
 
     # --- operations attacks need ---------------------------------------------------------
@@ -228,25 +229,31 @@ class Target:
         out = abar.sqrt() * latents.float() + (1.0 - abar).sqrt() * noise.to(latents.device).float()
         return out.to(latents.dtype)
 
-    def inpaint_condition(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def inpaint_condition(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                          noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The inpainting UNet's extra input channels (N, 5, h, w): the mask at latent resolution and
         the scaled latent (posterior mean) of the masked photo, *differentiable* in `images`.
 
         The pipeline's rule: the masked photo is the photo with the repaint region (mask 1) set to 0
         in the model's [-1, 1] space (mid grey). `masks` None means "repaint everything" (mask all
         ones), the condition under which an inpainting UNet acts as a text-to-image model.
+        `noise` (xi, the latents' shape) makes the masked photo's latent a reparameterized posterior
+        sample mu + sigma * xi, as the pipeline's `latent_dist.sample()` does; None: the mean.
         """
         n, _, h, w = images.shape
         if masks is None:
             masks = torch.ones(n, 1, h, w, device=self.device)
         m = masks.to(self.device, torch.float32)
         keep = (m < 0.5).to(self.dtype)
-        masked = self.vae.encode(self.to_model(images) * keep).latent_dist.mean * self.scaling_factor
+        dist = self.vae.encode(self.to_model(images) * keep).latent_dist
+        masked = dist.mean if noise is None else dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
+        masked = masked * self.scaling_factor
         return torch.cat([latent_mask(m, self.latent_factor).to(self.dtype), masked.to(self.dtype)], dim=1)
 
     def predict_noise(self, noisy_latents: torch.Tensor, t, cond: torch.Tensor,
                       guidance: float = 1.0, uncond: Optional[torch.Tensor] = None,
-                      inpaint: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      inpaint: Optional[torch.Tensor] = None,
+                      image_latents: Optional[torch.Tensor] = None) -> torch.Tensor:
         """eps_theta(z_t, t, c): the UNet's noise prediction, in the model's dtype, differentiable.
 
         `cond`: prompt embeddings from `encode_prompt`, (1 or N, 77, D). `guidance` > 1 applies
@@ -254,6 +261,8 @@ class Target:
         cost of a second UNet pass: eps_u + guidance * (eps_c - eps_u).
         On an inpainting target, `inpaint` is `inpaint_condition(images, masks)`; left None, the
         condition is "repaint everything", so img2img-style objectives run unchanged on it.
+        On an instruction editor (InstructPix2Pix, 8 channels), `image_latents` is the input photo's
+        VAE posterior mean, unscaled (the pipeline's condition); it is required there.
         """
         n = noisy_latents.shape[0]
         z = noisy_latents.to(self.dtype)
@@ -264,6 +273,14 @@ class Target:
         elif inpaint is not None:
             raise ValueError(f"target {self.name!r} is not an inpainting model: predict_noise(inpaint=...) "
                              "needs a 9-channel UNet")
+        if int(self.unet.config.in_channels) == 8:  # InstructPix2Pix: the input photo's unscaled latent mode
+            if image_latents is None:
+                raise ValueError(f"target {self.name!r} is an instruction editor (8-channel UNet): predict_noise "
+                                 "needs image_latents (the input photo's VAE posterior mean, unscaled)")
+            z = torch.cat([z, image_latents.to(self.device, self.dtype).expand(n, -1, -1, -1)], dim=1)
+        elif image_latents is not None:
+            raise ValueError(f"target {self.name!r} is not an instruction editor: predict_noise(image_latents=...) "
+                             "needs an 8-channel UNet")
         t = self._timesteps(t, n)
         cond = cond.to(self.device, self.dtype)
         cond = cond.expand(n, -1, -1) if cond.shape[0] == 1 else cond

@@ -29,6 +29,8 @@ V2_DIR = ASSETS / "tiny-v2"
 TINY_B_DIR = ASSETS / "tiny-b"
 #: tiny-inpaint: only a 9-channel UNet; the VAE, text encoder and tokenizer are tiny's
 INPAINT_DIR = ASSETS / "tiny-inpaint"
+#: tiny-ip2p: only an 8-channel (InstructPix2Pix) UNet; the VAE, text encoder and tokenizer are tiny's
+IP2P_DIR = ASSETS / "tiny-ip2p"
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4,

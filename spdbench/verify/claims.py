@@ -21,13 +21,13 @@ import torch
 
 from spdbench.budget import Budget, format_eps
 from spdbench.harness.editing import EditSettings, PROMPTS, image_seed
-from spdbench.verify.entry import EntryFiles, check_name, scan
+from spdbench.verify.entry import EntryFiles, check_name, digest_verdict, scan
 from spdbench.errors import RecordError, SpdbenchError
 from spdbench.scoring.metrics import DEFAULT_METRICS, METRICS, get_metric, list_metrics
 from spdbench.purifiers.base import PURIFIERS
 from spdbench.suites import SUITES, get_suite
 from spdbench.store.records import Record, Status, non_finite_fields, record_from_data
-from spdbench.attacks import attack_class
+from spdbench.harness.plan import installed_attack
 from spdbench.data.masks import mask_set, mask_sha256
 from spdbench.data.photos import split_indices
 from spdbench.store.networks import MAX_VALUES, load_network
@@ -340,11 +340,21 @@ def _method_problems(claims: Claims) -> list[str]:
         for name in METHOD_FIELDS:
             a, b = getattr(first, name), getattr(c.record, name)
             if _canon(_plain(a)) != _canon(_plain(b)):
-                return [f"{c.rel}: {name} {_short(b)} differs from {claims.cells[0].rel}'s {_short(a)}; an entry "
+                mine, theirs = _differing(_plain(b), _plain(a))
+                return [f"{c.rel}: {name} {mine} differs from {claims.cells[0].rel}'s {theirs}; an entry "
                         "holds one method on one suite (submit each run folder separately)"]
         if (c.record.target.fingerprint, c.record.target.dtype) != (first.target.fingerprint, first.target.dtype):
             return [f"{c.rel}: target {c.record.target.fingerprint} differs from {claims.cells[0].rel}'s"]
     return []
+
+
+def _differing(b: Any, a: Any) -> tuple[str, str]:
+    """Two differing values as a refusal shows them, whole (never cut): for two dicts only the keys
+    whose values differ ({"steps": 5} vs {"steps": 40}), else both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(k for k in set(a) | set(b) if _canon(a.get(k)) != _canon(b.get(k)) or (k in a) != (k in b))
+        return _canon({k: b.get(k) for k in keys}), _canon({k: a.get(k) for k in keys})
+    return _canon(b), _canon(a)
 
 
 def _plain(v: Any) -> Any:
@@ -362,7 +372,7 @@ def _preset_budget_is(rec: Record) -> bool:
     if not rec.preset:
         return False
     try:
-        budget = attack_class(rec.attack).preset_budgets.get(rec.preset)
+        budget = installed_attack(rec.attack).preset_budgets.get(rec.preset)
     except SpdbenchError:
         return False
     return budget is not None and budget.norm == rec.norm and abs(budget.eps - rec.eps) < 1e-9
@@ -649,7 +659,7 @@ def check_networks(claims: Claims, entry: EntryFiles) -> dict:
 
 def _network_cap(attack: str) -> int:
     try:
-        return int(getattr(attack_class(attack), "max_network_params", MAX_VALUES))
+        return int(installed_attack(attack).max_network_params or MAX_VALUES)
     except SpdbenchError:
         return MAX_VALUES
 
@@ -728,6 +738,14 @@ def mask_problems(claims: Claims, images, names: list[str], suite) -> list[str]:
     return out
 
 
+def _mark_digest_flags(checked: Claims, marks: dict[str, str]) -> None:
+    """Records that are not signed by this machine carry the flag ("unsigned", ...) on the board."""
+    for c in checked.cells:
+        flag = marks.get(c.rel)
+        if flag and flag not in c.record.flags:
+            c.record.flags.append(flag)
+
+
 def load_checked(dirs: Sequence[Union[str, Path]]) -> tuple[list[Record], list[tuple[str, str]]]:
     """The records of every folder that passes its checks (see load_checked_by_folder), flat."""
     by_folder, skipped = load_checked_by_folder(dirs)
@@ -756,10 +774,12 @@ def load_checked_by_folder(dirs: Sequence[Union[str, Path]]) -> tuple[dict[str, 
         except RecordError as exc:
             skipped.append((d.name, str(exc)))
             continue
+        refused, marks = digest_verdict(entry)  # a record rewritten after its run: left out, named
         checked = check(entry, strict=entry.is_entry)
-        if checked.problems:
-            skipped.append((d.name, checked.problems[0]))
+        if refused or checked.problems:
+            skipped.append((d.name, refused or checked.problems[0]))
             continue
+        _mark_digest_flags(checked, marks)
         keys = {method_key(r) for r in checked.records}
         taken = sorted({owners[k] for k in keys if k in owners})
         if taken:

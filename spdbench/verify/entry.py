@@ -9,8 +9,9 @@ A leaderboard entry is data under one versioned schema (`spdbench-entry/1`):
     examples/<name>.png               optional illustrations (never used for a number)
 
 A run folder (what `spdbench run` writes, and what `submit` takes) may also hold `records.jsonl`
-(an export), `cache/<hash>.safetensors` (clean edits) and `report.html` (spdbench show); those are
-checked the same way and never copied into an entry. Everything is allow-listed by place, extension *and* content; only regular
+(an export), `cache/<hash>.safetensors` (clean edits), `report.html` (spdbench show) and
+`digests/<record file>.hmac` (each record's HMAC under this machine's record key, store/digest.py);
+those are checked the same way and never copied into an entry. Everything is allow-listed by place, extension *and* content; only regular
 files with one link; sizes are bounded per file and per folder; JSON nesting is bounded before
 parsing. Nothing in the folder is followed, executed or unpickled.
 """
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from PIL import Image
 
 from spdbench.errors import RecordError
+from spdbench.store import digest as digest_mod
 from spdbench.store import networks as network_file
 from spdbench.store.perturbations import check_header, parse_header
 
@@ -75,6 +77,7 @@ RULES = (
     Rule("export", "", "records.jsonl", 512 * MiB, in_entry=False),
     Rule("cache", "cache", ".safetensors", 64 * MiB, in_entry=False),
     Rule("report", "", "report.html", 64 * MiB, in_entry=False),
+    Rule("digest", digest_mod.DIGEST_FOLDER, digest_mod.DIGEST_SUFFIX, 64 * 1024, in_entry=False),
 )
 _FOLDERS = {r.folder for r in RULES if r.folder}
 #: what an entry (or run) folder copies into the leaderboard: the rest of a run folder stays behind
@@ -345,7 +348,7 @@ def scan(folder: Union[str, Path]) -> EntryFiles:
         total += st.st_size
         if total > MAX_ENTRY_BYTES:
             raise RecordError(f"{folder} holds more than {MAX_ENTRY_BYTES // MiB} MiB of files")
-        keep = rule.kind in ("manifest", "record", "example", "export", "lock", "report")
+        keep = rule.kind in ("manifest", "record", "example", "export", "lock", "report", "digest")
         sha, size, data = _read_regular(path, rel, rule.max_bytes, keep)
         f = EntryFile(rel, rule.kind, size, sha, data)
         _check_content(f, path)
@@ -387,6 +390,11 @@ def _check_report(f: EntryFile, path: Path) -> None:
         raise RecordError(f"{f.rel} is not a page written by spdbench show")
 
 
+def _keep_digest(f: EntryFile, path: Path) -> None:
+    """A record digest: its bytes are kept and judged by `digest_verdict` (a damaged one reads as a
+    rewritten record there, on the board; `verify` re-measures instead and never reads it)."""
+
+
 def _check_lock(f: EntryFile, path: Path) -> None:
     """A held lock: a run is still writing, so what it holds is not yet the whole claim."""
     if _lock_held(path):
@@ -411,7 +419,8 @@ def _check_tensor_header(f: EntryFile, path: Path) -> None:
 
 #: the content check of each kind of file that is not a safetensors file
 _CONTENT_CHECKS = {"manifest": _parse_json, "record": _parse_json, "export": _check_export,
-                   "example": _check_example, "report": _check_report, "lock": _check_lock}
+                   "example": _check_example, "report": _check_report, "lock": _check_lock,
+                   "digest": _keep_digest}
 
 
 def _check_manifest(entry: EntryFiles) -> Manifest:
@@ -461,3 +470,18 @@ def copy_files(entry: EntryFiles, dest: Union[str, Path]) -> None:
             sha, _, _ = _read_regular(entry.folder / rel, rel, rule.max_bytes if rule else 0, False, sink)
         if sha != f.sha256:
             raise RecordError(f"{rel} changed while it was being submitted")
+
+
+def digest_verdict(entry: EntryFiles) -> tuple[Optional[str], dict[str, str]]:
+    """What the records' digests say about a scanned run folder, from the bytes the scan read (no
+    second read to race): (the line that refuses it -- a record rewritten, or removed, after the
+    harness wrote it -- or None; {record rel: flag} for records that read as "unsigned" or
+    "unsigned-by-this-machine"). An entry (with a manifest) is judged by its manifest and `verify`
+    instead: (None, {})."""
+    if entry.is_entry:
+        return None, {}
+    records = {f.rel: f.data or b"" for f in entry.of_kind("record")}
+    signed = (entry.folder / digest_mod.DIGEST_FOLDER).is_dir()
+    digests = {f.rel: f.data or b"" for f in entry.of_kind("digest")} if signed else None
+    states = digest_mod.check(entry.folder, records, digests)
+    return digest_mod.refusal(states), digest_mod.flags(states)

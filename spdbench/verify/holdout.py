@@ -32,8 +32,8 @@ from spdbench.scoring import metrics
 from spdbench.store.records import atomic_write_bytes, method_label
 from spdbench.verify import claims as claims_mod
 from spdbench.verify import entry as entry_schema
-from spdbench.attacks import get_attack
 from spdbench.harness.pipeline import AttackRunner
+from spdbench.harness.plan import installed_attack
 from spdbench.store.perturbations import load_delta
 from spdbench.store.records import atomic_write_bytes
 from spdbench.targets import load_target
@@ -151,7 +151,7 @@ def _protect_amortized(claims, entry, suite, eps: str, images: torch.Tensor, tar
     if claims.problems:
         raise InputError(f"entry's networks do not check: {claims.problems[0]}")
     rec = claims.groups()[eps][0].record
-    attack = get_attack(rec.attack, **json.loads(json.dumps(rec.attack_params)))
+    attack = installed_attack(rec.attack, rec.attack_params)  # a plugin: described by a worker, not imported
     budget = Budget(rec.norm, rec.eps)
     runner = AttackRunner("process", target, suite.attack_timeout_s)  # the network is attack code: it runs in a worker
     try:

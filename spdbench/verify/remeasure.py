@@ -31,9 +31,9 @@ from spdbench.data.photos import split_indices
 from spdbench.harness.editing import EditSettings, Editor
 from spdbench.store.perturbations import apply_delta, delta_from_adv, load_delta
 from spdbench.purifiers import get_purifier
-from spdbench.attacks import get_attack
 from spdbench.budget import Budget
 from spdbench.harness.pipeline import AttackRunner, run
+from spdbench.harness.plan import installed_attack
 from spdbench.harness.protect import enforce
 
 SPLITS = ("train", "test")
@@ -49,6 +49,14 @@ class Measured:
     problems: list[str] = field(default_factory=list)
     #: perturbations re-made up to float rounding at the 8-bit grid (`reproduces`), in words
     notes: list[str] = field(default_factory=list)
+    #: registered metrics a record does not hold (measured before they existed), re-measured on the
+    #: re-edited images: cell rel -> block -> metric -> {image position in the cell: value} (fill.py)
+    unmeasured: dict[str, dict[str, dict[str, dict[int, float]]]] = field(default_factory=dict)
+    #: re-runs whose worker could not be sandboxed on this machine, in words (shown, never silent)
+    unconfined: list[str] = field(default_factory=list)
+
+    def keep_unmeasured(self, rel: str, block: str, metric: str, k: int, value: float) -> None:
+        self.unmeasured.setdefault(rel, {}).setdefault(block, {}).setdefault(metric, {})[k] = float(value)
 
     def add(self, where: str, metric: str, claimed: float, got: float, tolerance: float) -> None:
         tol = tolerance * (100 if metric == "psnr" else 1)
@@ -83,6 +91,11 @@ def _held(values: dict) -> list[str]:
     """The registered metrics a record's block holds, in registry order: each is re-measured and
     compared (an entry measured before a metric existed lacks it, and is compared on the rest)."""
     return [m for m in metrics.list_metrics() if m in values]
+
+
+def _unheld(values: dict, scored: dict) -> list[str]:
+    """The registered metrics just measured that a record's block lacks (registered after it was made)."""
+    return [m for m in metrics.list_metrics() if m in scored and m not in values]
 
 
 @dataclass
@@ -145,11 +158,15 @@ def _check_budget(d: _Draw, eps: str, cells: Sequence[Cell], images: torch.Tenso
 
 
 def _compare_imperceptibility(d: _Draw, c: Cell, idx: list[int], imp: dict) -> None:
-    """Every image's imperceptibility (no edit needed) against the record."""
+    """Every image's imperceptibility (no edit needed) against the record; a metric the record
+    does not hold is kept for every image (`Measured.unmeasured`)."""
     for m in _held(c.record.imperceptibility):
         for k, i in enumerate(idx):
             d.out.add(f"{c.rel} image {c.record.image_names[k]} imperceptibility", m,
                       c.record.imperceptibility[m][k], imp[m][i], d.tolerance)
+    for m in _unheld(c.record.imperceptibility, imp):
+        for k, i in enumerate(idx):
+            d.out.keep_unmeasured(c.rel, "imperceptibility", m, k, imp[m][i])
 
 
 def _compare_kept(d: _Draw, c: Cell, idx: list[int], kept: dict) -> None:
@@ -193,11 +210,14 @@ def _compare_edits(d: _Draw, eps: str, pcells: Sequence[Cell], edited: dict[tupl
 
 
 def _compare_scored(d: _Draw, c: Cell, k: int, n: int, scored: dict) -> None:
-    """Image k of cell c (row n of the scores): each block's whole-image metrics against the record."""
+    """Image k of cell c (row n of the scores): each block's whole-image metrics against the record;
+    a metric the record does not hold is kept (`Measured.unmeasured`)."""
     for block, sc in scored.items():
         for m in _held(_block(c.record, block)):
             d.out.add(f"{c.rel} image {c.record.image_names[k]} {block}", m,
                       _values(c.record, block, m)[k], sc[m][n], d.tolerance)
+        for m in _unheld(_block(c.record, block), sc):
+            d.out.keep_unmeasured(c.rel, block, m, k, sc[m][n])
 
 
 def _compare_region(d: _Draw, c: Cell, k: int, n_images: int, n: int, region: dict) -> None:
@@ -262,7 +282,7 @@ def reapply_networks(claims: Claims, networks: dict, deltas: dict, suite, target
         for eps, state in networks.items():
             cells = claims.groups()[eps]
             rec = cells[0].record
-            attack = get_attack(rec.attack, **json.loads(json.dumps(rec.attack_params)))
+            attack = installed_attack(rec.attack, rec.attack_params)  # a plugin: described by a worker, not imported
             if attack.kind != "amortized":
                 out.problems.append(f"eps {eps}: attack {rec.attack!r} installed here is not amortized")
                 continue
@@ -303,7 +323,10 @@ def rerun_group(cells: Sequence[Cell], deltas: dict, suite, target, images: torc
 
 
 def _compare_rerun(cells: Sequence[Cell], deltas: dict, result, tolerance: float, out: Measured) -> None:
-    """The re-run must succeed with the stored perturbation, then every cell must reproduce."""
+    """The re-run must succeed with the stored perturbation, then every cell must reproduce. The
+    re-run's own confinement is reported: where this machine could not sandbox the worker, the note
+    says so (the entry's numbers were then reproduced by attack code with the user's authority)."""
+    _note_rerun_isolation(cells[0].record, result, out)
     if not _rerun_matches_perturbation(cells[0].record, deltas, result, out):
         return
     fresh = {(r.prompt_key, r.split.value): r for r in result.records}
@@ -315,6 +338,15 @@ def _compare_rerun(cells: Sequence[Cell], deltas: dict, result, tolerance: float
         _compare_rerun_values(c, r, tolerance, out)
         _compare_rerun_regions(c, r, tolerance, out)
         _compare_model_calls(c, r, out)
+
+
+def _note_rerun_isolation(rec, result, out: Measured) -> None:
+    """One line per budget group re-run without the sandbox (never silently ok)."""
+    loose = sorted({(r.isolation, str((r.isolation_detail or {}).get("reason", ""))) for r in result.records
+                    if r.isolation != "sandbox"})
+    for isolation, reason in loose:
+        out.unconfined.append(f"WARNING eps {rec.eps_label}: the re-run's worker was NOT sandboxed (isolation {isolation}"
+                         + (f": {reason}" if reason else "") + "); its attack code ran with this user's authority")
 
 
 def _rerun_matches_perturbation(rec, deltas: dict, result, out: Measured) -> bool:

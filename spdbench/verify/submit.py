@@ -32,10 +32,12 @@ import torch
 from spdbench.verify import claims as claims_mod
 from spdbench.verify import remeasure
 from spdbench.verify import entry as entry_schema
+from spdbench.verify import fill
 from spdbench.errors import InputError, RecordError, SpdbenchError
 from spdbench.store.records import Record, attack_kind
-from spdbench.attacks.base import attack_class
 from spdbench.harness.pipeline import suite_masks
+from spdbench.harness.plan import installed_attack
+from spdbench.harness.progress import Stages, default_stages
 from spdbench.targets import load_target, parse_device
 
 DEFAULT_TOLERANCE = 2e-3
@@ -55,6 +57,12 @@ class VerifyReport:
     compared: int = 0
     max_deviation: dict[str, float] = field(default_factory=dict)
     remeasured: bool = False      # False: only the files and the claims were checked (--no-rerun)
+    #: registered metrics the records lack, re-measured on the re-edited images (verify/fill.py):
+    #: cell id -> block -> metric -> {image name: value}; and the same by cell file, for the fill
+    unmeasured: dict[str, Any] = field(default_factory=dict)
+    unmeasured_by_rel: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: the filled copy written by `fill_metrics` (None: none asked for, or nothing to fill)
+    filled: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -80,18 +88,29 @@ def _check_options(sample: Any, tolerance: Any, seed: Any) -> None:
 def verify(folder: Union[str, Path], sample: int = 2, tolerance: float = DEFAULT_TOLERANCE, rerun: bool = True,
            attack_rerun: bool = True, seed: Optional[int] = None, device: Optional[str] = None,
            images: Optional[torch.Tensor] = None, image_names: Optional[list[str]] = None,
-           data: Union[str, Path, None] = None, manifest: Union[str, Path, None] = None, suite=None) -> VerifyReport:
+           data: Union[str, Path, None] = None, manifest: Union[str, Path, None] = None, suite=None,
+           progress: Union[None, bool, Stages] = None,
+           fill_metrics: Union[str, Path, None] = None) -> VerifyReport:
     """Check a folder as an untrusted submission; `report.problems` lists every reason to refuse it.
 
     sample: images re-edited per cell; rerun=False checks files and claims only (the report says so);
     attack_rerun=False skips stage 4; seed: the draw's seed (default: unpredictable, recorded);
     images/image_names or data/manifest: the suite's photos when they are not bundled; suite: a
-    Suite object the entry claims (default: the registered suite the records name).
+    Suite object the entry claims (default: the registered suite the records name). progress: each
+    stage and its estimate on stderr as it starts, the seed first (None: when stderr is a terminal;
+    a Stages that has announced a stage already: the caller printed the seed and the first stage).
+    fill_metrics: a new folder; once the entry verifies, a copy of it is written there whose fully
+    re-edited cells carry the registered metrics the records lack (verify/fill.py; never in place).
     """
     _check_options(sample, tolerance, seed)
+    dest = _fill_dest(fill_metrics, rerun)
 
     parse_device(device)
     report = VerifyReport(folder=str(folder), seed=secrets.randbits(63) if seed is None else seed)
+    stages = progress if isinstance(progress, Stages) else default_stages("verify", progress)
+    if stages.current is None:
+        stages.note(f"seed {report.seed} (repeat this verification with --seed {report.seed})")
+        stages.stage("verifying", f"files and claims of {folder}")
     try:
         entry = entry_schema.scan(folder)
     except RecordError as exc:
@@ -116,12 +135,43 @@ def verify(folder: Union[str, Path], sample: int = 2, tolerance: float = DEFAULT
         _static_only(report, claims, entry, suite, images, image_names, data, manifest)
         return report
     _remeasure(report, claims, entry, suite, sample, tolerance, attack_rerun, device, images, image_names, data,
-               manifest)
+               manifest, stages)
+    if dest is not None and report.ok:
+        _fill(report, claims, entry, dest)
+    stages.done()
     return report
 
 
+def _fill_dest(fill_metrics: Union[str, Path, None], rerun: bool) -> Optional[Path]:
+    """--fill-metrics DIR, checked before anything is loaded: a new folder, and re-editing asked for."""
+    if fill_metrics is None:
+        return None
+    if not rerun:
+        raise InputError("--fill-metrics needs the re-edit (it fills metrics from the re-edited images); "
+                         "drop --no-rerun")
+    return fill.check_dest(fill_metrics)
+
+
+def _fill(report: VerifyReport, claims, entry, dest: Path) -> None:
+    """The verified entry copied to `dest` with its unmeasured metrics filled where every image of a
+    cell was re-edited; nothing is written when no cell could be filled (said in the checks)."""
+    provenance = fill.provenance(report.seed)
+    records, notes = fill.filled_records(claims, report.unmeasured_by_rel, provenance)
+    report.checks += [f"fill: {n}" for n in notes]
+    if not records:
+        report.checks.append(f"fill: NOTHING WRITTEN to {dest}: no cell lacks a registered metric on all of its "
+                             "re-edited images" if not report.unmeasured else
+                             f"fill: NOTHING WRITTEN to {dest}: no cell had every image re-edited")
+        return
+    metrics = sorted({f.split(":", 1)[1] for r in records.values() for f in r.flags if f.startswith(fill.FLAG)})
+    verification = {**report.summary(), "filled_by_reedit": {"metrics": metrics, "cells": len(records), **provenance}}
+    report.filled = str(fill.write_copy(entry, records, dest, verification))
+    report.checks.append(f"fill: wrote {dest}: {len(records)} of {len(claims.ok_cells)} cell(s) now carry "
+                         f"{', '.join(metrics)} (flagged {fill.FLAG}:<metric>; the entry itself is unchanged)")
+
+
 def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, tolerance: float, attack_rerun: bool,
-               device: Optional[str], images, image_names, data, manifest) -> None:
+               device: Optional[str], images, image_names, data, manifest, stages: Stages) -> None:
     """The re-measurement, each stage only once the one before passed: the stored perturbations
     against the suite's photos, the models' fingerprints, stored networks re-applied, a sample of
     every cell re-edited, and one cell group's attack re-run."""
@@ -131,13 +181,18 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
     deltas, networks = _check_against_images(report, claims, entry, suite, images, names)
     if not report.ok:
         return
+    stages.stage("loading", f"model {suite.target}" + (f" and {suite.edit_target}" if suite.edit_target else ""))
     models = _load_models(report, suite, rec, device or measured_on)
     if models is None:
         return
     target, editing = models
+    if networks:
+        stages.stage("protecting", f"{len(names)} photos again with the {len(networks)} stored network(s)")
     if networks and not _reapply_networks(report, claims, networks, deltas, suite, target, images, names):
         return
     rng = random.Random(report.seed)
+    stages.stage("editing", f"{sample} image(s) of each of {len(claims.cells)} cells again",
+                 _sample_estimate(claims, sample))
     if not _sample_cells(report, claims, deltas, suite, editing, images, names, rng, sample, tolerance):
         return
     if not attack_rerun:
@@ -147,7 +202,19 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
     if problem:
         report.problems.append(problem)
         return
-    _rerun_group(report, claims, deltas, suite, target, images, names, rng, tolerance)
+    _rerun_group(report, claims, deltas, suite, target, images, names, rng, tolerance, stages)
+
+
+def _sample_estimate(claims, sample: int) -> float:
+    """The records' own edit seconds, scaled to the images re-edited: about how long the sample takes."""
+    return sum(c.record.timing.edit_wall_s * min(sample, len(c.record.image_names)) / max(1, len(c.record.image_names))
+               for c in claims.cells)
+
+
+def _rerun_estimate(cells) -> float:
+    """The records' own attack, fit, edit and scoring seconds: about how long re-running a group takes."""
+    t = [c.record.timing for c in cells]
+    return max((x.fit_wall_s or 0.0) for x in t) + sum(x.attack_wall_s + x.edit_wall_s + x.score_wall_s for x in t)
 
 
 def _measured_device_type(rec, device: Optional[str]) -> str:
@@ -209,18 +276,21 @@ def _sample_cells(report: VerifyReport, claims, deltas: dict, suite, editing, im
     got = remeasure.sample_cells(claims, deltas, suite, editing, images, rng, sample, tolerance, masks)
     _merge(report, got)
     report.sampled = got.sampled
+    report.unmeasured_by_rel = got.unmeasured
+    report.unmeasured = fill.values_by_name(claims, got.unmeasured)
     report.remeasured = True
     if got.problems:
         return False
     report.checks.append(f"sample: {sample} image(s) from each of {len(got.sampled)} cells re-edited and every "
                          f"image's imperceptibility recomputed ({got.compared} values, {time.perf_counter() - t0:.0f} s)")
+    report.checks += fill.unmeasured_lines(claims, got.unmeasured)
     return True
 
 
 def _installed_attack_problem(rec) -> Optional[str]:
     """Why the attack cannot be re-run here: not installed, or installed as another kind; None if it can."""
     try:
-        cls = attack_class(rec.attack)
+        cls = installed_attack(rec.attack)  # a plugin: described by a worker, never imported here
     except SpdbenchError as exc:
         return f"attack {rec.attack!r} is not installed here, so it cannot be re-run: {exc}"
     if cls.kind != attack_kind(rec.universal, rec.amortized):  # a str Enum: its values are the records' words
@@ -230,13 +300,15 @@ def _installed_attack_problem(rec) -> Optional[str]:
 
 
 def _rerun_group(report: VerifyReport, claims, deltas: dict, suite, target, images, names: list[str],
-                 rng: random.Random, tolerance: float) -> None:
+                 rng: random.Random, tolerance: float, stages: Stages) -> None:
     """EVERY cell group (each eps) run again from scratch (remeasure.rerun_group): re-running one
     group drawn at random let a group made with other settings (200 steps under a 40-step label)
     pass whenever the draw fell on the other group. Stops at the first group that does not reproduce."""
     report.rerun = []
     for eps in sorted(claims.groups(), key=lambda e: claims.groups()[e][0].record.eps):
         cells = claims.groups()[eps]
+        stages.stage("protecting", f"eps {eps} again from scratch, attack {cells[0].record.attack} included "
+                     f"({len(cells)} cells), then editing and scoring", _rerun_estimate(cells))
         t0 = time.perf_counter()
         got = remeasure.rerun_group(cells, deltas, suite, target, images, names, tolerance)
         _merge(report, got)
@@ -246,6 +318,7 @@ def _rerun_group(report: VerifyReport, claims, deltas: dict, suite, target, imag
         report.checks.append(f"attack re-run: eps {eps} ({len(cells)} cells) run again from scratch: {_same(got)} "
                              f"perturbation, every per-image value reproduced ({time.perf_counter() - t0:.0f} s)")
         report.checks += got.notes
+        report.checks += got.unconfined
 
 
 def _suite_images(suite, images, image_names, data, manifest) -> tuple[torch.Tensor, list[str]]:
