@@ -202,3 +202,26 @@ def test_a_key_others_can_read_is_refused_and_the_record_reads_unsigned(tmp_path
     folder = tmp_path / "run"
     assert not digest.sign_record(folder, "records/x.json", b"{}", atomic_write_bytes)
     assert "is not signed" in caplog.text and not (folder / "digests").exists()
+
+
+def test_concurrent_first_use_makes_one_whole_key(tmp_path, monkeypatch):
+    """On a fresh machine every pytest-xdist worker (or grid task) may create the key at once: each
+    must read a whole key, and all the same one (a reader seeing a half-written file made records
+    unsigned)."""
+    import multiprocessing as mp
+
+    from spdbench.store import digest
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    ctx = mp.get_context("fork")
+    with ctx.Pool(6) as pool:
+        keys = pool.map(_load_or_create, range(24))
+    assert len(set(keys)) == 1 and len(keys[0]) == 2 * digest._KEY_BYTES
+    leftovers = [p.name for p in (tmp_path / "cfg" / "spdbench").iterdir() if p.name != digest.KEY_NAME]
+    assert leftovers == []
+
+
+def _load_or_create(_):
+    from spdbench.store import digest
+
+    return digest.load_key(create=True).hex()

@@ -278,3 +278,25 @@ def test_attack_rerun_compares_up_to_float_rounding(tmp_path, flips, accepted):
         assert not out.problems and "up to float rounding" in out.notes[0]
     else:
         assert "gives a different perturbation" in out.problems[0] and not out.notes
+
+
+def test_a_flipped_sign_step_is_accepted_only_within_one_step_of_a_sign_pgd_attack():
+    """smoke-mist at 16/255 re-run on this machine, with the entry's code and with today's: 20 of
+    540,672 values 2 levels off (one sign step of 1/255 taken the other way where the gradient was
+    within rounding of zero). A sign-PGD record accepts 2 x its step; three levels, or an attack
+    without sign steps, is still a different perturbation."""
+    from types import SimpleNamespace
+
+    from spdbench.verify.remeasure import reproduces, sign_flip_levels
+
+    mist = SimpleNamespace(norm="linf", eps=16 / 255, attack_params={"steps": 40, "step_size": None, "optimizer": "pgd"})
+    assert sign_flip_levels(mist) == 2
+    assert sign_flip_levels(SimpleNamespace(norm="linf", eps=8 / 255, attack_params={"steps": 40})) == 1
+    adam = SimpleNamespace(norm="linf", eps=16 / 255, attack_params={"steps": 40, "optimizer": "adam"})
+    assert sign_flip_levels(adam) == 1
+    assert sign_flip_levels(SimpleNamespace(norm="linf", eps=16 / 255, attack_params={})) == 1
+    stored = _stored_amortized_delta()
+    twenty = _flip(stored, 20, by=2)
+    assert reproduces(stored, twenty, sign_flip_levels(mist))[0]
+    assert not reproduces(stored, twenty)[0]
+    assert not reproduces(stored, _flip(stored, 20, by=3), sign_flip_levels(mist))[0]

@@ -91,16 +91,24 @@ def load_key(create: bool = False) -> Optional[bytes]:
 
 
 def _create_key(path: Path) -> None:
-    """A new random key, mode 0600 from its creation (O_EXCL: a concurrent creator wins, we read its key)."""
+    """A new random key, mode 0600 from its creation. Written to a private temporary file and then
+    hard-linked into place: the link appears whole or not at all, so a concurrent reader (another
+    pytest-xdist worker, a parallel grid task) never sees an empty key; a concurrent creator's link
+    wins and ours is dropped (we then read theirs)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(_KEY_BYTES).hex().encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(_KEY_BYTES).hex().encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: its key is the key
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def key_id(key: bytes) -> str:
