@@ -80,9 +80,11 @@ def test_diffusionguard_shrink_replays_the_anchor_rule():
         assert torch.equal(out, expected)
 
 
-def test_diffusionguard_augment_default_is_the_anchor_and_true_is_the_old_disk_rule():
+def test_diffusionguard_official_preset_is_the_anchor_radius_and_true_is_the_disk_rule():
+    """The default stays the disk rule (with the anchor's radius on a square erosion the attack no
+    longer beat noise in check_attack); the `official` preset takes the anchor's radius."""
     cls = attack_class("diffusionguard")
-    assert cls.defaults["augment"] == "anchor" and cls.presets["official"]["augment"] == "anchor"
+    assert cls.defaults["augment"] == "disk" and cls.presets["official"]["augment"] == "anchor"
     masks = centre_box(64, 0.5)[None].float()
     for seed in range(6):  # `augment=True` (what entries recorded before the choice) draws the disk rule
         a = shrink_kept_region(masks, torch.Generator().manual_seed(seed), 1.1, "disk")

@@ -57,9 +57,12 @@ def round_steps(steps: int, rounds: int) -> list[int]:
     return [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
 
 
-def lora_unet(unet: torch.nn.Module, rank: int) -> torch.nn.Module:
+def lora_unet(unet: torch.nn.Module, rank: int, seed: int = 0) -> torch.nn.Module:
     """A copy of `unet` with trainable LoRA adapters (rank `rank`, scale 1: alpha = rank, B = 0 at
-    the start, so the copy first computes exactly what `unet` does) and every other weight frozen."""
+    the start, so the copy first computes exactly what `unet` does) and every other weight frozen.
+    peft draws the A matrices from torch's global generator: they are drawn here under `seed` in a
+    forked RNG state, so the attack stays a function of its own generator (and leaves the global
+    state as it was)."""
     # deferred: peft imports transformers' machinery; only this attack needs it
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -67,7 +70,9 @@ def lora_unet(unet: torch.nn.Module, rank: int) -> torch.nn.Module:
     copy_.requires_grad_(False)
     config = LoraConfig(r=int(rank), lora_alpha=int(rank), lora_dropout=0.0, init_lora_weights=True,
                         target_modules=LORA_TARGETS)
-    copy_ = inject_adapter_in_model(config, copy_)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        copy_ = inject_adapter_in_model(config, copy_)
     trainable = [p for n, p in copy_.named_parameters() if "lora_" in n]
     if not trainable:
         raise InputError(f"mist-v2: the target's UNet has none of the layers LoRA adapts ({LORA_TARGETS})")
@@ -188,7 +193,9 @@ class MistV2(GradientAttack):
                  generator: torch.Generator) -> torch.nn.Module:
         """`lora_steps` DreamBooth steps of the surrogate on the protected images (a fresh AdamW, as
         the anchor builds one per round); the first call makes the LoRA copy of the target's UNet."""
-        unet = lora_unet(target.unet, self.lora_rank) if unet is None else unet
+        if unet is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+            unet = lora_unet(target.unet, self.lora_rank, seed)
         params = [p for p in unet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=float(self.lora_lr), betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
         view = with_unet(target, unet)
