@@ -420,9 +420,9 @@ def sign_flip_levels(rec) -> int:
     component within rounding of zero takes the other sign at one step; at smoke 16/255 (step 1/255)
     that is 2 levels on 20 of 540,672 values (smoke-mist, measured on two machines with the same
     code). Other attacks (Adam, L2, no steps) keep the one-level rule."""
-    params = rec.attack_params or {}
+    params = getattr(rec, "attack_params", None) or {}
     steps = params.get("steps")
-    if rec.norm != "linf" or not isinstance(steps, int) or params.get("optimizer", "pgd") != "pgd":
+    if getattr(rec, "norm", None) != "linf" or not isinstance(steps, int) or params.get("optimizer", "pgd") != "pgd":
         return 1
     step = params.get("step_size")
     step = float(step) if isinstance(step, (int, float)) else 2.5 * float(rec.eps) / max(steps, 1)
