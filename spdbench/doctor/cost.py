@@ -74,7 +74,8 @@ def cost_rows(data: dict, counts: Optional[dict] = None) -> list[dict]:
         row: dict[str, Any] = dict(attack=r["attack"], dtype=r["dtype"], universal=r["universal"],
                                    bench_ok=not r["failures"])
         if "seconds" not in r:
-            row["note"] = "not timed (the attack failed in the bench)"
+            row["note"] = ("not timed (the attack refuses this dtype and says why)" if r.get("unsupported")
+                           else "not timed (the attack failed in the bench)")
             rows.append(row)
             continue
         per_image_it = r.get("s_per_image_iteration")
