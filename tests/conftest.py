@@ -23,6 +23,16 @@ def _test_threads() -> int:
 torch.set_num_threads(_test_threads())
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (used by the attack modules through `pytestmark`):
+    bitwise-repeatable and light on a shared machine; the previous count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_random():
     import spdbench

@@ -29,12 +29,8 @@ from spdbench.data.masks import centre_box
 from spdbench.errors import InputError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one thread per module (conftest.one_thread): bitwise-repeatable and light on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

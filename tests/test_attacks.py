@@ -28,12 +28,8 @@ FAST = dict(steps=8, grad_samples=1, eval_samples=2, unroll_steps=2)
 FAST_DIFFUSION = dict(grad_samples=1, eval_samples=2, unroll_steps=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise-repeatable and light on a shared machine
-    yield
-    torch.set_num_threads(before)
+#: one thread per module (conftest.one_thread): bitwise-repeatable and light on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, **params):

@@ -32,12 +32,8 @@ FAST = dict(steps=6, grad_samples=1, eval_samples=2, unroll_steps=2)
 BUDGET = Budget("linf", "8/255")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one thread per module (conftest.one_thread): bitwise-repeatable and light on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
