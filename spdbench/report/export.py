@@ -16,6 +16,7 @@ The schema only grows: a new metric or purifier adds columns, none is renamed or
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -83,8 +84,6 @@ def write_per_image(records_by_entry: dict[str, Sequence[Record]], out_dir: Unio
 
 def _parquet_engine() -> Optional[str]:
     """pandas' Parquet engine where one is installed (pyarrow or fastparquet), else None."""
-    import importlib.util
-
     for engine in ("pyarrow", "fastparquet"):
         if importlib.util.find_spec(engine) is not None:
             return engine
