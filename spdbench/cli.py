@@ -6,15 +6,17 @@ failed cells exits 1 after finishing the others; success is 0.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import secrets
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from spdbench.attacks import attack_class, list_attacks
-from spdbench.attacks.base import ATTACKS, attack_source
+from spdbench.attacks.base import ATTACKS, AttackLocation, attack_source, locate_attack
 from spdbench.errors import InputError, SpdbenchError, UnknownNameError
+from spdbench.harness import sandbox
+from spdbench.harness.isolation import plugin_description
 from spdbench.harness.progress import Stages
 from spdbench.purifiers import describe
 from spdbench.purifiers.base import PURIFIERS
@@ -50,19 +52,69 @@ def _summary(doc: str) -> str:
     return para if end < 0 else para[:end + 1]
 
 
-def cmd_list(args) -> int:
-    rows = []
-    for name in list_attacks():
-        cls = attack_class(name)
-        doc = (cls.__doc__ or "").strip()
-        source = attack_source(cls)
-        rows.append(dict(name=name, kind=cls.kind.value, universal=cls.universal, presets=sorted(cls.presets),
-                         doc=_summary(doc) if doc else "(no description: give the class a docstring)",
-                         plugin=None if source["distribution"] == "spdbench" else
-                         f"{source['distribution']} {source['version']}"))
+def _attack_rows() -> tuple[list[dict], list[str]]:
+    """Every attack as `list` shows it, with no plugin code run in this process: a built-in (or a
+    class this process registered) from its class; a plugin from its entry-point metadata and what a
+    worker (sandboxed where this machine can) describes. A plugin its worker cannot describe is
+    listed under the plugins that failed to load."""
+    rows, broken = [], []
+    isolation = "sandbox" if sandbox.supported() is None else "process"
+    for name in sorted(ATTACKS.known_names()):
+        where = locate_attack(name)
+        if where.origin != "plugin":
+            rows.append(_class_row(name, where.cls))
+            continue
+        try:
+            info = plugin_description(where, None, {}, isolation=isolation)
+        except SpdbenchError as exc:
+            broken.append(f"attack plugin {name!r} ({where.source.get('distribution')}): {exc}")
+            continue
+        rows.append(dict(name=name, kind=info["kind"], universal=info["kind"] == "universal",
+                         presets=sorted(info["presets"]), doc=_plugin_summary(where, info["summary"]),
+                         plugin=f"{where.source.get('distribution')} {where.source.get('version')}"))
+    return rows, broken
 
+
+def _class_row(name: str, cls) -> dict:
+    doc = (cls.__doc__ or "").strip()
+    source = attack_source(cls)
+    return dict(name=name, kind=cls.kind.value, universal=cls.universal, presets=sorted(cls.presets),
+                doc=_summary(doc) if doc else "(no description: give the class a docstring)",
+                plugin=None if source["distribution"] == "spdbench" else f"{source['distribution']} {source['version']}")
+
+
+def _plugin_summary(where: AttackLocation, doc: str) -> str:
+    """A plugin's description: its class's docstring as its worker sent it (first sentence,
+    printable characters only: it is the plugin's text), else its distribution's summary."""
+    if not doc.strip():
+        try:
+            doc = importlib.metadata.metadata(where.source.get("distribution", "")).get("Summary") or ""
+        except importlib.metadata.PackageNotFoundError:
+            doc = ""
+    doc = "".join(ch if ch.isprintable() or ch == "\n" else " " for ch in doc)
+    return _summary(doc) if doc.strip() else "(no description: give the class a docstring)"
+
+
+def _list_suites(as_json: bool) -> int:
+    """`list --suites`: each suite's protocol card and submission spec (report/site/protocol.py)."""
+    from spdbench.report.site import protocol  # deferred: a command loads only its own stack
+
+    if as_json:
+        print(json.dumps({name: dict(description=suite.description, card=dict(protocol.protocol_card(suite)),
+                                     submission_spec=protocol.submission_spec(suite))
+                          for name, suite in SUITES.items()}, indent=1, ensure_ascii=False))
+        return EXIT_OK
+    print("\n\n".join(protocol.card_text(suite) for suite in SUITES.values()))
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    if getattr(args, "suites", False):
+        return _list_suites(args.json)
+    rows, broken_attacks = _attack_rows()
     purifiers = describe()
     metric_rows, targets, broken = _registry_rows()
+    broken = broken_attacks + broken
     if args.json:
         print(json.dumps({"attacks": rows, "suites": {k: v.description for k, v in SUITES.items()},
                           "purifiers": purifiers, "metrics": metric_rows, "targets": targets,
@@ -153,7 +205,8 @@ def _run_kwargs(args) -> dict[str, Any]:
                 manifest=args.manifest, device=args.device, dtype=args.dtype, resume=args.resume,
                 purifiers=[] if purifiers == ["none"] else purifiers, compile_backend=args.compile_backend,
                 isolation=args.isolation, attack_timeout_s=args.attack_timeout, masks=args.masks,
-                cache_dir=args.cache_dir, protections_from=args.protections_from)
+                cache_dir=args.cache_dir, protections_from=args.protections_from, match=args.match,
+                purifier_draws=args.purifier_draws)
 
 
 def _slow_dtype_warning(device: Optional[str], dtype: Optional[str]) -> Optional[str]:
@@ -254,6 +307,7 @@ def _exit_code(records) -> int:
 def cmd_leaderboard(args) -> int:
     from spdbench.report.board import build, load_board, ranking  # deferred: a command loads only its own stack
     from spdbench.report.page import summary_markdown  # deferred: a command loads only its own stack
+    from spdbench.report.site.build import SITE_DIR, write_site  # deferred: a command loads only its own stack
 
     dirs = [Path(d) for d in (args.records or ["spdbench-runs"])]
     out = _output_folder(_path_arg("--out", args.out, dirs[0] / "leaderboard"))
@@ -273,6 +327,8 @@ def cmd_leaderboard(args) -> int:
         for line in _digest_notes(Path(folder).name, recs):
             print(line, file=sys.stderr)
     written = build(records, out, args.format.split(","), skipped=skipped, by_folder=by_folder, verified=verified)
+    if "html" in args.format.split(","):  # the browsable site beside the one-page HTML (report/site/)
+        written["site"] = write_site(by_folder, out / SITE_DIR, skipped, verified, board_dir=out)[0]
     print(summary_markdown(ranking(records)))
     for fmt, path in written.items():
         print(f"wrote {fmt}: {path}")
@@ -349,9 +405,26 @@ def _announce(command: str, folder: str, seed: Optional[int]) -> tuple[Stages, i
     return stages, seed
 
 
+def _check_holdout(holdout: Optional[str]) -> None:
+    """--holdout checked before the seed line (not after minutes of re-measurement)."""
+    if holdout is not None and not Path(holdout).is_dir():
+        raise InputError(f"--holdout {holdout!r} is not a folder; expected the maintainer's folder of private photos")
+
+
 def cmd_verify(args) -> int:
+    from spdbench.verify.challenge import is_challenge  # deferred: a command loads only its own stack
+
+    if is_challenge(args.folder):  # an outside evaluation (challenge.json), not an entry
+        return cmd_verify_challenge(args)
+    if args.entry:
+        raise InputError(f"--entry: {args.folder} is not a challenge folder (no challenge.json); --entry names a "
+                         "challenge's entry")
+    from spdbench.verify.submit import check_options, verify  # deferred: a command loads only its own stack
+
+    # every option checked before the seed line: a bad one is the command's only line
+    check_options(args.sample, args.tolerance, args.seed, args.device, args.fill_metrics, not args.no_rerun)
+    _check_holdout(args.holdout)
     stages, seed = _announce("verify", args.folder, args.seed)
-    from spdbench.verify.submit import verify  # deferred: a command loads only its own stack
 
     report = verify(args.folder, sample=args.sample, tolerance=args.tolerance, rerun=not args.no_rerun,
                     attack_rerun=not args.no_attack_rerun, seed=seed, device=args.device, data=args.data,
@@ -393,6 +466,8 @@ def _measure_holdout(folder: Path, holdout_dir: str, device: Optional[str]):
 
 def cmd_submit(args) -> int:
     from spdbench.verify.submit import submit  # deferred: a command loads only its own stack
+
+    _check_holdout(args.holdout)
 
     # the seed and each stage are printed by verify() as it starts: after the name checks (a refused
     # name stays one line), before anything slow
@@ -481,12 +556,67 @@ def cmd_protect(args) -> int:
     _warn_slow_dtype(args)
     summary = protect(args.photos, args.attack, eps=args.eps, norm=args.norm, out=args.out, target=args.target,
                       device=args.device, dtype=args.dtype, params=_params(args.param or []),
-                      from_entry=args.from_entry, size=args.size, seed=args.seed)
+                      from_entry=args.from_entry, size=args.size, seed=args.seed, progress=Stages("protect"))
     for photo in summary["photos"]:
         print(f"{photo['output']}: L-inf {round(photo['linf'] * 255)}/255, L2 {photo['l2']:.3f}")
     print(f"{len(summary['photos'])} photo(s) protected with {summary['attack']} ({summary['attack_kind']}) at "
           f"{summary['eps_label']} on {summary['target']['name']}; what was done: {summary['summary_file']}")
     return EXIT_OK
+
+
+def cmd_challenge(args) -> int:
+    """`spdbench challenge ENTRY --purifier NAME`: an outside evaluation of an entry's stored protections."""
+    from spdbench.verify.challenge import run_challenge  # deferred: a command loads only its own stack
+
+    entry = Path(args.entry)
+    out = Path(args.out) if args.out else entry.parent.parent / "challenges" / f"{args.purifier}-{entry.name}"
+    eps = args.eps.split(",") if args.eps else None
+    prompts = args.prompts.split(",") if args.prompts else None
+    ch = run_challenge(entry, args.purifier, out, eps=eps, prompts=prompts, split=args.split,
+                       device=args.device, data=args.data, manifest=args.manifest)
+    for cell in ch.cells:
+        print(f"{cell.cell_id}: SSIM after {args.purifier} " + ", ".join(f"{v:.4f}" for v in cell.values["ssim"]))
+    print(f"wrote challenge {ch.name!r} to {out}; check it with `spdbench verify {out}` (the board applies "
+          "only verified challenges)")
+    return EXIT_OK
+
+
+def cmd_verify_challenge(args) -> int:
+    """`spdbench verify CHALLENGE_FOLDER`: re-purify every photo, re-edit a sample; one line if refused."""
+    from spdbench.verify.challenge import verify_challenge  # deferred: a command loads only its own stack
+
+    for flag, given in (("--holdout", args.holdout), ("--fill-metrics", args.fill_metrics),
+                        ("--no-rerun", args.no_rerun), ("--no-attack-rerun", args.no_attack_rerun)):
+        if given:
+            raise InputError(f"{flag}: {args.folder} is a challenge (challenge.json), not an entry; verify re-purifies "
+                             "and re-edits a challenge, and takes --entry, --sample, --tolerance, --seed, --device")
+    report = verify_challenge(args.folder, entry=args.entry, sample=args.sample, tolerance=args.tolerance,
+                              seed=args.seed, device=args.device, data=args.data, manifest=args.manifest)
+    for line in report.checks:
+        print(f"  ok  {line}")
+    for p in report.problems:
+        print(f"REJECTED: {p}", file=sys.stderr)
+    print(f"seed {report.seed} (repeat this verification with --seed {report.seed})")
+    if report.ok:
+        print(f"verified: challenge {args.folder} reproduces; verification.json written")
+    return EXIT_OK if report.ok else EXIT_FAILED_CELLS
+
+
+def _add_challenge_parser(sub) -> None:
+    s = sub.add_parser("challenge", help="an outside evaluation: run a stronger purifier against an entry's "
+                                         "stored protections; writes a challenge folder `verify` re-checks")
+    s.add_argument("entry", help="the entry folder (leaderboard/entries/NAME)")
+    s.add_argument("--purifier", required=True, help="a registered purifier (see `spdbench list`)")
+    s.add_argument("--out", default=None,
+                   help="a new folder, whose name is the challenge's on the board (default: "
+                        "LEADERBOARD/challenges/PURIFIER-ENTRY beside the entries folder)")
+    s.add_argument("--eps", default=None, help="budgets to challenge, comma separated (default: every budget)")
+    s.add_argument("--prompts", default=None, help="prompt keys to challenge, comma separated (default: every one)")
+    s.add_argument("--split", default="test", choices=["test", "train"], help="the split (default test: the ranked one)")
+    s.add_argument("--device", default=None, help="default: the device type the entry was measured on")
+    s.add_argument("--data", help="image folder of the suite (suites whose photos are not bundled)")
+    s.add_argument("--manifest", help="spdbench-manifest/1 JSON listing the suite's images (with --data)")
+    s.set_defaults(fn=cmd_challenge)
 
 
 def _add_protect_parser(sub) -> None:
@@ -512,11 +642,47 @@ def _add_protect_parser(sub) -> None:
     s.set_defaults(fn=cmd_protect)
 
 
+def cmd_adapt(args) -> int:
+    """The model-side adaptive attacker on an entry: LoRA-patch the editor on its TRAIN split's protected
+    photos, score its TEST photos with the patched editor (harness/adaptive.py); writes a JSON."""
+    from spdbench.harness.adaptive import LoraPatch, adapt_entry, write_result  # deferred: its own stack
+
+    settings = LoraPatch(steps=args.steps, rank=args.rank, lr=args.lr, seed=args.seed)
+    result = adapt_entry(args.entry, settings, device=args.device, eps_labels=_list_arg("--eps", args.eps, "8/255"))
+    out = write_result(result, args.out or Path("spdbench-runs") / "adapt" / f"{Path(args.entry).name}-lora.json")
+    for b in result["budgets"]:
+        d = b["paired_after_minus_before"]
+        print(f"{result['attack']} eps {b['eps']}: SSIM {b['ssim_before']:.4f} -> {b['ssim_after']:.4f} "
+              f"{result['column']} (after - before {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}])")
+    print(f"written to {out}")
+    return EXIT_OK
+
+
+def _add_adapt_parser(sub) -> None:
+    s = sub.add_parser("adapt", help="the model-side adaptive attacker: LoRA-fine-tune the editor on an entry's "
+                                     "protected train photos, score its test photos with the patched editor")
+    s.add_argument("entry", help="a run folder or leaderboard entry with stored perturbations (img2img suites)")
+    s.add_argument("--adaptive", default="lora", choices=["lora"], help="the adaptive attacker (lora: LoRA Patching)")
+    s.add_argument("--steps", type=_positive, default=60, help="LoRA training steps (default 60)")
+    s.add_argument("--rank", type=_positive, default=4, help="LoRA rank (default 4)")
+    s.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    s.add_argument("--seed", type=int, default=0, help="the patch's seed (default 0)")
+    s.add_argument("--eps", default=None, help="only these budgets, e.g. 16/255 (default: every budget)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default cpu)")
+    s.add_argument("-o", "--out", default=None, help="the result's JSON (default spdbench-runs/adapt/ENTRY-lora.json; "
+                                                     "never inside the entry, whose files are checked)")
+    s.set_defaults(fn=cmd_adapt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spdbench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    _add_adapt_parser(sub)
     s = sub.add_parser("list", help="registered attacks, suites and purifiers")
     s.add_argument("--json", action="store_true", help="print the registry as JSON instead of a table")
+    s.add_argument("--suites", action="store_true",
+                   help="only the suites: each one's protocol card (editor, steps, strength, guidance, prompts, masks, "
+                        "seeds, photos, metrics, invisibility floor) and what a complete entry must hold")
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("run", help="run an attack through a suite")
@@ -547,11 +713,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default float32); images and budgets stay float32")
     s.add_argument("--purifiers", help="score protection after these purifiers instead of the suite's, e.g. "
                    "jpeg75,resize0.5,blur1,diffpure0.2 (`spdbench list` shows all), or none")
+    s.add_argument("--purifier-draws", type=int, default=None, metavar="K",
+                   help="draw each randomized purifier (one with a seed) K times per photo; the worst draw counts "
+                        "toward the worst case (default: the suite's, 1)")
     s.add_argument("--backend", default="serial", choices=["serial", "ray"],
                    help="ray: one task per (attack, eps) with one GPU each; --out must be shared by all nodes")
     s.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local one)")
     s.add_argument("--compile", dest="compile_backend", nargs="?", const="inductor", default=None,
                    help="torch.compile the VAE and UNet (backend, default inductor); compile time is recorded apart")
+    s.add_argument("--match", default="work", choices=["work", "steps"],
+                   help="work (default): an attack whose steps you did not set gets the steps the suite's work "
+                        "budget buys (encoder-equivalent passes per photo, measured on one photo first), so "
+                        "methods compare at equal model work; steps: the suite's iteration budget (equal "
+                        "iterations, the board's second view)")
     s.add_argument("--isolation", default="sandbox", choices=["sandbox", "process", "none"],
                    help="sandbox (default): the attack runs in its own worker process, confined by the OS "
                         "(files, network, processes, limits; recorded as 'process' with the reason where the "
@@ -576,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default RECORDS/leaderboard)")
     s.add_argument("--format", default="md,csv,html", type=_formats,
                    help="comma-separated formats among md (README.md), csv (leaderboard.csv, table1.csv) and "
-                        "html (index.html); default md,csv,html")
+                        "html (index.html, and the browsable site in OUT/site/); default md,csv,html")
     s.set_defaults(fn=cmd_leaderboard)
 
     s = sub.add_parser("show", help="one run as a self-contained HTML page: example images, loss curves, "
@@ -591,9 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="ssim", type=_metric_arg,
                    help="protection metric: a registered metric name, as `spdbench list` shows (default ssim)")
     s.add_argument("--split", default="test", choices=["train", "test"], help="split compared (default test)")
-    s.add_argument("--region", default="whole", choices=["whole", "repainted"],
-                   help="where the metric is measured: the whole edit (default) or, on an inpainting suite, "
-                        "only the repainted region")
+    s.add_argument("--region", default="whole", choices=["whole", "repainted", "ground-truth"],
+                   help="where the metric is measured: the whole edit (default); on an inpainting suite, "
+                        "only the repainted region; on smoke-instruct, ground-truth (with --metric psnr): the "
+                        "protected photo's edit against the instruction's exact result")
     s.add_argument("--seed", type=_count, default=0, help="bootstrap seed (default 0)")
     s.set_defaults(fn=cmd_compare)
 
@@ -614,6 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the maintainer's private photo folder: a universal or amortized entry is re-measured "
                             "on it with its stored perturbation or network (submit: written to LEADERBOARD/holdout/)")
         if name == "verify":
+            s.add_argument("--entry", default=None,
+                           help="a challenge folder's entry (default: LEADERBOARD/entries/ENTRY beside "
+                                "LEADERBOARD/challenges/)")
             s.add_argument("--no-rerun", action="store_true",
                            help="check files, claims and perturbations only; re-measure nothing (reported)")
             s.add_argument("--no-attack-rerun", action="store_true",
@@ -648,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cost", metavar="BENCH_JSON", help="print the sd15-spd protocol's hours per attack from a bench JSON")
     s.set_defaults(fn=cmd_doctor)
     _add_protect_parser(sub)
+    _add_challenge_parser(sub)
     # every command, read from the parser itself (a hand-kept list left out show and compare)
     p.description = "The `spdbench` command: " + " | ".join(sub.choices) + "."
     return p

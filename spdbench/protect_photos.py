@@ -5,7 +5,9 @@ target, or a universal / amortized entry's stored perturbation or network, appli
 a folder. The harness's rules hold as in a run: the attack (and an entry's network, which is attack
 code) runs in a worker process (`AttackRunner`), and `enforce` projects, clamps and quantizes to 8
 bits, so what is written is exactly what was measured. Outputs are lossless PNGs plus a JSON of
-what was done (attack, params, budget, target, per-photo hashes and measured norms).
+what was done (attack, params, budget, target, per-photo hashes and measured norms). Each stage
+(loading, protecting, writing) is announced as it starts (harness/progress.py), with an estimate of
+the photos left from the first photo on.
 
 Photos keep their size, cropped (centred) to a multiple of 8 on each side, the latent grid of an
 SD-architecture VAE; `size=` instead centre-crops and resizes to a square, as the suites do.
@@ -28,6 +30,7 @@ from spdbench.data.photos import IMAGE_SUFFIXES, center_crop_resize, check_min_s
 from spdbench.errors import InputError
 from spdbench.harness.pipeline import AttackRunner
 from spdbench.harness.plan import installed_attack
+from spdbench.harness.progress import Stages, default_stages
 from spdbench.harness.protect import enforce
 from spdbench.targets import load_target
 
@@ -111,7 +114,7 @@ def _output_paths(source: Path, files: list[Path], out: Optional[Union[str, Path
     return [folder / f"{p.stem}.png" for p in files], folder / SUMMARY_NAME
 
 
-def _entry_protector(entry: Union[str, Path], eps: Optional[str], device, dtype) -> Protector:
+def _entry_protector(entry: Union[str, Path], eps: Optional[str], device, dtype, stages: Stages) -> Protector:
     """A universal or amortized entry's stored perturbation or network, checked as verify checks it."""
     # deferred: the entry checks load the verify stack, which only --from-entry needs
     from spdbench.store.perturbations import load_delta
@@ -134,6 +137,8 @@ def _entry_protector(entry: Union[str, Path], eps: Optional[str], device, dtype)
     budget = Budget(rec.norm, rec.eps)
     common = dict(attack=attack, budget=budget, kind=kind, target_name=rec.target.name,
                   target_fingerprint=rec.target.fingerprint, entry=folder.resolve().name)
+    stages.stage("loading", f"entry {folder.name}'s stored {'perturbation' if kind == 'universal' else 'network'} "
+                 f"at {label}" + ("" if kind == "universal" else f" and model {rec.target.name}"))
     if kind == "universal":
         stored, _ = load_delta(found.folder / rec.perturbation_file, name=rec.perturbation_file)
         return Protector(**common, universal=universal_delta(stored.to(torch.float32)) / 255.0)
@@ -163,12 +168,13 @@ def _entry_eps(groups: dict, eps: Optional[str], name: str) -> str:
 
 
 def _attack_protector(attack: str, params: Optional[dict], norm: str, eps: Optional[str], target: str,
-                      device, dtype) -> Protector:
+                      device, dtype, stages: Stages) -> Protector:
     built = installed_attack(attack, params)  # a plugin: described by a worker, not imported here
     if built.kind is not AttackKind.per_image:
         raise InputError(f"--attack {attack!r} is {built.kind.value}: it is fit on a training set, not run on "
                          f"one photo; apply a fitted one with --from-entry ENTRY (e.g. leaderboard/entries/...)")
     budget = Budget(norm, eps if eps is not None else "8/255")
+    stages.stage("loading", f"model {target} for {attack}")
     model = load_target(target, device=device, dtype=dtype)
     return Protector(attack=built, budget=budget, kind="per-image", target_name=model.name,
                      target_fingerprint=model.fingerprint, target=model)
@@ -218,12 +224,13 @@ def protect(photos: Union[str, Path], attack: Optional[str] = None, *, eps: Opti
             norm: str = "linf", out: Optional[Union[str, Path]] = None, target: Optional[str] = None,
             device: Optional[str] = None, dtype: Optional[str] = None, params: Optional[dict] = None,
             from_entry: Optional[Union[str, Path]] = None, size: Optional[int] = None, seed: int = 0,
-            isolation: str = "sandbox") -> dict:
+            isolation: str = "sandbox", progress: Union[None, bool, Stages] = None) -> dict:
     """Protect a photo or a folder of photos; writes lossless PNGs and a JSON summary, returns it.
 
     Either `attack` (a registered per-image attack, run at `norm`/`eps` on `target`) or
     `from_entry` (a universal or amortized leaderboard entry: its stored perturbation or network at
-    its own budget and target). `target` defaults to "tiny", the smoke suite's model."""
+    its own budget and target). `target` defaults to "tiny", the smoke suite's model. progress: each
+    stage on stderr as it starts (None: when stderr is a terminal; or a Stages to announce with)."""
     if (attack is None) == (from_entry is None):
         raise InputError("protect: give exactly one of attack (a per-image attack such as 'pca-minus') or "
                          f"from_entry (a universal or amortized entry folder); got attack={attack!r}, "
@@ -236,20 +243,27 @@ def protect(photos: Union[str, Path], attack: Optional[str] = None, *, eps: Opti
     source = Path(photos)
     files = _photo_files(source)
     outputs, summary_path = _output_paths(source, files, out)
+    stages = progress if isinstance(progress, Stages) else default_stages("protect", progress)
     loaded = [_load_photo(f, size) for f in files]  # every photo read (and refused) before any work
+    # the first stage line comes after the name, kind and budget checks (a refusal stays one line)
     if from_entry is not None:
-        protector = _entry_protector(from_entry, eps, device, dtype)
+        protector = _entry_protector(from_entry, eps, device, dtype, stages)
     else:
-        protector = _attack_protector(attack, params, norm, eps, target or DEFAULT_TARGET, device, dtype)
-    results = _run_all(protector, loaded, outputs, seed, isolation)
+        protector = _attack_protector(attack, params, norm, eps, target or DEFAULT_TARGET, device, dtype, stages)
+    stages.stage("protecting", f"{len(loaded)} photo(s) with {protector.attack.name} ({protector.kind}) at "
+                 f"{protector.budget.label}", items=len(loaded), unit="photos")
+    results = _run_all(protector, loaded, outputs, seed, isolation, stages)
+    stages.stage("writing", f"what was done to {summary_path}")
     summary = _summary(protector, results, size, seed)
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     summary["summary_file"] = str(summary_path)
+    stages.done()
     return summary
 
 
-def _run_all(p: Protector, photos: list[Photo], outputs: list[Path], seed: int, isolation: str) -> list[dict]:
+def _run_all(p: Protector, photos: list[Photo], outputs: list[Path], seed: int, isolation: str,
+             stages: Stages) -> list[dict]:
     runner = AttackRunner(isolation, p.target, None) if p.kind != "universal" else None
     results = []
     try:
@@ -259,6 +273,7 @@ def _run_all(p: Protector, photos: list[Photo], outputs: list[Path], seed: int, 
             clean_u8, adv_u8 = _to_uint8(pixels), _to_uint8(adv)
             _write_png(adv_u8, out)
             results.append(_photo_entry(photo, out, clean_u8, adv_u8))
+            stages.advance()  # from the first photo on, about how long the rest take
     finally:
         if runner is not None:
             runner.close()

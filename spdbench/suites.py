@@ -16,6 +16,7 @@ from spdbench.errors import InputError, RegistryError
 from spdbench.registry import Registry
 from spdbench.scoring.metrics import DEFAULT_METRICS, get_metric
 from spdbench.targets import SD15_HUB_ID, SD15_INPAINT_HUB_ID
+from spdbench.targets.instruct import IP2P_HUB_ID
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,37 @@ class EditSettings:
 
 
 @dataclass(frozen=True)
+class Floor:
+    """The board's flags of a suite (report/flags.py): a row below a floor is flagged and listed
+    apart, never ranked. Not a measurement setting (no value in a record depends on it), so it is
+    left out of `Suite.to_dict` and records and cell ids are unchanged by it.
+
+    - `psnr_db`, `ssim`: the invisibility floor, the mean imperceptibility (protected photo against
+      the photo) a row must reach. On an L-inf suite the budget already bounds PSNR from below
+      (20 log10(1/eps): 24.05 dB at 16/255), so the PSNR floor binds L2 budgets and larger eps;
+      SSIM can fall far within an L-inf budget (a structured pattern), and is the floor that bites.
+    - `benign_prompt`, `benign_ssim`: the benign-edit check. The benign edit is the suite's
+      identity-like edit (the empty prompt P4: the editor re-renders the photo, asked for nothing);
+      a row whose mean SSIM between that edit of the protected photo and of the photo falls below
+      `benign_ssim` no longer leaves anything of the photo to an owner's harmless re-render -- it
+      destroys rather than protects. None: the suite has no benign prompt (no check, said so).
+    Values: below every committed honest entry (lowest measured: mean imperceptibility SSIM 0.692,
+    smoke-spd-mist at 16/255; benign-edit SSIM 0.88) with room for stronger honest methods."""
+
+    psnr_db: Optional[float] = None
+    ssim: Optional[float] = None
+    benign_prompt: Optional[str] = None
+    benign_ssim: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: the floor of the suites whose largest budget is 16/255 (L-inf)
+FLOOR_16 = Floor(psnr_db=22.0, ssim=0.6, benign_prompt="P4", benign_ssim=0.3)
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     target: str
@@ -50,7 +82,13 @@ class Suite:
     norm: str = "linf"
     data: str = "bundled"        # "bundled" | "folder" | "manifest"
     n_images: Optional[int] = None
-    attack_steps: Optional[int] = None  # the iteration budget every optimizing attack gets
+    attack_steps: Optional[int] = None  # the iteration budget (the iteration-matched view, `match="steps"`)
+    #: the model-work budget per photo, in encoder-equivalent passes (scoring/work.py: one VAE-encoder
+    #: pass forward and backward = 1): under `match="work"` (the default where it is set) each attack's
+    #: `steps` is derived from it (harness/work_match.py), so methods are compared at equal work, not
+    #: equal iterations. None: iterations only. Left out of `to_dict` while None, and never part of a
+    #: cell id (the steps it derives are), so records from before it are unchanged
+    attack_work: Optional[float] = None
     attack_batch_size: int = 8
     split_seed: int = 0
     attack_seed: int = 0
@@ -70,6 +108,16 @@ class Suite:
     #: registered metric, so an entry may hold more. Left out of `to_dict` while it is the default
     #: four, so records and cell ids of today's suites are unchanged
     metrics: tuple[str, ...] = DEFAULT_METRICS
+    #: draws per image of every randomized purifier (one with a seed setting); the worst draw counts
+    #: toward the worst case. Left out of `to_dict` while 1, so today's records and cell ids are unchanged
+    purifier_draws: int = 1
+    #: instruction suites on an offline editor trained on exact transforms: score each edit against
+    #: the instruction's exact result too (scoring/ground_truth.py; spdbench.data.instructions).
+    #: Left out of `to_dict` while False, so today's records and cell ids are unchanged
+    ground_truth: bool = False
+    #: the board's invisibility floor and benign-edit check (Floor, report/flags.py); the default
+    #: checks nothing. Never in `to_dict`: records and cell ids are unchanged by it
+    floor: Floor = Floor()
 
     @property
     def task(self) -> str:
@@ -79,10 +127,17 @@ class Suite:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["edit"] = self.edit.to_dict() if hasattr(self.edit, "to_dict") else asdict(self.edit)
+        if self.attack_work is None:
+            del d["attack_work"]
+        del d["floor"]  # a board rule, not a measurement setting: records and cell ids stay as they were
         if tuple(self.metrics) == DEFAULT_METRICS:
             del d["metrics"]
         else:
             d["metrics"] = list(self.metrics)
+        if self.purifier_draws == 1:
+            del d["purifier_draws"]
+        if not self.ground_truth:
+            del d["ground_truth"]
         return d
 
     def load_images(self, data_path: Union[str, Path, None] = None,
@@ -131,27 +186,31 @@ _BUILT_INS = (
     Suite(
         name="smoke", target="tiny", image_size=128, eps=("8/255", "16/255"), prompts=("P3", "P4"),
         edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
-        attack_steps=40, attack_batch_size=11, purifiers=LADDER,
+        attack_steps=40, attack_work=40.0, attack_batch_size=11, purifiers=LADDER,
+        floor=FLOOR_16,
         description="offline trained tiny target, 11 bundled photos at 128 px (7 train / 4 test), CPU minutes",
     ),
     Suite(
         name="smoke-transfer", target="tiny", edit_target="tiny-b", image_size=128, eps=("8/255", "16/255"),
         prompts=("P3", "P4"), edit=EditSettings(strength=0.5, steps=20, guidance=7.5, seed=9222),
-        attack_steps=40, attack_batch_size=11, purifiers=LADDER,
+        attack_steps=40, attack_work=40.0, attack_batch_size=11, purifiers=LADDER,
+        floor=FLOOR_16,
         description="smoke, but crafted on tiny and edited with tiny-b (trained apart: other seed, other "
                     "half of the photos): black-box protection beside white box",
     ),
     Suite(
         name="smoke-inpaint", target="tiny-inpaint", image_size=128, eps=("8/255", "16/255"), prompts=("P3", "P4"),
         edit=EditSettings(strength=1.0, steps=20, guidance=7.5, seed=9222), masks="centre-box",
-        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
+        attack_steps=40, attack_work=40.0, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
+        floor=FLOOR_16,
         description="inpainting on the offline tiny-inpaint target: 11 bundled photos at 128 px, the centre box "
                     "repainted from noise (strength 1), scored on the whole image and on the box, CPU minutes",
     ),
     Suite(
         name="smoke-inpaint-subject", target="tiny-inpaint", image_size=128, eps=("8/255", "16/255"),
         prompts=("P3", "P4"), edit=EditSettings(strength=1.0, steps=20, guidance=7.5, seed=9222), masks="subject",
-        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
+        attack_steps=40, attack_work=40.0, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
+        floor=FLOOR_16,
         description="smoke-inpaint in PhotoGuard's setting: each photo's subject kept (hand-drawn masks), its "
                     "surroundings repainted from noise, CPU minutes",
     ),
@@ -159,7 +218,9 @@ _BUILT_INS = (
         name="smoke-instruct", target="tiny-ip2p", image_size=128, eps=("8/255", "16/255"),
         prompts=("I1", "I2"),  # "make it black and white", "invert the colors" (harness/editing.PROMPTS)
         edit=EditSettings(strength=1.0, steps=20, guidance=7.5, seed=9222, image_guidance=1.5),
-        attack_steps=40, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
+        attack_steps=40, attack_work=40.0, attack_batch_size=11, purifiers=("jpeg75", "resize0.5", "blur1"),
+        floor=Floor(psnr_db=22.0, ssim=0.6),  # no empty prompt among its instructions: no benign-edit check
+        ground_truth=True,  # tiny-ip2p learnt exact transforms: edit success against them (offline only)
         description="instruction editing (InstructPix2Pix's architecture) on the offline tiny-ip2p target: 11 "
                     "bundled photos at 128 px, instructions as prompts, text guidance 7.5 and image guidance 1.5 "
                     "(strength 1: the pipeline starts from noise), CPU minutes",
@@ -167,23 +228,38 @@ _BUILT_INS = (
     Suite(
         name="sd15-quick", target=SD15_HUB_ID, image_size=512, eps=("16/255",),
         prompts=("P1", "P2", "P3", "P4"), edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222),
-        n_images=8, attack_steps=100, attack_batch_size=4, attack_timeout_s=4 * 3600.0,
+        n_images=8, attack_steps=100, attack_work=100.0, attack_batch_size=4, attack_timeout_s=4 * 3600.0,
+        floor=FLOOR_16,
         description="Stable Diffusion 1.5, 8 bundled photos at 512 px, one GPU, minutes",
     ),
     Suite(
         name="sd15-spd", target=SD15_HUB_ID, image_size=512,
         eps=("4/255", "13/255", "22/255", "31/255", "40/255"), prompts=("P1", "P2", "P3", "P4"),
         edit=EditSettings(strength=0.5, steps=50, guidance=7.5, seed=9222), data="manifest",
-        attack_steps=500, attack_batch_size=4, attack_timeout_s=48 * 3600.0,
+        attack_steps=500, attack_work=500.0, attack_batch_size=4, attack_timeout_s=48 * 3600.0,
+        # eps up to 40/255: a full L-inf budget is 16.1 dB, so the floors sit lower
+        floor=Floor(psnr_db=14.0, ssim=0.3, benign_prompt="P4", benign_ssim=0.2),
         description="the SPD protocol: SD1.5, 100 ImageNet images at 512 px split 64:36, eps 4..40/255, 500 iters",
     ),
     Suite(
         name="sd15-inpaint", target=SD15_INPAINT_HUB_ID, image_size=512, eps=("8/255", "16/255"),
         prompts=("P3", "P4"), edit=EditSettings(strength=1.0, steps=50, guidance=7.5, seed=9222, eta=1.0),
-        masks="centre-box", n_images=8, attack_steps=100, attack_batch_size=2, purifiers=("jpeg75", "blur1"),
+        masks="centre-box", n_images=8, attack_steps=100, attack_work=100.0, attack_batch_size=2, purifiers=("jpeg75", "blur1"),
         attack_timeout_s=4 * 3600.0,
+        floor=FLOOR_16,
         description="Stable Diffusion 1.5 inpainting, 8 bundled photos at 512 px with the centre box repainted "
                     "(guidance 7.5, eta 1, seed 9222 as in PhotoGuard's inpainting demo; 50 steps), one GPU",
+    ),
+    Suite(
+        name="sd15-instruct", target=IP2P_HUB_ID, image_size=512, eps=("8/255", "16/255"),
+        prompts=("I1", "I2", "I3", "I4"),  # instructions (harness/editing.PROMPTS)
+        edit=EditSettings(strength=1.0, steps=50, guidance=7.5, seed=9222, image_guidance=1.5),
+        n_images=8, attack_steps=100, attack_work=100.0, attack_batch_size=4, purifiers=("jpeg75", "blur1"),
+        attack_timeout_s=4 * 3600.0,
+        floor=Floor(psnr_db=22.0, ssim=0.6),  # no empty prompt among its instructions: no benign-edit check
+        description="InstructPix2Pix (timbrooks/instruct-pix2pix), 8 bundled photos at 512 px, instructions as "
+                    "prompts, text guidance 7.5 and image guidance 1.5 (the pipeline's defaults), 50 steps, one GPU; "
+                    "no ground-truth edit success (offline suites only)",
     ),
 )
 for _suite in _BUILT_INS:

@@ -33,7 +33,7 @@ def attack_param(name: str, slow: set, expected_failures: dict):
 def fast_suite(**overrides):
     base = dict(target="tiny-random", image_size=64, eps=("16/255",), prompts=("P3",),
                 edit=EditSettings(strength=0.5, steps=4, guidance=7.5, seed=9222), attack_steps=3,
-                attack_batch_size=3, purifiers=())
+                attack_work=None, attack_batch_size=3, purifiers=())  # iteration-matched: 3 steps, no probe
     base.update(overrides)
     return get_suite("smoke", **base)
 

@@ -62,8 +62,8 @@ def test_the_same_configuration_resumes_in_its_folder(two_configs):
 
 
 # --- progress: every long command names its stage within seconds ------------------------------------
-STAGE_LINE = re.compile(r"^spdbench (run|verify|submit) \[[^\]]+\]: (loading|fitting|protecting|purifying|editing|"
-                        r"scoring|verifying)\b")
+STAGE_LINE = re.compile(r"^spdbench (run|verify|submit|protect) \[[^\]]+\]: (loading|fitting|protecting|purifying|"
+                        r"editing|scoring|verifying|writing)\b")
 
 
 def _first_stage_line(args: list[str], timeout_s: float = 5.0) -> tuple[Optional[str], list[str], float]:
@@ -105,9 +105,25 @@ def startup_s() -> float:
     return time.monotonic() - t0
 
 
-@pytest.mark.parametrize("command", ["run", "verify", "submit"])
+def _photo_file(folder: Path, name: str = "mine.png", size: int = 64) -> Path:
+    """One bundled photo written where a user keeps theirs."""
+    import numpy as np
+    from PIL import Image
+
+    from spdbench.data.photos import load_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    array = (load_photos(n=1, size=size)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).save(folder / name)
+    return folder / name
+
+
+@pytest.mark.parametrize("command", ["run", "verify", "submit", "protect"])
 def test_every_long_command_shows_its_stage_within_5_seconds(command, tmp_path, startup_s):
-    if command == "run":
+    if command == "protect":
+        args = ["protect", str(_photo_file(tmp_path)), "--attack", "pca-minus", "--target", "tiny-random",
+                "-o", str(tmp_path / "out.png")]
+    elif command == "run":
         args = ["run", "--attack", "uniform-noise", "--suite", "smoke", "--eps", "8/255", "--out", str(tmp_path / "r")]
     elif command == "verify":
         args = ["verify", str(ENTRY)]
@@ -118,7 +134,7 @@ def test_every_long_command_shows_its_stage_within_5_seconds(command, tmp_path, 
     line, seen, took = _first_stage_line(args, timeout_s=startup_s + 5.0)
     assert line is not None, (f"no stage line within 5 s of `spdbench {command}` starting (after {startup_s:.1f} s "
                               f"of Python and imports); stderr: {seen}")
-    if command != "run":  # the seed that repeats the check comes first, not after minutes
+    if command in ("verify", "submit"):  # the seed that repeats the check comes first, not after minutes
         assert any(re.search(r"seed \d+ \(repeat this verification with --seed \d+\)", s) for s in seen), seen
 
 
@@ -290,3 +306,96 @@ def test_a_stage_seen_before_carries_an_estimate_and_a_terminal_bar_shows_it():
     assert not silent.getvalue()
     with pytest.raises(ValueError):
         stages.stage("thinking")
+
+
+def test_a_stage_seen_for_the_first_time_gets_an_estimate_after_its_first_item():
+    """No earlier length to go by: from the first item on, the rest at the rate so far (as tqdm does);
+    a log gets a line at the first item, then at most one every `every_s`; a terminal bar every item.
+    The stage's next time starts with its per-item rate x its items."""
+    import io
+
+    from spdbench.harness.progress import Stages
+
+    stream = io.StringIO()
+    stages = Stages("run", stream=stream, every_s=3600)
+    stages.stage("editing", "prompt P3", items=4, unit="edit passes")
+    time.sleep(1.1)
+    shown = stages.advance()
+    assert shown is not None and re.search(r"editing prompt P3: 1/4 edit passes done, about \d+ s left$", shown), shown
+    assert stages.advance() is None, "a second line within every_s would flood a log"
+    stages.advance(2)
+    stages.stage("scoring", "prompt P3")
+    stages.stage("editing", "prompt P4", items=8, unit="edit passes")
+    lines = stream.getvalue().splitlines()
+    assert "(about" not in lines[0] and lines[1].endswith(shown) and len(lines) == 4, lines
+    assert re.search(r"editing prompt P4 \(about [2-5] s\)$", lines[3]), "per-item rate x 8 items: " + lines[3]
+
+    class Bar:
+        disable = False
+        postfix = ""
+
+        def set_postfix_str(self, text):
+            self.postfix = text
+
+    bar = Bar()
+    on_bar = Stages("protect", bar=bar, stream=io.StringIO())
+    on_bar.stage("protecting", "3 photo(s)", items=3, unit="photos")
+    on_bar.advance()
+    on_bar.advance()
+    assert re.search(r"2/3 photos done, about \d+ s left$", bar.postfix), bar.postfix
+    cached = Stages("run", stream=io.StringIO())
+    cached.stage("editing", "prompt P1", items=3, unit="edit passes")
+    cached.discount()  # the clean edits came from the cache: no pass, and no rate from it
+    assert cached.advance() is not None and cached.current.endswith("1/2 edit passes done, about 1 s left")
+
+
+def test_protect_announces_loading_protecting_and_writing_with_an_estimate(tmp_path, capsys):
+    from spdbench.cli import main
+
+    folder = tmp_path / "photos"
+    for i in range(2):
+        _photo_file(folder, f"p{i}.png")
+    rc = main(["protect", str(folder), "--attack", "pca-minus", "--param", "steps=1", "--target", "tiny-random",
+               "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    stages = [m.group(2) for m in map(STAGE_LINE.match, err.splitlines()) if m]
+    assert stages == ["loading", "protecting", "protecting", "writing"], err
+    assert re.search(r"protecting 2 photo\(s\) with pca-minus \(per-image\) at linf:8/255: 1/2 photos done, "
+                     r"about \d+ s left", err), err
+
+
+# --- one row per configuration: an explicit value equal to the default is the default ---------------
+def test_an_explicit_parameter_equal_to_the_default_lands_in_the_default_row(two_configs, tmp_path):
+    from spdbench.harness.plan import plan
+    from spdbench.store.records import load_records, method_label
+    from spdbench.suites import get_suite
+
+    default, fewer = two_configs
+    steps = load_records(default)[0].attack_params["steps"]
+    same = spdbench.run("spd-encoder", suite="test-fast", eps="16/255", out=tmp_path / "same",
+                        attack_params={"steps": steps})
+    assert same.ok and {r.param_sources["steps"] for r in same.records} == {"suite"}
+    assert {method_label(r) for r in same.records} == {method_label(r) for r in load_records(default)} == {"spd-encoder"}
+    written, skipped = build_from_dirs([tmp_path / "same", fewer], tmp_path / "board")
+    assert not skipped and sorted(pd.read_csv(written["csv"])["method"]) == ["spd-encoder", "spd-encoder (steps=2)"]
+    # the same rule for a preset's value and an attack's default (no run needed: the plan decides)
+    madry = plan("photoguard-encoder", get_suite("smoke"), params={"preset": "madry", "steps": 1000})
+    assert madry.sources["steps"] == "preset:madry"
+    step_size = spdbench.get_attack("pca-minus").params["step_size"]
+    default_step = plan("pca-minus", get_suite("smoke"), params={"step_size": step_size})
+    assert default_step.sources["step_size"] == "default"
+    other = plan("pca-minus", get_suite("smoke"), params={"step_size": 0.123})
+    assert other.sources["step_size"] == "explicit"
+
+
+# --- verify: a bad option is the only line, before the seed ------------------------------------------
+@pytest.mark.parametrize("extra, named", [(["--device", "tpu9"], "tpu9"), (["--holdout", "/no/such/dir"], "--holdout"),
+                                          (["--fill-metrics", "x", "--no-rerun"], "--fill-metrics")])
+def test_verify_refuses_a_bad_option_in_one_line_before_its_seed_line(extra, named, capsys):
+    from spdbench.cli import main
+
+    assert main(["verify", str(ENTRY), *extra]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "seed" not in captured.err and not captured.out, captured

@@ -121,7 +121,8 @@ def test_diffusionguard_beats_uniform_noise_on_its_own_objective(inpainter, phot
 
 # --- suites, the harness, verification ------------------------------------------------------------------
 FAST = dataclasses.replace(get_suite("smoke-inpaint"), name="test-inpaint", image_size=64, eps=("16/255",),
-                           prompts=("P3",), n_images=4, attack_steps=2, attack_batch_size=4, purifiers=("jpeg75",),
+                           prompts=("P3",), n_images=4, attack_steps=2, attack_work=None, attack_batch_size=4,
+                           purifiers=("jpeg75",),
                            edit=dataclasses.replace(get_suite("smoke-inpaint").edit, steps=4))
 
 

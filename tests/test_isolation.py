@@ -186,6 +186,8 @@ def test_records_carry_worker_start_and_model_calls_apart(tmp_path, target):
     assert rec.isolation == ("sandbox" if sandbox.supported() is None else "process")
     assert rec.timing.worker_start_s > 0
     assert rec.model_calls["vae_encoder_fwd"] >= 3 and rec.model_calls["unet_fwd"] == 0
+    # on CPU the peak memory is the worker's own peak resident set (torch and its model copy: > 50 MB)
+    assert rec.timing.peak_memory_bytes is None and rec.timing.peak_rss_bytes > 50 * 2**20
 
 
 def test_the_worker_warms_the_model_up_once_before_its_first_timed_attack(monkeypatch):

@@ -74,8 +74,8 @@ def load_plug_target(device=None, dtype=None):
 _smoke = get_suite("smoke")
 SUITE = dataclasses.replace(
     _smoke, name="plug-suite", target="plug-target", image_size=64, eps=("16/255",), prompts=("P3",),
-    edit=dataclasses.replace(_smoke.edit, steps=4), attack_steps=3, attack_batch_size=3, n_images=4,
-    purifiers=("plug-quantize",), metrics=(*DEFAULT_METRICS, "plug-mad"), description="a plugin suite")
+    edit=dataclasses.replace(_smoke.edit, steps=4), attack_steps=3, attack_work=None, attack_batch_size=3,
+    n_images=4, purifiers=("plug-quantize",), metrics=(*DEFAULT_METRICS, "plug-mad"), description="a plugin suite")
 '''
 
 ENTRY_POINTS = '''

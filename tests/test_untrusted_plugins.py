@@ -190,3 +190,35 @@ def test_a_builtin_goes_to_the_worker_as_plain_data_and_a_callers_object_as_itse
 
     mine = AttackSpec.from_instance(Mine())
     assert mine.origin == "caller" and mine.payload()["object"] is mine.instance
+
+
+def test_list_describes_a_plugin_from_its_worker_without_importing_it(plugin, spy, capsys):
+    """`spdbench list`: the plugin's kind and presets come from a worker, its description from its
+    distribution's metadata; its import and constructor leave marks only from another process."""
+    from spdbench.cli import main
+
+    assert main(["list"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"  {NAME} "))
+    assert line.split()[1] == "per-image" and "presets: loud" in line and f"[plugin: {DIST} 2.5]" in line, line
+    marks = _marks(spy)
+    assert ("import", marks[0][1]) in marks and marks[0][1] != os.getpid(), marks
+    _never_here(spy)
+
+
+def test_doctor_bench_never_calls_a_plugin_in_its_process(plugin, spy):
+    """The bench calls attacks in its own process, so it benches built-ins only: a plugin is listed
+    (metadata only) as not benched, and naming one is refused in one line."""
+    from spdbench.doctor import bench
+
+    cfg = bench.BenchConfig.for_mode(quick=True)
+    names = bench._attack_names(cfg)
+    assert NAME not in names and "pca-minus" in names
+    rows = bench.plugin_rows()
+    assert [(r["attack"], r["distribution"], r["benched"]) for r in rows if r["attack"] == NAME] == [(NAME, DIST, False)]
+    with pytest.raises(InputError, match=f"attack '{NAME}' is a plugin") as err:
+        bench._attack_names(bench.BenchConfig.for_mode(quick=True, attacks=(NAME,)))
+    assert "\n" not in str(err.value) and f"spdbench run --attack {NAME}" in str(err.value)
+    assert "not benched: plugin(s) " + NAME in bench.markdown(dict(
+        config=dict(cfg.__dict__), environment={"libraries": {}}, created="now", attacks=[], plugins=rows))
+    assert _marks(spy) == []
+    _never_here(spy)

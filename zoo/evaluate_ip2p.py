@@ -1,7 +1,7 @@
 """Held-out figures of an instruction editor: does it do what it is told, against ground truth?
 
 Why these numbers: every instruction `tiny-ip2p` is trained on has an exact result
-(`spdbench.targets.instruct.EDITS`, scikit-image), so edit success needs no learned judge. On
+(`spdbench.data.instructions.EDITS`, scikit-image), so edit success needs no learned judge. On
 held-out 128x128 crops (the quadrants of the bundled test-split photos `evaluate_tiny` uses;
 never trained on), diffusers' `StableDiffusionInstructPix2PixPipeline` edits each crop with each
 instruction (20 DDIM steps, text guidance 7.5, image guidance 1.5, seed i per crop), and per
@@ -26,7 +26,8 @@ import torch
 
 from spdbench.scoring.metrics import psnr, ssim
 from spdbench.scoring.stats import bootstrap_ci
-from spdbench.targets.instruct import EDITS, InstructSettings, exact_edit, instruct_edit
+from spdbench.data.instructions import EDITS, exact_edit
+from spdbench.targets.instruct import InstructSettings, instruct_edit
 from zoo.evaluate_tiny import emit, eval_parser, heldout_crops
 
 

@@ -6,7 +6,7 @@ fine-tuned on (input, instruction, edited) triples, with the VAE and text encode
 diffusers' `StableDiffusionInstructPix2PixPipeline` drives it with an image and a text guidance
 scale. `tiny-ip2p` is made the same way from `tiny`, on triples whose edited image is known
 exactly: training crops of the offline training photos (never the bundled test photos) and the
-scikit-image transforms of `spdbench.targets.instruct.EDITS`. As IP2P does, 5% of samples drop
+scikit-image transforms of `spdbench.data.instructions.EDITS`. As IP2P does, 5% of samples drop
 the instruction, 5% the image, 5% both (empty prompt / zero image latent: what the pipeline's
 unconditional branches feed), so both guidances work. The folder holds only the UNet and the
 record; `load_target("tiny-ip2p")` pairs it with tiny's other components.
@@ -33,7 +33,8 @@ from typing import Optional, Sequence
 import torch
 
 import zoo.train_tiny as tt
-from spdbench.targets.instruct import EDITS, exact_edit, ip2p_unet_from
+from spdbench.data.instructions import EDITS, exact_edit
+from spdbench.targets.instruct import ip2p_unet_from
 from spdbench.targets.tiny import IP2P_DIR, SCHEDULER_CONFIG, V3_DIR
 from zoo.train_inpaint import loss_weight
 from zoo.train_tiny import (TRAINING_JSON, CropSampler, LossTrack, StepBudget, _command, check_overwrite, lr_at,
@@ -221,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 machine=platform.machine(), parent=str(args.parent.name),
                 parent_weights_sha256=weight_hashes(args.parent),
                 data=dict(photos=len(photos), names=[p.name for p in photos], source=data),
-                edits="spdbench.targets.instruct.EDITS (scikit-image: rgb2gray, invert, adjust_gamma 0.5 / 2.0, "
+                edits="spdbench.data.instructions.EDITS (scikit-image: rgb2gray, invert, adjust_gamma 0.5 / 2.0, "
                       "gaussian sigma 2)",
                 frozen="vae + text_encoder (the parent's); trained: unet (conv_in widened to 8 channels, "
                        "new channels zero-initialised)")

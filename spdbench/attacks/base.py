@@ -101,7 +101,6 @@ class Attack:
     #: checks run on an inpainting target with masks; an attack that merely *can* read masks
     #: (photoguard-diffusion's original inpainting setting) gets `masks=None` on an img2img target
     needs_inpainting: ClassVar[bool] = False
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Settle the class's `kind` (declared, derived from legacy flags, or inherited) and derive the
         three legacy flags from it, so `kind` is the one source and old readers see the same answer."""
@@ -392,13 +391,14 @@ def class_description(cls: type[Attack]) -> dict[str, Any]:
                 max_network_params=int(getattr(cls, "max_network_params", 0)) if cls.kind is AttackKind.amortized
                 else None,
                 uses_masks=bool(cls.uses_masks), needs_inpainting=bool(cls.needs_inpainting),
-                has_objective=bool(cls.has_objective))
+                has_objective=bool(cls.has_objective), stochastic=bool(getattr(cls, "stochastic", False)))
 
 
 def describe(attack: Attack) -> dict[str, Any]:
-    """An instance as plain data: its class's description, its name, preset and merged params."""
+    """An instance as plain data: its class's description, its name, preset and merged params, and
+    its class's docstring (`summary`, cut to 4000 characters: what `spdbench list` shows)."""
     return dict(name=str(attack.name), preset=attack.preset, params=dict(attack.params),
-                **class_description(type(attack)))
+                **class_description(type(attack)), summary=(type(attack).__doc__ or "").strip()[:4000])
 
 
 @dataclass(frozen=True)
@@ -422,6 +422,9 @@ class AttackSpec:
     uses_masks: bool = False
     needs_inpainting: bool = False
     has_objective: bool = False
+    #: its objective is re-drawn every step (a timestep, noise, a mask): its sign steps half cancel
+    #: and it ends inside the ball, so under work matching it finishes on the budget's boundary
+    stochastic: bool = False
     max_network_params: Optional[int] = None
     entry_point: Optional[str] = None    # "module:attr" of a plugin, read from metadata
     instance: Optional[Attack] = field(default=None, compare=False, repr=False)
@@ -463,6 +466,7 @@ class AttackSpec:
         """A plugin's spec from what its worker described (checked by wire.AttackDescription);
         `given`, `entry_point` and `source` are the harness's own, not the worker's word."""
         info = dict(info)
+        info.pop("summary", None)  # display text (`spdbench list`), not a planning fact
         budgets = {k: Budget(b["norm"], b["eps"]) for k, b in info.pop("preset_budgets").items()}
         return cls(kind=AttackKind(info.pop("kind")), given=dict(given), explicit_params=frozenset(given),
                    preset_budgets=budgets, origin="plugin", source=dict(source), entry_point=entry_point, **info)

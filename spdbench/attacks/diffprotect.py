@@ -38,7 +38,7 @@ from spdbench.budget import Budget
 from spdbench.errors import InputError
 from spdbench.attacks.base import ATTACKS, register
 from spdbench.attacks.objectives import (ITERATION_DEFAULTS, STOCHASTIC_FINISH, GradientAttack, check_choice, draw,
-                                         latent_shape, resize_image)
+                                         latent_shape, posterior_sample, resize_image)
 
 #: xavihart/Diff-Protect configs/attack/base.yaml + code/diff_mist.py: L-inf eps 16/255, sign
 #: step 1/255 (2/255 on [-1, 1]), 100 iterations, constant step, prompt "a photo"
@@ -109,9 +109,11 @@ def draw_step(target, images: torch.Tensor, generator: torch.Generator) -> Draws
     return Draws(xi, t, eps)
 
 
-def denoising_error(target, z: torch.Tensor, d: Draws, cond: torch.Tensor) -> torch.Tensor:
-    """eps_theta(z_t, t, c) - eps, float32, for the scaled latents z (differentiable in z)."""
-    pred = target.predict_noise(target.add_noise(z, d.eps, d.t), d.t, cond)
+def denoising_error(target, z: torch.Tensor, d: Draws, cond: torch.Tensor,
+                    image: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """eps_theta(z_t, t, c) - eps, float32, for the scaled latents z (differentiable in z); `image`
+    the instruction editor's image condition (`posterior_sample`), None on any other target."""
+    pred = target.predict_noise(target.add_noise(z, d.eps, d.t), d.t, cond, image_latents=image)
     return pred.float() - d.eps.float()
 
 
@@ -224,8 +226,8 @@ class AdvDM(DiffProtectAttack):
 
     def step_loss(self, target, adv: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         d = draw_step(target, adv, generator)
-        z = target.latents(adv, sample=True, noise=d.xi)
-        return per_image_mean(denoising_error(target, z, d, self.condition(target)).pow(2))
+        z, image = posterior_sample(target, adv, d.xi)
+        return per_image_mean(denoising_error(target, z, d, self.condition(target), image).pow(2))
 
 
 class _SDS(DiffProtectAttack):
@@ -243,9 +245,10 @@ class _SDS(DiffProtectAttack):
 
     def sds(self, target, adv: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         d = draw_step(target, adv, generator)
-        z = target.latents(adv, sample=True, noise=d.xi)
-        with torch.no_grad():
-            g = denoising_error(target, z.detach(), d, self.condition(target))
+        z, image = posterior_sample(target, adv, d.xi)
+        with torch.no_grad():  # the UNet's Jacobian (its image channels included) replaced by the identity
+            g = denoising_error(target, z.detach(), d, self.condition(target),
+                                None if image is None else image.detach())
         value = per_image_mean(g.pow(2))
         surrogate = per_image_sum(g * z.float())
         return value + (surrogate - surrogate.detach())
@@ -340,8 +343,8 @@ class Mist(_PatternMixin, DiffProtectAttack):
 
     def step_loss(self, target, adv: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         d = draw_step(target, adv, generator)
-        z = target.latents(adv, sample=True, noise=d.xi)
-        semantic = per_image_mean(denoising_error(target, z, d, self.condition(target)).pow(2))
+        z, image = posterior_sample(target, adv, d.xi)
+        semantic = per_image_mean(denoising_error(target, z, d, self.condition(target), image).pow(2))
         return self.texture_loss(target, z, adv, generator) - float(self.rate) * semantic
 
 

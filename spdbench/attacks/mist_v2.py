@@ -44,7 +44,8 @@ from spdbench.errors import AttackError, InputError
 from spdbench.attacks.base import register
 from spdbench.attacks.diffprotect import pattern_posterior
 from spdbench.attacks.objectives import (ITERATION_DEFAULTS, STOCHASTIC_FINISH, GradientAttack, check_norm, draw, ensure_generator,
-                                         latent_shape, resolve_step_size, start_delta, to_boundary)
+                                         latent_shape, posterior_sample, resolve_step_size, start_delta,
+                                         to_boundary)
 from spdbench.attacks.optim import optimize
 
 #: the attention projections lora_diffusion's `inject_trainable_lora` wraps (its default
@@ -165,12 +166,12 @@ class MistV2(GradientAttack):
     def shift_loss(self, model, adv: torch.Tensor, z_target: torch.Tensor, cond: torch.Tensor,
                    generator: torch.Generator) -> torch.Tensor:
         """mean over latent dims of (eps_theta'(z_t, t, c) - z^T)^2 per image (N,), one (eps, t) draw."""
-        z = model.latents(adv)  # scaled posterior mean, differentiable
+        z, image = posterior_sample(model, adv, None)  # scaled posterior mean, differentiable (+ IP2P's condition)
         shape = latent_shape(model, adv)
         eps = draw("randn", shape, generator, model.device)
         t = torch.randint(0, model.num_train_timesteps, (shape[0],), generator=generator,
                           device=generator.device).to(model.device)
-        pred = model.predict_noise(model.add_noise(z, eps, t), t, cond)
+        pred = model.predict_noise(model.add_noise(z, eps, t), t, cond, image_latents=image)
         return (pred.float() - z_target.float()).pow(2).flatten(1).mean(dim=1)
 
     # --- the objective -----------------------------------------------------------------------
@@ -206,24 +207,24 @@ class MistV2(GradientAttack):
             x = protected[i:i + 1].detach()
             with torch.no_grad():
                 xi = draw("randn", latent_shape(target, x), generator, target.device)
-                z = target.latents(x, sample=True, noise=xi)
+                z, image = posterior_sample(target, x, xi)
             eps = draw("randn", z.shape, generator, target.device)
             t = torch.randint(0, target.num_train_timesteps, (1,), generator=generator,
                               device=generator.device).to(target.device)
-            self._scaled_backward(view, target, z, eps, t, cond, params, k)
+            self._scaled_backward(view, target, z, eps, t, cond, params, k, image)
             opt.step()
             opt.zero_grad()
         unet.eval()
         return unet
 
-    def _scaled_backward(self, view, target, z, eps, t, cond, params, k: int) -> None:
+    def _scaled_backward(self, view, target, z, eps, t, cond, params, k: int, image=None) -> None:
         """The fine-tuning loss's gradient into `params`, clipped to norm 1. In a float16 model the
         backward pass can overflow; as the anchor's GradScaler does, the loss scale is then halved
         (here from 1, the step retried with the same draws, at most 30 times) and the gradient
         unscaled. Still non-finite: an AttackError naming the dtype, never a silent skip."""
         scale = 1.0
         for _ in range(30):
-            pred = view.predict_noise(target.add_noise(z, eps, t), t, cond)
+            pred = view.predict_noise(target.add_noise(z, eps, t), t, cond, image_latents=image)
             (torch.nn.functional.mse_loss(pred.float(), eps.float()) * scale).backward()
             grads = [p.grad for p in params if p.grad is not None]
             if all(bool(torch.isfinite(g).all()) for g in grads):

@@ -26,6 +26,7 @@ from spdbench.errors import InputError
 from spdbench.attacks.optim import optimize
 from spdbench.attacks.base import Attack
 from spdbench.attacks.eot import check_robust_to, expectation
+from spdbench.targets.instruct import is_instruct
 
 #: the norms an optimization attack supports unless a class narrows it
 ALL_NORMS = ("linf", "l2")
@@ -43,7 +44,8 @@ ITERATION_DEFAULTS: dict[str, Any] = dict(
 #: the `finish` of the attacks whose objective is re-drawn every step (AdvDM, SDS(+/-), SDS-T,
 #: mist-diffprotect, mist-v2, DiffusionGuard): None keeps the committed leaderboard entries (made
 #: before `finish` existed, so recorded without it) re-running bit for bit; "boundary" makes them
-#: spend their budget (docs/attacks.md, "Budget used"). Flip it when those entries are re-measured.
+#: spend their budget (docs/attacks.md, "Budget used"). Under work matching the suite sets it to
+#: "boundary" for these attacks (harness/plan._suite_steps), recorded as source "suite-work".
 STOCHASTIC_FINISH = None
 _CHOICES = {"optimizer": ("pgd", "adam"), "schedule": ("constant", "linear"), "init": ("zero", "random"),
             "finish": (None, "boundary")}
@@ -153,6 +155,26 @@ def resize_image(image: torch.Tensor, size) -> torch.Tensor:
         return image
     return torch.nn.functional.interpolate(image, size=tuple(size), mode="bilinear", antialias=True,
                                            align_corners=False).clamp(0.0, 1.0)
+
+
+def posterior_sample(target, adv: torch.Tensor,
+                     xi: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(z, image): the scaled latents of `adv` (a reparameterized posterior sample for `xi`, the
+    mean for None), differentiable, and the UNet's image condition -- on an instruction editor
+    (InstructPix2Pix) the *unscaled* posterior mean of `adv`, what its pipeline concatenates to the
+    noisy latent; None on any other target. One encoder pass either way.
+
+    Why the attacked photo is both: the editor is handed the protected photo, and an attack that
+    reads the UNet's denoising (AdvDM, SDS, Mist, PhotoGuard's diffusion attack) is then scored on
+    the editor's own 8-channel objective. Off instruction editors this is `target.latents` exactly
+    (the committed img2img/inpainting numbers re-run bit for bit)."""
+    if not is_instruct(target):
+        return target.latents(adv, sample=xi is not None, noise=xi), None
+    enc = target.encode(adv)
+    if xi is None:
+        return enc.latents, enc.mean
+    std = (0.5 * enc.logvar).exp()
+    return (enc.mean + std * xi.to(enc.mean.device, enc.mean.dtype)) * target.scaling_factor, enc.mean
 
 
 class TargetCache:

@@ -19,7 +19,8 @@ from spdbench.budget import Budget
 from spdbench.errors import InputError
 from spdbench.attacks.base import register
 from spdbench.attacks.objectives import (ITERATION_DEFAULTS, GradientAttack, check_choice, check_masks, draw, latent_distance,
-                         latent_shape, resize_image)
+                         latent_shape, posterior_sample, resize_image)
+from spdbench.targets.instruct import is_instruct
 
 
 def _as_batch(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -154,6 +155,11 @@ class PhotoGuardDiffusion(GradientAttack):
         mask and masked-image channels (`Target.inpaint_condition`), and decodes -- what
         StableDiffusionInpaintPipeline does. On an img2img target the masks are None and
         nothing changes.
+    Instruction editing (InstructPix2Pix): f starts from pure noise too (strength is ignored), runs
+        all `unroll_steps` steps with x + delta entering only through the UNet's image channels (its
+        unscaled posterior mean, or the sample for `latent="sample"`) and the prompt's text
+        guidance; image guidance is 1 (the image condition in both CFG branches), the pipeline's
+        third, image-free branch is not run.
     Memory: see docs/attacks.md (the reference notebook, without checkpointing, asks for >= 40 GB).
     Shapes: images (N, 3, H, W) in [0, 1] -> delta (N, 3, H, W); objective (N,) (squared distance).
     Usage: `delta = get_attack("photoguard-diffusion", steps=50)(x, target, Budget("linf", "16/255"), g)`
@@ -209,8 +215,8 @@ class PhotoGuardDiffusion(GradientAttack):
     # --- pieces, cached per target ---------------------------------------------------------
     def scheduler(self, target):
         """(DDIM scheduler built from the target's config, the unroll_steps timesteps to run); an
-        inpainting target runs a whole `unroll_steps`-step schedule from pure noise."""
-        inpainting = bool(getattr(target, "inpainting", False))
+        inpainting (or instruction-editing) target runs a whole `unroll_steps`-step schedule from pure noise."""
+        inpainting = bool(getattr(target, "inpainting", False)) or is_instruct(target)
 
         def make():
             # deferred: diffusers takes seconds to import; only this variant needs its scheduler
@@ -254,13 +260,13 @@ class PhotoGuardDiffusion(GradientAttack):
         return torch.autocast(device_type=target.device.type, dtype=dtype)
 
     def _noise_eps(self, target, t: int, latents: torch.Tensor, emb: torch.Tensor,
-                   inpaint: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   inpaint: Optional[torch.Tensor] = None, image: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One (guided) UNet call through `Target.predict_noise`: emb is [uncond, prompt] with CFG;
-        `inpaint` the inpainting condition (None on an img2img target)."""
+        `inpaint` the inpainting condition, `image` the instruction editor's (None on img2img)."""
         if emb.shape[0] == 2:
             return target.predict_noise(latents, t, emb[1:], guidance=self.guidance_scale, uncond=emb[:1],
-                                        inpaint=inpaint)
-        return target.predict_noise(latents, t, emb, inpaint=inpaint)
+                                        inpaint=inpaint, image_latents=image)
+        return target.predict_noise(latents, t, emb, inpaint=inpaint, image_latents=image)
 
     @staticmethod
     def _decode(target, latents: torch.Tensor) -> torch.Tensor:
@@ -276,8 +282,15 @@ class PhotoGuardDiffusion(GradientAttack):
         sched, timesteps = self.scheduler(target)
         run = (functools.partial(checkpoint, use_reentrant=False) if self.checkpointing
                else (lambda fn, *args: fn(*args)))
+        image = None
         with self._autocast(target):
-            if getattr(target, "inpainting", False):  # pure noise; x enters through the condition only
+            if is_instruct(target):  # pure noise; x enters through the image channels only
+                sample, image = posterior_sample(target, adv, latent_noise)
+                image = image if latent_noise is None else sample / target.scaling_factor  # unscaled either way
+                cond = None
+                z = (noise * float(getattr(sched, "init_noise_sigma", 1.0))).to(image.dtype)
+                emb = self.embeddings(target).to(image.dtype)
+            elif getattr(target, "inpainting", False):  # pure noise; x enters through the condition only
                 if self._masks is None or self._masks.shape[0] != adv.shape[0]:
                     raise InputError(f"attack {self.name!r}: an inpainting target needs perturb(..., masks=...) "
                                      "or set_masks() first")
@@ -290,7 +303,7 @@ class PhotoGuardDiffusion(GradientAttack):
                 emb = self.embeddings(target).to(z0.dtype)
                 z = target.add_noise(z0, noise, timesteps[0])
             for i, t in enumerate(timesteps):
-                eps = run(functools.partial(self._noise_eps, target, t), z, emb, cond)
+                eps = run(functools.partial(self._noise_eps, target, t), z, emb, cond, image)
                 vn = variance_noise[i].to(z.dtype) if variance_noise is not None and self.eta > 0 else None
                 z = sched.step(eps, t, z, eta=float(self.eta), variance_noise=vn).prev_sample
             return run(functools.partial(self._decode, target), z)

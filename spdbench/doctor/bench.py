@@ -5,6 +5,10 @@ was recorded as `ok`. This runs every registered attack for a few iterations in 
 SD1.5 *architecture* with random weights (no download) at 512x512 — or, with `--quick`, on the
 trained tiny target at 64 px on CPU — and fails loudly on anything a long run would silently waste
 hours on. It calls attacks in-process: it diagnoses the user's own machine, it is not a leaderboard.
+So it benches only this package's attacks (and classes the calling process registered itself): an
+installed plugin's code runs only in a confined worker, never here, so a plugin is listed in the
+report from its entry-point metadata as not benched (`spdbench run --attack NAME` measures it in
+its worker), and naming one in `attacks` is refused with one line.
 
 Per (attack, dtype) it measures seconds per iteration after a warm-up call (CUDA-synchronized),
 peak memory (CUDA), and checks — each failed check makes the command exit 1:
@@ -43,7 +47,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from spdbench.errors import AttackError, InputError
-from spdbench.attacks import attack_class, get_attack, list_attacks
+from spdbench.attacks.base import ATTACKS, Attack, locate_attack
 from spdbench.attacks.diffprotect import DiffProtectAttack
 from spdbench.budget import Budget, apply_budget, quantize_8bit
 from spdbench.data.photos import load_photos
@@ -213,6 +217,37 @@ class _Reference:
     o32_noise: float
 
 
+def attack_class(name: str) -> type[Attack]:
+    """The class the bench calls for `name`: a built-in, or a class this process registered itself;
+    a plugin is refused (its code runs only in a worker, never in this process)."""
+    where = locate_attack(name)
+    if where.origin == "plugin":
+        raise InputError(f"attack {name!r} is a plugin ({where.source.get('distribution')} "
+                         f"{where.source.get('version')}): doctor --bench calls attacks in its own process, and "
+                         f"plugin code runs only in a confined worker; measure it with `spdbench run --attack {name} "
+                         "--suite smoke`")
+    return where.cls
+
+
+def benched_names() -> list[str]:
+    """Every attack the bench may call here (built-ins and this process's own), sorted."""
+    return sorted(n for n in ATTACKS.known_names() if locate_attack(n).origin != "plugin")
+
+
+def plugin_rows() -> list[dict]:
+    """The installed attack plugins, from entry-point metadata only (nothing imported): the report
+    lists them as not benched, with the command that measures them in their worker."""
+    rows = []
+    for name in sorted(ATTACKS.known_names()):
+        where = locate_attack(name)
+        if where.origin == "plugin":
+            rows.append(dict(attack=name, distribution=where.source.get("distribution"),
+                             version=where.source.get("version"), benched=False,
+                             why="plugin code runs only in a confined worker, never in this process",
+                             measure=f"spdbench run --attack {name} --suite smoke"))
+    return rows
+
+
 def bench_attack(name: str, steps: int, budget):
     """The attack with `steps` iterations and, where it takes one, a step of eps / 8 (the default step of a
     20-iteration run): the default 2.5 * eps / steps would jump across the whole ball at 2-5 iterations
@@ -223,7 +258,7 @@ def bench_attack(name: str, steps: int, budget):
         params["steps"] = steps
     if "step_size" in defaults:
         params["step_size"] = budget.eps / 8
-    return get_attack(name, **params)
+    return attack_class(name)(**params)
 
 
 def _call(attack, images: torch.Tensor, target, budget, seed: int) -> torch.Tensor:
@@ -528,7 +563,7 @@ def goal_rows(target, dtype: str, photos: torch.Tensor, budget, cfg: BenchConfig
     """The issue's two targets: encoder seconds per image for 1000 iterations at batch 8 (fp16/bf16),
     and photoguard-diffusion memory at batch 1 with checkpointing (weights of this dtype + working)."""
     rows, device = [], photos.device
-    registered = set(list_attacks())
+    registered = set(benched_names())
     runs = []
     if dtype != "float32" and ENCODER_ATTACK in registered:
         runs.append((ENCODER_ATTACK, 8))
@@ -578,7 +613,7 @@ def _attack_names(cfg: BenchConfig) -> list[str]:
         for name in cfg.attacks:
             attack_class(name)  # an unknown name is one clear line, before anything is built
         return list(cfg.attacks)
-    return [n for n in list_attacks() if not n.startswith("test-")]
+    return [n for n in benched_names() if not n.startswith("test-")]
 
 
 def collect_failures(data: dict) -> list[str]:
@@ -660,6 +695,8 @@ def _run_bench(cfg: BenchConfig, out: Path, log: Callable[[str], None]) -> Bench
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     run = _Run(cfg, device, log, BenchReport(data=_initial_data(cfg, device), out=out), start)
+    for p in run.data["plugins"]:
+        log(f"not benched: plugin {p['attack']} ({p['distribution']} {p['version']}): {p['why']}; `{p['measure']}`")
     budget = Budget("linf", cfg.eps)
     photos_cpu = _bench_photos(cfg)
     photos = photos_cpu.to(device)
@@ -690,7 +727,8 @@ def _initial_data(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
         schema=SCHEMA, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         config=asdict(cfg), environment=provenance.environment(device),
         checks=[c.to_dict() for c in torch_checks() + device_checks() + library_checks()],
-        attacks=[], goals=[], edits=[], metrics=None, compile=None, skipped=[], status="running")
+        attacks=[], goals=[], edits=[], metrics=None, compile=None, skipped=[], status="running",
+        plugins=plugin_rows())
 
 
 def _bench_photos(cfg: BenchConfig) -> torch.Tensor:
@@ -824,7 +862,10 @@ def markdown(data: dict) -> str:
         f"{cfg['steps']} timed iterations after a {cfg['warmup_steps']}-iteration warm-up call; per-image attacks "
         f"at batch {cfg['batch']}, universal fits on {cfg['fit_images']} images",
         f"- result: **{'PASS' if not failures else f'FAIL ({len(failures)} failure(s))'}** in "
-        f"{data.get('elapsed_s', 0):.0f} s", "",
+        f"{data.get('elapsed_s', 0):.0f} s",
+        *([f"- not benched: plugin(s) {', '.join(p['attack'] for p in data['plugins'])} (plugin code runs only "
+           "in a confined worker, never in this process; `spdbench run --attack NAME` measures one there)"]
+          if data.get("plugins") else []), "",
         "## Attacks", "",
         "s/it = seconds per iteration of the whole batch; changed = pixels changed after the budget and 8-bit "
         "rounding; objective: lower is stronger; vs fp32 = gain ratio of the delta over noise judged by the "

@@ -82,7 +82,7 @@ PROMPTS: dict[str, str] = {
     "P3": "add some snow",
     "P4": "",
     # instructions for instruction editors (InstructPix2Pix); each has an exact result
-    # (spdbench.targets.instruct.EDITS), which tiny-ip2p was trained on
+    # (spdbench.data.instructions.EDITS), which tiny-ip2p was trained on
     "I1": "make it black and white",
     "I2": "invert the colors",
     "I3": "make it brighter",

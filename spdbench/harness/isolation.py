@@ -332,6 +332,15 @@ def _harness_walls(out: dict[str, SplitOutput], splits: dict[str, dict], wall: f
 _described: dict[str, wire.AttackDescription] = {}
 
 
+def plugin_description(where: AttackLocation, preset: Optional[str], params: dict, *, isolation: str = "sandbox",
+                       limits: Optional[sandbox_mod.Limits] = None) -> dict[str, Any]:
+    """What a plugin's worker described, checked (wire.AttackDescription) as plain data, with its
+    docstring (`summary`, for `spdbench list`); `describe_plugin` turns it into a spec."""
+    describe_plugin(where, preset, params, isolation=isolation, limits=limits)
+    payload = {"name": where.name, "entry_point": where.entry_point, "preset": preset, "given": dict(params)}
+    return _described[json.dumps([payload, isolation], sort_keys=True, default=repr)].model_dump()
+
+
 def describe_plugin(where: AttackLocation, preset: Optional[str], params: dict, *, isolation: str = "sandbox",
                     limits: Optional[sandbox_mod.Limits] = None) -> AttackSpec:
     """A plugin attack's spec: a worker (confined under isolation "sandbox") imports and constructs

@@ -23,19 +23,21 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from tqdm import auto as tqdm_auto  # looked up per run: a test (or a notebook) may swap the bar
 
-from spdbench.attacks.base import Attack, AttackKind, AttackSpec, attack_source
+from spdbench.attacks.base import Attack, AttackKind, attack_source
 from spdbench.budget import Budget, effective_eps, format_eps
 from spdbench.data.masks import mask_sha256
 from spdbench.data.photos import split_indices
 from spdbench.errors import AttackError, InputError, SpdbenchError
 from spdbench.harness.editing import PROMPTS, Editor, clean_edit_cache_dir, image_seed, prepare_cache_dir
-from spdbench.harness.isolation import AttackWorker
+from spdbench.harness import work_match
+from spdbench.harness.runner import AttackRunner
 from spdbench.harness.progress import Stages
-from spdbench.harness.protect import Protection, SplitOutput, enforce, run_jobs
+from spdbench.harness.protect import Protection, SplitOutput, enforce
 from spdbench.harness.request import (ISOLATION_MODES, RunInputs, RunRequest, build_request, interactive,
                                       load_inputs, suite_masks)
 from spdbench.images import image_sha256
 from spdbench.scoring import metrics as metrics_mod
+from spdbench.scoring.ground_truth import edit_success
 from spdbench.scoring.regions import score_region
 from spdbench.scoring.stats import records_frame
 from spdbench.store import networks as network_file
@@ -107,71 +109,6 @@ def load_protection(path: Union[str, Path], images: torch.Tensor) -> torch.Tenso
 
 
 # --- stage: protect (the attack runs where it may see only its inputs) -------------------------
-class AttackRunner:
-    """Runs one attack's cell groups: in a worker process (isolation "sandbox", the default, or "process"), or in
-    this process for debugging (isolation "none": recorded, refused by verify and submit)."""
-
-    def __init__(self, isolation: str, target: Target, timeout_s: Optional[float]) -> None:
-        self.isolation, self.target, self.timeout_s = isolation, target, timeout_s
-        self.worker: Optional[AttackWorker] = None
-        self.start_s: Optional[float] = None
-        self._isolation_fields: dict = {}
-        self.flags: list[str] = []  # the last group's cost / origin flags (isolation.WorkerResult.flags)
-
-    def run(self, attack: Attack, budget: Budget, jobs: dict[str, dict], batch_size: int) -> tuple[dict, float]:
-        """{split name: SplitOutput}, and the harness-measured wall seconds of the whole group."""
-        self.flags = []
-        if self.isolation == "none":
-            return self._in_process(attack, budget, jobs, batch_size)
-        if self.worker is None or not self.worker.alive:
-            self.close()
-            self.worker = AttackWorker(self.target, sandbox=self.isolation == "sandbox")
-            self._isolation_fields = {"isolation": "process", "isolation_detail": {"reason": "the worker did not start"}}
-            self.start_s = self.worker.start()
-            self._isolation_fields = {"isolation": self.worker.isolation,
-                                      "isolation_detail": self.worker.isolation_detail}
-        try:
-            result = self.worker.run(attack=attack, budget=budget, universal=attack.kind is AttackKind.universal, batch_size=batch_size,
-                                     splits={k: {kk: vv.cpu() if isinstance(vv, torch.Tensor) else vv
-                                                 for kk, vv in v.items()} for k, v in jobs.items()},
-                                     timeout=self.timeout_s)
-        except AttackError:
-            self.close()  # the next group starts from a fresh process and a fresh model copy
-            raise
-        self.flags = list(result.flags)
-        return result.splits, result.wall_s
-
-    def achieved(self) -> str:
-        """The isolation the last group ran under, as checked (a sandbox that did not take is "process")."""
-        return self.worker.isolation if self.isolation != "none" and self.worker is not None else self.isolation
-
-    def isolation_fields(self) -> dict:
-        """The records' `isolation` and `isolation_detail` for the group just run (kept after its
-        worker was stopped); none until a worker has started."""
-        return dict(self._isolation_fields)
-
-    def _in_process(self, attack: Attack, budget: Budget, jobs: dict, batch_size: int) -> tuple[dict, float]:
-        fingerprint = self.target.fingerprint
-        t0 = time.perf_counter()
-        out = run_jobs(attack.build() if isinstance(attack, AttackSpec) else attack, self.target, budget, jobs,
-                       batch_size)  # isolation "none": attack code in this process, on purpose
-        wall = time.perf_counter() - t0
-        if self.target.fingerprint_now() != fingerprint:
-            raise AttackError(f"attack {attack.name!r} changed the target's weights (isolation 'none')")
-        return out, wall
-
-    def close(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
-
-    def __enter__(self) -> "AttackRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def _group_flags(attack: Attack, outputs: dict[str, SplitOutput], protections: dict[Split, Protection],
                  isolation: str) -> list[str]:
     """Visible warnings: never let a run that did nothing read as a plain ok."""
@@ -253,7 +190,9 @@ def _enforce_split(attack: Attack, x: torch.Tensor, budget: Budget, outputs: dic
     protection = Protection(adv=adv, wall_s=wall_s, device_s=out.device_s, peak_memory_bytes=out.peak_memory_bytes,
                             max_norm_returned=returned, over_budget_images=over, max_norm_applied=applied,
                             loss_curve=learned.loss_curve, fit_wall_s=fit_s, oom_events=out.oom_events,
-                            model_calls=learned.model_calls, zero_delta=zero)
+                            model_calls=learned.model_calls, zero_delta=zero,
+                            peak_rss_bytes=max((v for v in (out.peak_rss_bytes, getattr(fit, "peak_rss_bytes", None))
+                                                if v), default=None))
     if kind is AttackKind.amortized:
         protection.network_state = fit.network
     return protection
@@ -321,7 +260,8 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
         purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None,
         isolation: str = "sandbox", attack_timeout_s: Optional[float] = None,
         lock_scope: Optional[str] = None, masks: Union[str, Path, None] = None,
-        protections_from: Union[str, Path, None] = None) -> RunResult:
+        protections_from: Union[str, Path, None] = None, match: str = "work",
+        purifier_draws: Optional[int] = None) -> RunResult:
     """Run one attack over its budgets and the suite's prompts; write and return the records.
 
     The attack runs in its own worker process, confined by the OS (`isolation="sandbox"`, sandbox.py;
@@ -332,12 +272,16 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     `protections_from`: a run folder whose protections this attack made under the same attack
     settings (model, parameters, budget, seeds, photos) are reused instead of re-running the attack,
     e.g. to edit a white-box run's protected photos with a transfer suite's other model.
+    `match="work"` (default): an attack whose steps nobody set gets the steps the suite's work budget
+    buys (measured on one photo first, work_match.py); `match="steps"`: the suite's iteration budget.
     `progress=None` shows a progress bar when stderr is a terminal (with the stage: fitting,
     protecting, purifying, editing, scoring, and an estimate once a stage has run); `progress=True`
     elsewhere prints one line per stage on stderr instead. `purifiers=["none"]` (or "none"): no purifier. Clean edits are cached in `cache_dir`, by default one folder per model under the user's cache
     folder ($SPDBENCH_CACHE_DIR, else $XDG_CACHE_HOME/spdbench or ~/.cache/spdbench), shared by
     every run folder. On an inpainting suite every photo is edited with its mask (the suite's set, or `masks`: a
     folder of NAME.png, white = repaint) and also scored on the repainted and the kept region.
+    `purifier_draws` (default: the suite's, 1): each randomized purifier is drawn that many times per
+    photo, draw k >= 1 recorded as "<purifier>~<k>" (the worst case takes the worst draw).
     """
     if isinstance(purifiers, (str, list, tuple)) and list([purifiers] if isinstance(purifiers, str) else purifiers) \
             == ["none"]:
@@ -347,7 +291,8 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
                                  manifest=manifest, device=device, dtype=dtype, resume=resume, cache_dir=cache_dir,
                                  progress=progress, purifiers=purifiers, compile_backend=compile_backend,
                                  isolation=isolation, attack_timeout_s=attack_timeout_s, lock_scope=lock_scope,
-                                 masks=masks, protections_from=protections_from))
+                                 masks=masks, protections_from=protections_from, match=match,
+                                 purifier_draws=purifier_draws))
 
 
 def execute(request: RunRequest) -> RunResult:
@@ -365,13 +310,26 @@ def execute(request: RunRequest) -> RunResult:
 def _run_locked(request: RunRequest, inputs: RunInputs) -> RunResult:
     """The pipeline: open the run (its cells, what is done), then per budget protect -> enforce ->
     edit -> score -> record (_run_budget), then the run's export."""
-    ctx = _open_run(request, inputs)
     with AttackRunner(request.isolation, inputs.target, request.suite.attack_timeout_s) as runner:
+        request = _work_matched(request, inputs, runner)
+        ctx = _open_run(request, inputs)
         ctx.runner = runner
         for budget, ids in zip(request.plan.budgets, ctx.cell_ids):
             _run_budget(ctx, budget, ids)
     ctx.bar.close()
     return _close_run(ctx)
+
+
+def _work_matched(request: RunRequest, inputs: RunInputs, runner: AttackRunner) -> RunRequest:
+    """The steps the suite's work budget buys this attack (work_match.py), said on a line of its own."""
+    if request.plan.work is None:
+        return request
+    Stages("run", enabled=request.progress).stage("matching", "work: the passes one attack step costs, measured on the training photos")
+    request, match = work_match.matched(request, inputs, runner)
+    log.info("%s", match.describe())
+    if request.progress:
+        print(match.describe(), file=sys.stderr)
+    return request
 
 
 @dataclass
@@ -428,7 +386,7 @@ def _open_run(request: RunRequest, inputs: RunInputs) -> _Run:
     existing = load_vouched(request.out)  # read once: the model check and resume (corrupt, rewritten ones skipped)
     _check_same_models(request.out, existing, target, inputs.edit_target)
     _check_same_configuration(request.out, existing, request)
-    suite_cfg = _suite_config(request)
+    suite_cfg = _suite_config(request, inputs)
     ids = _cell_ids_of(request, inputs, suite_cfg, splits, shas, mask_shas)
     done = finished_cells(existing) if request.resume else {}
     ctx = _Run(request=request, inputs=inputs,
@@ -462,11 +420,15 @@ def _remove_stale(out: Path, cache_dir: Path) -> None:
                     ", ".join(str(p) for p in stale[:5]))
 
 
-def _suite_config(request: RunRequest) -> dict:
-    """The suite as recorded: its rules, and the purifiers this run scored after (what each name ran as)."""
+def _suite_config(request: RunRequest, inputs: RunInputs) -> dict:
+    """The suite as recorded: its rules, and the purifiers this run scored after (what each name ran as);
+    a mismatched-editor purifier's model with its fingerprint (only when one ran: a cell id part)."""
     suite_cfg = request.suite.to_dict()
     suite_cfg["purifiers"] = [p.name for p in request.purifiers]
     suite_cfg["purifier_settings"] = {p.name: p.to_dict() for p in request.purifiers}
+    if inputs.purifier_models:
+        suite_cfg["purifier_models"] = {name: dict(name=t.name, source=str(t.source), fingerprint=t.fingerprint)
+                                        for name, t in sorted(inputs.purifier_models.items())}
     return suite_cfg
 
 
@@ -478,7 +440,7 @@ def _cell_ids_of(request: RunRequest, inputs: RunInputs, suite_cfg: dict, splits
     target, edit_target, attack = inputs.target, inputs.edit_target, request.attack
     data_sha = hashlib.sha256(("".join(shas) + "".join(mask_shas or [])).encode()).hexdigest()
     id_cfg = {k: v for k, v in suite_cfg.items() if k not in ("eps", "prompts", "description", "attack_timeout_s",
-                                                           "purifier_settings")}
+                                                           "purifier_settings", "attack_work")}
     id_cfg["device_type"], id_cfg["dtype"] = target.device.type, _dtype_name(target.dtype)
     if edit_target is None:
         id_cfg.pop("edit_target", None)  # white box: cell ids as before transfer suites existed
@@ -577,6 +539,7 @@ class _Scores:
     protection_region: dict       # inpainting: on the repainted region
     purified_region: dict
     wall_s: float
+    ground_truth: dict = field(default_factory=dict)  # Suite.ground_truth: scoring/ground_truth.py
 
 
 def _run_budget(ctx: _Run, budget: Budget, ids: dict) -> None:
@@ -610,10 +573,11 @@ def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
             _reuse(ctx, prompt_ids.values())
             continue
         ctx.stages.stage("editing", f"prompt {pk} at eps {format_eps(budget.eps)}: clean, protected and "
-                         f"{len(group.purified)} purified version(s) of {len(ctx.images)} photos")
+                         f"{len(group.purified)} purified version(s) of {len(ctx.images)} photos",
+                         items=2 + len(group.purified), unit="edit passes")
         edits = _edit(ctx, group, pk)
         ctx.stages.stage("scoring", f"prompt {pk} at eps {format_eps(budget.eps)}")
-        _record(ctx, group, pk, prompt_ids, edits, _score(ctx, edits))
+        _record(ctx, group, pk, prompt_ids, edits, _score(ctx, edits, pk))
     ctx.stages.done()
 
 
@@ -642,7 +606,8 @@ def _group(ctx: _Run, base: dict, protections: dict, flags: list, pfile: str, ps
     kept = score_region({"": adv}, images, 1 - masks)[""] if masks is not None else {}
     return _Group(base=base, protections=protections, flags=flags, pfile=pfile, psha=psha, adv=adv,
                   imperceptibility=imperceptibility, kept=kept,
-                  purified={p.name: p(adv, ctx.editor.target) for p in ctx.request.purifiers})
+                  purified={p.name: p(adv, ctx.inputs.purifier_models.get(p.model, ctx.editor.target))
+                            for p in ctx.request.purifiers})
 
 
 # --- stage: edit -------------------------------------------------------------------------------
@@ -650,23 +615,35 @@ def _edit(ctx: _Run, group: _Group, pk: str) -> _Edits:
     """Clean, protected and purified photos edited with one prompt, the same seed per photo."""
     editor, prompt, seeds, masks = ctx.editor, PROMPTS[pk], ctx.seeds, ctx.masks
     t0 = time.perf_counter()
+    misses = editor.cache_misses
     clean = editor.edit_clean(ctx.images, prompt, seeds, masks)
+    if editor.cache_misses > misses:  # from the first pass on, an estimate of the rest (progress.Stages)
+        ctx.stages.advance()
+    else:
+        ctx.stages.discount()  # every clean edit came from the cache: no pass, and no rate from it
     adv = editor.edit(group.adv, prompt, seeds, masks)
-    purified = {name: editor.edit(img, prompt, seeds, masks) for name, img in group.purified.items()}
+    ctx.stages.advance()
+    purified = {}
+    for name, img in group.purified.items():
+        purified[name] = editor.edit(img, prompt, seeds, masks)
+        ctx.stages.advance()
     return _Edits(clean=clean, adv=adv, purified=purified, wall_s=time.perf_counter() - t0)
 
 
 # --- stage: score ------------------------------------------------------------------------------
-def _score(ctx: _Run, edits: _Edits) -> _Scores:
+def _score(ctx: _Run, edits: _Edits, pk: str) -> _Scores:
     """Every edit against the clean edit, in one call (the clean edits' features are computed once);
-    on an inpainting suite also on the repainted region only (regions.py)."""
+    on an inpainting suite also on the repainted region only (regions.py); on a suite with exact
+    instruction results also against them (ground_truth.py)."""
     t0 = time.perf_counter()
     scored = metrics_mod.score_many({"": edits.adv, **edits.purified}, edits.clean)
     protection = scored.pop("")
     region = score_region({"": edits.adv, **edits.purified}, edits.clean, ctx.masks) if ctx.masks is not None else {}
     protection_region = region.pop("", {})
+    truth = (edit_success(ctx.images, PROMPTS[pk], edits.clean, edits.adv) if ctx.request.suite.ground_truth
+             else {})
     return _Scores(protection=protection, purified=scored, protection_region=protection_region,
-                   purified_region=region, wall_s=time.perf_counter() - t0)
+                   purified_region=region, wall_s=time.perf_counter() - t0, ground_truth=truth)
 
 
 # --- stage: record -----------------------------------------------------------------------------
@@ -710,13 +687,14 @@ def _cell_record(ctx: _Run, group: _Group, pk: str, sp: Split, idx, cid: str, ed
         timing=Timing(compile_s=ctx.compile_s, attack_wall_s=p.wall_s, attack_device_s=p.device_s,
                       fit_wall_s=p.fit_wall_s, per_image_s=p.wall_s / n, edit_wall_s=edits.wall_s * n / n_all,
                       score_wall_s=scores.wall_s * n / n_all, peak_memory_bytes=p.peak_memory_bytes,
+                      peak_rss_bytes=p.peak_rss_bytes,
                       worker_start_s=ctx.runner.start_s),
         validation=Validation(max_norm_returned=p.max_norm_returned, over_budget_images=p.over_budget_images,
                               projected=p.over_budget_images > 0, max_norm_applied=p.max_norm_applied,
                               effective_eps=effective_eps(Budget(base['norm'], base['eps']))),
         oom_events=p.oom_events + ctx.editor.oom_events, flags=list(group.flags), model_calls=p.model_calls,
         loss_curve=p.loss_curve, perturbation_file=group.pfile, perturbation_sha256=group.psha, network=p.network,
-        **_region_fields(ctx, idx, scores, group.kept), **base)
+        ground_truth=_per_image(scores.ground_truth, idx), **_region_fields(ctx, idx, scores, group.kept), **base)
 
 
 def _region_fields(ctx: _Run, idx, scores: _Scores, kept: dict) -> dict:

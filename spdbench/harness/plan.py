@@ -4,8 +4,11 @@ One place applies the rules, the same way for an attack given by name and for an
 - a value the user gave explicitly (a parameter, `eps`, `norm`) is used as given;
 - otherwise a preset's values are used exactly — its parameters, its steps and its budget
   (`preset_budgets`), so `--preset madry` reproduces the paper's setting and says so;
-- otherwise the suite's iteration budget (`Suite.attack_steps`) applies to every attack with a
-  `steps` parameter (methods compared at equal iterations -- not equal work: the board shows each row's work, docs/comparisons.md), and the suite's eps grid and norm apply;
+- otherwise the suite's budget applies to every attack with a `steps` parameter: by default its
+  *work* budget (`Suite.attack_work`, encoder-equivalent passes per photo; the steps derived from
+  the passes one step costs, measured by harness/work_match.py: methods compared at equal work),
+  or with `match="steps"` its iteration budget (`Suite.attack_steps`: equal iterations, the
+  board's second view, docs/comparisons.md); the suite's eps grid and norm apply;
 - otherwise the attack's default.
 The record keeps `param_sources`, so nobody has to guess which rule produced a number.
 
@@ -35,6 +38,9 @@ class AttackPlan:
     attack: AttackSpec
     budgets: list[Budget]
     sources: dict[str, str] = field(default_factory=dict)
+    #: the suite's work budget (encoder-equivalent passes per photo) the steps are still to be derived
+    #: from (harness/work_match.py), or None (iteration-matched, preset, explicit or no steps)
+    work: Optional[float] = None
 
 
 def _eps_list(eps: EpsArg) -> Optional[list]:
@@ -81,16 +87,19 @@ def resolve_attack(attack: Union[str, Attack, AttackSpec], params: Optional[dict
 
 
 def plan(attack: Union[str, Attack, AttackSpec], suite, *, params: Optional[dict] = None, eps: EpsArg = None,
-         norm: Optional[str] = None, isolation: str = "sandbox") -> AttackPlan:
-    """Apply the precedence rules above; returns the configured attack (a copy) and its budgets."""
+         norm: Optional[str] = None, isolation: str = "sandbox", match: str = "work") -> AttackPlan:
+    """Apply the precedence rules above; returns the configured attack (a copy) and its budgets.
+    `match`: "work" derives the steps from the suite's work budget where it has one (the steps are
+    set once the model is loaded, harness/work_match.py), "steps" gives every attack the suite's steps."""
     attack = resolve_attack(attack, params, isolation)
     sources = {key: attack.param_source(key) for key in attack.params}
     overrides: dict[str, Any] = {}
-    if "steps" in attack.defaults and suite.attack_steps is not None and sources.get("steps") == "default":
-        overrides["steps"] = suite.attack_steps
-        sources["steps"] = "suite"
+    work = None
+    if "steps" in attack.defaults and sources.get("steps") == "default":
+        work = _suite_steps(attack, suite, match, overrides, sources)
     if overrides:
         attack = attack.configure(**overrides)
+    sources = _implicit_when_equal(attack, suite, sources, match)
     preset_budget = attack.preset_budgets.get(attack.preset) if attack.preset else None
     eps_values = _eps_list(eps)
     if eps_values is not None:
@@ -108,7 +117,53 @@ def plan(attack: Union[str, Attack, AttackSpec], suite, *, params: Optional[dict
         budgets = [Budget(budget_norm, e) for e in suite.eps]
     for budget in budgets:
         check_effective(budget)
-    return AttackPlan(attack=attack, budgets=budgets, sources=dict(sorted(sources.items())))
+    return AttackPlan(attack=attack, budgets=budgets, sources=dict(sorted(sources.items())), work=work)
+
+
+def _suite_steps(attack: AttackSpec, suite, match: str, overrides: dict, sources: dict) -> Optional[float]:
+    """The suite's rule for an attack whose `steps` nobody set: under work matching, the work budget
+    to derive them from (returned; steps provisionally the suite's, source "suite-work"), and a
+    stochastic attack finishes on the boundary (it would end inside the ball, issue 35); else the
+    suite's iteration budget (source "suite")."""
+    if match == "work" and suite.attack_work is not None:
+        overrides["steps"] = suite.attack_steps or attack.defaults["steps"]
+        sources["steps"] = "suite-work"
+        if attack.stochastic and "finish" in attack.defaults and sources.get("finish") == "default":
+            overrides["finish"], sources["finish"] = "boundary", "suite-work"
+        return float(suite.attack_work)
+    if suite.attack_steps is not None:
+        overrides["steps"] = suite.attack_steps
+        sources["steps"] = "suite"
+    return None
+
+
+def _implicit_when_equal(attack: AttackSpec, suite, sources: dict[str, str], match: str = "steps") -> dict[str, str]:
+    """An explicit value equal to the one the rules would give without it (preset, suite steps,
+    default) takes that rule's source: `--param steps=3` on a 3-step suite is the default
+    configuration, one leaderboard row (store.records.method_label names "explicit" values only).
+    Under work matching the default steps are known only once measured (work_match.py): explicit
+    steps stay explicit there."""
+    out = dict(sources)
+    work_steps = match == "work" and suite.attack_work is not None
+    for key, source in sources.items():
+        if source != "explicit" or key not in attack.params:
+            continue
+        if attack.preset is not None and key in attack.presets.get(attack.preset, {}):
+            implicit, rule = attack.presets[attack.preset][key], f"preset:{attack.preset}"
+        elif key == "steps" and work_steps:
+            continue
+        elif key == "steps" and suite.attack_steps is not None:
+            implicit, rule = suite.attack_steps, "suite"
+        else:
+            implicit, rule = attack.defaults.get(key), "default"
+        if _plain(attack.params[key]) == _plain(implicit):
+            out[key] = rule
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A parameter as a record holds it (JSON values), so 40 and 40.0 or a tuple and a list compare."""
+    return json.loads(json.dumps(value, default=str))
 
 
 #: below half an 8-bit level no pixel of the stored (8-bit) protected photo can change

@@ -3,8 +3,11 @@ and about how long it will take.
 
 Why: a run's bar sat at 2/8 for minutes, and `verify`/`submit` printed nothing for 6-8 minutes, so
 a user could not tell a slow stage from a hung one. Every wait longer than a few seconds now
-announces itself when it starts: on a terminal in the run's progress bar (or as a line where there
-is no bar); elsewhere as one plain line per stage on stderr (no bar redraws in a log file); with
+announces itself when it starts, with an estimate where one is known (the stage's per-item rate or
+length the last time it ran); a stage made of items (photos, edit passes, cells) also gives an
+estimate of what is left after its first item, from the rate so far, as tqdm does -- so a stage
+seen for the first time has one too. Where it goes: on a terminal in the run's progress bar (or as
+a line where there is no bar); elsewhere as one plain line per stage on stderr (no bar redraws in a log file); with
 `enabled=False` only through the "spdbench" logger (level INFO), for a program that configures
 logging.
 """
@@ -19,7 +22,8 @@ from typing import Any, Optional, TextIO
 log = logging.getLogger("spdbench")
 
 #: the words a stage is named by (a stage's detail says what exactly)
-STAGES = ("loading", "fitting", "protecting", "purifying", "editing", "scoring", "verifying", "building")
+STAGES = ("loading", "matching", "fitting", "protecting", "purifying", "editing", "scoring", "verifying", "building",
+          "writing")
 
 
 def is_terminal(stream: Any) -> bool:
@@ -40,6 +44,18 @@ def duration(seconds: float) -> str:
 
 
 @dataclass
+class _Count:
+    """The items of the open stage: how many, how many done, since when counted, the last line."""
+
+    total: int
+    unit: str
+    text: str
+    since: float
+    done: int = 0
+    last_line: float = 0.0
+
+
+@dataclass
 class Stages:
     """One command's stage announcer.
 
@@ -55,37 +71,85 @@ class Stages:
     current: Optional[str] = None
     #: the last measured length of each stage (by name): the estimate of its next time
     took: dict[str, float] = field(default_factory=dict)
+    #: seconds per item of each stage that counted its items, measured the last time it ran
+    per_item: dict[str, float] = field(default_factory=dict)
+    #: in line mode (no bar), the least seconds between two "left" lines of one stage
+    every_s: float = 30.0
     _open: Optional[tuple[str, float]] = None
+    _items: Optional[_Count] = None
 
-    def stage(self, name: str, detail: str = "", estimate_s: Optional[float] = None) -> str:
+    def stage(self, name: str, detail: str = "", estimate_s: Optional[float] = None, items: Optional[int] = None,
+              unit: str = "items") -> str:
         """Announce stage `name` (one of STAGES) with what it works on and about how long it will
-        take: `estimate_s`, else how long the same stage took last time (none the first time);
-        returns the text shown. The stage before it ends here (its length is kept)."""
+        take: `estimate_s`, else its per-item rate last time x `items`, else how long it took last
+        time (none the first time: then `items` > 1, reported with `advance`, give one after the
+        first item). Returns the text shown. The stage before it ends here (its length is kept)."""
         if name not in STAGES:
             raise ValueError(f"stage {name!r}: expected one of {', '.join(STAGES)}")
+        if items is not None and (isinstance(items, bool) or not isinstance(items, int) or items < 1):
+            raise ValueError(f"items {items!r}: expected a whole number >= 1")
         self.done()
-        self._open = (name, time.perf_counter())
-        estimate_s = self.took.get(name) if estimate_s is None else estimate_s
+        now = time.perf_counter()
+        self._open = (name, now)
+        if estimate_s is None:
+            rate = self.per_item.get(name)
+            estimate_s = rate * items if rate is not None and items else self.took.get(name)
         text = name + (f" {detail}" if detail else "")
         if estimate_s is not None and estimate_s >= 1:
             text += f" (about {duration(estimate_s)})"
+        self._items = _Count(items, unit, text, since=now, last_line=now) if items else None
+        self._show(text)
+        return text
+
+    def advance(self, n: int = 1) -> Optional[str]:
+        """`n` more items of the open stage are done. From the first item on, the rest is estimated
+        at the rate so far: in the bar at every item; as a line at the first item and then at most
+        every `every_s` seconds (a log gets no redraws). Returns the text shown, or None."""
+        c = self._items
+        if self._open is None or c is None:
+            return None
+        before, c.done = c.done, min(c.total, c.done + n)
+        now = time.perf_counter()
+        if c.done >= c.total:
+            return None  # the stage is over; the next stage (or done) says so
+        left = (now - c.since) / c.done * (c.total - c.done)
+        shown = f"{c.text}: {c.done}/{c.total} {c.unit} done, about {duration(left)} left"
+        bar = self.bar is not None and not getattr(self.bar, "disable", True)
+        if not bar and before > 0 and now - c.last_line < self.every_s:
+            return None
+        c.last_line = now
+        self._show(shown)
+        return shown
+
+    def discount(self, n: int = 1) -> None:
+        """`n` items of the open stage cost nothing after all (a cache hit): they leave the count,
+        and the rate is measured from here, so they do not make the rest look fast."""
+        c = self._items
+        if c is not None and c.done == 0:
+            c.total = max(1, c.total - n)
+            c.since = time.perf_counter()
+
+    def _show(self, text: str) -> None:
         self.current = text
         log.info("%s: %s", self.command, text)
         if not self.enabled:
-            return text
+            return
         if self.bar is not None and not getattr(self.bar, "disable", True):
             self.bar.set_postfix_str(text)
-            return text
+            return
         minutes, seconds = divmod(int(time.perf_counter() - self.started), 60)
         print(f"spdbench {self.command} [{minutes}:{seconds:02d}]: {text}", file=self.stream or sys.stderr, flush=True)
-        return text
 
     def done(self) -> None:
-        """The open stage has ended: keep its length for the next estimate."""
+        """The open stage has ended: keep its length (and per-item rate) for the next estimate."""
         if self._open is not None:
             name, t0 = self._open
             self.took[name] = time.perf_counter() - t0
+            c = self._items
+            if c is not None and c.done >= c.total:
+                self.per_item[name] = (time.perf_counter() - c.since) / c.total
             self._open = None
+            self._items = None
 
     def note(self, text: str) -> None:
         """A line that must be read now, not at the end (the seed that repeats a verification)."""

@@ -11,6 +11,8 @@ Two sides, kept apart because they run in different processes (docs/architecture
 """
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +34,13 @@ class Clock:
     wall_s: float = 0.0
     device_s: Optional[float] = None
     peak_memory_bytes: Optional[int] = None
+    peak_rss_bytes: Optional[int] = None  # off CUDA: this process's peak resident set so far
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 @contextmanager
@@ -52,6 +61,8 @@ def timed(device: torch.device) -> Iterator[Clock]:
             torch.cuda.synchronize(device)
             clock.device_s = start_ev.elapsed_time(end_ev) / 1000.0
             clock.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
+        else:
+            clock.peak_rss_bytes = peak_rss_bytes()
         clock.wall_s = time.perf_counter() - start
 
 
@@ -69,6 +80,7 @@ class SplitOutput:
     model_calls: dict[str, float] = field(default_factory=dict)  # per image
     #: an amortized attack's fit: its trained network's weights (state_dict, float32), plain data
     network: Optional[dict[str, torch.Tensor]] = None
+    peak_rss_bytes: Optional[int] = None  # off CUDA: the attack process's peak resident set (Clock)
 
 
 def validate_delta(delta, like: torch.Tensor, attack_name: str, universal: bool = False) -> torch.Tensor:
@@ -147,7 +159,7 @@ def perturb_split(attack: Attack, target, images: torch.Tensor, budget: Budget, 
                 curves.append([float(v) for v in attack.loss_history])
             start += len(batch)
     return SplitOutput(torch.cat(deltas), _mean_curve(curves), clock.wall_s, clock.device_s,
-                       clock.peak_memory_bytes, ooms)
+                       clock.peak_memory_bytes, ooms, peak_rss_bytes=clock.peak_rss_bytes)
 
 
 def fit_split(attack: Attack, target, train_images: torch.Tensor, budget: Budget, *, seed: int,
@@ -159,7 +171,8 @@ def fit_split(attack: Attack, target, train_images: torch.Tensor, budget: Budget
                            **_mask_kwargs(attack, masks))
         delta = validate_delta(raw, train_images, attack.name, universal=True).float()
     curve = [float(v) for v in attack.loss_history]
-    return SplitOutput(delta, curve, clock.wall_s, clock.device_s, clock.peak_memory_bytes)
+    return SplitOutput(delta, curve, clock.wall_s, clock.device_s, clock.peak_memory_bytes,
+                       peak_rss_bytes=clock.peak_rss_bytes)
 
 
 def network_state(attack: Attack, network) -> dict[str, torch.Tensor]:
@@ -188,7 +201,8 @@ def fit_network(attack: Attack, target, train_images: torch.Tensor, budget: Budg
         attack.network = network
         state = network_state(attack, network)
     curve = [float(v) for v in attack.loss_history]
-    return SplitOutput(torch.zeros(0), curve, clock.wall_s, clock.device_s, clock.peak_memory_bytes, network=state)
+    return SplitOutput(torch.zeros(0), curve, clock.wall_s, clock.device_s, clock.peak_memory_bytes, network=state,
+                       peak_rss_bytes=clock.peak_rss_bytes)
 
 
 def load_fitted_network(attack: Attack, state: dict[str, torch.Tensor]) -> SplitOutput:
@@ -218,7 +232,8 @@ def apply_split(attack: Attack, target, images: torch.Tensor, budget: Budget, *,
     if used:
         raise AttackError(f"amortized attack {attack.name!r}: apply() ran the target ({used}); "
                           "an amortized attack protects feed-forward, with its own network only")
-    return SplitOutput(torch.cat(deltas), [], clock.wall_s, clock.device_s, clock.peak_memory_bytes)
+    return SplitOutput(torch.cat(deltas), [], clock.wall_s, clock.device_s, clock.peak_memory_bytes,
+                       peak_rss_bytes=clock.peak_rss_bytes)
 
 
 def run_jobs(attack: Attack, target, budget: Budget, jobs: dict[str, dict], batch_size: int) -> dict[str, SplitOutput]:
@@ -278,6 +293,7 @@ class Protection:
     network: Optional[dict] = None
     #: its weights on the way to the run folder (not part of the record)
     network_state: Optional[dict] = None
+    peak_rss_bytes: Optional[int] = None  # off CUDA: the attack process's peak resident set
 
 
 def enforce(raw: torch.Tensor, images: torch.Tensor, budget: Budget, attack_name: str,

@@ -12,7 +12,7 @@ refused request leaves nothing behind.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -26,7 +26,7 @@ from spdbench.harness.editing import PROMPTS
 from spdbench.harness.plan import AttackPlan, EpsArg, plan
 from spdbench.images import check_images
 from spdbench.purifiers import get_purifier
-from spdbench.purifiers.base import Purifier
+from spdbench.purifiers.base import Purifier, drawn
 from spdbench.store.runfolder import RunLock, check_out
 from spdbench.suites import Suite, get_suite
 from spdbench.targets import Target, load_target, parse_device, parse_dtype
@@ -35,6 +35,8 @@ from spdbench.targets import Target, load_target, parse_device, parse_dtype
 #: it, the records say "process" with the reason), that process unconfined, or this process
 #: (debugging; recorded, refused by verify)
 ISOLATION_MODES = ("sandbox", "process", "none")
+#: how an attack whose steps nobody set is matched to the others: by the suite's work budget, or its iterations
+MATCH_MODES = ("work", "steps")
 PathArg = Union[str, Path, None]
 
 
@@ -82,7 +84,8 @@ def build_request(attack: Union[str, Attack, AttackSpec], suite: Union[str, Suit
                   purifiers: Optional[Sequence[str]] = None, compile_backend: Optional[str] = None,
                   isolation: str = "sandbox", attack_timeout_s: Optional[float] = None,
                   lock_scope: Optional[str] = None, masks: PathArg = None,
-                  protections_from: PathArg = None) -> RunRequest:
+                  protections_from: PathArg = None, purifier_draws: Optional[int] = None,
+                  match: str = "work") -> RunRequest:
     """Check every argument of `spdbench.run` (same names and meanings) and return the request.
 
     Cheap and side-effect free: nothing is loaded or created, so the CLI and the grid can check a
@@ -90,10 +93,13 @@ def build_request(attack: Union[str, Attack, AttackSpec], suite: Union[str, Suit
     parameters; a plugin is constructed and described by a worker process (plan.resolve_attack),
     never imported here."""
     isolation = _choice("isolation", isolation, ISOLATION_MODES)
+    match = _choice("match", match, MATCH_MODES)
     the_suite = _suite(suite, attack_timeout_s)
+    if purifier_draws is not None:  # recorded: the suite's draws as this run ran them
+        the_suite = replace(the_suite, purifier_draws=_draws(purifier_draws))
     given_images, names = _given_images(images, image_names, data, manifest)
     return RunRequest(
-        plan=plan(attack, the_suite, params=attack_params, eps=eps, norm=norm, isolation=isolation),
+        plan=plan(attack, the_suite, params=attack_params, eps=eps, norm=norm, isolation=isolation, match=match),
         suite=the_suite,
         prompts=_prompts(prompts, the_suite),
         purifiers=_purifiers(purifiers, the_suite),
@@ -172,7 +178,14 @@ def _purifiers(purifiers: Optional[Sequence[str]], suite: Suite) -> tuple[Purifi
     names = list(suite.purifiers) if purifiers is None else purifiers
     if isinstance(names, (list, tuple)) and len(names) == 0:
         return ()
-    return tuple(get_purifier(n) for n in _names("purifiers", names, "jpeg75"))
+    return drawn([get_purifier(n) for n in _names("purifiers", names, "jpeg75")], _draws(suite.purifier_draws))
+
+
+def _draws(draws: Any) -> int:
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
+        raise InputError(f"purifier_draws must be an integer >= 1 (draws per image of a randomized purifier), "
+                         f"got {draws!r}")
+    return draws
 
 
 def _target_spec(target: Union[str, Target, None], suite: Suite) -> Union[str, Target]:
@@ -256,6 +269,8 @@ class RunInputs:
     edit_target: Optional[Target]     # transfer: the model that edits (None: `target` edits)
     masks: Optional[torch.Tensor]     # inpainting: (N, 1, H, W) on the target's device, 1 = repaint
     mask_set: Optional[str]
+    #: mismatched-editor purifiers: each `Purifier.model` loaded (same device and dtype)
+    purifier_models: dict = field(default_factory=dict)
 
     @property
     def editing(self) -> Target:
@@ -276,8 +291,10 @@ def load_inputs(request: RunRequest) -> RunInputs:
     images = _harness_copy(images, target.device)
     if masks is not None:
         masks = masks.to(target.device, torch.float32)
+    models = {p.model: load_target(p.model, device=target.device, dtype=target.dtype)
+              for p in request.purifiers if p.model is not None}
     return RunInputs(images=images, names=tuple(names), target=target, edit_target=edit_target, masks=masks,
-                     mask_set=mask_set)
+                     mask_set=mask_set, purifier_models=models)
 
 
 def _photos(request: RunRequest) -> tuple[torch.Tensor, Sequence[str]]:

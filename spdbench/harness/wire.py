@@ -33,6 +33,7 @@ class SplitReport(BaseModel):
     wall_s: float = 0.0
     device_s: Optional[float] = None
     peak_memory_bytes: Optional[int] = None
+    peak_rss_bytes: Optional[int] = Field(default=None, ge=0)  # off CUDA: the worker's peak resident set
     oom_events: list[dict[str, int]] = Field(default_factory=list, max_length=64)
     model_calls: dict[str, float] = Field(default_factory=dict, max_length=16)
     #: the same passes counted by the worker runtime's own hooks, installed when the model loaded
@@ -64,6 +65,9 @@ class AttackDescription(BaseModel):
     uses_masks: bool = False
     needs_inpainting: bool = False
     has_objective: bool = False
+    stochastic: bool = False
+    #: the class's docstring (what `spdbench list` shows): display text only, never planned with
+    summary: str = Field(default="", max_length=4000)
 
 
 class Reply(BaseModel):

@@ -206,7 +206,7 @@ def _run(request: dict[str, Any], target) -> bytes:
         outputs, extra = _counted(attack, target, request)
         _held = attack if phase == "fit" else None
     reports = {name: dict(loss_curve=o.loss_curve, wall_s=o.wall_s, device_s=o.device_s,
-                          peak_memory_bytes=o.peak_memory_bytes, oom_events=o.oom_events, model_calls=o.model_calls,
+                          peak_memory_bytes=o.peak_memory_bytes, peak_rss_bytes=o.peak_rss_bytes, oom_events=o.oom_events, model_calls=o.model_calls,
                           **extra.get(name, {}))
                for name, o in outputs.items()}
     tensors = {}

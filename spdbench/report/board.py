@@ -29,9 +29,12 @@ from spdbench.store.records import Record, Status, method_label
 from spdbench.verify import holdout
 from spdbench.verify.claims import load_checked_by_folder
 from spdbench.verify.entry import MANIFEST
+from spdbench.verify.challenge import Challenge, read_verified
+from spdbench.report import flags as board_flags
+from spdbench.report import work_view
 from spdbench.scoring.stats import bootstrap_ci, bootstrap_diff_ci, mean_or_none, records_frame
 from spdbench.scoring.work import encoder_equivalents, known_weights
-from spdbench.scoring.worst_case import worst_case
+from spdbench.scoring.worst_case import not_measured, worst_case
 
 FORMATS = ("md", "csv", "html")
 
@@ -70,7 +73,8 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd.DataFrame:
+def ranking(records: Sequence[Record], split: str = "test", seed: int = 0,
+            challenges: Sequence[Challenge] = ()) -> pd.DataFrame:
     """One row per (method, suite, norm, eps): protection means on `split` with 95% bootstrap CIs.
 
     Per image, values are first averaged over prompts (the same photos are edited with every
@@ -83,11 +87,40 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0) -> pd
 
     A budget (suite, norm, eps) with no `split` records is ranked on the split it has, and each of
     its rows says so: column `split` and a flag (never another split's numbers passed off as `split`'s).
+
+    `challenges`: verified outside evaluations (verify/challenge.py), each one more purifier block of
+    the records it covers, so a row's worst case can only go up; column `challenged_by` names those
+    that gave some photo its worst case. Rows that break their suite's floors, or were measured with
+    another editor or other metric versions than their table, are flagged (report/flags.py): column
+    `not_ranked`, no rank, sorted after the ranked rows. Neither column exists when nothing uses it.
     """
     ok = [r for r in records if r.status == Status.ok]
+    ok = board_flags.with_challenges(ok, challenges) if challenges else ok
     seconds = _seconds_by_budget(ok)
-    rows = [_ranking_row(key, recs, split, seconds, seed) for key, recs in _ranked_groups(ok, split).items()]
+    groups = _ranked_groups(ok, split)
+    rows = [_ranking_row(key, recs, split, seconds, seed) for key, recs in groups.items()]
+    _mark_flagged(rows, list(groups.values()), bool(challenges))
     return _ranked_frame(pd.DataFrame(rows), seed)
+
+
+def _mark_flagged(rows: list[dict], groups: Sequence[Sequence[Record]], challenged: bool) -> None:
+    """Each row's reasons not to be ranked (floors, mixed provenance) into its flags and `not_ranked`;
+    with challenges, `challenged_by` and a flag naming the challenge that lowered the row."""
+    mixed = board_flags.mixed_reasons([((r["suite"], r["norm"], r["eps"]), g[0]) for r, g in zip(rows, groups)])
+    for row, recs, extra in zip(rows, groups, mixed):
+        reasons = board_flags.floor_reasons(recs) + extra
+        if reasons:  # floors and mixed provenance: ranked in no view (the work view's own rule is softer)
+            row["_flagged"] = True
+        over = work_view.over_work_reason(recs)  # ranked at equal model work: over it, shown apart
+        reasons += [over] if over else []
+        if challenged:
+            row["challenged_by"] = board_flags.challenged_by(row.get("worst_by"))
+            if row["challenged_by"]:
+                reasons.append(f"worst case lowered by challenge {row['challenged_by']}")
+        if reasons:
+            row["flags"] = ", ".join([row["flags"], *reasons] if row.get("flags") else reasons)
+        if any(x.startswith(board_flags.NOT_RANKED) for x in reasons):
+            row["not_ranked"] = True
 
 
 def _seconds_by_budget(ok: Sequence[Record]) -> dict[tuple, list[float]]:
@@ -127,12 +160,16 @@ def _ranking_row(key: tuple, recs: Sequence[Record], split: str, seconds: dict[t
     row = _axes_row(method, suite, norm, eps, label, recs)
     if any(r.purified for r in recs):
         row["worst_by"] = _worst_by(recs)
+        # the headline purifiers this row's worst case was not measured with (shown, never dropped)
+        row["worst_not_measured"] = ", ".join(sorted({p for r in recs for p in not_measured(r.purified)})) or "none"
     row.update(_series_stats(_metric_series(recs), recs, seed))
     row.update(_imperceptibility_means(recs))
     row.update(_costs(recs, seconds.get((method, suite, norm, eps), [])))
     row["steps"] = _steps_label(recs[0])
     row["model_calls"] = _calls_label(recs[0])
     row["work_per_image"] = _work_per_image(recs[0])
+    row["matching"] = work_view.matching(recs[0])
+    row["iteration_view"] = work_view.in_iteration_view(recs[0])
     row.update(budget_use_columns(recs))
     row["flags"] = _flags_label(recs, on, asked, row["budget_rms"] if row["under_budget"] else None)
     if on != asked:
@@ -155,6 +192,8 @@ def _metric_series(recs: Sequence[Record]) -> dict[str, list[list[float]]]:
     series = {m: [r.protection.get(m, []) for r in recs] for m in PROTECTION}
     if any(r.protection_region for r in recs):  # inpainting: the repainted region (region_metrics.py)
         series.update({f"region_{m}": [r.protection_region.get(m, []) for r in recs] for m in REGION_METRICS})
+    if any(r.ground_truth for r in recs):  # offline instruction suites: PSNR to the exact result (ground_truth.py)
+        series.update({f"gt_{k}": [r.ground_truth.get(k, []) for r in recs] for k in ("protected", "clean")})
     for name in sorted({p for r in recs for p in r.purified}):
         series[f"ssim_after_{name}"] = [r.purified.get(name, {}).get("ssim", []) for r in recs]
     if any(r.purified for r in recs):
@@ -217,8 +256,12 @@ def _costs(recs: Sequence[Record], seconds: Sequence[Optional[float]]) -> dict:
 
 def _flags_label(recs: Sequence[Record], on: str, asked: str, under: Optional[float] = None) -> Optional[str]:
     """The records' flags, plus the split ranked where it is not the one asked for, and "under
-    budget" where the stored perturbations use less than the floor of their budget (budget_use.py)."""
+    budget" where the stored perturbations use less than the floor of their budget (budget_use.py),
+    and "not-sandboxed" for cells whose attack ran in a worker the OS did not confine (made before
+    the sandbox, or where the kernel lacks it), whether or not the record carries the flag itself."""
     flags = {f for r in recs for f in r.flags}
+    if any(r.isolation == "process" for r in recs):
+        flags.add("not-sandboxed")
     if on != asked:
         flags.add(f"ranked on {on} split (no {asked} records)")
     if under is not None:
@@ -226,17 +269,38 @@ def _flags_label(recs: Sequence[Record], on: str, asked: str, under: Optional[fl
     return ", ".join(sorted(flags)) or None
 
 
+def _rank_within(df: pd.DataFrame, among: pd.Series, column: str) -> pd.Series:
+    """Rank by `column` (1 = lowest) within each suite and eps, of the rows `among` selects; <NA>
+    for the others (also when none is selected: every row of a budget flagged)."""
+    out = pd.Series(pd.NA, index=df.index, dtype="Int64")
+    chosen = df[among]
+    if not chosen.empty:
+        out.loc[chosen.index] = chosen.groupby(["suite", "eps"])[column].rank(method="min").astype("Int64")
+    return out
+
+
 def _ranked_frame(df: pd.DataFrame, seed: int) -> pd.DataFrame:
     """Ranks within each suite and eps (by SSIM, and by worst-case SSIM), the board's order, and the
     paired test against the next row."""
     if df.empty:
         return df
+    apart = df["not_ranked"].fillna(False).astype(bool) if "not_ranked" in df.columns else pd.Series(False, df.index)
+    ranked = ~apart  # a flagged row keeps its numbers and has no rank (report/flags.py)
     if "worst_ssim" in df.columns:
-        df["rank_worst"] = df.groupby(["suite", "eps"])["worst_ssim"].rank(method="min").astype("Int64")
-    df["rank"] = df.groupby(["suite", "eps"])["ssim"].rank(method="min").astype("Int64")
-    df = df.sort_values(["task", "suite", "eps", "ssim"]).reset_index(drop=True)
+        df["rank_worst"] = _rank_within(df, ranked, "worst_ssim")
+    df["rank"] = _rank_within(df, ranked, "ssim")
+    if "iteration_view" in df.columns:  # the second view: the rows run at the suite's iteration budget
+        in_view = df["iteration_view"].fillna(False).astype(bool)
+        if "_flagged" in df.columns:  # a row flagged by report/flags.py is ranked in no view
+            in_view &= ~df["_flagged"].fillna(False).astype(bool)
+        df["rank_iterations"] = _rank_within(df, in_view, "ssim")
+    if "not_ranked" in df.columns:
+        df["not_ranked"] = apart
+        df = df.sort_values(["task", "suite", "eps", "not_ranked", "ssim"]).reset_index(drop=True)
+    else:
+        df = df.sort_values(["task", "suite", "eps", "ssim"]).reset_index(drop=True)
     df["vs_next"] = _versus_next(df, seed)
-    return df.drop(columns=["_ssim_images", "_shas"], errors="ignore")
+    return df.drop(columns=["_ssim_images", "_shas", "_flagged"], errors="ignore")
 
 
 def _versus_next(df: pd.DataFrame, seed: int) -> list[Optional[str]]:
@@ -248,14 +312,14 @@ def _versus_next(df: pd.DataFrame, seed: int) -> list[Optional[str]]:
     for i in range(len(df) - 1):
         a, b = df.iloc[i], df.iloc[i + 1]
         if (a["suite"], a["eps"]) != (b["suite"], b["eps"]) or not isinstance(a.get("_shas"), tuple) \
-                or a.get("_shas") != b.get("_shas"):
+                or a.get("_shas") != b.get("_shas") or bool(a.get("not_ranked")) or bool(b.get("not_ranked")):
             continue
         ci = bootstrap_diff_ci(a["_ssim_images"], b["_ssim_images"], seed=seed, paired=True)
         out[i] = "yes" if ci.high < 0 else "not significant"
     return out
 
 
-_SOURCE = {"suite": "suite", "explicit": "set", "default": "default"}
+_SOURCE = {"suite": "suite", "suite-work": "work-matched", "explicit": "set", "default": "default"}
 
 
 def _steps_label(rec: Record) -> Optional[str]:
@@ -456,7 +520,10 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
     df = records_frame(records)
     if not df.empty:
         df = df[df["task"] == "img2img"]  # the seed's Table 1 and figures are img2img
-    rank, t1 = with_holdout(ranking(records), holdout.read_all(out_dir)), table1(df)
+    challenges, unverified = read_verified(out_dir / CHALLENGES)  # outside evaluations (verify/challenge.py)
+    challenges, stale = board_flags.current_challenges(challenges, records, list(by_folder or ()))
+    skipped = [*skipped, *((f"challenge {name}", reason) for name, reason in unverified), *stale]
+    rank, t1 = with_holdout(ranking(records, challenges=challenges), holdout.read_all(out_dir)), table1(df)
     pending = read_pending(out_dir)
     intro = intro_text(verified, any(UNVERIFIED in r.flags for r in records))
     written: dict[str, Path] = {}
@@ -513,6 +580,9 @@ def with_holdout(rank: pd.DataFrame, results: dict[str, dict], seed: int = 0) ->
     rank["rank_holdout"] = rank.groupby(["suite", "norm", "eps"])["holdout_ssim"].rank(method="min").astype("Int64")
     return rank
 
+
+#: leaderboard/challenges/<name>/: outside evaluations; only verified ones are applied (verify/challenge.py)
+CHALLENGES = "challenges"
 
 #: leaderboard/pending.json: entries taken off the board until they are re-measured (a new target)
 PENDING = "pending.json"
@@ -594,8 +664,34 @@ def _markdown(title: str, rank: pd.DataFrame, t1: pd.DataFrame, plot: Optional[P
             + body.rstrip() + transfer + t1_md +
             (f"\n\n![metrics vs eps]({plot.name})" if plot else "")
             + (f"\n\n![protection vs imperceptibility, cost and purification]({tradeoffs.name})" if tradeoffs else "")
-            + _pending_md(pending) + _notes_md(failed, skipped) + f"\n\n{PER_IMAGE_NOTE}\n")
+            + _pending_md(pending) + _notes_md(failed, skipped) + f"\n\n{PER_IMAGE_NOTE}\n\n{RULES_NOTE}\n")
 
+
+RULES_NOTE = (
+    "## Challenges, flags and provenance\n\n"
+    "**Outside evaluations (challenges).** Anyone may file a stronger evaluation of an entry: `spdbench challenge "
+    "leaderboard/entries/NAME --purifier PURIFIER` runs a registered purifier against the entry's stored protections "
+    "(every budget or `--eps`, every prompt or `--prompts`, the test split) and writes "
+    "`leaderboard/challenges/PURIFIER-NAME/`: `challenge.json` (the purifier and its settings, the entry and its "
+    "manifest's sha256, the editing model's fingerprint, and per cell the per-image values of the edit of the purified "
+    "protected photo against the edit of the photo, same prompt, settings and seed) and `purified/*.png` (the purified "
+    "photos on the 8-bit grid: what was edited). `spdbench verify leaderboard/challenges/C` checks it as it checks an "
+    "entry: the photos are the hashes the JSON names, every photo is purified again, a random sample of each cell's "
+    "photos is edited again; a value that does not reproduce refuses it with one line, and a verified challenge gets "
+    "`verification.json`. The board applies only challenges verified as they are, each as one more purifier of the "
+    "cells it covers: a row's worst case (per photo, the purifier that best restores its edit) is taken over the "
+    "suite's purifiers and the challenges, so a challenge can only lower an entry; the row names it (`challenged_by`, "
+    "flag \"worst case lowered by challenge C\") and the purification table gets its column `challenge:C`.\n\n"
+    "**Flags.** Each suite has an invisibility floor and a benign-edit check (`Suite.floor` in `spdbench/suites.py`): "
+    "a row whose mean imperceptibility PSNR or SSIM (protected photo against the photo) is below the floor, or whose "
+    "benign edit (the empty prompt P4: an identity-like re-render) of the protected photo has a mean SSIM to that of "
+    "the photo below the benign floor, is flagged \"not ranked: ...\": it keeps its numbers, has no rank and is "
+    "listed after the ranked rows of its table.\n\n"
+    "**Provenance.** Every record holds spdbench's version and commit, the metric libraries' versions "
+    "(`provenance.metric_libraries`; `provenance.libraries` in older records), each metric's convention and the "
+    "editing model's weights fingerprint. In one table (suite and budget) a row measured with another editor, other "
+    "metric versions or other conventions than most rows is flagged \"not ranked: measured with other versions than "
+    "this table's rows (...)\", never ranked against them; a library a record does not name is no difference.")
 
 PER_IMAGE_NOTE = ("## Per-image values\n\n`per-image.csv` (beside this page) holds every value the means above come "
                   "from: one row per record and photo. Columns: " + ", ".join(f"`{c}`" for c in EXPORT_IDENTITY)
@@ -604,7 +700,14 @@ PER_IMAGE_NOTE = ("## Per-image values\n\n`per-image.csv` (beside this page) hol
                   "`purified.<purifier>.<metric>`. The schema only grows: a new metric or purifier adds columns; none "
                   "is renamed or removed. An empty cell is a value the record does not hold.")
 
-BEST_NOTE = ("One section per suite and budget (nothing is averaged over eps). **Bold** (on the page: green): the "
+BEST_NOTE = ("**Ranked at equal model work.** A suite with a work budget (smoke: 40 encoder-equivalent passes "
+             "per photo, one VAE-encoder pass forward and backward = 1) ranks the rows whose measured work per photo "
+             "(`work / image`, from the passes the harness counted) is within it; an attack run with `--match work` "
+             "(the default) gets the steps its budget buys (`steps`: \"N (work-matched)\"). A row that spent more, "
+             "such as a 40-step attack whose step costs more than one encoder pass, keeps its numbers and is flagged "
+             "\"not ranked: over the work budget\"; `rank at equal iterations` ranks the rows run at the suite's "
+             "iteration budget (\"N (suite)\") among their own: the second view, not the ranking. "
+             "One section per suite and budget (nothing is averaged over eps). **Bold** (on the page: green): the "
              "best value of its column at that budget, the `none` baseline aside. \"Stronger than the next\": yes "
              "where a paired bootstrap over the same test photos says this row's SSIM is below the next row's, "
              "\"not significant\" where the 95% interval of the difference includes zero.")

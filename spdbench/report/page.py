@@ -135,13 +135,18 @@ def _fraction(value) -> str:
     return "–" if is_missing(value) else f"{float(value):.0%}"
 
 
-def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
-    """The three tables of one budget's rows (already sorted by rank)."""
-    methods = [str(m) for m in part["method"]]
-    region = "region_ssim" in part.columns and part["region_ssim"].notna().any()
-    worst = "worst_ssim" in part.columns and part["worst_ssim"].notna().any()
+def _ground_truth_columns(part: pd.DataFrame) -> list[Column]:
+    """Offline instruction suites (scoring/ground_truth.py): the protected and the clean photo's edit,
+    each as PSNR to the instruction's exact result on the clean photo; none elsewhere."""
+    if "gt_protected" not in part.columns or not part["gt_protected"].notna().any():
+        return []
+    return [_num("edit success: PSNR to exact result ↓ (dB)", "gt_protected", "min", with_ci=True),
+            _num("clean edit's PSNR to exact result (dB)", "gt_clean", None, with_ci=True)]
 
-    # protection
+
+def _protection_columns(part: pd.DataFrame, region: bool, worst: bool) -> list[Column]:
+    """The protection table's columns: the rank (at equal work), the metrics with intervals, the
+    hold-out, region and worst-case numbers where present."""
     prot = [_num("rank", "rank", None), _name_column(), _metric_column("ssim"),
             _num("stronger than the next (paired)", "vs_next", None)]
     if "holdout_ssim" in part.columns and part["holdout_ssim"].notna().any():
@@ -152,6 +157,7 @@ def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
     if region:
         prot += [_num("SSIM repainted region ↓", "region_ssim", "min", with_ci=True),
                  _num("PSNR repainted region ↓", "region_psnr", "min", with_ci=True)]
+    prot += _ground_truth_columns(part)
     if worst:
         prot += [_num("worst-case SSIM ↓", "worst_ssim", "min", with_ci=True), _num("worst-case rank", "rank_worst", None)]
     prot.append(_num("imperceptibility PSNR ↑", "imp_psnr", "max"))
@@ -161,6 +167,16 @@ def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
         prot.append(Column("budget used (RMS)", lambda row: Cell(_fraction(row.get("budget_rms"))),
                            lambda row: _value(row, "budget_rms"), None))
     prot.append(_num("flags", "flags", None))
+    return prot
+
+
+def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
+    """The three tables of one budget's rows (already sorted by rank)."""
+    methods = [str(m) for m in part["method"]]
+    region = "region_ssim" in part.columns and part["region_ssim"].notna().any()
+    worst = "worst_ssim" in part.columns and part["worst_ssim"].notna().any()
+
+    prot = _protection_columns(part, region, worst)
     tables = [_build("Protection", prot, part, methods)]
 
     # after purification: SSIM per purifier, the worst case, and which purifier it was
@@ -170,6 +186,8 @@ def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
         pur = [_name_column(), _num("none", "ssim", "min")] + [_num(c[len("ssim_after_"):], c, "min") for c in after]
         if worst:
             pur += [_num("worst case", "worst_ssim", "min"), _num("worst case by (images)", "worst_by", None)]
+            if "worst_not_measured" in part.columns:
+                pur.append(_num("worst case not measured with", "worst_not_measured", None))
         tables.append(_build("SSIM after purification ↓ (the editor cleans the photo first)", pur, part, methods))
 
     # cost
@@ -185,6 +203,8 @@ def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
             _num("fit s", "fit_seconds", None),
             Column("peak MB", dev("peak_memory_mb"), lambda row: _value(row, "peak_memory_mb"), "min"),
             _num("images", "n_images", None), _num("steps", "steps", None),
+            # the second view: the rows run at the suite's iteration budget, ranked among their own
+            _num("rank at equal iterations", "rank_iterations", None),
             _num("model passes / image (fwd/bwd)", "model_calls", None),
             _num("work / image (encoder-equivalent passes)", "work_per_image", None)]
     tables.append(_build("Cost", cost, part, methods))
@@ -208,7 +228,8 @@ def sections(rank: pd.DataFrame) -> list[Section]:
         keys = list(dict.fromkeys(zip(part["suite"], part["norm"], part["eps"], part["eps_label"])))
         for suite, norm, eps, label in keys:
             rows = part[(part["suite"] == suite) & (part["norm"] == norm) & (part["eps"] == eps)]
-            rows = rows.sort_values(["rank", "method"], kind="stable")
+            # a budget whose rows are all unranked (flagged) has no rank column left (by_task drops it)
+            rows = rows.sort_values([c for c in ("rank", "method") if c in rows.columns], kind="stable")
             title = f"{TASKS[task].split(' (')[0]} · {suite} · {norm} eps {eps_text(label, eps)}" + _split_note(rows)
             out.append(Section(title, INPAINT_NOTE if task == "inpaint" else "", section_tables(rows, task)))
     return out

@@ -48,13 +48,20 @@ class PairedDifference:
         return "no difference shown"
 
 
-#: where a protection metric is measured: the whole edit, or only what an inpainting edit repainted
-REGIONS = ("whole", "repainted")
+#: where a protection metric is measured: the whole edit, only what an inpainting edit repainted, or
+#: (offline instruction suites, PSNR only) the protected photo's edit against the instruction's exact result
+REGIONS = ("whole", "repainted", "ground-truth")
 
 
 def _values(r: Record, metric: str, region: str) -> list[float]:
     if region == "whole":
         return r.protection[metric]
+    if region == "ground-truth":
+        if metric != "psnr" or "protected" not in r.ground_truth:
+            raise InputError(f"--region ground-truth: record {r.cell_id} needs --metric psnr and a suite with exact "
+                             f"instruction results (smoke-instruct); got metric {metric!r}, ground truth "
+                             f"{sorted(r.ground_truth) or 'none'}")
+        return r.ground_truth["protected"]
     if metric not in r.protection_region:
         raise InputError(f"--region repainted: record {r.cell_id} has no repainted-region {metric} (only "
                          f"inpainting suites have one, with {sorted(r.protection_region) or 'no metric'})")

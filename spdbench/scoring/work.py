@@ -66,9 +66,12 @@ def pass_flops(target, size: int) -> dict[str, float]:
         t = target.num_train_timesteps // 2
         # an inpainting UNet's condition is an encoder pass of its own (counted as one by `model_calls`)
         inpaint = target.inpaint_condition(photo).detach() if target.inpainting else None
+        # an instruction editor's (InstructPix2Pix, 8 channels) image condition: the photo's unscaled latent
+        image = (latents / target.scaling_factor) if int(target.unet.config.in_channels) == 8 else None
         out: dict[str, float] = {}
         out["vae_encoder_fwd"], out["vae_encoder_bwd"] = _fwd_bwd(lambda x: target.encode(x).latents, photo)
-        out["unet_fwd"], out["unet_bwd"] = _fwd_bwd(lambda z: target.predict_noise(z, t, cond, inpaint=inpaint), latents)
+        out["unet_fwd"], out["unet_bwd"] = _fwd_bwd(
+            lambda z: target.predict_noise(z, t, cond, inpaint=inpaint, image_latents=image), latents)
         out["vae_decoder_fwd"], out["vae_decoder_bwd"] = _fwd_bwd(target.decode, latents)
         return out
     finally:

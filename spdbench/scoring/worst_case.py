@@ -36,3 +36,38 @@ def worst_case(protection: dict[str, Sequence[float]], purified: dict[str, dict[
         vals = np.asarray([blocks[b][m] for b in names], dtype=np.float64)
         out[m] = vals[choice, np.arange(vals.shape[1])].tolist()
     return out, [names[i] for i in choice]
+
+
+#: the purifiers the headline worst case is meant to include beyond a suite's original ladder (issue
+#: 38: a mismatched editor, Noisy Upscaling, a platform's sharing chain). A record measured without
+#: one of them still shows, its worst case over what it was measured with, and the missing ones named
+#: (`not_measured`), never silently dropped.
+HEADLINE_ADDED = ("swap-vae-tiny-b", "swap-img2img-tiny-b", "noisy-upscale", "platform")
+
+DRAW_SEP = "~"  # as purifiers/base.py names draw k >= 1 of a randomized purifier: "<name>~<k>"
+
+
+def not_measured(purified: dict, expected: Sequence[str] = HEADLINE_ADDED) -> list[str]:
+    """The `expected` purifiers a record's blocks lack (in `expected`'s order)."""
+    return [p for p in expected if p not in purified]
+
+
+def _base(name: str) -> str:
+    head, sep, tail = name.rpartition(DRAW_SEP)
+    return head if sep and tail.isdigit() and tail != "0" else name
+
+
+def draw_spread(purified: dict[str, dict[str, Sequence[float]]], by: str = "ssim") -> dict[str, list[float]]:
+    """Per randomized purifier drawn more than once: per image, the spread (max - min) of `by`
+    over its draws ("diffpure0.2", "diffpure0.2~1", ...). The worst case already takes the worst
+    draw (each draw is a block); the spread says how much one draw would have misstated it."""
+    groups: dict[str, list[str]] = {}
+    for name in purified:
+        groups.setdefault(_base(name), []).append(name)
+    out = {}
+    for base, names in sorted(groups.items()):
+        if len(names) < 2 or not all(purified[n].get(by) for n in names):
+            continue
+        vals = np.asarray([purified[n][by] for n in names], dtype=np.float64)
+        out[base] = (vals.max(axis=0) - vals.min(axis=0)).tolist()
+    return out

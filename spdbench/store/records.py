@@ -54,6 +54,9 @@ class Timing(BaseModel):
     edit_wall_s: float = 0.0
     score_wall_s: float = 0.0
     peak_memory_bytes: Optional[int] = None
+    #: CPU runs: the attack process's peak resident set (ru_maxrss, its model copy included) up to the end
+    #: of this cell's attack; None on CUDA (peak_memory_bytes) and in records from before issue 37
+    peak_rss_bytes: Optional[int] = None
     compile_s: Optional[float] = None   # torch.compile warm-up, reported apart from the attack time
     worker_start_s: Optional[float] = None  # spawning the attack worker + loading its model copy (isolation)
 
@@ -175,6 +178,10 @@ class Record(BaseModel):
     purified_region: dict[str, dict[str, list[float]]] = {}
     imperceptibility_kept: dict[str, list[float]] = {}
     imperceptibility_kept_mean: dict[str, float] = {}
+    #: instruction suites with exact transforms (Suite.ground_truth): per image, PSNR (dB) of the
+    #: protected photo's edit ("protected") and of the clean photo's edit ("clean") against the
+    #: instruction's exact result on the clean photo (scoring/ground_truth.py); empty elsewhere
+    ground_truth: dict[str, list[float]] = {}
 
     @model_validator(mode="after")
     def _flag_non_finite(self) -> "Record":
@@ -206,6 +213,7 @@ def params_text(params: dict[str, Any]) -> str:
 
 def method_label(record: Record) -> str:
     """One configuration: attack[preset], then every parameter set beyond the preset ("(steps=5)"),
+    "(work-matched)" where the steps were derived from the suite's work budget (not its iterations),
     plus "+EOT(jpeg75, ...)" for an adaptive run -- each a different method on the board, never
     pooled with another configuration's cells. Here, beside the record, because scoring, report
     and verify all group records by it."""
@@ -213,6 +221,8 @@ def method_label(record: Record) -> str:
     params = set_params(record)
     if params:
         label += f" ({params_text(params)})"
+    if "suite-work" in record.param_sources.values():  # steps from the suite's work budget (issue 35)
+        label += " (work-matched)"
     robust = record.attack_params.get("robust_to") or ()
     return f"{label} +EOT({', '.join(robust)})" if robust else label
 

@@ -6,73 +6,35 @@ diffusers' `StableDiffusionInstructPix2PixPipeline` with two guidance scales. Th
 `tiny-ip2p` from the same widening, and the evaluation needs the same instructions and exact
 transforms the model was trained on, so both live with the loader.
 
-`EDITS`: instruction -> the transform scikit-image computes exactly on a float RGB photo in [0, 1]
-(HWC). These are what makes edit success measurable against ground truth offline.
+`EDITS` / `exact_edit` (re-exported from spdbench.data.instructions, where they live so that the
+zoo's training and the harness's scoring share them): instruction -> the transform scikit-image
+computes exactly. These are what makes edit success measurable against ground truth offline.
 """
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from spdbench.data.instructions import EDITS, exact_edit
 from spdbench.errors import InputError, TargetLoadError
 from spdbench.targets.base import Target
 
+__all__ = ["IP2P_HUB_ID", "IP2P_REVISION", "EDITS", "exact_edit", "ip2p_unet_from", "is_instruct", "instruct_pipeline", "InstructSettings",
+           "instruct_edit", "load_tiny_ip2p", "save_instruct_folder"]
+
+#: InstructPix2Pix on the hub (Brooks et al., CVPR 2023): SD1.5 with an 8-channel UNet, the
+#: layout `save_instruct_folder` writes; loaded at IP2P_REVISION (a branch: no commit hash confirmed offline)
+IP2P_HUB_ID = "timbrooks/instruct-pix2pix"
+IP2P_REVISION = "main"
 #: image guidance and text guidance as diffusers' pipeline defaults them (recorded with every edit)
 DEFAULT_IMAGE_GUIDANCE = 1.5
 DEFAULT_TEXT_GUIDANCE = 7.5
 IP2P_IN_CHANNELS = 8
-
-
-def _gray(x: np.ndarray) -> np.ndarray:
-    from skimage.color import rgb2gray  # deferred: scikit-image imports in seconds; only edits need it
-
-    return np.repeat(rgb2gray(x)[..., None], 3, axis=-1)
-
-
-def _invert(x: np.ndarray) -> np.ndarray:
-    from skimage.util import invert  # deferred: scikit-image imports in seconds; only edits need it
-
-    return invert(x)
-
-
-def _gamma(gamma: float) -> Callable[[np.ndarray], np.ndarray]:
-    def edit(x: np.ndarray) -> np.ndarray:
-        from skimage.exposure import adjust_gamma  # deferred: scikit-image imports in seconds
-
-        return adjust_gamma(x, gamma)
-    return edit
-
-
-def _blur(x: np.ndarray) -> np.ndarray:
-    from skimage.filters import gaussian  # deferred: scikit-image imports in seconds; only edits need it
-
-    return gaussian(x, sigma=2.0, channel_axis=-1, preserve_range=True)
-
-
-#: the instructions tiny-ip2p is trained on, each with its exact result (float HWC in [0, 1])
-EDITS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "make it black and white": _gray,
-    "invert the colors": _invert,
-    "make it brighter": _gamma(0.5),
-    "make it darker": _gamma(2.0),
-    "blur it": _blur,
-}
-
-
-def exact_edit(instruction: str, images: torch.Tensor) -> torch.Tensor:
-    """The ground-truth result of `instruction` on (N, 3, H, W) images in [0, 1]."""
-    if instruction not in EDITS:
-        raise InputError(f"instruction {instruction!r} has no exact transform; expected one of {sorted(EDITS)}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise InputError(f"images: expected (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
-    arr = images.detach().cpu().permute(0, 2, 3, 1).double().numpy()
-    out = np.stack([EDITS[instruction](a) for a in arr])
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(images.dtype).clamp(0.0, 1.0)
 
 
 def ip2p_unet_from(unet):

@@ -24,7 +24,7 @@ from spdbench.harness.editing import EditSettings, PROMPTS, image_seed
 from spdbench.verify.entry import EntryFiles, check_name, digest_verdict, scan
 from spdbench.errors import RecordError, SpdbenchError
 from spdbench.scoring.metrics import DEFAULT_METRICS, METRICS, get_metric, list_metrics
-from spdbench.purifiers.base import PURIFIERS
+from spdbench.purifiers.base import PURIFIERS, drawn
 from spdbench.suites import SUITES, get_suite
 from spdbench.store.records import Record, Status, non_finite_fields, record_from_data
 from spdbench.harness.plan import installed_attack
@@ -45,6 +45,9 @@ _CELL_ID = re.compile(r"^(?P<prefix>.+)__[0-9a-f]{10}$")
 #: suite settings that may differ between a run and the suite (the grid being run, the prose, and
 #: the attack's time limit, which only decides whether a cell finishes)
 _SUITE_FREE = ("eps", "prompts", "description", "attack_timeout_s")
+#: suite settings added after records were made: a record without one predates it (its view is
+#: read from its param_sources: steps "suite" = iteration-matched), one with it must agree
+_SUITE_ADDED = ("attack_work",)
 
 
 @dataclass
@@ -385,7 +388,7 @@ def _suite_problems(cell: Cell, suite) -> list[str]:
     got = rec.suite_config
     out = []
     for key, value in want.items():
-        if key in _SUITE_FREE:
+        if key in _SUITE_FREE or (key in _SUITE_ADDED and key not in got):
             continue
         if _canon(got.get(key)) != _canon(value):
             out.append(f"{cell.rel}: suite_config.{key} is {_short(got.get(key))}, suite {suite.name!r} defines "
@@ -397,8 +400,13 @@ def _suite_problems(cell: Cell, suite) -> list[str]:
     if (rec.split_seed, rec.attack_seed) != (suite.split_seed, suite.attack_seed):
         out.append(f"{cell.rel}: split/attack seeds {rec.split_seed}/{rec.attack_seed} are not the suite's "
                    f"{suite.split_seed}/{suite.attack_seed}")
-    if set(rec.purified) != set(suite.purifiers):
-        out.append(f"{cell.rel}: purifiers {sorted(rec.purified)}, suite {suite.name!r} scores {sorted(suite.purifiers)}")
+    # each randomized purifier drawn as often as the record says (more draws only lower a worst case)
+    draws = rec.suite_config.get("purifier_draws", suite.purifier_draws)
+    wanted = {p.name for p in drawn([PURIFIERS.get(n) for n in suite.purifiers if n in PURIFIERS], draws)} \
+        if isinstance(draws, int) and draws >= 1 else set(suite.purifiers)
+    if set(rec.purified) != wanted | set(suite.purifiers):
+        out.append(f"{cell.rel}: purifiers {sorted(rec.purified)}, suite {suite.name!r} scores {sorted(suite.purifiers)}"
+                   + (f" drawn {draws} times" if draws != 1 else ""))
     return out + _purifier_settings_problems(cell)
 
 

@@ -338,6 +338,7 @@ def _compare_rerun(cells: Sequence[Cell], deltas: dict, result, tolerance: float
             continue
         _compare_rerun_values(c, r, tolerance, out)
         _compare_rerun_regions(c, r, tolerance, out)
+        _compare_rerun_ground_truth(c, r, tolerance, out)
         _compare_model_calls(c, r, out)
 
 
@@ -386,6 +387,18 @@ def _compare_rerun_regions(c: Cell, r, tolerance: float, out: Measured) -> None:
         for m in claimed:
             for k, (a, b) in enumerate(zip(claimed[m], fresh_[m])):
                 out.add(f"{c.rel} image {c.record.image_names[k]} {where_} (attack re-run)", m, a, b, tolerance)
+
+
+def _compare_rerun_ground_truth(c: Cell, r, tolerance: float, out: Measured) -> None:
+    """Ground-truth edit success (offline instruction suites, scoring/ground_truth.py), per image, at
+    PSNR's tolerance; the two must hold the same series."""
+    if set(c.record.ground_truth) != set(r.ground_truth):
+        out.problems.append(f"{c.rel}: ground truth {sorted(c.record.ground_truth)}, the re-run has {sorted(r.ground_truth)}")
+        return
+    for series, claimed in c.record.ground_truth.items():
+        for k, (a, b) in enumerate(zip(claimed, r.ground_truth[series])):
+            out.add(f"{c.rel} image {c.record.image_names[k]} ground truth {series} (attack re-run)", "psnr", a, b,
+                    tolerance)
 
 
 def _compare_model_calls(c: Cell, r, out: Measured) -> None:

@@ -54,6 +54,8 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     sampled: dict[str, list[str]] = field(default_factory=dict)   # cell id -> images re-edited
     rerun: list[str] = field(default_factory=list)                # cell ids re-run with the attack
+    #: one line per budget group whose re-run worker was NOT sandboxed (this machine could not confine it)
+    rerun_unsandboxed: list[str] = field(default_factory=list)
     compared: int = 0
     max_deviation: dict[str, float] = field(default_factory=dict)
     remeasured: bool = False      # False: only the files and the claims were checked (--no-rerun)
@@ -102,10 +104,7 @@ def verify(folder: Union[str, Path], sample: int = 2, tolerance: float = DEFAULT
     fill_metrics: a new folder; once the entry verifies, a copy of it is written there whose fully
     re-edited cells carry the registered metrics the records lack (verify/fill.py; never in place).
     """
-    _check_options(sample, tolerance, seed)
-    dest = _fill_dest(fill_metrics, rerun)
-
-    parse_device(device)
+    dest = check_options(sample, tolerance, seed, device, fill_metrics, rerun)
     report = VerifyReport(folder=str(folder), seed=secrets.randbits(63) if seed is None else seed)
     stages = progress if isinstance(progress, Stages) else default_stages("verify", progress)
     if stages.current is None:
@@ -140,6 +139,18 @@ def verify(folder: Union[str, Path], sample: int = 2, tolerance: float = DEFAULT
         _fill(report, claims, entry, dest)
     stages.done()
     return report
+
+
+def check_options(sample: Any = 2, tolerance: Any = DEFAULT_TOLERANCE, seed: Any = None,
+                  device: Optional[str] = None, fill_metrics: Union[str, Path, None] = None,
+                  rerun: bool = True) -> Optional[Path]:
+    """Every option of `verify` checked before anything is printed or loaded: the CLI calls this
+    before its seed line, so a bad option is the command's one and only line. Returns the
+    --fill-metrics destination (None: none asked for)."""
+    _check_options(sample, tolerance, seed)
+    dest = _fill_dest(fill_metrics, rerun)
+    parse_device(device)
+    return dest
 
 
 def _fill_dest(fill_metrics: Union[str, Path, None], rerun: bool) -> Optional[Path]:
@@ -319,6 +330,7 @@ def _rerun_group(report: VerifyReport, claims, deltas: dict, suite, target, imag
                              f"perturbation, every per-image value reproduced ({time.perf_counter() - t0:.0f} s)")
         report.checks += got.notes
         report.checks += got.unconfined
+        report.rerun_unsandboxed += got.unconfined
 
 
 def _suite_images(suite, images, image_names, data, manifest) -> tuple[torch.Tensor, list[str]]:
@@ -403,6 +415,8 @@ def submit(folder: Union[str, Path], leaderboard_dir: Union[str, Path] = "leader
         entry_schema.copy_files(source, stage)
         report = verify(stage, **verify_kw)
         report.folder = str(folder)
+        if report.ok:
+            report.problems += unsandboxed_problems(report)
         if not report.ok:
             return report, None
         clash = _same_method_elsewhere(report.records, entries, name)
@@ -426,6 +440,25 @@ def submit(folder: Union[str, Path], leaderboard_dir: Union[str, Path] = "leader
         shutil.rmtree(stage, ignore_errors=True)
         if created and not any(entries.iterdir()):
             entries.rmdir()
+
+
+def unsandboxed_problems(report: VerifyReport) -> list[str]:
+    """Why a verified folder may not become an entry: cells made without the sandbox (isolation
+    "process": attack code that could read the test photos and rewrite its own records) land only
+    when this submit re-ran every one of them itself, in a worker the OS confined. Empty: it may land."""
+    loose = [r for r in report.records if r.isolation != "sandbox"]
+    if not loose:
+        return []
+    what = f"{len(loose)} of {len(report.records)} cell(s) were made without the sandbox (isolation {loose[0].isolation!r})"
+    missing = [r.cell_id for r in loose if r.cell_id not in set(report.rerun)]
+    if missing:
+        return [f"{what} and {len(missing)} of them were not re-run here (e.g. {missing[0]}): submit lands such "
+                "cells only after re-running them under the sandbox; leave out --no-rerun / rerun=False / "
+                "attack_rerun=False"]
+    if report.rerun_unsandboxed:
+        return [f"{what}, and this machine re-ran them without the sandbox too ({report.rerun_unsandboxed[0]}); "
+                "submit them on a Linux machine with Landlock, user namespaces and seccomp (`spdbench doctor`)"]
+    return []
 
 
 def _same_method_elsewhere(records: list[Record], entries: Path, name: str) -> Optional[str]:

@@ -1,0 +1,117 @@
+"""Outside evaluations (verify/challenge.py): a stronger purifier filed against a committed entry's
+stored protections is verified like an entry and lowers the entry on the board, naming itself; a
+forged challenge (values or photos that are not what its purifier and the editor give) is refused."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from spdbench.report.board import build, ranking
+from spdbench.report.flags import current_challenges, with_challenges
+from spdbench.targets import load_target
+from spdbench.verify.challenge import (CHALLENGE_FILE, VERIFIED_FILE, png_rel, read_challenge, read_verified,
+                                       run_challenge, verify_challenge)
+from spdbench.verify.claims import load_checked_by_folder
+
+ENTRY = Path(__file__).resolve().parents[1] / "leaderboard" / "entries" / "smoke-pca-minus"
+#: measured: noisy-upscale gives 2 of smoke-pca-minus's 4 test photos at 16/255 (prompt P3) a higher
+#: SSIM to the clean edit than any purifier of the suite (0.9056 vs 0.9052, 0.8905 vs 0.8889)
+PURIFIER, EPS, PROMPT = "noisy-upscale", "16/255", "P3"
+
+
+@pytest.fixture(scope="module")
+def filed(tmp_path_factory):
+    """The entry copied into a fresh leaderboard folder, a challenge filed and verified against it."""
+    torch.set_num_threads(1)
+    board = tmp_path_factory.mktemp("lb")
+    entry = board / "entries" / ENTRY.name
+    shutil.copytree(ENTRY, entry)
+    model = load_target("tiny")
+    folder = board / "challenges" / "nu"
+    ch = run_challenge(entry, PURIFIER, folder, eps=[EPS], prompts=[PROMPT], model=model)
+    report = verify_challenge(folder, sample=1, seed=3, model=model)
+    return board, entry, folder, ch, report, model
+
+
+def test_challenge_is_verified_and_lowers_the_entry(filed):
+    board, entry, folder, ch, report, _ = filed
+    assert report.ok, report.problems
+    assert (folder / VERIFIED_FILE).is_file() and len(ch.cells) == 1
+    found, left = read_verified(board / "challenges")
+    assert [c.name for c in found] == ["nu"] and not left
+
+    records = [r for recs in load_checked_by_folder([entry])[0].values() for r in recs]
+    before = ranking(records).set_index("eps_label")
+    after = ranking(records, challenges=found).set_index("eps_label")
+    assert after.loc[EPS, "worst_ssim"] > before.loc[EPS, "worst_ssim"]  # lowered: less protection promised
+    assert after.loc[EPS, "challenged_by"] == "nu"
+    assert "worst case lowered by challenge nu" in after.loc[EPS, "flags"]
+    assert "challenge:nu" in after.loc[EPS, "worst_by"]
+    assert after.loc["8/255", "worst_ssim"] == before.loc["8/255", "worst_ssim"]  # a budget it did not cover
+
+    written = build(records, board, formats=["csv"])  # the board reads LEADERBOARD/challenges/
+    csv = written["csv"].read_text()
+    assert "challenged_by" in csv and "ssim_after_challenge:nu" in csv
+
+
+def test_a_challenge_can_only_lower(filed):
+    """Values below every existing block change no worst case (the worst case is a maximum)."""
+    _, entry, folder, ch, _, _ = filed
+    weak = ch.model_copy(update={"cells": [c.model_copy(update={"values": {m: [0.0] * len(v) for m, v in
+                                                                          c.values.items()}}) for c in ch.cells]})
+    records = [r for recs in load_checked_by_folder([entry])[0].values() for r in recs]
+    assert with_challenges(records, [weak]) != records
+    before, after = ranking(records), ranking(records, challenges=[weak])
+    assert list(after["worst_ssim"]) == list(before["worst_ssim"])
+    assert after["challenged_by"].isna().all()
+
+
+def test_forged_values_are_refused(filed, tmp_path):
+    board, entry, folder, ch, _, model = filed
+    forged = board / "challenges" / "forged"
+    shutil.copytree(folder, forged)
+    data = json.loads((forged / CHALLENGE_FILE).read_text())
+    data["name"] = "forged"
+    data["cells"][0]["values"]["ssim"] = [v + 0.05 for v in data["cells"][0]["values"]["ssim"]]
+    (forged / CHALLENGE_FILE).write_text(json.dumps(data))
+    report = verify_challenge(forged, sample=1, seed=3, model=model)
+    assert not report.ok and len(report.problems) == 1
+    assert "ssim does not reproduce: claimed" in report.problems[0]
+    # its copied verification.json names the old challenge.json: the board does not apply it
+    found, left = read_verified(board / "challenges")
+    assert "forged" not in [c.name for c in found]
+    assert any(name == "forged" and "not verified" in why for name, why in left)
+
+
+def test_forged_photo_is_refused(filed):
+    board, _, folder, ch, _, _ = filed
+    forged = board / "challenges" / "swapped"
+    shutil.copytree(folder, forged)
+    names = ch.cells[0].image_names
+    shutil.copy(forged / png_rel(EPS, names[1]), forged / png_rel(EPS, names[0]))
+    report = verify_challenge(forged, sample=1, seed=3)
+    assert report.problems == [f"{png_rel(EPS, names[0])} is not the purified photo challenge.json names "
+                               "(sha256 differs)"]
+    assert read_challenge(forged)[0].name == "nu"
+    found, left = read_verified(board / "challenges")  # never applied, though its JSON was verified
+    assert [c.name for c in found] == ["nu"]
+    assert [why for name, why in left if name == "swapped"][0].startswith("challenge.json names challenge 'nu'")
+
+
+def test_a_challenge_of_other_files_is_not_applied(filed, tmp_path):
+    """An entry replaced since (other manifest, other cells): the challenge is listed, never applied."""
+    board, entry, folder, ch, _, _ = filed
+    records = [r for recs in load_checked_by_folder([entry])[0].values() for r in recs]
+    assert current_challenges([ch], records, [str(entry)]) == ([ch], [])
+    other = tmp_path / ENTRY.name
+    other.mkdir()
+    (other / "manifest.json").write_text("{}")
+    assert current_challenges([ch], records, [str(other)])[1] == [
+        ("challenge nu", f"not applied: it was run against other files of entry {ENTRY.name!r} "
+                         "(its manifest changed since)")]
+    kept = [r for r in records if r.eps_label != EPS]
+    assert current_challenges([ch], kept)[1][0][1].startswith("not applied: it covers cells")
