@@ -412,6 +412,31 @@ def _check_holdout(holdout: Optional[str]) -> None:
 
 
 def cmd_verify(args) -> int:
+    if getattr(args, "more", None):
+        return _verify_each(args)
+    return _verify_one(args)
+
+
+def _verify_each(args) -> int:
+    """`verify A B C ...`: each folder as `verify A` would check it, one after the other in this
+    process (no interpreter and torch start per entry); the exit status is the worst of them."""
+    if args.holdout or args.fill_metrics or args.entry:
+        raise InputError("--holdout, --fill-metrics and --entry take one folder; got "
+                         f"{1 + len(args.more)} folders")
+    worst = EXIT_OK
+    for folder in [args.folder, *args.more]:
+        print(f"== {folder}", flush=True)
+        one = argparse.Namespace(**{**vars(args), "folder": folder, "more": []})
+        try:
+            code = _verify_one(one)
+        except SpdbenchError as exc:  # one folder's refusal is its line, the others are still checked
+            print(f"REJECTED: {exc}", file=sys.stderr)
+            code = EXIT_FAILED_CELLS
+        worst = max(worst, code)
+    return worst
+
+
+def _verify_one(args) -> int:
     from spdbench.verify.challenge import is_challenge  # deferred: a command loads only its own stack
 
     if is_challenge(args.folder):  # an outside evaluation (challenge.json), not an entry
@@ -789,6 +814,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the maintainer's private photo folder: a universal or amortized entry is re-measured "
                             "on it with its stored perturbation or network (submit: written to LEADERBOARD/holdout/)")
         if name == "verify":
+            s.add_argument("more", nargs="*", metavar="FOLDER",
+                           help="more folders, each verified in turn in this one process (exit status: the worst)")
             s.add_argument("--entry", default=None,
                            help="a challenge folder's entry (default: LEADERBOARD/entries/ENTRY beside "
                                 "LEADERBOARD/challenges/)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import pandas as pd
 
@@ -219,19 +219,26 @@ def _split_note(rows: pd.DataFrame) -> str:
     return " · ranked on the " + "/".join(sorted(rows["split"].dropna().unique())) + " split"
 
 
-def sections(rank: pd.DataFrame) -> list[Section]:
-    """One Section per (task, suite, norm, eps), in the ranking's order."""
-    out: list[Section] = []
+def budget_parts(rank: pd.DataFrame) -> Iterator[tuple[str, str, str, float, str, pd.DataFrame]]:
+    """(task, suite, norm, eps, eps label, rows in rank order) per budget, in the ranking's order:
+    how the page and the site cut the board."""
     if rank.empty:
-        return out
+        return
     for task, part in by_task(rank):
         keys = list(dict.fromkeys(zip(part["suite"], part["norm"], part["eps"], part["eps_label"])))
         for suite, norm, eps, label in keys:
             rows = part[(part["suite"] == suite) & (part["norm"] == norm) & (part["eps"] == eps)]
             # a budget whose rows are all unranked (flagged) has no rank column left (by_task drops it)
-            rows = rows.sort_values([c for c in ("rank", "method") if c in rows.columns], kind="stable")
-            title = f"{TASKS[task].split(' (')[0]} · {suite} · {norm} eps {eps_text(label, eps)}" + _split_note(rows)
-            out.append(Section(title, INPAINT_NOTE if task == "inpaint" else "", section_tables(rows, task)))
+            yield task, suite, norm, eps, label, rows.sort_values(
+                [c for c in ("rank", "method") if c in rows.columns], kind="stable")
+
+
+def sections(rank: pd.DataFrame) -> list[Section]:
+    """One Section per (task, suite, norm, eps), in the ranking's order."""
+    out: list[Section] = []
+    for task, suite, norm, eps, label, rows in budget_parts(rank):
+        title = f"{TASKS[task].split(' (')[0]} · {suite} · {norm} eps {eps_text(label, eps)}" + _split_note(rows)
+        out.append(Section(title, INPAINT_NOTE if task == "inpaint" else "", section_tables(rows, task)))
     return out
 
 

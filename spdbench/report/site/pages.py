@@ -17,10 +17,10 @@ from spdbench.errors import SpdbenchError
 from spdbench.report.board import UNVERIFIED, row_label
 from spdbench.report.export import per_image_frame
 from spdbench.report.gallery import method_gallery
-from spdbench.report.page import Cell, Table, section_tables
+from spdbench.report.page import Cell, Table, budget_parts, section_tables
 from spdbench.report.site.cost import HEAD as COST_HEAD, cost_row
 from spdbench.report.site.protocol import protocol_card, submission_spec
-from spdbench.report.text import INPAINT_NOTE, TASKS, by_task, ci_text, eps_text, fmt
+from spdbench.report.text import INPAINT_NOTE, TASKS, ci_text, eps_text, fmt
 from spdbench.store.records import Record, Status
 from spdbench.suites import get_suite
 
@@ -115,20 +115,14 @@ def _cost_table(part: pd.DataFrame, entries: Sequence[Entry], suite: str, norm: 
 def budgets(rank: pd.DataFrame, entries: Sequence[Entry]) -> list[Budget]:
     """One Budget per (task, suite, norm, eps) in the ranking's order, as page.sections cuts them."""
     out: list[Budget] = []
-    if rank.empty:
-        return out
-    for task, part in by_task(rank):
-        keys = list(dict.fromkeys(zip(part["suite"], part["norm"], part["eps"], part["eps_label"])))
-        for suite, norm, eps, label in keys:
-            rows = part[(part["suite"] == suite) & (part["norm"] == norm) & (part["eps"] == eps)]
-            rows = rows.sort_values(["rank", "method"], kind="stable")
-            split = "" if "split" not in rows or rows["split"].isna().all() else \
-                " · ranked on the " + "/".join(sorted(rows["split"].dropna().unique())) + " split"
-            tables = [t for t in section_tables(rows, task) if t.title != "Cost"]
-            out.append(Budget(suite, task, norm, float(eps), str(label),
-                              f"{suite} · {norm} eps {eps_text(label, eps)}{split}",
-                              INPAINT_NOTE if task == "inpaint" else "", tables,
-                              _cost_table(rows, entries, suite, norm, str(label)), budget_href(suite, norm, label)))
+    for task, suite, norm, eps, label, rows in budget_parts(rank):
+        split = "" if "split" not in rows or rows["split"].isna().all() else \
+            " · ranked on the " + "/".join(sorted(rows["split"].dropna().unique())) + " split"
+        tables = [t for t in section_tables(rows, task) if t.title != "Cost"]
+        out.append(Budget(suite, task, norm, float(eps), str(label),
+                          f"{suite} · {norm} eps {eps_text(label, eps)}{split}",
+                          INPAINT_NOTE if task == "inpaint" else "", tables,
+                          _cost_table(rows, entries, suite, norm, str(label)), budget_href(suite, norm, label)))
     return out
 
 
