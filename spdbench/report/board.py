@@ -610,10 +610,10 @@ INTRO = ("Protection = similarity between the edit of the clean photo and the ed
          "(same prompt, settings and seed); lower is stronger. Imperceptibility PSNR is between the photo and "
          "its protected version; higher is less visible. Ranking on the test split, mean over prompts; "
          "`[low, high]` is a 95% bootstrap interval over images (seeded). Every number is computed here from "
-         "the records' per-image values. Methods are ranked at equal iterations (the suite's attack steps), "
-         "which is not equal work: \"work / image\" gives each row's model work in encoder-equivalent passes, and "
-         "\"budget used\" how much of its budget the stored perturbation spends (under 90%: flagged \"under "
-         "budget\"); see docs/comparisons.md. " + VERIFIED_TEXT)
+         "the records' per-image values. Methods are ranked at equal model work (the suite's work budget, "
+         "below), not equal iterations: \"work / image\" gives each row's measured work in encoder-equivalent "
+         "passes, and \"budget used\" how much of its budget the stored perturbation spends (under 90%: flagged "
+         "\"under budget\"); see docs/comparisons.md. " + VERIFIED_TEXT)
 
 LOCAL_TEXT = ("These rows are local run folders and were NOT verified (`spdbench verify FOLDER` re-measures one; "
               "`spdbench submit FOLDER` verifies it and adds it to a board).")
