@@ -41,8 +41,9 @@ def test_challenge_is_verified_and_lowers_the_entry(filed):
     board, entry, folder, ch, report, _ = filed
     assert report.ok, report.problems
     assert (folder / VERIFIED_FILE).is_file() and len(ch.cells) == 1
-    found, left = read_verified(board / "challenges")
-    assert [c.name for c in found] == ["nu"] and not left
+    found, left = read_verified(board / "challenges")  # (other tests add forged folders beside it)
+    found = [c for c in found if c.name == "nu"]
+    assert len(found) == 1 and not [name for name, _ in left if name == "nu"]
 
     records = [r for recs in load_checked_by_folder([entry])[0].values() for r in recs]
     before = ranking(records).set_index("eps_label")
