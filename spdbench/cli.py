@@ -748,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the VAE and UNet (backend, default inductor); compile time is recorded apart")
     s.add_argument("--match", default="work", choices=["work", "steps"],
                    help="work (default): an attack whose steps you did not set gets the steps the suite's work "
-                        "budget buys (encoder-equivalent passes per photo, measured on one photo first), so "
+                        "budget buys (encoder-equivalent passes per photo, measured first on the training photos), so "
                         "methods compare at equal model work; steps: the suite's iteration budget (equal "
                         "iterations, the board's second view)")
     s.add_argument("--isolation", default="sandbox", choices=["sandbox", "process", "none"],

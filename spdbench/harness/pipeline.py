@@ -273,7 +273,7 @@ def run(attack: Union[str, Attack], suite: Union[str, Suite] = "smoke", eps: Uni
     settings (model, parameters, budget, seeds, photos) are reused instead of re-running the attack,
     e.g. to edit a white-box run's protected photos with a transfer suite's other model.
     `match="work"` (default): an attack whose steps nobody set gets the steps the suite's work budget
-    buys (measured on one photo first, work_match.py); `match="steps"`: the suite's iteration budget.
+    buys (measured first on the training photos, work_match.py); `match="steps"`: the suite's iteration budget.
     `progress=None` shows a progress bar when stderr is a terminal (with the stage: fitting,
     protecting, purifying, editing, scoring, and an estimate once a stage has run); `progress=True`
     elsewhere prints one line per stage on stderr instead. `purifiers=["none"]` (or "none"): no purifier. Clean edits are cached in `cache_dir`, by default one folder per model under the user's cache

@@ -33,7 +33,7 @@ from spdbench.verify.challenge import Challenge, read_verified
 from spdbench.report import flags as board_flags
 from spdbench.report import work_view
 from spdbench.scoring.stats import bootstrap_ci, bootstrap_diff_ci, mean_or_none, records_frame
-from spdbench.scoring.work import encoder_equivalents, known_weights
+from spdbench.scoring.work import record_work
 from spdbench.scoring.worst_case import not_measured, worst_case
 
 FORMATS = ("md", "csv", "html")
@@ -167,7 +167,7 @@ def _ranking_row(key: tuple, recs: Sequence[Record], split: str, seconds: dict[t
     row.update(_costs(recs, seconds.get((method, suite, norm, eps), [])))
     row["steps"] = _steps_label(recs[0])
     row["model_calls"] = _calls_label(recs[0])
-    row["work_per_image"] = _work_per_image(recs[0])
+    row["work_per_image"] = record_work(recs[0])
     row["matching"] = work_view.matching(recs[0])
     row["iteration_view"] = work_view.in_iteration_view(recs[0])
     row.update(budget_use_columns(recs))
@@ -330,13 +330,6 @@ def _steps_label(rec: Record) -> Optional[str]:
     src = rec.param_sources.get("steps", "")
     src = f"preset {src.split(':', 1)[1]}" if src.startswith("preset:") else _SOURCE.get(src, src)
     return f"{steps} ({src})" if src else str(steps)
-
-
-def _work_per_image(rec: Record) -> Optional[float]:
-    """Model work per protected image in encoder-equivalent passes (scoring/work.py), for models
-    whose pass FLOPs are in the table; None otherwise (shown "–")."""
-    weights = known_weights(rec.target.fingerprint, int(rec.suite_config.get("image_size") or 0))
-    return encoder_equivalents(rec.model_calls, weights) if weights else None
 
 
 def _calls_label(rec: Record) -> Optional[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from spdbench.errors import SpdbenchError
-from spdbench.scoring.work import encoder_equivalents, known_weights
+from spdbench.scoring.work import record_work
 from spdbench.store.records import Record
 from spdbench.suites import get_suite
 
@@ -35,18 +35,10 @@ def work_budget(rec: Record) -> Optional[float]:
     return None if budget is None else float(budget)
 
 
-def work_per_image(rec: Record) -> Optional[float]:
-    """Model work per protected photo in encoder-equivalent passes, where the model's pass FLOPs
-    are known (scoring/work.py); None otherwise, and for a record that counted no pass."""
-    weights = known_weights(rec.target.fingerprint, int(rec.suite_config.get("image_size") or 0)) \
-        if rec.target is not None else None
-    return encoder_equivalents(rec.model_calls, weights) if weights else None
-
-
 def over_work_reason(recs: Sequence[Record]) -> Optional[str]:
     """Why a row is not ranked at matched work (its measured work exceeds the suite's), or None."""
     rec = recs[0]
-    budget, work = work_budget(rec), work_per_image(rec)
+    budget, work = work_budget(rec), record_work(rec)
     if budget is None or work is None or work <= budget * (1 + WORK_TOL):
         return None
     return f"{OVER_WORK} ({work:.1f} of {budget:g} encoder-equivalent passes; see the iteration-matched view)"

@@ -94,3 +94,12 @@ def encoder_equivalents(model_calls: Mapping[str, float], weights: Mapping[str, 
         return None
     return float(sum(float(n) * weights.get(k, 0.0) for k, n in model_calls.items()))
 
+
+def record_work(record) -> Optional[float]:
+    """A record's model work per protected image in encoder-equivalent passes, where its model's
+    pass FLOPs are in the table (TABLE); None otherwise (the board shows "–"), and for a record
+    that counted no pass. The one reading the board, its work view and the cost card share."""
+    target = getattr(record, "target", None)
+    weights = known_weights(target.fingerprint, int(record.suite_config.get("image_size") or 0)) \
+        if target is not None else None
+    return encoder_equivalents(record.model_calls, weights) if weights else None

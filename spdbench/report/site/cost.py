@@ -12,7 +12,7 @@ import math
 import statistics
 from typing import Optional, Sequence
 
-from spdbench.scoring.work import encoder_equivalents, known_weights
+from spdbench.scoring.work import record_work
 from spdbench.store.records import Record
 
 HEAD = ("device", "s / image (median over cells)", "fit s (universal / amortized)",
@@ -56,8 +56,7 @@ def passes_text(rec: Record) -> str:
 
 
 def _work(rec: Record) -> str:
-    weights = known_weights(rec.target.fingerprint, int(rec.suite_config.get("image_size") or 0))
-    work = encoder_equivalents(rec.model_calls, weights) if weights else None
+    work = record_work(rec)
     return "–" if work is None else f"{work:.4g}"
 
 
