@@ -390,6 +390,8 @@ def cmd_show(args) -> int:
 def _print_report(report) -> None:
     for line in report.checks:
         print(f"  ok  {line}")
+    for line in getattr(report, "warnings", []):
+        print(f"  WARNING  {line}")
     for p in report.problems:
         print(f"REJECTED: {p}", file=sys.stderr)
     print(f"seed {report.seed} (repeat this verification with --seed {report.seed})")
@@ -457,7 +459,8 @@ def _verify_one(args) -> int:
     _print_report(report)
     if report.ok:
         what = "re-measured" if report.remeasured else "checked (NOT re-measured: --no-rerun)"
-        print(f"verified: {len(report.records)} record(s) {what}; {report.compared} per-image values compared")
+        warned = f"; {len(report.warnings)} WARNING(s) above" if report.warnings else ""
+        print(f"verified: {len(report.records)} record(s) {what}; {report.compared} per-image values compared{warned}")
     if report.ok and args.holdout:
         if _measure_holdout(Path(args.folder), args.holdout, args.device) is None:
             return EXIT_FAILED_CELLS

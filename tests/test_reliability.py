@@ -300,3 +300,62 @@ def test_a_flipped_sign_step_is_accepted_only_within_one_step_of_a_sign_pgd_atta
     assert reproduces(stored, twenty, sign_flip_levels(mist))[0]
     assert not reproduces(stored, twenty)[0]
     assert not reproduces(stored, _flip(stored, 20, by=3), sign_flip_levels(mist))[0]
+
+
+def _drift_case(tmp_path, flips: int, by: int, purified_shift: float, protection_shift: float = 0.0):
+    """A sign-PGD record (40 steps at 16/255) and its re-run: the re-made perturbation `flips` values
+    `by` levels off, its JPEG value `purified_shift` and its SSIM `protection_shift` away from the claim."""
+    from types import SimpleNamespace
+
+    from spdbench.store.perturbations import delta_sha256, save_delta
+    from spdbench.verify.claims import Cell
+
+    stored = _stored_amortized_delta()
+    rerun = _flip(stored, flips, by=by)
+    save_delta(tmp_path / "p.safetensors", rerun)
+    params = {"steps": 40, "step_size": None, "optimizer": "pgd"}
+
+    def record(ssim: float, jpeg: float, sha: str):
+        return SimpleNamespace(eps_label="16/255", eps=16 / 255, norm="linf", attack="sds-minus", attack_params=params,
+                               perturbation_sha256=sha, prompt_key="P3", split=SimpleNamespace(value="test"),
+                               image_names=["a"], protection={"ssim": [ssim]}, imperceptibility={"ssim": [0.9]},
+                               purified={"jpeg70": {"vifp": [jpeg]}}, protection_region={}, imperceptibility_kept={},
+                               purified_region={}, ground_truth={}, model_calls={},
+                               status=SimpleNamespace(value="ok"), perturbation_file="p.safetensors",
+                               isolation="sandbox", isolation_detail=None)
+
+    claimed = record(0.5, 0.6952, delta_sha256(stored))
+    fresh = record(0.5 + protection_shift, 0.6952 + purified_shift, delta_sha256(rerun))
+    return [Cell("records/c.json", claimed)], {"16/255": stored}, SimpleNamespace(out=tmp_path, records=[fresh])
+
+
+@pytest.mark.parametrize("flips, by, purified_shift, protection_shift, accepted", [
+    (1165, 4, 0.019, 0.0, True),      # measured: smoke-transfer-sds-minus 16/255 on another machine
+    (1165, 4, 0.0, 0.01, False),      # drift whose protection does not reproduce: another perturbation
+    (1165, 4, 0.08, 0.0, False),      # a purifier's value beyond the drift tolerance
+    (6000, 1, 0.0, 0.0, False),       # more than 1% of the values: not drift
+])
+def test_an_iterative_attacks_drift_is_accepted_only_with_a_warning_and_reproduced_values(
+        tmp_path, flips, by, purified_shift, protection_shift, accepted):
+    from spdbench.verify import remeasure
+
+    cells, deltas, result = _drift_case(tmp_path, flips, by, purified_shift, protection_shift)
+    out = remeasure.Measured()
+    remeasure._compare_rerun(cells, deltas, result, 2e-3, out)
+    assert (not out.problems) is accepted, out.problems
+    if accepted:
+        assert out.drifted and out.drifted[0].startswith("DRIFT eps 16/255") and "1,165 of 540,672" in out.drifted[0]
+        assert not out.notes  # a warning of its own, never an ok line
+    elif flips <= 1165:
+        assert out.problems[0].startswith("DRIFT eps 16/255") and "do not reproduce" in out.problems[0]
+        assert not out.drifted
+    else:
+        assert "gives a different perturbation" in out.problems[0] and not out.drifted
+
+
+def test_drift_is_a_warning_in_the_report_and_its_summary():
+    from spdbench.verify.submit import VerifyReport
+
+    report = VerifyReport(warnings=["DRIFT eps 16/255: ..."])
+    assert report.ok and report.summary()["warnings"] == ["DRIFT eps 16/255: ..."]
+    assert "warnings" not in VerifyReport().summary()  # earlier summaries keep their bytes

@@ -55,6 +55,9 @@ class Measured:
     unmeasured: dict[str, dict[str, dict[str, dict[int, float]]]] = field(default_factory=dict)
     #: re-runs whose worker could not be sandboxed on this machine, in words (shown, never silent)
     unconfined: list[str] = field(default_factory=list)
+    #: re-made perturbations that drifted beyond float rounding (`drifted`), accepted only because every
+    #: per-image value the re-run measured reproduced; in words (shown as a warning, never as ok)
+    drifted: list[str] = field(default_factory=list)
 
     def keep_unmeasured(self, rel: str, block: str, metric: str, k: int, value: float) -> None:
         self.unmeasured.setdefault(rel, {}).setdefault(block, {}).setdefault(metric, {})[k] = float(value)
@@ -336,10 +339,15 @@ def _compare_rerun(cells: Sequence[Cell], deltas: dict, result, tolerance: float
         if r is None:
             out.problems.append(f"{c.rel}: the re-run has no such cell")
             continue
-        _compare_rerun_values(c, r, tolerance, out)
-        _compare_rerun_regions(c, r, tolerance, out)
+        # under drift a purifier's values are compared more loosely (DRIFT_PURIFIED_TOLERANCE): JPEG's
+        # quantization turns a few drifted levels into a visible step of its own
+        loose = max(tolerance, DRIFT_PURIFIED_TOLERANCE) if out.drifted else tolerance
+        _compare_rerun_values(c, r, tolerance, out, loose)
+        _compare_rerun_regions(c, r, tolerance, out, loose)
         _compare_rerun_ground_truth(c, r, tolerance, out)
         _compare_model_calls(c, r, out)
+    if out.drifted and out.problems:  # drift is accepted only where the outcome reproduces
+        out.problems.insert(0, f"{out.drifted.pop()}; but the re-run's per-image values do not reproduce (below)")
 
 
 def _note_rerun_isolation(rec, result, out: Measured) -> None:
@@ -358,35 +366,46 @@ def _rerun_matches_perturbation(rec, deltas: dict, result, out: Measured) -> boo
         out.problems.append(f"eps {rec.eps_label}: the attack re-run failed: {(failed[0].error or '')[:300]}")
         return False
     if result.records[0].perturbation_sha256 != rec.perturbation_sha256:
-        return _note_reproduction(out, f"eps {rec.eps_label}: re-running attack {rec.attack!r}",
-                                  "gives a different perturbation", deltas.get(rec.eps_label), _rerun_delta(result),
+        stored, again = deltas.get(rec.eps_label), _rerun_delta(result)
+        what = f"eps {rec.eps_label}: re-running attack {rec.attack!r}"
+        if drifted(rec, stored, again):
+            _, how = reproduces(stored, again)
+            out.drifted.append(f"DRIFT {what} gives a perturbation that drifted beyond float rounding ({how}; an "
+                               f"iterative attack on another machine may differ on up to {DRIFT_FRACTION:.0%} of the "
+                               "values), accepted because every per-image value the re-run measured reproduces "
+                               f"the claimed one (a purifier's within {DRIFT_PURIFIED_TOLERANCE:g}: JPEG quantizes)")
+            return True
+        return _note_reproduction(out, what, "gives a different perturbation", stored, again,
                                   "the attack is seeded, so a stored perturbation must be what it produces",
                                   sign_flip_levels(rec))
     return True
 
 
-def _compare_rerun_values(c: Cell, r, tolerance: float, out: Measured) -> None:
+def _compare_rerun_values(c: Cell, r, tolerance: float, out: Measured, purified_tolerance: float) -> None:
     """Every per-image whole-image value (protection, imperceptibility, each purifier) of one cell."""
     for block in ["protection", "imperceptibility", *sorted(c.record.purified)]:
+        tol = tolerance if block in ("protection", "imperceptibility") else purified_tolerance
         for m in _held(_block(c.record, block)):
             for k, (a, b) in enumerate(zip(_values(c.record, block, m), _values(r, block, m))):
-                out.add(f"{c.rel} image {c.record.image_names[k]} {block} (attack re-run)", m, a, b, tolerance)
+                out.add(f"{c.rel} image {c.record.image_names[k]} {block} (attack re-run)", m, a, b, tol)
 
 
-def _compare_rerun_regions(c: Cell, r, tolerance: float, out: Measured) -> None:
+def _compare_rerun_regions(c: Cell, r, tolerance: float, out: Measured, purified_tolerance: float) -> None:
     """Every per-image region value (repainted, kept, repainted after each purifier) of one cell; the
     two must have the same metrics."""
     regions = {"repainted region": (c.record.protection_region, r.protection_region),
                "kept region": (c.record.imperceptibility_kept, r.imperceptibility_kept)}
-    regions.update({f"{p} repainted region": (c.record.purified_region.get(p, {}), r.purified_region.get(p, {}))
-                    for p in c.record.purified_region})
+    purified = {f"{p} repainted region": (c.record.purified_region.get(p, {}), r.purified_region.get(p, {}))
+                for p in c.record.purified_region}
+    regions.update(purified)
     for where_, (claimed, fresh_) in regions.items():
         if set(claimed) != set(fresh_):
             out.problems.append(f"{c.rel}: {where_} metrics {sorted(claimed)}, the re-run has {sorted(fresh_)}")
             continue
         for m in claimed:
             for k, (a, b) in enumerate(zip(claimed[m], fresh_[m])):
-                out.add(f"{c.rel} image {c.record.image_names[k]} {where_} (attack re-run)", m, a, b, tolerance)
+                out.add(f"{c.rel} image {c.record.image_names[k]} {where_} (attack re-run)", m, a, b,
+                        purified_tolerance if where_ in purified else tolerance)
 
 
 def _compare_rerun_ground_truth(c: Cell, r, tolerance: float, out: Measured) -> None:
@@ -440,6 +459,37 @@ def sign_flip_levels(rec) -> int:
     step = params.get("step_size")
     step = float(step) if isinstance(step, (int, float)) else 2.5 * float(rec.eps) / max(steps, 1)
     return max(1, math.ceil(2 * step * 255 - 1e-6))
+
+
+#: an iterative attack's re-made perturbation may differ from the stored one on at most this fraction
+#: of its values (by any amount within the budget) and still be accepted -- with a DRIFT warning, and
+#: only where every per-image value the re-run measures reproduces the claimed one. Why: a step's
+#: sign or Adam's direction taken on a gradient within rounding of zero differs between machines,
+#: and later steps carry it on. Measured: smoke-transfer-sds-minus (40 sign steps of 1/255, one
+#: random timestep per step) made on one machine and re-run on two others with the same code:
+#: 8/255 differs on 19 of 540,672 values (0.0035%, 1 level), 16/255 on 1,165 (0.2155%, up to
+#: 4 levels). A perturbation that is materially another one cannot hide here: the stored one is
+#: re-edited (`sample_cells`) and the re-run's own numbers must equal the claims.
+DRIFT_FRACTION = 1e-2
+#: under drift, a purifier's per-image values (whole image and repainted region) are compared at this
+#: tolerance (x100 for PSNR) instead of the verification's: JPEG quantizes, so a few drifted levels
+#: can move a block across a quantization step. Measured on the same sds-minus re-run: protection and
+#: imperceptibility reproduce within 2e-3, JPEG q70/q75 VIFp of one photo moves by up to 0.019.
+#: Every purified value of the *stored* perturbation is still compared at the verification's
+#: tolerance on the re-edited sample (`sample_cells`).
+DRIFT_PURIFIED_TOLERANCE = 5e-2
+
+
+def drifted(rec, stored: Optional[torch.Tensor], again: Optional[torch.Tensor]) -> bool:
+    """Whether `again` differs from `stored` beyond `reproduces` but only by the drift an iterative
+    attack (one with integer `steps`) accumulates across machines: same shape, at most
+    DRIFT_FRACTION of the values."""
+    params = getattr(rec, "attack_params", None) or {}
+    if stored is None or again is None or stored.shape != again.shape or not isinstance(params.get("steps"), int):
+        return False
+    if reproduces(stored, again, sign_flip_levels(rec))[0]:
+        return False
+    return float(((stored.int() - again.int()) != 0).double().mean()) <= DRIFT_FRACTION
 
 
 def reproduces(stored: Optional[torch.Tensor], again: Optional[torch.Tensor],

@@ -56,6 +56,9 @@ class VerifyReport:
     rerun: list[str] = field(default_factory=list)                # cell ids re-run with the attack
     #: one line per budget group whose re-run worker was NOT sandboxed (this machine could not confine it)
     rerun_unsandboxed: list[str] = field(default_factory=list)
+    #: one line per budget group whose re-made perturbation drifted (remeasure.drifted): accepted with
+    #: this warning because its per-image values reproduced; kept in the summary when there is one
+    warnings: list[str] = field(default_factory=list)
     compared: int = 0
     max_deviation: dict[str, float] = field(default_factory=dict)
     remeasured: bool = False      # False: only the files and the claims were checked (--no-rerun)
@@ -72,9 +75,12 @@ class VerifyReport:
 
     def summary(self) -> dict[str, Any]:
         """The verification as data (kept in the entry's manifest)."""
-        return dict(seed=self.seed, remeasured=self.remeasured, checks=self.checks, sampled=self.sampled,
-                    rerun=self.rerun, values_compared=self.compared,
-                    max_deviation={k: round(v, 9) for k, v in sorted(self.max_deviation.items())})
+        out = dict(seed=self.seed, remeasured=self.remeasured, checks=self.checks, sampled=self.sampled,
+                   rerun=self.rerun, values_compared=self.compared,
+                   max_deviation={k: round(v, 9) for k, v in sorted(self.max_deviation.items())})
+        if self.warnings:  # only when there is one: earlier summaries keep their bytes
+            out["warnings"] = self.warnings
+        return out
 
 
 def _check_options(sample: Any, tolerance: Any, seed: Any) -> None:
@@ -274,7 +280,10 @@ def _reapply_networks(report: VerifyReport, claims, networks: dict, deltas: dict
 
 
 def _same(got) -> str:
-    """How a re-made perturbation matched: bit for bit, or up to float rounding (remeasure.reproduces)."""
+    """How a re-made perturbation matched: bit for bit, up to float rounding (remeasure.reproduces),
+    or up to an iterative attack's drift across machines (remeasure.drifted, a warning of its own)."""
+    if getattr(got, "drifted", None):
+        return "up to drift across machines (the warning below), the stored"
     return "identical" if not got.notes else "up to float rounding at the 8-bit grid, the stored"
 
 
@@ -331,6 +340,7 @@ def _rerun_group(report: VerifyReport, claims, deltas: dict, suite, target, imag
         report.checks += got.notes
         report.checks += got.unconfined
         report.rerun_unsandboxed += got.unconfined
+        report.warnings += got.drifted
 
 
 def _suite_images(suite, images, image_names, data, manifest) -> tuple[torch.Tensor, list[str]]:
