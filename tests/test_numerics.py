@@ -22,7 +22,6 @@ from spdbench.attacks.pca import PCAMinus
 from spdbench.attacks.optim import CHECK_EVERY, optimize
 from spdbench.testing.check import mask_args
 
-from harness_helpers import attack_param
 
 NON_OPTIMIZING = ("none", "uniform-noise")
 OPTIMIZING = [n for n in spdbench.list_attacks() if not n.startswith("test-") and n not in NON_OPTIMIZING]
@@ -77,10 +76,19 @@ def run_attack(attack, images, target, seed=0):
 
 #: over ~20 s on one core in float16 (CPU half-precision convolutions are slow): run with -m slow
 SLOW_IN_LOW = {"photoguard-diffusion", "amortized-encoder", "amortized-pca-minus"}
+#: bfloat16 in the fast suite for one attack per objective family (encoder distance, UNet denoising
+#: error, posterior KL); every other attack's bfloat16 case runs with -m slow (CI runs both). Why:
+#: this matrix was the fast suite's costliest file (a fifth of its time), and float16 -- where the
+#: measured overflow bugs were -- stays in the fast suite for every attack.
+BF16_FAST = {"photoguard-encoder", "advdm", "pca-minus"}
 
 
-@pytest.mark.parametrize("dtype", list(LOW))
-@pytest.mark.parametrize("name", [attack_param(n, SLOW_IN_LOW, {}) for n in OPTIMIZING])
+def _low_case(name: str, dtype: str):
+    slow = name in SLOW_IN_LOW or (dtype == "bfloat16" and name not in BF16_FAST)
+    return pytest.param(name, dtype, marks=[pytest.mark.slow] if slow else [], id=f"{name}-{dtype}")
+
+
+@pytest.mark.parametrize("name, dtype", [_low_case(n, d) for n in OPTIMIZING for d in LOW])
 def test_attack_works_in_low_precision_or_says_why(name, dtype, request, photos):
     attack = make(name)
     targets = request.getfixturevalue("inpaint_targets" if attack.needs_inpainting else "targets")

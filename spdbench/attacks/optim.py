@@ -17,6 +17,7 @@ import torch
 
 from spdbench.budget import Budget, clamp_to_image
 from spdbench.errors import AttackError
+from spdbench.attacks.progress import report_step
 
 OptimizerName = Literal["pgd", "adam"]
 LossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -107,6 +108,7 @@ def optimize(
             if images is not None:
                 delta.copy_(clamp_to_image(images, delta))
         ran = i + 1
+        report_step(ran, steps)  # two ints, no host sync: the harness's estimate (progress.py)
         if stop_below is not None or ran % CHECK_EVERY == 0 or ran == steps:
             _raise_if_not_finite(bad[:ran], curve, steps, label, model_dtype, delta.dtype)
         if stop_below is not None and sign * float(curve[i]) < stop_below:

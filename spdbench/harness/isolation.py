@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import cloudpickle
 import torch
@@ -71,6 +71,11 @@ class WorkerResult:
 _INPUT_ERRORS = ("InputError: ", "UnknownNameError: ", "BudgetError: ")
 
 
+#: progress frames one request may send before its answer (a worker that only reports is stopped):
+#: at the worker's rate of two per second, more than five days of reports
+MAX_PROGRESS_FRAMES = 1_000_000
+
+
 class AttackWorker:
     """One worker process; `start` is timed apart from the optimization (`start_s`)."""
 
@@ -90,6 +95,8 @@ class AttackWorker:
         self._cgroup: Optional[sandbox_mod.Cgroup] = None
         self._plan: Optional[sandbox_mod.Plan] = None
         self.sandbox_report: Optional[dict] = None
+        #: called with (step, steps) for every "progress" frame before an answer (the harness's estimate)
+        self.on_progress: Optional[Callable[[int, int], None]] = None
 
     @property
     def alive(self) -> bool:
@@ -152,18 +159,32 @@ class AttackWorker:
             raise AttackError(f"the attack worker died while {what} ({self._exit_text()})") from None
         except Exception as exc:  # noqa: BLE001 - e.g. an attack object that cannot be pickled
             raise AttackError(f"cannot hand the attack to its worker process: {type(exc).__name__}: {exc}") from None
-        if not self._in.poll(timeout):
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        for _ in range(MAX_PROGRESS_FRAMES):
+            reply, tensors = wire.decode(self._frame(expected, deadline, timeout, what, network_max_values),
+                                         expected, network_max_values)
+            if reply.kind != "progress":
+                return reply, tensors
+            if self.on_progress is not None and reply.step is not None and reply.steps:
+                self.on_progress(min(reply.step, reply.steps), reply.steps)
+        self.close()
+        raise AttackError(f"the attack worker sent more than {MAX_PROGRESS_FRAMES:,} progress messages while {what}; "
+                          "its worker was stopped")
+
+    def _frame(self, expected: dict, deadline: Optional[float], timeout: Optional[float], what: str,
+               network_max_values: int) -> bytes:
+        """The worker's next frame, within the request's time limit (progress frames do not extend it)."""
+        if not self._in.poll(None if deadline is None else max(0.0, deadline - time.perf_counter())):
             self.close()
             raise AttackError(f"the attack ran past the suite's time limit of {timeout:g} s while {what}; "
                               "its worker was stopped")
         try:
-            frame = self._in.recv_bytes(maxlength=self._max_bytes(expected) + 4 * network_max_values
-                                        + (wire.MAX_HEADER_BYTES if network_max_values else 0))
+            return self._in.recv_bytes(maxlength=self._max_bytes(expected) + 4 * network_max_values
+                                       + (wire.MAX_HEADER_BYTES if network_max_values else 0))
         except (EOFError, OSError) as exc:
             ended = self._exit_text()  # before close(): a supervisor about to exit must not read as killed
             self.close()
             raise AttackError(f"the attack worker ended while {what} ({ended})") from exc
-        return wire.decode(frame, expected, network_max_values)
 
     @staticmethod
     def _max_bytes(expected: dict) -> int:

@@ -31,7 +31,7 @@ from spdbench.errors import AttackError, InputError, SpdbenchError
 from spdbench.harness.editing import PROMPTS, Editor, clean_edit_cache_dir, image_seed, prepare_cache_dir
 from spdbench.harness import work_match
 from spdbench.harness.runner import AttackRunner
-from spdbench.harness.progress import Stages
+from spdbench.harness.progress import Stages, StepProgress
 from spdbench.harness.protect import Protection, SplitOutput, enforce
 from spdbench.harness.request import (ISOLATION_MODES, RunInputs, RunRequest, build_request, interactive,
                                       load_inputs, suite_masks)
@@ -146,6 +146,14 @@ def _protect_group(runner: AttackRunner, attack: Attack, target: Target, images:
     _check_outputs(attack, outputs, target.dtype)
     protections = _enforce_group(attack, images, splits, budget, outputs, wall)
     return protections, _group_flags(attack, outputs, protections, runner.achieved()) + runner.flags
+
+
+def expected_optimizations(attack: Attack, splits: dict, batch_size: int) -> int:
+    """How many optimizations (optim.optimize calls) one cell group of `attack` runs: one per batch
+    of each split for a per-image attack, one fit otherwise (StepProgress's denominator)."""
+    if attack.kind is not AttackKind.per_image:
+        return 1
+    return sum(math.ceil(len(idx) / max(1, batch_size)) for idx in splits.values())
 
 
 def _attack_jobs(attack: Attack, images: torch.Tensor, splits: dict, seed: int,
@@ -786,11 +794,15 @@ def _stored_or_new(ctx: _Run, budget: Budget, base: dict) -> tuple[dict, list[st
                                                                          "unconfined worker made"})
         return stored
     attack, suite = ctx.attack, ctx.request.suite
+    if ctx.stages is not None:  # "about N s left" inside the group, from the attack's steps
+        ctx.runner.on_progress = StepProgress(ctx.stages, expected_optimizations(attack, ctx.splits,
+                                                                                 suite.attack_batch_size))
     try:
         protections, flags = _protect_group(ctx.runner, attack, ctx.inputs.target, ctx.images, ctx.splits, budget,
                                             suite, ctx.masks)
     finally:  # error records too say what the worker's confinement was, as checked
         base.update(ctx.runner.isolation_fields())
+        ctx.runner.on_progress = None
     if attack.kind is AttackKind.amortized:
         info = network_file.save_network(ctx.out, rel.replace("perturbations/", "networks/"), attack.name,
                                          base["attack_params"], protections[Split.train].network_state,

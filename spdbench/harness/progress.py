@@ -77,6 +77,8 @@ class Stages:
     every_s: float = 30.0
     _open: Optional[tuple[str, float]] = None
     _items: Optional[_Count] = None
+    _text: str = ""               # the open stage's announcement (what `fraction` lines extend)
+    _last_fraction: float = 0.0   # when `fraction` last showed a line
 
     def stage(self, name: str, detail: str = "", estimate_s: Optional[float] = None, items: Optional[int] = None,
               unit: str = "items") -> str:
@@ -98,6 +100,7 @@ class Stages:
         if estimate_s is not None and estimate_s >= 1:
             text += f" (about {duration(estimate_s)})"
         self._items = _Count(items, unit, text, since=now, last_line=now) if items else None
+        self._text, self._last_fraction = text, now
         self._show(text)
         return text
 
@@ -118,6 +121,22 @@ class Stages:
         if not bar and before > 0 and now - c.last_line < self.every_s:
             return None
         c.last_line = now
+        self._show(shown)
+        return shown
+
+    def fraction(self, done: float, what: str) -> Optional[str]:
+        """The open stage is `done` (0..1) finished, `what` says of what (e.g. "step 12/40"): the
+        rest is estimated at the rate so far, shown like `advance` (a line at most every `every_s`)."""
+        if self._open is None or not 0 < done < 1:
+            return None
+        now = time.perf_counter()
+        since = self._items.since if self._items is not None else self._open[1]
+        last = self._items.last_line if self._items is not None else self._open[1]
+        bar = self.bar is not None and not getattr(self.bar, "disable", True)
+        if not bar and now - max(last, self._last_fraction) < self.every_s:
+            return None
+        self._last_fraction = now
+        shown = f"{self._text}: {what}, about {duration((now - since) / done * (1 - done))} left"
         self._show(shown)
         return shown
 
@@ -156,6 +175,26 @@ class Stages:
         log.info("%s: %s", self.command, text)
         if self.enabled:
             print(f"spdbench {self.command}: {text}", file=self.stream or sys.stderr, flush=True)
+
+
+class StepProgress:
+    """A cell group's progress from its attack's optimization steps (attacks/progress.py), as a
+    fraction of the group: `optimizations` is how many the harness expects (a per-image attack: one
+    per batch of each split; a universal one: one fit); a new optimization is seen when the step
+    count starts again. Where an attack runs more than expected, only the step is shown."""
+
+    def __init__(self, stages: "Stages", optimizations: int) -> None:
+        self.stages, self.total = stages, max(1, optimizations)
+        self.k, self.last = 0, None
+
+    def __call__(self, step: int, steps: int) -> None:
+        if self.last is None or step <= self.last[0] or steps != self.last[1]:
+            self.k += 1
+        self.last = (step, steps)
+        if self.k > self.total:  # more optimizations than expected: no estimate rather than a wrong one
+            return
+        what = f"step {step}/{steps}" + (f" of optimization {self.k}/{self.total}" if self.total > 1 else "")
+        self.stages.fraction((self.k - 1 + step / max(steps, 1)) / self.total, what)
 
 
 #: announcers for code that was given none (the Python API's defaults): lines only at a terminal

@@ -9,11 +9,12 @@ fresh model copy. Isolation "none" runs the attack in the harness's process, for
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from spdbench.attacks.base import Attack, AttackKind, AttackSpec
+from spdbench.attacks.progress import set_reporter
 from spdbench.budget import Budget
 from spdbench.errors import AttackError
 from spdbench.harness.isolation import AttackWorker
@@ -31,6 +32,8 @@ class AttackRunner:
         self.start_s: Optional[float] = None
         self._isolation_fields: dict = {}
         self.flags: list[str] = []  # the last group's cost / origin flags (isolation.WorkerResult.flags)
+        #: told (step, steps) of the attack's optimization while a group runs (progress.StepProgress)
+        self.on_progress: Optional[Callable[[int, int], None]] = None
 
     def run(self, attack: Attack, budget: Budget, jobs: dict[str, dict], batch_size: int) -> tuple[dict, float]:
         """{split name: SplitOutput}, and the harness-measured wall seconds of the whole group."""
@@ -44,6 +47,7 @@ class AttackRunner:
             self.start_s = self.worker.start()
             self._isolation_fields = {"isolation": self.worker.isolation,
                                       "isolation_detail": self.worker.isolation_detail}
+        self.worker.on_progress = self.on_progress
         try:
             result = self.worker.run(attack=attack, budget=budget, universal=attack.kind is AttackKind.universal, batch_size=batch_size,
                                      splits={k: {kk: vv.cpu() if isinstance(vv, torch.Tensor) else vv
@@ -67,8 +71,12 @@ class AttackRunner:
     def _in_process(self, attack: Attack, budget: Budget, jobs: dict, batch_size: int) -> tuple[dict, float]:
         fingerprint = self.target.fingerprint
         t0 = time.perf_counter()
-        out = run_jobs(attack.build() if isinstance(attack, AttackSpec) else attack, self.target, budget, jobs,
-                       batch_size)  # isolation "none": attack code in this process, on purpose
+        before = set_reporter(self.on_progress)
+        try:
+            out = run_jobs(attack.build() if isinstance(attack, AttackSpec) else attack, self.target, budget, jobs,
+                           batch_size)  # isolation "none": attack code in this process, on purpose
+        finally:
+            set_reporter(before)
         wall = time.perf_counter() - t0
         if self.target.fingerprint_now() != fingerprint:
             raise AttackError(f"attack {attack.name!r} changed the target's weights (isolation 'none')")

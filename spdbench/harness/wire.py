@@ -72,7 +72,7 @@ class AttackDescription(BaseModel):
 
 class Reply(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: str = Field(pattern="^(ready|result|error|described)$")
+    kind: str = Field(pattern="^(ready|result|error|described|progress)$")
     error: Optional[str] = None
     fingerprint: Optional[str] = None
     load_s: Optional[float] = None
@@ -82,6 +82,10 @@ class Reply(BaseModel):
     sandbox: Optional[dict[str, Any]] = None
     #: answer to a "describe" request
     attack: Optional[AttackDescription] = None
+    #: a "progress" frame, any number of them before a request's answer: step `step` of `steps`
+    #: of the attack's current optimization (attacks/progress.py)
+    step: Optional[int] = Field(default=None, ge=0, le=10**9)
+    steps: Optional[int] = Field(default=None, ge=0, le=10**9)
 
 
 def encode(reply: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = None) -> bytes:

@@ -254,6 +254,9 @@ def main(read_fd: int, write_fd: int, sandbox_report: Optional[dict] = None, rea
     import torch  # deferred: torch starts threads; the sandbox's unshare needs a single-threaded boot
 
     torch.set_num_threads(int(os.environ.get("SPDBENCH_WORKER_THREADS", torch.get_num_threads())))
+    from spdbench.attacks.progress import set_reporter  # deferred: imports torch, after confinement
+
+    set_reporter(_ProgressSender(outbox))
     target = None
     while True:
         try:
@@ -281,6 +284,26 @@ def main(read_fd: int, write_fd: int, sandbox_report: Optional[dict] = None, rea
         if reap_children and request.get("kind") in ("run", "describe"):
             _reap_children()
         outbox.send_bytes(reply)
+
+
+class _ProgressSender:
+    """Forwards an optimization's steps to the harness as "progress" frames, at most one per
+    PROGRESS_EVERY_S (and the last step of each optimization), so a fast attack is not slowed down
+    by its own reports."""
+
+    def __init__(self, outbox: Connection) -> None:
+        self.outbox, self.last = outbox, 0.0
+
+    def __call__(self, step: int, steps: int) -> None:
+        now = time.perf_counter()
+        if step < steps and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        self.outbox.send_bytes(wire.encode({"kind": "progress", "step": step, "steps": steps}))
+
+
+#: the least seconds between two progress frames of the worker
+PROGRESS_EVERY_S = 0.5
 
 
 def limit_cpu(seconds: Optional[float]) -> None:

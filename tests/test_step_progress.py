@@ -1,0 +1,56 @@
+"""Progress inside one cell group (issue 36): the attack's optimization steps reach the harness
+from its sandboxed worker as checked "progress" frames and become "about N s left"."""
+import io
+
+import pytest
+
+from spdbench.harness.progress import Stages, StepProgress
+from spdbench.harness.request import build_request, load_inputs
+from spdbench.harness.runner import AttackRunner
+
+from harness_helpers import fast_images, fast_suite
+
+
+def _stages() -> tuple[Stages, io.StringIO]:
+    out = io.StringIO()
+    return Stages("run", stream=out, every_s=0.0), out
+
+
+def test_steps_become_a_fraction_of_the_group_with_an_estimate():
+    stages, out = _stages()
+    stages.stage("protecting", "x at eps 8/255: 4 photos")
+    progress = StepProgress(stages, optimizations=2)
+    for step in (1, 2):
+        progress(step, 4)
+    progress(1, 4)  # the step count starts again: the second batch's optimization
+    lines = out.getvalue().splitlines()
+    assert "step 2/4 of optimization 1/2, about" in lines[2] and lines[2].endswith("left")
+    assert "step 1/4 of optimization 2/2" in lines[3]
+    progress(4, 4)  # the group's last step: done, the next stage says so
+    progress(1, 4)  # a third optimization where two were expected: no estimate rather than a wrong one
+    assert len(out.getvalue().splitlines()) == 4
+
+
+def test_a_fraction_outside_an_open_stage_shows_nothing():
+    stages, out = _stages()
+    assert stages.fraction(0.5, "step 1/2") is None and out.getvalue() == ""
+    stages.stage("protecting")
+    assert stages.fraction(0.0, "step 0/2") is None and stages.fraction(1.0, "step 2/2") is None
+
+
+@pytest.mark.parametrize("isolation", ["sandbox", "none"])
+def test_a_sandboxed_attacks_steps_reach_the_harness(isolation):
+    """Three photos in batches of two: two optimizations of four steps, each reported to its end
+    (the worker rate-limits its frames but always sends an optimization's last step)."""
+    suite = fast_suite(attack_steps=4, attack_batch_size=2)
+    request = build_request("photoguard-encoder", suite, eps="16/255", prompts=["P3"], purifiers=[], progress=False,
+                            isolation=isolation, target="tiny-random", images=fast_images(3),
+                            image_names=["a", "b", "c"])
+    inputs = load_inputs(request)
+    seen: list[tuple[int, int]] = []
+    with AttackRunner(isolation, inputs.target, None) as runner:
+        runner.on_progress = lambda step, steps: seen.append((step, steps))
+        outputs, _ = runner.run(request.plan.attack, request.plan.budgets[0],
+                                {"train": {"images": inputs.images, "seed": 0}}, batch_size=2)
+    assert outputs["train"].delta.shape == inputs.images.shape
+    assert seen.count((4, 4)) == 2 and all(1 <= s <= n == 4 for s, n in seen)
