@@ -54,3 +54,15 @@ def test_a_sandboxed_attacks_steps_reach_the_harness(isolation):
                                 {"train": {"images": inputs.images, "seed": 0}}, batch_size=2)
     assert outputs["train"].delta.shape == inputs.images.shape
     assert seen.count((4, 4)) == 2 and all(1 <= s <= n == 4 for s, n in seen)
+
+
+@pytest.mark.slow
+def test_verify_counts_its_edits_by_prompt(capsys):
+    """verify's editing stage (one batched edit call per prompt) says how many prompts are done and
+    what is left, on a committed two-prompt entry (no attack re-run: only the edits are counted)."""
+    from spdbench import cli
+
+    assert cli.main(["verify", "leaderboard/entries/smoke-none/", "--sample", "1", "--no-attack-rerun",
+                     "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "editing 1 image(s) of each of 8 cells again" in err and "1/2 prompts done, about" in err

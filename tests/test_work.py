@@ -5,7 +5,8 @@ from spdbench.scoring.work import encoder_equivalents, known_weights, pass_flops
 from spdbench.targets import load_target
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-inpaint"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-inpaint", pytest.param("tiny-b", marks=pytest.mark.slow),
+                                  pytest.param("tiny-ip2p", marks=pytest.mark.slow)])
 def test_the_committed_flop_table_is_what_torch_counts_now(name):
     """The table the board reads is recounted from the models: a retrained or changed model whose
     table entry was not rewritten fails here instead of silently weighting work with old costs."""

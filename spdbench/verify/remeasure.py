@@ -21,7 +21,7 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from math import comb
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -114,12 +114,14 @@ class _Draw:
 
 
 def sample_cells(claims: Claims, deltas: dict, suite, target, images: torch.Tensor, rng: random.Random,
-                 per_cell: int, tolerance: float, masks: Optional[torch.Tensor] = None) -> Measured:
+                 per_cell: int, tolerance: float, masks: Optional[torch.Tensor] = None,
+                 on_prompt: Optional[Callable[[], object]] = None) -> Measured:
     """Re-edit `per_cell` random images of every cell from its stored perturbation; recompute the
     imperceptibility of every image. Edits of one prompt go in one batched call (an edit call has a
     large fixed cost on CPU; each image keeps its own seed, so batching does not change it).
     On an inpainting suite (`masks`: the suite's mask of every photo) each edit uses its photo's
-    mask, and the region scores (repainted region, kept region) are compared too."""
+    mask, and the region scores (repainted region, kept region) are compared too. `on_prompt` is
+    called after each prompt's edits (the verify stage's "k/n prompts done, about N s left")."""
     d = _Draw(Measured(), split_positions(len(images), suite.split_seed), {}, tolerance)
     editor = Editor(target, EditSettings(**suite.edit.to_dict()), cache_dir=None, batch_size=suite.attack_batch_size)
     images = images.to(target.device, torch.float32)
@@ -138,6 +140,8 @@ def sample_cells(claims: Claims, deltas: dict, suite, target, images: torch.Tens
         for eps, cells in groups.items():
             pcells = [c for c in cells if c.record.prompt == prompt and eps in deltas]
             _compare_edits(d, eps, pcells, edited, suite.purifiers, masks)
+        if on_prompt is not None:
+            on_prompt()
     return d.out
 
 

@@ -208,9 +208,11 @@ def _remeasure(report: VerifyReport, claims, entry, suite, sample: int, toleranc
     if networks and not _reapply_networks(report, claims, networks, deltas, suite, target, images, names):
         return
     rng = random.Random(report.seed)
+    prompts = len({c.record.prompt for c in claims.cells})  # one batched edit call per prompt: the items counted
     stages.stage("editing", f"{sample} image(s) of each of {len(claims.cells)} cells again",
-                 _sample_estimate(claims, sample))
-    if not _sample_cells(report, claims, deltas, suite, editing, images, names, rng, sample, tolerance):
+                 _sample_estimate(claims, sample), items=prompts if prompts > 1 else None, unit="prompts")
+    if not _sample_cells(report, claims, deltas, suite, editing, images, names, rng, sample, tolerance,
+                         stages.advance):
         return
     if not attack_rerun:
         report.checks.append("attack re-run: SKIPPED (attack_rerun=False)")
@@ -288,12 +290,12 @@ def _same(got) -> str:
 
 
 def _sample_cells(report: VerifyReport, claims, deltas: dict, suite, editing, images, names: list[str],
-                  rng: random.Random, sample: int, tolerance: float) -> bool:
+                  rng: random.Random, sample: int, tolerance: float, on_prompt=None) -> bool:
     """`sample` random images of every cell re-edited (remeasure.sample_cells); True where all reproduce."""
     t0 = time.perf_counter()
 
     masks, _ = suite_masks(suite, None, names, images, editing)  # inpainting: the suite's mask of every photo
-    got = remeasure.sample_cells(claims, deltas, suite, editing, images, rng, sample, tolerance, masks)
+    got = remeasure.sample_cells(claims, deltas, suite, editing, images, rng, sample, tolerance, masks, on_prompt)
     _merge(report, got)
     report.sampled = got.sampled
     report.unmeasured_by_rel = got.unmeasured
