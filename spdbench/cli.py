@@ -593,20 +593,51 @@ def cmd_protect(args) -> int:
 
 
 def cmd_challenge(args) -> int:
-    """`spdbench challenge ENTRY --purifier NAME`: an outside evaluation of an entry's stored protections."""
-    from spdbench.verify.challenge import run_challenge  # deferred: a command loads only its own stack
+    """`spdbench challenge ENTRY --purifier NAME | --adaptive lora`: an outside evaluation of an entry's
+    stored protections (a purifier, or the editor LoRA-fine-tuned on its protected train photos)."""
+    from spdbench.verify.challenge import run_adaptive_challenge, run_challenge  # deferred: its own stack
 
-    entry = Path(args.entry)
-    out = Path(args.out) if args.out else entry.parent.parent / "challenges" / f"{args.purifier}-{entry.name}"
+    entry, what = Path(args.entry), _challenge_kind(args)
+    name = args.name or f"{args.purifier or 'lora'}-{entry.name}"
+    out = Path(args.out) if args.out else entry.parent.parent / "challenges" / name
+    if args.name and out.name != args.name:
+        raise InputError(f"--name {args.name!r}: the challenge folder --out {str(out)!r} must be named as the "
+                         "challenge (or leave --name out: the folder's name is the challenge's)")
     eps = args.eps.split(",") if args.eps else None
-    prompts = args.prompts.split(",") if args.prompts else None
-    ch = run_challenge(entry, args.purifier, out, eps=eps, prompts=prompts, split=args.split,
-                       device=args.device, data=args.data, manifest=args.manifest)
+    if what == "adaptive":
+        from spdbench.harness.adaptive import LoraPatch  # deferred: the LoRA attacker's stack (peft)
+
+        given = dict(steps=args.steps, rank=args.rank, lr=args.lr, seed=args.seed)
+        settings = LoraPatch(**{k: v for k, v in given.items() if v is not None})  # the rest: LoraPatch's defaults
+        ch = run_adaptive_challenge(entry, out, settings, eps=eps, device=args.device, data=args.data,
+                                    manifest=args.manifest)
+    else:
+        prompts = args.prompts.split(",") if args.prompts else None
+        ch = run_challenge(entry, args.purifier, out, eps=eps, prompts=prompts, split=args.split,
+                           device=args.device, data=args.data, manifest=args.manifest)
+    after = f"after {args.purifier}" if args.purifier else "with the LoRA-patched editor"
     for cell in ch.cells:
-        print(f"{cell.cell_id}: SSIM after {args.purifier} " + ", ".join(f"{v:.4f}" for v in cell.values["ssim"]))
+        print(f"{cell.cell_id}: SSIM {after} " + ", ".join(f"{v:.4f}" for v in cell.values["ssim"]))
     print(f"wrote challenge {ch.name!r} to {out}; check it with `spdbench verify {out}` (the board applies "
           "only verified challenges)")
     return EXIT_OK
+
+
+def _challenge_kind(args) -> str:
+    """"purifier" or "adaptive" from the challenge's options; exactly one of --purifier / --adaptive,
+    and the options of the other kind are refused, never ignored."""
+    if bool(args.purifier) == bool(args.adaptive):
+        raise InputError(f"--purifier {args.purifier!r} / --adaptive {args.adaptive!r}: expected exactly one "
+                         "(--purifier NAME: a registered purifier; --adaptive lora: the editor LoRA-fine-tuned)")
+    lora = {"--steps": args.steps, "--rank": args.rank, "--lr": args.lr, "--seed": args.seed}
+    given = [flag for flag, value in lora.items() if value is not None]
+    if args.purifier and given:
+        raise InputError(f"{given[0]}: a LoRA setting; it applies to --adaptive lora, not --purifier")
+    if args.adaptive and (args.prompts or args.split != "test"):
+        flag = "--prompts" if args.prompts else "--split"
+        raise InputError(f"{flag}: an adaptive challenge covers every prompt of the test split (its patch is "
+                         "trained on the train split with every prompt)")
+    return "adaptive" if args.adaptive else "purifier"
 
 
 def cmd_verify_challenge(args) -> int:
@@ -631,13 +662,22 @@ def cmd_verify_challenge(args) -> int:
 
 
 def _add_challenge_parser(sub) -> None:
-    s = sub.add_parser("challenge", help="an outside evaluation: run a stronger purifier against an entry's "
-                                         "stored protections; writes a challenge folder `verify` re-checks")
+    s = sub.add_parser("challenge", help="an outside evaluation: run a stronger purifier or the LoRA-fine-tuned "
+                                         "editor against an entry's stored protections; writes a challenge folder "
+                                         "`verify` re-checks")
     s.add_argument("entry", help="the entry folder (leaderboard/entries/NAME)")
-    s.add_argument("--purifier", required=True, help="a registered purifier (see `spdbench list`)")
+    s.add_argument("--purifier", default=None, help="a registered purifier (see `spdbench list`)")
+    s.add_argument("--adaptive", default=None, choices=["lora"],
+                   help="the model-side adaptive attacker (lora: the editor LoRA-fine-tuned on the entry's protected "
+                        "train photos; its own board column, \"after editor fine-tuning\")")
+    s.add_argument("--name", default=None, help="the challenge's name (default PURIFIER-ENTRY or lora-ENTRY)")
     s.add_argument("--out", default=None,
                    help="a new folder, whose name is the challenge's on the board (default: "
-                        "LEADERBOARD/challenges/PURIFIER-ENTRY beside the entries folder)")
+                        "LEADERBOARD/challenges/NAME beside the entries folder)")
+    s.add_argument("--steps", type=_positive, default=None, help="--adaptive: LoRA training steps (default 60)")
+    s.add_argument("--rank", type=_positive, default=None, help="--adaptive: LoRA rank (default 4)")
+    s.add_argument("--lr", type=float, default=None, help="--adaptive: AdamW learning rate (default 1e-3)")
+    s.add_argument("--seed", type=int, default=None, help="--adaptive: the patch's seed (default 0)")
     s.add_argument("--eps", default=None, help="budgets to challenge, comma separated (default: every budget)")
     s.add_argument("--prompts", default=None, help="prompt keys to challenge, comma separated (default: every one)")
     s.add_argument("--split", default="test", choices=["test", "train"], help="the split (default test: the ranked one)")

@@ -24,9 +24,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from spdbench.attacks.mist_v2 import lora_unet, with_unet
+from spdbench.attacks.mist_v2 import LORA_TARGETS, lora_unet, with_unet
 from spdbench.data.photos import split_indices
-from spdbench.errors import InputError
+from spdbench.errors import InputError, RecordError
 from spdbench.harness.editing import PROMPTS, Editor, clean_edit_cache_dir
 from spdbench.scoring import metrics as metrics_mod
 from spdbench.scoring.stats import bootstrap_diff_ci
@@ -37,6 +37,8 @@ from spdbench.targets import Target, load_target
 
 #: the board's column name for a protection after the editor was fine-tuned against it
 COLUMN = "after editor fine-tuning"
+METHOD = "lora-patch"
+OBJECTIVE = "x0(protected) -> clean latent; eps(clean) -> noise"
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,30 @@ class LoraPatch:
             raise InputError(f"lora lr must be > 0 and preserve >= 0, got lr={self.lr!r}, preserve={self.preserve!r}")
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), method="lora-patch", objective="x0(protected) -> clean latent; eps(clean) -> noise")
+        return dict(asdict(self), method=METHOD, objective=OBJECTIVE)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoraPatch":
+        """The settings back from `to_dict`'s JSON (a challenge's): every key must be one this
+        version runs with, and its method and objective this code's (else the JSON is not of it)."""
+        data = dict(data)
+        method, objective = data.pop("method", None), data.pop("objective", None)
+        if method != METHOD or objective != OBJECTIVE:
+            raise RecordError(f"lora settings name method {method!r} / objective {objective!r}; this version runs "
+                              f"{METHOD!r} / {OBJECTIVE!r}")
+        if set(data) != set(cls.__dataclass_fields__):
+            raise RecordError(f"lora settings {sorted(data)}: expected exactly {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+def ran_with(settings: LoraPatch, strength: float) -> dict:
+    """Every setting a patch is trained with, as recorded in a challenge: the attacker's settings and
+    what this code fixes (the layers LoRA adapts, its scale and dropout, the optimizer, the timesteps
+    drawn; torch's AdamW defaults other than lr)."""
+    return dict(settings=settings.to_dict(), lora_targets=list(LORA_TARGETS), lora_alpha=settings.rank,
+                lora_dropout=0.0, optimizer="AdamW (torch defaults other than lr)",
+                timesteps=f"uniform in 1..int({strength!r} * T) - 1 (the edit's strength)",
+                generator="torch CPU generator seeded with settings.seed (batch, timestep, prompt, noise)")
 
 
 def patch_editor(target: Target, clean: torch.Tensor, protected: torch.Tensor, prompts: Sequence[str],
@@ -70,10 +95,7 @@ def patch_editor(target: Target, clean: torch.Tensor, protected: torch.Tensor, p
         raise InputError(f"patch_editor needs clean and protected photos of one shape, got {tuple(clean.shape)} "
                          f"and {tuple(protected.shape)}")
     unet = lora_unet(target.unet, settings.rank, settings.seed)
-    patched = with_unet(target, unet)
-    # a shallow copy shares the original's built pipelines (over the original UNet) and fingerprint
-    patched._pipe, patched._inpaint_pipe, patched._fingerprint = None, None, None
-    patched.name = f"{target.name}+lora"
+    patched = _patched(target, unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -92,6 +114,40 @@ def patch_editor(target: Target, clean: torch.Tensor, protected: torch.Tensor, p
     unet.eval()
     unet.requires_grad_(False)
     return patched, losses
+
+
+def _patched(target: Target, unet: torch.nn.Module) -> Target:
+    """`target` with `unet` (its LoRA copy) as a new target: a shallow copy shares the original's
+    built pipelines (over the original UNet) and fingerprint, so those are dropped."""
+    patched = with_unet(target, unet)
+    patched._pipe, patched._inpaint_pipe, patched._fingerprint = None, None, None
+    patched.name = f"{target.name}+lora"
+    return patched
+
+
+def lora_weights(patched: Target) -> dict[str, torch.Tensor]:
+    """The LoRA adapter's weights of a patched editor (float32 on the CPU): what a challenge stores
+    as safetensors; every other weight is the original editor's."""
+    return {n: p.detach().float().cpu().contiguous() for n, p in patched.unet.named_parameters() if "lora_" in n}
+
+
+def load_patch(target: Target, weights: dict[str, torch.Tensor], settings: LoraPatch) -> Target:
+    """`target` patched with stored LoRA weights: a fresh adapter of `settings`' rank, every one of
+    its weights replaced by the stored one (same names and shapes, else RecordError)."""
+    unet = lora_unet(target.unet, settings.rank, settings.seed)
+    params = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    if set(params) != set(weights):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise RecordError(f"LoRA weights do not fit the editor at rank {settings.rank}: missing {missing[:2]}, "
+                          f"unknown {extra[:2]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if tuple(weights[n].shape) != tuple(p.shape):
+                raise RecordError(f"LoRA weight {n}: shape {tuple(weights[n].shape)}, the editor's {tuple(p.shape)}")
+            p.copy_(weights[n].to(p.device, p.dtype))
+    unet.eval()
+    unet.requires_grad_(False)
+    return _patched(target, unet)
 
 
 def resolve(prompt: str) -> str:

@@ -90,16 +90,22 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0,
 
     `challenges`: verified outside evaluations (verify/challenge.py), each one more purifier block of
     the records it covers, so a row's worst case can only go up; column `challenged_by` names those
-    that gave some photo its worst case. Rows that break their suite's floors, or were measured with
+    that gave some photo its worst case. Adaptive challenges (the editor LoRA-fine-tuned against the
+    protection) lower nothing: columns `adapted_ssim` (+ CI) and `adapted_by`, "after editor
+    fine-tuning", in every row (None where no challenge covers it) once one is given. Rows that break their suite's floors, or were measured with
     another editor or other metric versions than their table, are flagged (report/flags.py): column
     `not_ranked`, no rank, sorted after the ranked rows. Neither column exists when nothing uses it.
     """
     ok = [r for r in records if r.status == Status.ok]
-    ok = board_flags.with_challenges(ok, challenges) if challenges else ok
+    purifying = [c for c in challenges if c.challenge_kind == "purifier"]
+    adaptive = [c for c in challenges if c.challenge_kind == "adaptive"]
+    ok = board_flags.with_challenges(ok, purifying) if purifying else ok
     seconds = _seconds_by_budget(ok)
     groups = _ranked_groups(ok, split)
     rows = [_ranking_row(key, recs, split, seconds, seed) for key, recs in groups.items()]
-    _mark_flagged(rows, list(groups.values()), bool(challenges))
+    _mark_flagged(rows, list(groups.values()), bool(purifying))
+    for row, recs in zip(rows, groups.values()) if adaptive else ():
+        row.update({**dict.fromkeys(board_flags.ADAPTED), **board_flags.adapted(recs, adaptive, seed)})
     return _ranked_frame(pd.DataFrame(rows), seed)
 
 
@@ -528,7 +534,8 @@ def build(records: Sequence[Record], out_dir: Union[str, Path], formats: Sequenc
     if "csv" in formats or "md" in formats:  # the page's "Per-image values" section names this file
         # every value the means above come from, one row per record and photo (export.py)
         per_folder = by_folder or {"records": list(records)}
-        written["per-image"] = write_per_image({Path(k).name: v for k, v in per_folder.items()}, out_dir)[0]
+        written["per-image"] = write_per_image({Path(k).name: v for k, v in per_folder.items()}, out_dir,
+                                               challenges=challenges)[0]
     plot = plot_metric_vs_eps(df, out_dir / "metrics_vs_eps.png") if "html" in formats or "md" in formats else None
     tradeoffs = plot_tradeoffs(rank, out_dir / "tradeoffs.png") if "html" in formats or "md" in formats else None
     if "md" in formats:
@@ -689,9 +696,17 @@ RULES_NOTE = (
 PER_IMAGE_NOTE = ("## Per-image values\n\n`per-image.csv` (beside this page) holds every value the means above come "
                   "from: one row per record and photo. Columns: " + ", ".join(f"`{c}`" for c in EXPORT_IDENTITY)
                   + ", then one column per value, sorted by name: `protection.<metric>`, `imperceptibility.<metric>`, "
-                  "`protection_region.<metric>`, `imperceptibility_kept.<metric>` (inpainting) and "
-                  "`purified.<purifier>.<metric>`. The schema only grows: a new metric or purifier adds columns; none "
-                  "is renamed or removed. An empty cell is a value the record does not hold.")
+                  "`protection_region.<metric>`, `imperceptibility_kept.<metric>` (inpainting), "
+                  "`purified.<purifier>.<metric>`, `ground_truth.<series>` (instruction suites with exact results, "
+                  "offline only: `protected` and `clean`, the PSNR in dB of the edit of the protected and of the clean "
+                  "photo to the instruction's exact result on the clean photo) and `challenge.<challenge>.<metric>` "
+                  "(a challenge applied on this page, below: its value for that photo, from its `challenge.json`; for a "
+                  "purifier challenge, the edit of the protected photo purified by its purifier against the edit of "
+                  "the photo; for an adaptive challenge, the LoRA-patched editor's edit of the protected photo against "
+                  "the original editor's edit of the photo; only challenges verified as they are, never one listed as "
+                  "not applied). The schema only "
+                  "grows: a new metric, purifier, series or challenge adds columns; none is renamed or removed. An "
+                  "empty cell is a value the record (or no applied challenge) does not hold.")
 
 BEST_NOTE = ("**Ranked at equal model work.** A suite with a work budget (smoke: 40 encoder-equivalent passes "
              "per photo, one VAE-encoder pass forward and backward = 1) ranks the rows whose measured work per photo "

@@ -12,7 +12,10 @@ versions are never ranked against each other. Here, per ranking row (one method 
   provenance of most rows; ties to the first row in the board's order) are separated with a note.
 - `with_challenges`: verified challenges (verify/challenge.py) joined to the records they cover as
   one more purifier block, "challenge:<name>", so the per-image worst case over purifiers can only
-  go up (the entry only down), and the row names the challenge that lowered it.
+  go up (the entry only down), and the row names the challenge that lowered it. Purifier
+  challenges only: an adaptive challenge (the editor LoRA-fine-tuned against the protection) is
+  another threat -- the attacker owns the model -- so `adapted` gives it its own column, "after
+  editor fine-tuning", and it lowers neither the worst case nor the rank.
 A flagged row keeps its numbers on the page and has no rank; it is sorted after the ranked rows.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from spdbench.errors import SpdbenchError
 from spdbench.report.text import PROTECTION
+from spdbench.scoring.stats import bootstrap_ci
 from spdbench.store.records import Record
 from spdbench.suites import Floor, get_suite
 from spdbench.verify.challenge import BLOCK_PREFIX, Challenge
@@ -130,7 +134,7 @@ def with_challenges(records: Sequence[Record], challenges: Sequence[Challenge]) 
     """Copies of the records a challenge covers with its values as one more purifier block,
     "challenge:<name>" (the photos must be the record's, in its order); the others as they are."""
     blocks: dict[str, dict[str, tuple[list[str], dict[str, list[float]]]]] = {}
-    for ch in challenges:
+    for ch in (c for c in challenges if c.challenge_kind == "purifier"):
         for cell in ch.cells:
             blocks.setdefault(cell.cell_id, {})[ch.block] = (cell.image_names, cell.values)
     out = []
@@ -139,6 +143,28 @@ def with_challenges(records: Sequence[Record], challenges: Sequence[Challenge]) 
                  if names == r.image_names}
         out.append(r.model_copy(update={"purified": {**r.purified, **extra}}) if extra else r)
     return out
+
+
+#: the column "after editor fine-tuning" (harness/adaptive.COLUMN): the row's SSIM with the patched editor
+ADAPTED = ("adapted_ssim", "adapted_ssim_lo", "adapted_ssim_hi", "adapted_by")
+
+
+def adapted(recs: Sequence[Record], challenges: Sequence[Challenge], seed: int = 0) -> dict:
+    """A row's protection (SSIM) measured with the editor LoRA-fine-tuned against it, from the verified
+    adaptive challenges that cover every record of the row (the photos in the record's order): per
+    photo averaged over prompts, then a bootstrap interval over photos (the row's own rule). Several:
+    the strongest attacker (the highest SSIM), named in `adapted_by`. None covers the row: {}."""
+    best: dict = {}
+    for ch in (c for c in challenges if c.challenge_kind == "adaptive"):
+        cells = {c.cell_id: c for c in ch.cells}
+        got = [cells.get(r.cell_id) for r in recs]
+        if not recs or any(c is None or c.image_names != r.image_names or not c.values.get("ssim")
+                           for c, r in zip(got, recs)):
+            continue
+        ci = bootstrap_ci(np.mean(np.asarray([c.values["ssim"] for c in got], dtype=np.float64), axis=0), seed=seed)
+        if not best or ci.mean > best["adapted_ssim"]:
+            best = dict(zip(ADAPTED, (ci.mean, ci.low, ci.high, ch.name)))
+    return best
 
 
 def challenged_by(worst_by: Optional[str]) -> Optional[str]:

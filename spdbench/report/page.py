@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import pandas as pd
 
+from spdbench.harness.adaptive import COLUMN as ADAPTED_COLUMN
 from spdbench.report.text import (INPAINT_NOTE, LABELS, PROTECTION, TASKS, by_task, ci_text, eps_text, fmt, is_missing,
                                   md_escape, protection_arrow, protection_better)
 
@@ -160,6 +161,8 @@ def _protection_columns(part: pd.DataFrame, region: bool, worst: bool) -> list[C
     prot += _ground_truth_columns(part)
     if worst:
         prot += [_num("worst-case SSIM ↓", "worst_ssim", "min", with_ci=True), _num("worst-case rank", "rank_worst", None)]
+    if has_adapted(part):  # verified adaptive challenges (report/flags.adapted): their own threat, never ranked on
+        prot.append(_num(f"{ADAPTED_COLUMN}: SSIM ↓", "adapted_ssim", "min", with_ci=True))
     prot.append(_num("imperceptibility PSNR ↑", "imp_psnr", "max"))
     if region:
         prot.append(_num("kept-region PSNR ↑", "kept_psnr", "max"))
@@ -168,6 +171,29 @@ def _protection_columns(part: pd.DataFrame, region: bool, worst: bool) -> list[C
                            lambda row: _value(row, "budget_rms"), None))
     prot.append(_num("flags", "flags", None))
     return prot
+
+
+def has_adapted(part: pd.DataFrame) -> bool:
+    """Whether some row of `part` was measured with the editor fine-tuned against it."""
+    return "adapted_ssim" in part.columns and bool(part["adapted_ssim"].notna().any())
+
+
+def adapted_note(part: pd.DataFrame) -> str:
+    """The note under a budget's heading that says what "after editor fine-tuning" is ("" without it)."""
+    if not has_adapted(part):
+        return ""
+    names = ", ".join(sorted({str(n) for n in part["adapted_by"].dropna()}))
+    return (f"\"{ADAPTED_COLUMN}\": the protection (SSIM between the edit of the protected photo and the edit of "
+            "the photo) when the protected photo is edited by the editor LoRA-fine-tuned on the entry's protected "
+            "train photos (the photo's edit: the suite's editor), from a verified adaptive challenge "
+            f"({names}; `spdbench challenge ENTRY --adaptive lora`). A separate threat -- the "
+            "attacker fine-tunes the model -- so it lowers neither the worst case nor the rank; \"–\": no such "
+            "challenge for that row.")
+
+
+def section_note(part: pd.DataFrame, task: str) -> str:
+    """A budget's note: the inpainting note, the fine-tuned editor's note, both or none."""
+    return " ".join(n for n in (INPAINT_NOTE if task == "inpaint" else "", adapted_note(part)) if n)
 
 
 def section_tables(part: pd.DataFrame, task: str) -> list[Table]:
@@ -238,7 +264,7 @@ def sections(rank: pd.DataFrame) -> list[Section]:
     out: list[Section] = []
     for task, suite, norm, eps, label, rows in budget_parts(rank):
         title = f"{TASKS[task].split(' (')[0]} · {suite} · {norm} eps {eps_text(label, eps)}" + _split_note(rows)
-        out.append(Section(title, INPAINT_NOTE if task == "inpaint" else "", section_tables(rows, task)))
+        out.append(Section(title, section_note(rows, task), section_tables(rows, task)))
     return out
 
 

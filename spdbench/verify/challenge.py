@@ -1,6 +1,7 @@
 """Outside evaluations (RobustBench's external evaluations): a stronger purifier run against an
 entry's *stored* protections, filed as a challenge folder anyone can check, that can only lower
-the entry on the board.
+the entry on the board; or the model-side adaptive attacker (harness/adaptive.py: the editor
+LoRA-fine-tuned on the entry's protected train photos), shown beside it as its own column.
 
 A challenge folder (`leaderboard/challenges/<name>/`) holds
 - `challenge.json`: its settings (the purifier's name and settings, the entry, the editing model's
@@ -16,6 +17,16 @@ A challenge folder (`leaderboard/challenges/<name>/`) holds
 is purified again (it must give the stored PNG, up to one 8-bit level on 0.1% of the values), and a
 random sample of each cell's photos is edited again from the PNGs: the values must match. The first
 problem refuses the challenge with one line.
+
+An adaptive challenge (`challenge_kind` "adaptive", `spdbench challenge ENTRY --adaptive lora`)
+holds instead of purified photos the LoRA patch of each budget, `lora/<eps>.safetensors` (never
+pickle), its sha256, every setting it was trained with and the train photos it saw; its values
+are the patched editor's edit of the stored protected photo against the original editor's edit of
+the clean photo (and, beside them, against the patched editor's own: `adapted_values` says why
+the first is the board's). Verification: the
+weights are the hashes the JSON names, a random sample of each cell's photos edited again with the
+STORED weights gives the values, and the patch trained again from scratch (seeded) gives the stored
+weights up to `WEIGHT_RTOL` (`_check_retrained`).
 """
 from __future__ import annotations
 
@@ -27,14 +38,18 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from spdbench.errors import InputError, RecordError
+from spdbench.harness.adaptive import LoraPatch, load_patch, lora_weights, patch_editor, ran_with
 from spdbench.harness.editing import EditSettings, Editor
 from spdbench.images import image_sha256
 from spdbench.purifiers import get_purifier
@@ -51,6 +66,18 @@ KIND = "spdbench-challenge"
 CHALLENGE_FILE = "challenge.json"
 VERIFIED_FILE = "verification.json"
 PURIFIED_DIR = "purified"
+LORA_DIR = "lora"
+#: a stored LoRA patch larger than this is refused unread (SD1.5 at rank 64 is ~100 MB)
+MAX_WEIGHTS_BYTES = 512 * 2**20
+#: how far the re-trained patch may be from the stored one: max |stored - again| <= WEIGHT_RTOL *
+#: max |stored| per file. Why this size: on one machine, device type and thread count the seeded
+#: fine-tune is bitwise repeatable (measured on smoke, 60 steps: difference 0.0); another thread
+#: count sums in another order, and Adam carries that forward (measured: 1 against 2 CPU threads,
+#: 60 steps: 3.7e-5), so equality would refuse honest challenges from another machine; a patch
+#: trained with another seed differs by the order of the weights themselves (measured: seed 0
+#: against seed 1, 2 or 60 steps: 1.9), so 1e-3 still refuses any other patch. Time: the default 60
+#: steps train in ~35 s per budget on smoke on one CPU thread of this (shared) machine.
+WEIGHT_RTOL = 1e-3
 #: the prefix of a challenge's block among a record's purifiers on the board ("challenge:<name>")
 BLOCK_PREFIX = "challenge:"
 DEFAULT_TOLERANCE = 2e-3
@@ -68,8 +95,26 @@ class ChallengeCell(BaseModel):
     image_names: list[str]
     #: metric -> per image: edit(purified protected photo) against edit(clean photo)
     values: dict[str, list[float]]
-    #: per image: sha256 of the 8-bit purified protected photo (the PNG in purified/)
-    purified_sha256: list[str]
+    #: per image: sha256 of the 8-bit purified protected photo (the PNG in purified/); purifier
+    #: challenges only (an adaptive challenge edits the entry's stored protected photos)
+    purified_sha256: list[str] = []
+    #: adaptive challenges: the same edits against the PATCHED editor's edit of the clean photo
+    #: (`adapted_values` says why `values` is against the original editor's)
+    values_same_editor: dict[str, list[float]] = {}
+
+
+class LoraWeights(BaseModel):
+    """One budget's LoRA patch of an adaptive challenge: its file, hash and what it was trained on."""
+
+    model_config = ConfigDict(extra="forbid")
+    eps_label: str
+    file: str
+    sha256: str
+    #: the entry's train photos whose (clean, stored protected) pairs it was trained on, in order
+    train_images: list[str]
+    prompt_keys: list[str]
+    #: the training loss per step
+    losses: list[float]
 
 
 class Challenge(BaseModel):
@@ -83,11 +128,32 @@ class Challenge(BaseModel):
     #: sha256 of the entry's manifest.json: the challenge is of these exact files (None: a run folder)
     entry_manifest_sha256: Optional[str] = None
     suite: str
-    purifier: dict
+    #: what was run: a purifier (challenge files from before this field are purifier challenges) or
+    #: the model-side adaptive attacker (`kind` is taken: it names the file type)
+    challenge_kind: Literal["purifier", "adaptive"] = "purifier"
+    purifier: Optional[dict] = None
+    #: adaptive challenges: every setting the patch was trained with (harness/adaptive.ran_with)
+    adaptive: Optional[dict] = None
+    patches: list[LoraWeights] = []
     editor_fingerprint: str
     device: str
     cells: list[ChallengeCell]
     provenance: dict = {}
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Challenge":
+        purifier = self.challenge_kind == "purifier"
+        if purifier and (self.purifier is None or self.adaptive is not None or self.patches):
+            raise ValueError("a purifier challenge names its purifier and holds no adaptive settings or patches")
+        if not purifier and (self.purifier is not None or self.adaptive is None or not self.patches):
+            raise ValueError("an adaptive challenge holds its settings and patches and names no purifier")
+        for cell in self.cells:
+            n = len(cell.image_names)
+            lists = [*cell.values.values(), *cell.values_same_editor.values()]
+            if any(len(v) != n for v in lists) or len(cell.purified_sha256) != (n if purifier else 0) \
+                    or (purifier and cell.values_same_editor):
+                raise ValueError(f"cell {cell.cell_id}: per-image lists do not have one value per photo")
+        return self
 
     @property
     def block(self) -> str:
@@ -228,15 +294,11 @@ def run_challenge(entry: Union[str, Path], purifier: str, out: Union[str, Path],
     (new or empty; its name is the challenge's); returns what was written. Covers every budget (or `eps`) and prompt (or
     `prompts`) on `split`; the board joins it to the cells it covers. `model`: the editing model,
     when the caller has it loaded (its fingerprint must be the records')."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {str(out)!r} exists and is not an empty folder; expected a new folder")
-    name = check_name(out.name)
+    out, name = _new_folder(out)
     e = _load_entry(entry, data, manifest)
     p, cells = _purifier(purifier), _chosen_cells(e, eps, prompts, split)
     model = _editing_model(e, device, model)
-    editor = Editor(model, EditSettings(**e.suite.edit.to_dict()), cache_dir=None,
-                    batch_size=e.suite.attack_batch_size)
+    editor = _editor(e, model)
     pos = split_positions(len(e.images), e.suite.split_seed)[split]
     purified = {label: purify_budget(e, label, p, model) for label in sorted({c.record.eps_label for c in cells})}
     every, cache = list(range(len(pos))), {}
@@ -250,6 +312,133 @@ def run_challenge(entry: Union[str, Path], purifier: str, out: Union[str, Path],
                           device=str(model.device), cells=measured, provenance=environment(model.device))
     _write(out, challenge, purified, pos, e.names)
     return challenge
+
+
+def _new_folder(out: Union[str, Path]) -> tuple[Path, str]:
+    """The challenge folder to write (new or empty) and the challenge's name (the folder's)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {str(out)!r} exists and is not an empty folder; expected a new folder")
+    return out, check_name(out.name)
+
+
+def _editor(e: _Entry, model) -> Editor:
+    """The entry's suite's editor over `model` (the original editing model or its patched copy)."""
+    return Editor(model, EditSettings(**e.suite.edit.to_dict()), cache_dir=None, batch_size=e.suite.attack_batch_size)
+
+
+# --- the model-side adaptive attacker as a challenge (harness/adaptive.py) -----------------------
+def run_adaptive_challenge(entry: Union[str, Path], out: Union[str, Path], settings: LoraPatch = LoraPatch(),
+                           eps: Optional[Sequence[str]] = None, device: Optional[str] = None, data=None,
+                           manifest=None, model=None) -> Challenge:
+    """LoRA-patch the entry's editor per budget on the TRAIN split's (clean, stored protected) photos,
+    edit every TEST photo with the patched editor, and write the challenge folder `out`:
+    challenge.json (kind "adaptive", values as `adapted_values` says) and the patches as
+    safetensors. Covers every budget (or `eps`) and every prompt of it (the patch is trained on them all)."""
+    out, name = _new_folder(out)
+    e = _load_entry(entry, data, manifest)
+    if e.suite.edit.image_guidance is not None:
+        raise InputError(f"--adaptive: entry {e.folder.name}'s suite {e.suite.name!r} edits with an instruction "
+                         "editor; the LoRA attacker patches img2img editors only")
+    cells = _chosen_cells(e, eps, None, "test")
+    model = _editing_model(e, device, model)
+    original, original_cache = _editor(e, model), {}
+    patches, files, measured = [], {}, []
+    for label in dict.fromkeys(c.record.eps_label for c in cells):  # cells are sorted by eps
+        patch, blob, done = _adaptive_budget(e, [c for c in cells if c.record.eps_label == label], settings,
+                                             model, original, original_cache)
+        patches.append(patch)
+        files[patch.file] = blob
+        measured += done
+    challenge = Challenge(name=name, entry=e.folder.name, entry_manifest_sha256=e.manifest_sha256,
+                          suite=e.suite.name, challenge_kind="adaptive",
+                          adaptive=ran_with(settings, e.suite.edit.strength), patches=patches,
+                          editor_fingerprint=model.fingerprint, device=str(model.device), cells=measured,
+                          provenance=environment(model.device))
+    for rel, blob in files.items():
+        atomic_write_bytes(out / rel, blob)
+    atomic_write_bytes(out / CHALLENGE_FILE, (challenge.model_dump_json(indent=1) + "\n").encode())
+    return challenge
+
+
+def _adaptive_budget(e: _Entry, cells: Sequence, settings: LoraPatch, model, original: Editor,
+                     original_cache: dict) -> tuple[LoraWeights, bytes, list[ChallengeCell]]:
+    """One budget of an adaptive challenge: its patch (as LoraWeights and safetensors bytes) and
+    its cells measured with the patched editor."""
+    label, keys = cells[0].record.eps_label, sorted({c.record.prompt_key for c in cells})
+    pos = split_positions(len(e.images), e.suite.split_seed)
+    patched, losses = train_patch(e, label, keys, settings, model)
+    blob = save_safetensors(lora_weights(patched))
+    patch = LoraWeights(eps_label=label, file=weights_rel(label), sha256=hashlib.sha256(blob).hexdigest(),
+                        train_images=[e.names[i] for i in pos["train"]], prompt_keys=keys, losses=losses)
+    editors = (_editor(e, patched), original)
+    adv, caches, every = apply_delta(e.images, e.deltas[label]), ({}, original_cache), list(range(len(pos["test"])))
+    done = []
+    for c in cells:
+        values, same = adapted_values(editors, c.record, adv[pos["test"]], e.images[pos["test"]], every, caches)
+        done.append(ChallengeCell(cell_id=c.record.cell_id, eps_label=label, prompt_key=c.record.prompt_key,
+                                  split="test", image_names=list(c.record.image_names), values=values,
+                                  values_same_editor=same))
+    return patch, blob, done
+
+
+def adapted_values(editors: tuple[Editor, Editor], rec, protected: torch.Tensor, clean: torch.Tensor,
+                   positions: Sequence[int], caches: tuple[dict, dict]) -> tuple[dict, dict]:
+    """Every registered metric per photo: the PATCHED editor's edit of the protected photo against
+    (1) the ORIGINAL editor's edit of the clean photo -- `values`, the board's column: the edit the
+    person would have got without any protection, as `spdbench adapt` scores it -- and (2) the
+    patched editor's own edit of the clean photo -- `values_same_editor`: the fine-tune moves clean
+    edits too, so (2) alone would hide what the attacker won back (measured on smoke-pca-minus
+    16/255, 60 steps: (1) 0.9555, (2) 0.8967, the entry's own 0.8947). `editors`: (patched,
+    original); `caches`: their clean edits by (prompt, split, positions)."""
+    key = (rec.prompt, rec.split.value, tuple(positions))
+    for editor, cache in zip(editors, caches):
+        if key not in cache:
+            cache[key] = _edits(editor, clean, rec, positions)
+    edited = _edits(editors[0], protected, rec, positions)
+    return tuple({m: [float(v) for v in vals.cpu()] for m, vals in metrics.score(edited, cache[key]).items()}
+                 for cache in (caches[1], caches[0]))
+
+
+def train_patch(e: _Entry, label: str, prompt_keys: Sequence[str], settings: LoraPatch, model):
+    """The LoRA patch of one budget, trained on the train split's clean photos and their stored
+    protections (harness/adaptive.patch_editor); (patched model, loss per step)."""
+    train = split_positions(len(e.images), e.suite.split_seed)["train"]
+    adv = apply_delta(e.images, e.deltas[label])
+    return patch_editor(model, e.images[train].to(model.device), adv[train].to(model.device), prompt_keys,
+                        e.suite.edit.strength, settings)
+
+
+def weights_rel(eps_label: str) -> str:
+    """Where one budget's LoRA patch lives inside a challenge folder."""
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in eps_label)[:80]
+    return f"{LORA_DIR}/{safe}.safetensors"
+
+
+def _stored_weights(folder: Path, ch: Challenge) -> dict[str, dict[str, torch.Tensor]]:
+    """Every LoRA patch of an adaptive challenge by budget: at the path its budget gives, of at most
+    MAX_WEIGHTS_BYTES, the hash challenge.json names, float32 safetensors (never pickle)."""
+    out = {}
+    for patch in ch.patches:
+        if patch.file != weights_rel(patch.eps_label) or patch.eps_label in out:
+            raise RecordError(f"patch {patch.file!r}: expected one patch per budget at {weights_rel(patch.eps_label)!r}")
+        path = folder / patch.file
+        if not path.is_file() or path.stat().st_size > MAX_WEIGHTS_BYTES:
+            raise RecordError(f"{patch.file}: missing or larger than {MAX_WEIGHTS_BYTES} bytes")
+        blob = path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != patch.sha256:
+            raise RecordError(f"{patch.file} is not the LoRA patch challenge.json names (sha256 differs)")
+        try:
+            weights = load_safetensors(blob)
+        except (SafetensorError, ValueError) as exc:
+            raise RecordError(f"{patch.file}: not a safetensors file ({exc})") from None
+        if not weights or any(w.dtype != torch.float32 for w in weights.values()):
+            raise RecordError(f"{patch.file}: expected float32 LoRA weights")
+        out[patch.eps_label] = weights
+    missing = sorted({c.eps_label for c in ch.cells} - set(out))
+    if missing:
+        raise RecordError(f"cells at eps {', '.join(missing)} have no LoRA patch")
+    return out
 
 
 def check_name(name: str) -> str:
@@ -303,7 +492,8 @@ def read_challenge(folder: Union[str, Path]) -> tuple[Challenge, bytes]:
         ch = Challenge.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise RecordError(f"{path}: not a challenge ({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+        where = ".".join(map(str, first["loc"]))
+        raise RecordError(f"{path}: not a challenge ({where + ': ' if where else ''}{first['msg']})") from None
     check_name(ch.name)
     return ch, data
 
@@ -333,13 +523,16 @@ def verify_challenge(folder: Union[str, Path], entry: Union[str, Path, None] = N
     report = ChallengeReport(str(folder), secrets.randbits(63) if seed is None else seed)
     try:
         ch, raw = read_challenge(folder)
-        stored = _stored_images(folder, ch)
-        report.checks.append(f"files: challenge.json and {len(stored)} purified photo(s), each the hash it names")
+        stored = _stored_files(folder, ch, report)
         e = _load_entry(Path(entry) if entry else folder.parent.parent / "entries" / ch.entry, data, manifest)
         _check_settings(ch, e)
         model = _editing_model(e, device or torch.device(ch.device).type, model)  # its edits' device type
-        _check_purified(ch, e, stored, model, report)
-        _check_values(ch, e, stored, model, random.Random(report.seed), sample, tolerance, report)
+        rng = random.Random(report.seed)
+        if ch.challenge_kind == "adaptive":
+            _check_adaptive(ch, e, stored, model, rng, sample, tolerance, report)
+        else:
+            _check_purified(ch, e, stored, model, report)
+            _check_values(ch, e, stored, model, rng, sample, tolerance, report)
     except (RecordError, InputError) as exc:
         report.problems.append(str(exc))
         return report
@@ -350,22 +543,100 @@ def verify_challenge(folder: Union[str, Path], entry: Union[str, Path, None] = N
     return report
 
 
+def _stored_files(folder: Path, ch: Challenge, report: Optional[ChallengeReport] = None) -> dict:
+    """The challenge's own files, each the hash challenge.json names: purified photos by (eps, photo),
+    or an adaptive challenge's LoRA patches by eps."""
+    if ch.challenge_kind == "adaptive":
+        stored = _stored_weights(folder, ch)
+        what = f"{len(stored)} LoRA patch(es) (safetensors)"
+    else:
+        stored = _stored_images(folder, ch)
+        what = f"{len(stored)} purified photo(s)"
+    if report is not None:
+        report.checks.append(f"files: challenge.json and {what}, each the hash it names")
+    return stored
+
+
 def _check_settings(ch: Challenge, e: _Entry) -> None:
-    """The challenge names this entry (its manifest), its suite, and its purifier as registered here."""
+    """The challenge names this entry (its manifest), its suite, and its purifier as registered here
+    (or its LoRA settings as this version trains them); its cells are the entry's."""
     if ch.entry != e.folder.name or ch.suite != e.suite.name:
         raise RecordError(f"the challenge is of entry {ch.entry!r} on suite {ch.suite!r}, checked against "
                           f"{e.folder.name!r} on {e.suite.name!r}")
     if ch.entry_manifest_sha256 != e.manifest_sha256:
         raise RecordError(f"the challenge was run against other files of entry {ch.entry!r} (manifest sha256 differs)")
-    here = _purifier(str(ch.purifier.get("name"))).to_dict()
-    if json.dumps(here, sort_keys=True) != json.dumps(ch.purifier, sort_keys=True):
-        raise RecordError(f"purifier {here['name']!r} is registered here as {here}, the challenge ran {ch.purifier}")
+    if ch.challenge_kind == "adaptive":
+        _check_adaptive_settings(ch, e)
+    else:
+        here = _purifier(str(ch.purifier.get("name"))).to_dict()
+        if json.dumps(here, sort_keys=True) != json.dumps(ch.purifier, sort_keys=True):
+            raise RecordError(f"purifier {here['name']!r} is registered here as {here}, the challenge ran {ch.purifier}")
     records = {c.record.cell_id: c.record for c in e.claims.ok_cells}
     for cell in ch.cells:
         rec = records.get(cell.cell_id)
         if rec is None or rec.image_names != cell.image_names or rec.split.value != cell.split \
                 or rec.eps_label != cell.eps_label:
             raise RecordError(f"cell {cell.cell_id}: not a cell of entry {ch.entry!r} with these photos")
+
+
+def _lora_settings(ch: Challenge) -> LoraPatch:
+    try:
+        return LoraPatch.from_dict((ch.adaptive or {}).get("settings") or {})
+    except TypeError as exc:
+        raise RecordError(f"adaptive settings: {exc}") from None
+
+
+def _check_adaptive_settings(ch: Challenge, e: _Entry) -> None:
+    """The settings are what this version trains with, every cell is a test cell, and each patch was
+    trained on the entry's train photos with the prompts of the cells of its budget."""
+    here = ran_with(_lora_settings(ch), e.suite.edit.strength)
+    if json.dumps(here, sort_keys=True) != json.dumps(ch.adaptive, sort_keys=True):
+        raise RecordError(f"the adaptive settings are {ch.adaptive}; this version trains with {here}")
+    train = [e.names[i] for i in split_positions(len(e.images), e.suite.split_seed)["train"]]
+    for patch in ch.patches:
+        keys = sorted({c.prompt_key for c in ch.cells if c.eps_label == patch.eps_label})
+        if patch.train_images != train or patch.prompt_keys != keys:
+            raise RecordError(f"patch {patch.file}: trained on photos {patch.train_images[:3]} with prompts "
+                              f"{patch.prompt_keys}; the entry's train photos are {train[:3]}, its cells' prompts {keys}")
+    if any(c.split != "test" for c in ch.cells):
+        raise RecordError("an adaptive challenge is measured on the test split (its patch saw the train split)")
+
+
+def _check_adaptive(ch: Challenge, e: _Entry, weights: dict, model, rng: random.Random, sample: int,
+                    tolerance: float, report: ChallengeReport) -> None:
+    """Per budget: a sample of each cell's photos edited again with the STORED patch (values), then the
+    patch trained again from scratch (weights)."""
+    settings, index, compared = _lora_settings(ch), {n: i for i, n in enumerate(e.names)}, 0
+    original, original_cache = _editor(e, model), {}
+    for patch in ch.patches:
+        adv = apply_delta(e.images, e.deltas[patch.eps_label])
+        editors = (_editor(e, load_patch(model, weights[patch.eps_label], settings)), original)
+        cells = [c for c in ch.cells if c.eps_label == patch.eps_label]
+        photos = {(c.eps_label, n): adv[index[n]] for c in cells for n in c.image_names}
+        compared += _compare_adapted(cells, e, photos, editors, rng, sample, tolerance, original_cache)
+    report.checks.append(f"values: {sample} photo(s) of each of {len(ch.cells)} cell(s) edited again with the stored "
+                         f"LoRA patches: {compared} values reproduced")
+    _check_retrained(ch, e, weights, settings, model, report)
+
+
+def _check_retrained(ch: Challenge, e: _Entry, weights: dict, settings: LoraPatch, model,
+                     report: ChallengeReport) -> None:
+    """Each patch trained again from scratch with the recorded settings on the entry's photos: its
+    weights must be the stored ones up to WEIGHT_RTOL of the largest stored weight (its comment says why)."""
+    worst = 0.0
+    for patch in ch.patches:
+        again = lora_weights(train_patch(e, patch.eps_label, patch.prompt_keys, settings, model)[0])
+        stored = weights[patch.eps_label]
+        if set(again) != set(stored):
+            raise RecordError(f"{patch.file}: its tensors are not those of a rank-{settings.rank} patch of this editor")
+        scale = max(float(w.abs().max()) for w in stored.values()) or 1.0
+        diff = max(float((stored[k] - again[k].to(stored[k].dtype)).abs().max()) for k in stored) / scale
+        if not diff <= WEIGHT_RTOL:
+            raise RecordError(f"{patch.file}: the patch trained again from scratch differs from the stored one (max "
+                              f"difference {diff:.3g} of the largest weight, tolerance {WEIGHT_RTOL:g})")
+        worst = max(worst, diff)
+    report.checks.append(f"retrained: {len(ch.patches)} LoRA patch(es) trained again from scratch ({settings.steps} "
+                         f"steps each): the stored weights up to {worst:.3g} of the largest (tolerance {WEIGHT_RTOL:g})")
 
 
 def _check_purified(ch: Challenge, e: _Entry, stored: dict, model, report: ChallengeReport) -> None:
@@ -387,25 +658,57 @@ def _check_purified(ch: Challenge, e: _Entry, stored: dict, model, report: Chall
 def _check_values(ch: Challenge, e: _Entry, stored: dict, model, rng: random.Random, sample: int,
                   tolerance: float, report: ChallengeReport) -> None:
     """`sample` random photos of every cell edited again from the stored PNGs: every value must match."""
-    editor = Editor(model, EditSettings(**e.suite.edit.to_dict()), cache_dir=None,
-                    batch_size=e.suite.attack_batch_size)
-    records = {c.record.cell_id: c.record for c in e.claims.ok_cells}
-    index = {n: i for i, n in enumerate(e.names)}
-    compared, cache = 0, {}
-    for cell in ch.cells:
-        picks = sorted(rng.sample(range(len(cell.image_names)), min(sample, len(cell.image_names))))
-        purified = torch.stack([stored[(cell.eps_label, cell.image_names[k])] for k in picks])
-        clean = torch.stack([e.images[index[cell.image_names[k]]] for k in picks])
-        got = measure_cell(editor, records[cell.cell_id], purified, clean, picks, cache)
-        for m, claimed in cell.values.items():
-            for n, k in enumerate(picks):
-                tol = tolerance * (100 if m == "psnr" else 1)
-                if m not in got or not abs(claimed[k] - got[m][n]) <= tol:
-                    raise RecordError(f"cell {cell.cell_id} photo {cell.image_names[k]}: {m} does not reproduce: "
-                                      f"claimed {claimed[k]!r}, re-measured {got.get(m, [float('nan')] * (n + 1))[n]:.6g}")
-                compared += 1
+    compared = _compare_values(ch.cells, e, stored, _editor(e, model), rng, sample, tolerance)
     report.checks.append(f"values: {sample} photo(s) of each of {len(ch.cells)} cell(s) edited again from the stored "
                          f"purified photos: {compared} values reproduced")
+
+
+def _compare_values(cells: Sequence[ChallengeCell], e: _Entry, photos: dict, editor: Editor, rng: random.Random,
+                    sample: int, tolerance: float) -> int:
+    """`sample` random photos of each cell (`photos`: the edited photo by (eps, photo)) edited again
+    with `editor`: every value must match; the number compared."""
+    records, compared, cache = {c.record.cell_id: c.record for c in e.claims.ok_cells}, 0, {}
+    for cell in cells:
+        picks, edited, clean = _picked(cell, e, photos, rng, sample)
+        got = measure_cell(editor, records[cell.cell_id], edited, clean, picks, cache)
+        compared += _compare(cell, cell.values, got, picks, tolerance)
+    return compared
+
+
+def _compare_adapted(cells: Sequence[ChallengeCell], e: _Entry, photos: dict, editors: tuple[Editor, Editor],
+                     rng: random.Random, sample: int, tolerance: float, original_cache: dict) -> int:
+    """As `_compare_values` for an adaptive challenge's cells: both of its value blocks (`adapted_values`)."""
+    records, compared, caches = {c.record.cell_id: c.record for c in e.claims.ok_cells}, 0, ({}, original_cache)
+    for cell in cells:
+        picks, edited, clean = _picked(cell, e, photos, rng, sample)
+        values, same = adapted_values(editors, records[cell.cell_id], edited, clean, picks, caches)
+        compared += _compare(cell, cell.values, values, picks, tolerance)
+        compared += _compare(cell, cell.values_same_editor, same, picks, tolerance, "values_same_editor: ")
+    return compared
+
+
+def _picked(cell: ChallengeCell, e: _Entry, photos: dict, rng: random.Random, sample: int):
+    """A random sample of the cell's photos: (positions, their edited photos, their clean photos)."""
+    index = {n: i for i, n in enumerate(e.names)}
+    picks = sorted(rng.sample(range(len(cell.image_names)), min(sample, len(cell.image_names))))
+    edited = torch.stack([photos[(cell.eps_label, cell.image_names[k])] for k in picks])
+    clean = torch.stack([e.images[index[cell.image_names[k]]] for k in picks])
+    return picks, edited, clean
+
+
+def _compare(cell: ChallengeCell, claimed: dict, got: dict, picks: Sequence[int], tolerance: float,
+             block: str = "") -> int:
+    """Every claimed value at `picks` against the re-measured one (PSNR to 100x the tolerance); the
+    number compared; RecordError at the first that does not reproduce."""
+    compared = 0
+    for m, values in claimed.items():
+        for n, k in enumerate(picks):
+            tol = tolerance * (100 if m == "psnr" else 1)
+            if m not in got or not abs(values[k] - got[m][n]) <= tol:
+                raise RecordError(f"cell {cell.cell_id} photo {cell.image_names[k]}: {block}{m} does not reproduce: "
+                                  f"claimed {values[k]!r}, re-measured {got.get(m, [float('nan')] * (n + 1))[n]:.6g}")
+            compared += 1
+    return compared
 
 
 def read_verified(folder: Union[str, Path]) -> tuple[list[Challenge], list[tuple[str, str]]]:
@@ -422,7 +725,7 @@ def read_verified(folder: Union[str, Path]) -> tuple[list[Challenge], list[tuple
             ch, raw = read_challenge(d)
             if ch.name != d.name:
                 raise RecordError(f"challenge.json names challenge {ch.name!r}, its folder is {d.name!r}")
-            _stored_images(d, ch)  # the photos are the ones it names (cheap: no model)
+            _stored_files(d, ch)  # its photos or patches are the ones it names (cheap: no model)
             verdict = entry_schema.load_json((d / VERIFIED_FILE).read_bytes(), str(d / VERIFIED_FILE)) \
                 if (d / VERIFIED_FILE).is_file() else {}
         except RecordError as exc:

@@ -17,7 +17,7 @@ from spdbench.report.site import pages
 from spdbench.report.text import SHOWN_PX, inline_html
 from spdbench.store.records import Record
 from spdbench.verify import holdout
-from spdbench.verify.challenge import read_verified
+from spdbench.verify.challenge import Challenge, read_verified
 
 #: the site's folder under the leaderboard's output folder
 SITE_DIR = "site"
@@ -33,15 +33,15 @@ def environment() -> jinja2.Environment:
 
 
 def _ranking(records: Sequence[Record], board_dir: Optional[Path],
-             folders: Sequence[str]) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+             folders: Sequence[str]) -> tuple[pd.DataFrame, list[tuple[str, str]], list[Challenge]]:
     """The board's ranking as board.build makes it: the verified challenges that still fit applied,
-    the hold-out numbers joined; and the challenges left out, as (name, reason)."""
+    the hold-out numbers joined; the challenges left out, as (name, reason); the ones applied."""
     if board_dir is None:
-        return board.ranking(records), []
+        return board.ranking(records), [], []
     challenges, unverified = read_verified(board_dir / board.CHALLENGES)
     challenges, stale = board_flags.current_challenges(challenges, records, list(folders))
     rank = board.with_holdout(board.ranking(records, challenges=challenges), holdout.read_all(board_dir))
-    return rank, [*((f"challenge {name}", reason) for name, reason in unverified), *stale]
+    return rank, [*((f"challenge {name}", reason) for name, reason in unverified), *stale], challenges
 
 
 def write_site(by_folder: dict[str, list[Record]], out_dir: Union[str, Path], skipped: Sequence[tuple[str, str]] = (),
@@ -54,7 +54,7 @@ def write_site(by_folder: dict[str, list[Record]], out_dir: Union[str, Path], sk
     out.mkdir(parents=True, exist_ok=True)
     board_path = Path(board_dir) if board_dir is not None else None
     records = [r for recs in by_folder.values() for r in recs]
-    rank, left_out = _ranking(records, board_path, list(by_folder))
+    rank, left_out, challenges = _ranking(records, board_path, list(by_folder))
     skipped = [*skipped, *left_out]
     entries = pages.entries_of(by_folder)
     all_budgets = pages.budgets(rank, entries)
@@ -82,6 +82,6 @@ def write_site(by_folder: dict[str, list[Record]], out_dir: Union[str, Path], sk
         page(b.href, "budget.html", page_title=b.title, b=b, siblings=[o for o in all_budgets if o.suite == b.suite])
     for e in entries:
         page(e.href, "entry.html", page_title=f"Entry {e.name}", **pages.entry_page(e, rank, out))
-        write_per_image({e.name: e.records}, out, stem=Path(e.href).stem)
+        write_per_image({e.name: e.records}, out, stem=Path(e.href).stem, challenges=challenges)
         written.append(out / f"{Path(e.href).stem}.csv")
     return written

@@ -17,10 +17,10 @@ from spdbench.errors import SpdbenchError
 from spdbench.report.board import UNVERIFIED, row_label
 from spdbench.report.export import per_image_frame
 from spdbench.report.gallery import method_gallery
-from spdbench.report.page import Cell, Table, budget_parts, section_tables
+from spdbench.report.page import Cell, Table, budget_parts, section_note, section_tables
 from spdbench.report.site.cost import HEAD as COST_HEAD, cost_row
 from spdbench.report.site.protocol import protocol_card, submission_spec
-from spdbench.report.text import INPAINT_NOTE, TASKS, ci_text, eps_text, fmt
+from spdbench.report.text import TASKS, ci_text, eps_text, fmt
 from spdbench.store.records import Record, Status
 from spdbench.suites import get_suite
 
@@ -121,7 +121,7 @@ def budgets(rank: pd.DataFrame, entries: Sequence[Entry]) -> list[Budget]:
         tables = [t for t in section_tables(rows, task) if t.title != "Cost"]
         out.append(Budget(suite, task, norm, float(eps), str(label),
                           f"{suite} · {norm} eps {eps_text(label, eps)}{split}",
-                          INPAINT_NOTE if task == "inpaint" else "", tables,
+                          section_note(rows, task), tables,
                           _cost_table(rows, entries, suite, norm, str(label)), budget_href(suite, norm, label)))
     return out
 
@@ -203,6 +203,8 @@ def _entry_results(entry: Entry, rank: pd.DataFrame) -> list[dict]:
                              ssim=fmt(r.get("ssim")), ssim_ci=ci_text(r, "ssim"),
                              worst=fmt(r.get("worst_ssim")) if "worst_ssim" in r else "–",
                              imp=fmt(r.get("imp_psnr")),
+                             adapted=fmt(r.get("adapted_ssim")) if "adapted_ssim" in r else None,
+                             adapted_by=r.get("adapted_by") if isinstance(r.get("adapted_by"), str) else "",
                              challenged_by=r.get("challenged_by") if isinstance(r.get("challenged_by"), str) else "",
                              flags=r.get("flags") if isinstance(r.get("flags"), str) else ""))
     return rows
