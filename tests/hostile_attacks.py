@@ -127,6 +127,20 @@ class Sleeps(spdbench.Attack):
         return torch.zeros_like(images)
 
 
+class ReportsForever(spdbench.Attack):
+    """Reports optimization steps without end (attacks/progress.py) and never answers: its progress
+    frames must not extend the suite's time limit."""
+
+    def perturb(self, images, target, budget, generator=None):
+        from spdbench.attacks.progress import report_step
+
+        step = 0
+        while True:
+            step += 1
+            report_step(step % 10 + 1, 11)
+            time.sleep(0.01)
+
+
 class NaNLoss(spdbench.Attack):
     """Reports a loss curve that went non-finite, and returns a delta anyway."""
 

@@ -143,6 +143,15 @@ def test_attack_past_the_time_limit_is_stopped(tmp_path, target):
     assert all(r.status == Status.error and "time limit" in r.error for r in res.records)
 
 
+def test_progress_reports_do_not_extend_the_time_limit(tmp_path, target):
+    import time
+
+    t0 = time.perf_counter()
+    res = _run(H.ReportsForever(), target, tmp_path, attack_timeout_s=2)
+    assert time.perf_counter() - t0 < 60
+    assert all(r.status == Status.error and "time limit" in r.error for r in res.records)
+
+
 def test_non_finite_loss_is_an_error_not_ok(tmp_path, target):
     res = _run(H.NaNLoss(), target, tmp_path)
     assert all(r.status == Status.error and "non-finite loss" in r.error for r in res.records)
