@@ -610,11 +610,11 @@ def cmd_challenge(args) -> int:
         given = dict(steps=args.steps, rank=args.rank, lr=args.lr, seed=args.seed)
         settings = LoraPatch(**{k: v for k, v in given.items() if v is not None})  # the rest: LoraPatch's defaults
         ch = run_adaptive_challenge(entry, out, settings, eps=eps, device=args.device, data=args.data,
-                                    manifest=args.manifest)
+                                    manifest=args.manifest, stages=Stages("challenge"))
     else:
         prompts = args.prompts.split(",") if args.prompts else None
         ch = run_challenge(entry, args.purifier, out, eps=eps, prompts=prompts, split=args.split,
-                           device=args.device, data=args.data, manifest=args.manifest)
+                           device=args.device, data=args.data, manifest=args.manifest, stages=Stages("challenge"))
     after = f"after {args.purifier}" if args.purifier else "with the LoRA-patched editor"
     for cell in ch.cells:
         print(f"{cell.cell_id}: SSIM {after} " + ", ".join(f"{v:.4f}" for v in cell.values["ssim"]))
@@ -649,13 +649,10 @@ def cmd_verify_challenge(args) -> int:
         if given:
             raise InputError(f"{flag}: {args.folder} is a challenge (challenge.json), not an entry; verify re-purifies "
                              "and re-edits a challenge, and takes --entry, --sample, --tolerance, --seed, --device")
+    stages, seed = _announce("verify", args.folder, args.seed)
     report = verify_challenge(args.folder, entry=args.entry, sample=args.sample, tolerance=args.tolerance,
-                              seed=args.seed, device=args.device, data=args.data, manifest=args.manifest)
-    for line in report.checks:
-        print(f"  ok  {line}")
-    for p in report.problems:
-        print(f"REJECTED: {p}", file=sys.stderr)
-    print(f"seed {report.seed} (repeat this verification with --seed {report.seed})")
+                              seed=seed, device=args.device, data=args.data, manifest=args.manifest, stages=stages)
+    _print_report(report)
     if report.ok:
         print(f"verified: challenge {args.folder} reproduces; verification.json written")
     return EXIT_OK if report.ok else EXIT_FAILED_CELLS

@@ -62,7 +62,7 @@ def test_the_same_configuration_resumes_in_its_folder(two_configs):
 
 
 # --- progress: every long command names its stage within seconds ------------------------------------
-STAGE_LINE = re.compile(r"^spdbench (run|verify|submit|protect) \[[^\]]+\]: (loading|fitting|protecting|purifying|"
+STAGE_LINE = re.compile(r"^spdbench (run|verify|submit|protect|challenge) \[[^\]]+\]: (loading|fitting|protecting|purifying|"
                         r"editing|scoring|verifying|writing)\b")
 
 
@@ -118,9 +118,11 @@ def _photo_file(folder: Path, name: str = "mine.png", size: int = 64) -> Path:
     return folder / name
 
 
-@pytest.mark.parametrize("command", ["run", "verify", "submit", "protect"])
+@pytest.mark.parametrize("command", ["run", "verify", "submit", "protect", "challenge"])
 def test_every_long_command_shows_its_stage_within_5_seconds(command, tmp_path, startup_s):
-    if command == "protect":
+    if command == "challenge":
+        args = ["challenge", str(ENTRY), "--purifier", "jpeg75", "--out", str(tmp_path / "jpeg75-mine")]
+    elif command == "protect":
         args = ["protect", str(_photo_file(tmp_path)), "--attack", "pca-minus", "--target", "tiny-random",
                 "-o", str(tmp_path / "out.png")]
     elif command == "run":

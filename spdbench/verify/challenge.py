@@ -51,6 +51,7 @@ from safetensors.torch import save as save_safetensors
 from spdbench.errors import InputError, RecordError
 from spdbench.harness.adaptive import LoraPatch, load_patch, lora_weights, patch_editor, ran_with
 from spdbench.harness.editing import EditSettings, Editor
+from spdbench.harness.progress import Stages, default_stages
 from spdbench.images import image_sha256
 from spdbench.purifiers import get_purifier
 from spdbench.scoring import metrics
@@ -289,18 +290,23 @@ def measure_cell(editor: Editor, rec, purified: torch.Tensor, clean: torch.Tenso
 def run_challenge(entry: Union[str, Path], purifier: str, out: Union[str, Path],
                   eps: Optional[Sequence[str]] = None, prompts: Optional[Sequence[str]] = None,
                   split: str = "test", device: Optional[str] = None, data=None, manifest=None,
-                  model=None) -> Challenge:
+                  model=None, stages: Optional[Stages] = None) -> Challenge:
     """Run `purifier` against the entry's stored protections and write the challenge folder `out`
     (new or empty; its name is the challenge's); returns what was written. Covers every budget (or `eps`) and prompt (or
     `prompts`) on `split`; the board joins it to the cells it covers. `model`: the editing model,
     when the caller has it loaded (its fingerprint must be the records')."""
     out, name = _new_folder(out)
+    st = stages or default_stages("challenge")
+    st.stage("loading", f"entry {Path(entry).name}, its photos and its editing model")
     e = _load_entry(entry, data, manifest)
     p, cells = _purifier(purifier), _chosen_cells(e, eps, prompts, split)
     model = _editing_model(e, device, model)
     editor = _editor(e, model)
     pos = split_positions(len(e.images), e.suite.split_seed)[split]
-    purified = {label: purify_budget(e, label, p, model) for label in sorted({c.record.eps_label for c in cells})}
+    labels = sorted({c.record.eps_label for c in cells})
+    st.stage("purifying", f"{len(e.images)} protected photos with {purifier} at eps {', '.join(labels)}")
+    purified = {label: purify_budget(e, label, p, model) for label in labels}
+    st.stage("editing", f"the {split} photos of {len(cells)} cell(s), clean and purified")
     every, cache = list(range(len(pos))), {}
     measured = [ChallengeCell(
         cell_id=c.record.cell_id, eps_label=c.record.eps_label, prompt_key=c.record.prompt_key, split=split,
@@ -310,7 +316,9 @@ def run_challenge(entry: Union[str, Path], purifier: str, out: Union[str, Path],
     challenge = Challenge(name=name, entry=e.folder.name, entry_manifest_sha256=e.manifest_sha256,
                           suite=e.suite.name, purifier=p.to_dict(), editor_fingerprint=model.fingerprint,
                           device=str(model.device), cells=measured, provenance=environment(model.device))
+    st.stage("writing", str(out))
     _write(out, challenge, purified, pos, e.names)
+    st.done()
     return challenge
 
 
@@ -330,12 +338,14 @@ def _editor(e: _Entry, model) -> Editor:
 # --- the model-side adaptive attacker as a challenge (harness/adaptive.py) -----------------------
 def run_adaptive_challenge(entry: Union[str, Path], out: Union[str, Path], settings: LoraPatch = LoraPatch(),
                            eps: Optional[Sequence[str]] = None, device: Optional[str] = None, data=None,
-                           manifest=None, model=None) -> Challenge:
+                           manifest=None, model=None, stages: Optional[Stages] = None) -> Challenge:
     """LoRA-patch the entry's editor per budget on the TRAIN split's (clean, stored protected) photos,
     edit every TEST photo with the patched editor, and write the challenge folder `out`:
     challenge.json (kind "adaptive", values as `adapted_values` says) and the patches as
     safetensors. Covers every budget (or `eps`) and every prompt of it (the patch is trained on them all)."""
     out, name = _new_folder(out)
+    st = stages or default_stages("challenge")
+    st.stage("loading", f"entry {Path(entry).name}, its photos and its editing model")
     e = _load_entry(entry, data, manifest)
     if e.suite.edit.image_guidance is not None:
         raise InputError(f"--adaptive: entry {e.folder.name}'s suite {e.suite.name!r} edits with an instruction "
@@ -345,6 +355,8 @@ def run_adaptive_challenge(entry: Union[str, Path], out: Union[str, Path], setti
     original, original_cache = _editor(e, model), {}
     patches, files, measured = [], {}, []
     for label in dict.fromkeys(c.record.eps_label for c in cells):  # cells are sorted by eps
+        st.stage("fitting", f"the LoRA patch at eps {label} ({settings.steps} steps on the train photos), then "
+                 "editing the test photos with it")
         patch, blob, done = _adaptive_budget(e, [c for c in cells if c.record.eps_label == label], settings,
                                              model, original, original_cache)
         patches.append(patch)
@@ -355,9 +367,11 @@ def run_adaptive_challenge(entry: Union[str, Path], out: Union[str, Path], setti
                           adaptive=ran_with(settings, e.suite.edit.strength), patches=patches,
                           editor_fingerprint=model.fingerprint, device=str(model.device), cells=measured,
                           provenance=environment(model.device))
+    st.stage("writing", str(out))
     for rel, blob in files.items():
         atomic_write_bytes(out / rel, blob)
     atomic_write_bytes(out / CHALLENGE_FILE, (challenge.model_dump_json(indent=1) + "\n").encode())
+    st.done()
     return challenge
 
 
@@ -516,23 +530,31 @@ def _stored_images(folder: Path, ch: Challenge) -> dict[tuple[str, str], torch.T
 
 def verify_challenge(folder: Union[str, Path], entry: Union[str, Path, None] = None, sample: int = 2,
                      tolerance: float = DEFAULT_TOLERANCE, seed: Optional[int] = None, device: Optional[str] = None,
-                     data=None, manifest=None, model=None) -> ChallengeReport:
+                     data=None, manifest=None, model=None, stages: Optional[Stages] = None) -> ChallengeReport:
     """Re-check a challenge like an entry (module docstring); on success write its verification.json.
     `entry`: the entry folder (default: ../../entries/<its entry> beside leaderboard/challenges/)."""
     folder = Path(folder)
     report = ChallengeReport(str(folder), secrets.randbits(63) if seed is None else seed)
+    st = stages or default_stages("verify")
     try:
         ch, raw = read_challenge(folder)
         stored = _stored_files(folder, ch, report)
+        st.stage("loading", f"entry {ch.entry}, its photos and its editing model")
         e = _load_entry(Path(entry) if entry else folder.parent.parent / "entries" / ch.entry, data, manifest)
         _check_settings(ch, e)
         model = _editing_model(e, device or torch.device(ch.device).type, model)  # its edits' device type
         rng = random.Random(report.seed)
         if ch.challenge_kind == "adaptive":
+            st.stage("editing", f"{sample} photo(s) of each of {len(ch.cells)} cell(s) again with the stored LoRA patches")
             _check_adaptive(ch, e, stored, model, rng, sample, tolerance, report)
+            st.stage("fitting", f"{len(ch.patches)} LoRA patch(es) again from scratch")
+            _check_retrained(ch, e, stored, _lora_settings(ch), model, report)
         else:
+            st.stage("purifying", f"all {len(stored)} photo(s) again with {ch.purifier['name']}")
             _check_purified(ch, e, stored, model, report)
+            st.stage("editing", f"{sample} photo(s) of each of {len(ch.cells)} cell(s) again from the stored photos")
             _check_values(ch, e, stored, model, rng, sample, tolerance, report)
+        st.done()
     except (RecordError, InputError) as exc:
         report.problems.append(str(exc))
         return report
@@ -604,8 +626,8 @@ def _check_adaptive_settings(ch: Challenge, e: _Entry) -> None:
 
 def _check_adaptive(ch: Challenge, e: _Entry, weights: dict, model, rng: random.Random, sample: int,
                     tolerance: float, report: ChallengeReport) -> None:
-    """Per budget: a sample of each cell's photos edited again with the STORED patch (values), then the
-    patch trained again from scratch (weights)."""
+    """Per budget: a sample of each cell's photos edited again with the STORED patch (values; the
+    patch is then trained again from scratch by `_check_retrained`)."""
     settings, index, compared = _lora_settings(ch), {n: i for i, n in enumerate(e.names)}, 0
     original, original_cache = _editor(e, model), {}
     for patch in ch.patches:
@@ -616,7 +638,6 @@ def _check_adaptive(ch: Challenge, e: _Entry, weights: dict, model, rng: random.
         compared += _compare_adapted(cells, e, photos, editors, rng, sample, tolerance, original_cache)
     report.checks.append(f"values: {sample} photo(s) of each of {len(ch.cells)} cell(s) edited again with the stored "
                          f"LoRA patches: {compared} values reproduced")
-    _check_retrained(ch, e, weights, settings, model, report)
 
 
 def _check_retrained(ch: Challenge, e: _Entry, weights: dict, settings: LoraPatch, model,
