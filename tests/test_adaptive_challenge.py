@@ -26,6 +26,7 @@ from spdbench.targets import load_target
 from spdbench.verify.challenge import (CHALLENGE_FILE, VERIFIED_FILE, read_challenge, read_verified,
                                        run_adaptive_challenge, verify_challenge, weights_rel)
 from spdbench.verify.claims import load_checked_by_folder
+from challenge_helpers import assert_refused_and_not_applied, forge_values
 
 ENTRY = Path(__file__).resolve().parents[1] / "leaderboard" / "entries" / "smoke-pca-minus"
 EPS = "16/255"
@@ -107,18 +108,8 @@ def test_adaptive_challenge_is_verified_and_shows_its_column(filed):
 
 def test_forged_adaptive_challenge_is_refused(filed):
     board, _, folder, _, _, model = filed
-    forged = board / "challenges" / "forged"
-    shutil.copytree(folder, forged)
-    data = json.loads((forged / CHALLENGE_FILE).read_text())
-    data["name"] = "forged"
-    data["cells"][0]["values"]["ssim"] = [v - 0.05 for v in data["cells"][0]["values"]["ssim"]]
-    (forged / CHALLENGE_FILE).write_text(json.dumps(data))
-    report = verify_challenge(forged, sample=1, seed=3, model=model)
-    assert not report.ok and len(report.problems) == 1
-    assert "ssim does not reproduce: claimed" in report.problems[0]
-    found, left = read_verified(board / "challenges")
-    assert "forged" not in [c.name for c in found]
-    assert any(name == "forged" and "not verified" in why for name, why in left)
+    report = verify_challenge(forge_values(folder, board, -0.05), sample=1, seed=3, model=model)
+    assert_refused_and_not_applied(report, board)
 
 
 def test_swapped_weights_are_refused(filed):

@@ -3,7 +3,6 @@ stored protections is verified like an entry and lowers the entry on the board, 
 forged challenge (values or photos that are not what its purifier and the editor give) is refused."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,9 +12,10 @@ import torch
 from spdbench.report.board import build, ranking
 from spdbench.report.flags import current_challenges, with_challenges
 from spdbench.targets import load_target
-from spdbench.verify.challenge import (CHALLENGE_FILE, VERIFIED_FILE, png_rel, read_challenge, read_verified,
+from spdbench.verify.challenge import (VERIFIED_FILE, png_rel, read_challenge, read_verified,
                                        run_challenge, verify_challenge)
 from spdbench.verify.claims import load_checked_by_folder
+from challenge_helpers import assert_refused_and_not_applied, forge_values
 
 ENTRY = Path(__file__).resolve().parents[1] / "leaderboard" / "entries" / "smoke-pca-minus"
 #: measured: noisy-upscale gives 2 of smoke-pca-minus's 4 test photos at 16/255 (prompt P3) a higher
@@ -73,19 +73,9 @@ def test_a_challenge_can_only_lower(filed):
 
 def test_forged_values_are_refused(filed, tmp_path):
     board, entry, folder, ch, _, model = filed
-    forged = board / "challenges" / "forged"
-    shutil.copytree(folder, forged)
-    data = json.loads((forged / CHALLENGE_FILE).read_text())
-    data["name"] = "forged"
-    data["cells"][0]["values"]["ssim"] = [v + 0.05 for v in data["cells"][0]["values"]["ssim"]]
-    (forged / CHALLENGE_FILE).write_text(json.dumps(data))
-    report = verify_challenge(forged, sample=1, seed=3, model=model)
-    assert not report.ok and len(report.problems) == 1
-    assert "ssim does not reproduce: claimed" in report.problems[0]
+    report = verify_challenge(forge_values(folder, board, 0.05), sample=1, seed=3, model=model)
     # its copied verification.json names the old challenge.json: the board does not apply it
-    found, left = read_verified(board / "challenges")
-    assert "forged" not in [c.name for c in found]
-    assert any(name == "forged" and "not verified" in why for name, why in left)
+    assert_refused_and_not_applied(report, board)
 
 
 def test_forged_photo_is_refused(filed):
