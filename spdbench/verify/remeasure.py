@@ -347,9 +347,14 @@ def _compare_rerun(cells: Sequence[Cell], deltas: dict, result, tolerance: float
         # values are compared more loosely (DRIFT_PURIFIED_TOLERANCE): JPEG's quantization turns even
         # one level on a few values into a visible step of its own
         loose = max(tolerance, DRIFT_PURIFIED_TOLERANCE) if (out.drifted or out.notes) else tolerance
-        _compare_rerun_values(c, r, tolerance, out, loose)
-        _compare_rerun_regions(c, r, tolerance, out, loose)
-        _compare_rerun_ground_truth(c, r, tolerance, out)
+        # under drift each photo's value at DRIFT_VALUE_TOLERANCE, and each cell's mean (the board's
+        # number) at the verification's own tolerance
+        per_image = max(tolerance, DRIFT_VALUE_TOLERANCE) if out.drifted else tolerance
+        _compare_rerun_values(c, r, per_image, out, loose)
+        _compare_rerun_regions(c, r, per_image, out, loose)
+        _compare_rerun_ground_truth(c, r, per_image, out)
+        if out.drifted:
+            _compare_rerun_means(c, r, tolerance, out)
         _compare_model_calls(c, r, out)
     if out.drifted and out.problems:  # drift is accepted only where the outcome reproduces
         out.problems.insert(0, f"{out.drifted.pop()}; but the re-run's per-image values do not reproduce (below)")
@@ -377,8 +382,9 @@ def _rerun_matches_perturbation(rec, deltas: dict, result, out: Measured) -> boo
             _, how = reproduces(stored, again)
             out.drifted.append(f"DRIFT {what} gives a perturbation that drifted beyond float rounding ({how}; an "
                                f"iterative attack on another machine may differ on up to {DRIFT_FRACTION:.0%} of the "
-                               "values), accepted because every per-image value the re-run measured reproduces "
-                               f"the claimed one (a purifier's within {DRIFT_PURIFIED_TOLERANCE:g}: JPEG quantizes)")
+                               "values), accepted because the re-run's values reproduce the claimed ones (each cell's "
+                               f"means within the tolerance; each photo's within {DRIFT_VALUE_TOLERANCE:g}, a "
+                               f"purifier's within {DRIFT_PURIFIED_TOLERANCE:g}: JPEG quantizes)")
             return True
         return _note_reproduction(out, what, "gives a different perturbation", stored, again,
                                   "the attack is seeded, so a stored perturbation must be what it produces",
@@ -393,6 +399,21 @@ def _compare_rerun_values(c: Cell, r, tolerance: float, out: Measured, purified_
         for m in _held(_block(c.record, block)):
             for k, (a, b) in enumerate(zip(_values(c.record, block, m), _values(r, block, m))):
                 out.add(f"{c.rel} image {c.record.image_names[k]} {block} (attack re-run)", m, a, b, tol)
+
+
+def _compare_rerun_means(c: Cell, r, tolerance: float, out: Measured) -> None:
+    """Under drift: each cell's mean of every protection and imperceptibility value (whole image and,
+    on inpainting, the repainted and kept regions) at the verification's tolerance."""
+    blocks = {"protection": (c.record.protection, r.protection),
+              "imperceptibility": (c.record.imperceptibility, r.imperceptibility),
+              "repainted region": (c.record.protection_region, r.protection_region),
+              "kept region": (c.record.imperceptibility_kept, r.imperceptibility_kept)}
+    for where_, (claimed, fresh_) in blocks.items():
+        for m in _held(claimed):
+            a, b = claimed[m], fresh_.get(m, [])
+            if a and len(a) == len(b):
+                out.add(f"{c.rel} {where_} mean over {len(a)} photos (attack re-run, drift)", m,
+                        sum(a) / len(a), sum(b) / len(b), tolerance)
 
 
 def _compare_rerun_regions(c: Cell, r, tolerance: float, out: Measured, purified_tolerance: float) -> None:
@@ -485,6 +506,12 @@ DRIFT_FRACTION = 1e-2
 #: Every purified value of the *stored* perturbation is still compared at the verification's
 #: tolerance on the re-edited sample (`sample_cells`).
 DRIFT_PURIFIED_TOLERANCE = 5e-2
+#: under drift, each photo's protection and imperceptibility value is compared at this tolerance
+#: (x100 for PSNR: 1 dB), and each cell's MEAN -- what the board ranks -- at the verification's
+#: own (2e-3). Measured: smoke-transfer-sds-minus's 16/255 drift kept every value within 2e-3;
+#: smoke-sds-t's (1,167 of 540,672 values, 0.2158%, up to 4 levels) moved one photo's protection
+#: VIFp by 0.004 (0.2100 -> 0.2140), its cell's mean by less than 0.001.
+DRIFT_VALUE_TOLERANCE = 1e-2
 
 
 def drifted(rec, stored: Optional[torch.Tensor], again: Optional[torch.Tensor]) -> bool:
