@@ -313,11 +313,10 @@ def run_challenge(entry: Union[str, Path], purifier: str, out: Union[str, Path],
         image_names=list(c.record.image_names),
         values=measure_cell(editor, c.record, purified[c.record.eps_label][pos], e.images[pos], every, cache),
         purified_sha256=[image_sha256(purified[c.record.eps_label][i]) for i in pos]) for c in cells]
-    challenge = Challenge(name=name, entry=e.folder.name, entry_manifest_sha256=e.manifest_sha256,
-                          suite=e.suite.name, purifier=p.to_dict(), editor_fingerprint=model.fingerprint,
-                          device=str(model.device), cells=measured, provenance=environment(model.device))
+    challenge = Challenge(**_identity(name, e, model), purifier=p.to_dict(), cells=measured)
     st.stage("writing", str(out))
-    _write(out, challenge, purified, pos, e.names)
+    _write(out, challenge, {png_rel(label, e.names[i]): _png_bytes(imgs[i])
+                            for label, imgs in purified.items() for i in pos})
     st.done()
     return challenge
 
@@ -362,15 +361,10 @@ def run_adaptive_challenge(entry: Union[str, Path], out: Union[str, Path], setti
         patches.append(patch)
         files[patch.file] = blob
         measured += done
-    challenge = Challenge(name=name, entry=e.folder.name, entry_manifest_sha256=e.manifest_sha256,
-                          suite=e.suite.name, challenge_kind="adaptive",
-                          adaptive=ran_with(settings, e.suite.edit.strength), patches=patches,
-                          editor_fingerprint=model.fingerprint, device=str(model.device), cells=measured,
-                          provenance=environment(model.device))
+    challenge = Challenge(**_identity(name, e, model), challenge_kind="adaptive",
+                          adaptive=ran_with(settings, e.suite.edit.strength), patches=patches, cells=measured)
     st.stage("writing", str(out))
-    for rel, blob in files.items():
-        atomic_write_bytes(out / rel, blob)
-    atomic_write_bytes(out / CHALLENGE_FILE, (challenge.model_dump_json(indent=1) + "\n").encode())
+    _write(out, challenge, files)
     st.done()
     return challenge
 
@@ -487,10 +481,18 @@ def read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
 
 
-def _write(out: Path, challenge: Challenge, purified: dict, pos: Sequence[int], names: Sequence[str]) -> None:
-    for label, imgs in purified.items():
-        for i in pos:
-            atomic_write_bytes(out / png_rel(label, names[i]), _png_bytes(imgs[i]))
+def _identity(name: str, e: _Entry, model) -> dict:
+    """What every challenge says of itself, whatever its kind: its name, the entry (and the manifest
+    it was run against), the suite, the editing model and the machine."""
+    return dict(name=name, entry=e.folder.name, entry_manifest_sha256=e.manifest_sha256, suite=e.suite.name,
+                editor_fingerprint=model.fingerprint, device=str(model.device), provenance=environment(model.device))
+
+
+def _write(out: Path, challenge: Challenge, files: dict[str, bytes]) -> None:
+    """The challenge's own files (purified PNGs or LoRA patches, by path in the folder), then its
+    challenge.json last: a folder without one is not a challenge."""
+    for rel, blob in files.items():
+        atomic_write_bytes(out / rel, blob)
     atomic_write_bytes(out / CHALLENGE_FILE, (challenge.model_dump_json(indent=1) + "\n").encode())
 
 

@@ -338,18 +338,19 @@ def _compare_rerun(cells: Sequence[Cell], deltas: dict, result, tolerance: float
     if not _rerun_matches_perturbation(cells[0].record, deltas, result, out):
         return
     fresh = {(r.prompt_key, r.split.value): r for r in result.records}
+    # a re-made perturbation that is not bit for bit the stored one (rounding or drift): a purifier's
+    # values are compared more loosely (DRIFT_PURIFIED_TOLERANCE): JPEG's quantization turns even
+    # one level on a few values into a visible step of its own
+    remade = result.records[0].perturbation_sha256 != cells[0].record.perturbation_sha256
+    loose = max(tolerance, DRIFT_PURIFIED_TOLERANCE) if remade else tolerance
+    # under drift each photo's value at DRIFT_VALUE_TOLERANCE, and each cell's mean (the board's
+    # number) at the verification's own tolerance
+    per_image = max(tolerance, DRIFT_VALUE_TOLERANCE) if out.drifted else tolerance
     for c in cells:
         r = fresh.get((c.record.prompt_key, c.record.split.value))
         if r is None:
             out.problems.append(f"{c.rel}: the re-run has no such cell")
             continue
-        # a re-made perturbation that is not bit for bit the stored one (rounding or drift): a purifier's
-        # values are compared more loosely (DRIFT_PURIFIED_TOLERANCE): JPEG's quantization turns even
-        # one level on a few values into a visible step of its own
-        loose = max(tolerance, DRIFT_PURIFIED_TOLERANCE) if (out.drifted or out.notes) else tolerance
-        # under drift each photo's value at DRIFT_VALUE_TOLERANCE, and each cell's mean (the board's
-        # number) at the verification's own tolerance
-        per_image = max(tolerance, DRIFT_VALUE_TOLERANCE) if out.drifted else tolerance
         _compare_rerun_values(c, r, per_image, out, loose)
         _compare_rerun_regions(c, r, per_image, out, loose)
         _compare_rerun_ground_truth(c, r, per_image, out)
@@ -378,17 +379,17 @@ def _rerun_matches_perturbation(rec, deltas: dict, result, out: Measured) -> boo
     if result.records[0].perturbation_sha256 != rec.perturbation_sha256:
         stored, again = deltas.get(rec.eps_label), _rerun_delta(result)
         what = f"eps {rec.eps_label}: re-running attack {rec.attack!r}"
-        if drifted(rec, stored, again):
-            _, how = reproduces(stored, again)
+        ok, how = reproduces(stored, again, sign_flip_levels(rec))
+        if not ok and drifted(rec, stored, again):
             out.drifted.append(f"DRIFT {what} gives a perturbation that drifted beyond float rounding ({how}; an "
                                f"iterative attack on another machine may differ on up to {DRIFT_FRACTION:.0%} of the "
                                "values), accepted because the re-run's values reproduce the claimed ones (each cell's "
                                f"means within the tolerance; each photo's within {DRIFT_VALUE_TOLERANCE:g}, a "
                                f"purifier's within {DRIFT_PURIFIED_TOLERANCE:g}: JPEG quantizes)")
             return True
-        return _note_reproduction(out, what, "gives a different perturbation", stored, again,
-                                  "the attack is seeded, so a stored perturbation must be what it produces",
-                                  sign_flip_levels(rec))
+        return _record_reproduction(out, what, "gives a different perturbation", ok, how,
+                                    "the attack is seeded, so a stored perturbation must be what it produces",
+                                    sign_flip_levels(rec))
     return True
 
 
@@ -405,9 +406,7 @@ def _compare_rerun_means(c: Cell, r, tolerance: float, out: Measured) -> None:
     """Under drift: each cell's mean of every protection and imperceptibility value (whole image and,
     on inpainting, the repainted and kept regions) at the verification's tolerance."""
     blocks = {"protection": (c.record.protection, r.protection),
-              "imperceptibility": (c.record.imperceptibility, r.imperceptibility),
-              "repainted region": (c.record.protection_region, r.protection_region),
-              "kept region": (c.record.imperceptibility_kept, r.imperceptibility_kept)}
+              "imperceptibility": (c.record.imperceptibility, r.imperceptibility), **_region_blocks(c, r)}
     for where_, (claimed, fresh_) in blocks.items():
         for m in _held(claimed):
             a, b = claimed[m], fresh_.get(m, [])
@@ -416,11 +415,16 @@ def _compare_rerun_means(c: Cell, r, tolerance: float, out: Measured) -> None:
                         sum(a) / len(a), sum(b) / len(b), tolerance)
 
 
+def _region_blocks(c: Cell, r) -> dict[str, tuple[dict, dict]]:
+    """The (claimed, re-run) region values of one cell: the repainted and the kept region."""
+    return {"repainted region": (c.record.protection_region, r.protection_region),
+            "kept region": (c.record.imperceptibility_kept, r.imperceptibility_kept)}
+
+
 def _compare_rerun_regions(c: Cell, r, tolerance: float, out: Measured, purified_tolerance: float) -> None:
     """Every per-image region value (repainted, kept, repainted after each purifier) of one cell; the
     two must have the same metrics."""
-    regions = {"repainted region": (c.record.protection_region, r.protection_region),
-               "kept region": (c.record.imperceptibility_kept, r.imperceptibility_kept)}
+    regions = _region_blocks(c, r)
     purified = {f"{p} repainted region": (c.record.purified_region.get(p, {}), r.purified_region.get(p, {}))
                 for p in c.record.purified_region}
     regions.update(purified)
@@ -515,13 +519,11 @@ DRIFT_VALUE_TOLERANCE = 1e-2
 
 
 def drifted(rec, stored: Optional[torch.Tensor], again: Optional[torch.Tensor]) -> bool:
-    """Whether `again` differs from `stored` beyond `reproduces` but only by the drift an iterative
-    attack (one with integer `steps`) accumulates across machines: same shape, at most
+    """Whether `again`, which `reproduces` refused, differs from `stored` only by the drift an
+    iterative attack (one with integer `steps`) accumulates across machines: same shape, at most
     DRIFT_FRACTION of the values."""
     params = getattr(rec, "attack_params", None) or {}
     if stored is None or again is None or stored.shape != again.shape or not isinstance(params.get("steps"), int):
-        return False
-    if reproduces(stored, again, sign_flip_levels(rec))[0]:
         return False
     return float(((stored.int() - again.int()) != 0).double().mean()) <= DRIFT_FRACTION
 
@@ -546,6 +548,13 @@ def _note_reproduction(out: Measured, what: str, refusal: str, stored, again, wh
     """Compare with `reproduces`: a difference beyond float rounding is the problem "WHAT REFUSAL
     (how); WHY", one within it a note (the verification report says it). Returns whether it reproduced."""
     ok, how = reproduces(stored, again, max_levels)
+    return _record_reproduction(out, what, refusal, ok, how, why, max_levels)
+
+
+def _record_reproduction(out: Measured, what: str, refusal: str, ok: bool, how: str, why: str,
+                         max_levels: int = 1) -> bool:
+    """`reproduces`'s verdict (`ok`, `how`) kept in `out`: a problem where refused, a note where it
+    reproduced only up to float rounding. Returns `ok`."""
     if not ok:
         out.problems.append(f"{what} {refusal} ({how}); {why}")
     elif how:
