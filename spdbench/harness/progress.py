@@ -117,8 +117,7 @@ class Stages:
             return None  # the stage is over; the next stage (or done) says so
         left = (now - c.since) / c.done * (c.total - c.done)
         shown = f"{c.text}: {c.done}/{c.total} {c.unit} done, about {duration(left)} left"
-        bar = self.bar is not None and not getattr(self.bar, "disable", True)
-        if not bar and before > 0 and now - c.last_line < self.every_s:
+        if not self._in_bar and before > 0 and now - c.last_line < self.every_s:
             return None
         c.last_line = now
         self._show(shown)
@@ -132,8 +131,7 @@ class Stages:
         now = time.perf_counter()
         since = self._items.since if self._items is not None else self._open[1]
         last = self._items.last_line if self._items is not None else self._open[1]
-        bar = self.bar is not None and not getattr(self.bar, "disable", True)
-        if not bar and now - max(last, self._last_fraction) < self.every_s:
+        if not self._in_bar and now - max(last, self._last_fraction) < self.every_s:
             return None
         self._last_fraction = now
         shown = f"{self._text}: {what}, about {duration((now - since) / done * (1 - done))} left"
@@ -148,12 +146,17 @@ class Stages:
             c.total = max(1, c.total - n)
             c.since = time.perf_counter()
 
+    @property
+    def _in_bar(self) -> bool:
+        """Whether lines go to a live progress bar's postfix (redrawn: no rate limit needed)."""
+        return self.bar is not None and not getattr(self.bar, "disable", True)
+
     def _show(self, text: str) -> None:
         self.current = text
         log.info("%s: %s", self.command, text)
         if not self.enabled:
             return
-        if self.bar is not None and not getattr(self.bar, "disable", True):
+        if self._in_bar:
             self.bar.set_postfix_str(text)
             return
         minutes, seconds = divmod(int(time.perf_counter() - self.started), 60)
