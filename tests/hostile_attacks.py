@@ -190,6 +190,18 @@ class Probes(spdbench.Attack):
             attempt("signal-harness", lambda: os.kill(self.harness_pid, 0))
         out["secret"] = "leaked" if any("s3cret-40" in v for v in os.environ.values()) else "absent"
         out["env"] = sorted(os.environ)
+        try:  # the environment block the process began with (a forked worker's: its zygote's)
+            with open("/proc/self/environ", "rb") as f:
+                out["initial-env"] = "leaked" if b"s3cret-40" in f.read() else "absent"
+        except OSError as exc:
+            out["initial-env"] = f"refused ({type(exc).__name__})"
+        fds = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                pass  # the listing's own descriptor
+        out["fds"] = fds
         raise RuntimeError("probes " + json.dumps(out))
 
 

@@ -25,6 +25,7 @@ it imports torch; its report of what took effect, probed on itself, decides `iso
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import signal
 import subprocess
 import tempfile
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -44,6 +46,7 @@ from spdbench.attacks.base import AttackLocation, AttackSpec, describe
 from spdbench.errors import AttackError, InputError
 from spdbench.harness import sandbox as sandbox_mod
 from spdbench.harness import wire
+from spdbench.harness import zygote as zygote_mod
 from spdbench.harness.protect import SplitOutput
 
 #: how long a worker may take to start and load its model copy
@@ -76,6 +79,43 @@ _INPUT_ERRORS = ("InputError: ", "UnknownNameError: ", "BudgetError: ")
 MAX_PROGRESS_FRAMES = 1_000_000
 
 
+_zygote: Optional[zygote_mod.Zygote] = None
+_zygote_lock = threading.Lock()
+_zygote_off: Optional[str] = None  # why workers are exec'd in this process (a failed zygote)
+
+
+def shared_zygote() -> Optional[zygote_mod.Zygote]:
+    """This process's worker zygote, started on first use; None where fork is not used (not Linux,
+    SPDBENCH_ZYGOTE=0, or a zygote that failed: then every worker is exec'd)."""
+    global _zygote
+    if sys.platform != "linux" or os.environ.get("SPDBENCH_ZYGOTE", "1") == "0" or _zygote_off:
+        return None
+    with _zygote_lock:
+        if _zygote is None or not _zygote.alive:
+            home = tempfile.mkdtemp(prefix="spdbench-zygote-")  # its HOME and TMPDIR (nothing of the user's)
+            atexit.register(shutil.rmtree, home, True)
+            try:
+                _zygote = zygote_mod.Zygote(sandbox_mod.scrubbed_env(home, 1))
+            except OSError as exc:
+                print(f"spdbench: the worker zygote did not start ({exc}); workers start from a new interpreter",
+                      file=sys.stderr)
+                _disable_zygote(str(exc))
+                return None
+        return _zygote
+
+
+def warm_up() -> None:
+    """Start this process's zygote in the background, so its imports overlap the caller's own
+    loading (photos, models, clean edits) instead of delaying the first worker."""
+    if _zygote is None and not _zygote_off and sys.platform == "linux" and os.environ.get("SPDBENCH_ZYGOTE") != "0":
+        threading.Thread(target=shared_zygote, daemon=True, name="spdbench-zygote-start").start()
+
+
+def _disable_zygote(reason: str) -> None:
+    global _zygote_off
+    _zygote_off = reason
+
+
 class AttackWorker:
     """One worker process; `start` is timed apart from the optimization (`start_s`)."""
 
@@ -106,10 +146,12 @@ class AttackWorker:
         t0 = time.perf_counter()
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        cmd, env = self._command(str(to_child_r), str(from_child_w))
+        cmd, env, plan_path = self._command(str(to_child_r), str(from_child_w))
         try:
-            self.proc = subprocess.Popen(cmd, pass_fds=(to_child_r, from_child_w), env=env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            self.proc = self._forked(to_child_r, from_child_w, env, plan_path)
+            if self.proc is None:
+                self.proc = subprocess.Popen(cmd, pass_fds=(to_child_r, from_child_w), env=env,
+                                             stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
@@ -130,18 +172,33 @@ class AttackWorker:
         self.start_s = time.perf_counter() - t0
         return self.start_s
 
+    @staticmethod
+    def _forked(read_fd: int, write_fd: int, env: dict[str, str], plan_path: Optional[str]):
+        """The worker forked by this process's zygote (zygote.py: the imports already done), or None
+        where there is none (then it is exec'd; the same worker either way)."""
+        zyg = shared_zygote()
+        if zyg is None:
+            return None
+        try:
+            return zyg.spawn(read_fd, write_fd, env=env, plan=plan_path)
+        except OSError as exc:
+            print(f"spdbench: the worker zygote failed ({exc}); workers start from a new interpreter",
+                  file=sys.stderr)
+            _disable_zygote(str(exc))
+            return None
+
     def _device(self) -> str:
         return str(self.target.device) if self.target is not None else "cpu"
 
-    def _command(self, read_fd: str, write_fd: str) -> tuple[list[str], dict[str, str]]:
-        """The worker's command line and environment: plain (`-m spdbench.harness.worker`, the
-        harness's environment), or through sandbox.py with a plan, a private folder and a
-        scrubbed environment."""
+    def _command(self, read_fd: str, write_fd: str) -> tuple[list[str], dict[str, str], Optional[str]]:
+        """The worker's command line, environment and sandbox plan file: plain (`-m
+        spdbench.harness.worker`, the harness's environment, no plan), or through sandbox.py with a
+        plan, a private folder and a scrubbed environment."""
         if not self.sandbox:
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
             env["SPDBENCH_WORKER_THREADS"] = str(self.threads)
-            return [sys.executable, "-m", "spdbench.harness.worker", read_fd, write_fd], env
+            return [sys.executable, "-m", "spdbench.harness.worker", read_fd, write_fd], env, None
         self._tmp = tempfile.mkdtemp(prefix="spdbench-worker-")
         self._cgroup = sandbox_mod.Cgroup.create(self.limits.nproc) if sys.platform == "linux" else None
         env = sandbox_mod.scrubbed_env(self._tmp, self.threads)
@@ -150,7 +207,7 @@ class AttackWorker:
                                            self._device(), self.limits, denied,
                                            self._cgroup.procs_file if self._cgroup else None, env)
         plan_path = sandbox_mod.write_plan(self._plan)
-        return [sys.executable, sandbox_mod.__file__, read_fd, write_fd, plan_path], env
+        return [sys.executable, sandbox_mod.__file__, read_fd, write_fd, plan_path], env, plan_path
 
     def _ask(self, request: dict, expected: dict, timeout: Optional[float], what: str, network_max_values: int = 0):
         try:

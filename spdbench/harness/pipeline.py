@@ -31,6 +31,7 @@ from spdbench.errors import AttackError, InputError, SpdbenchError
 from spdbench.harness.editing import PROMPTS, Editor, clean_edit_cache_dir, image_seed, prepare_cache_dir
 from spdbench.harness import work_match
 from spdbench.harness.runner import AttackRunner
+from spdbench.harness.isolation import warm_up
 from spdbench.harness.progress import Stages, StepProgress
 from spdbench.harness.protect import Protection, SplitOutput, enforce
 from spdbench.harness.request import (ISOLATION_MODES, RunInputs, RunRequest, build_request, interactive,
@@ -309,6 +310,8 @@ def execute(request: RunRequest) -> RunResult:
     grid's parallel tasks on one attack folder each lock their own scope)."""
     Stages("run", enabled=request.progress).stage(
         "loading", f"photos and model {getattr(request.target, 'name', request.target)}")
+    if request.isolation != "none":
+        warm_up()  # the worker's imports, while this process loads its own
     inputs = load_inputs(request)
     prepare_out(request.out)
     with request.lock():

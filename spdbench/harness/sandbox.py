@@ -577,8 +577,9 @@ def _netns() -> Optional[str]:
         return None
 
 
-def boot(read_fd: int, write_fd: int, plan_path: str) -> None:
-    """The worker's start: namespaces, fork (parent = supervisor), confine, then the worker loop."""
+def boot(read_fd: int, write_fd: int, plan_path: str, parent_pid: Optional[int] = None) -> None:
+    """The worker's start: namespaces, fork (parent = supervisor), confine, then the worker loop.
+    `parent_pid`: the process that started this one where it is not the harness (zygote.py)."""
 
     t0 = time.perf_counter()
     with open(plan_path) as f:
@@ -586,8 +587,8 @@ def boot(read_fd: int, write_fd: int, plan_path: str) -> None:
     done: list[str] = []
     failed: list[str] = []
     libc = _libc()
-    libc.prctl(_PR_SET_PDEATHSIG, 15, 0, 0, 0)  # the harness's death ends the supervisor (_supervise)
-    if os.getppid() != plan["harness_pid"]:
+    libc.prctl(_PR_SET_PDEATHSIG, 15, 0, 0, 0)  # the harness's (or zygote's) death ends the supervisor
+    if os.getppid() != (parent_pid or plan["harness_pid"]):
         os._exit(3)
     _join_cgroup(plan.get("cgroup"), done, failed)
     pid_ns = _enter_namespaces(done, failed) if sys.platform == "linux" else False

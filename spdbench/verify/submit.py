@@ -35,6 +35,7 @@ from spdbench.verify import entry as entry_schema
 from spdbench.verify import fill
 from spdbench.errors import InputError, RecordError, SpdbenchError
 from spdbench.store.records import Record, attack_kind
+from spdbench.harness.isolation import warm_up
 from spdbench.harness.pipeline import suite_masks
 from spdbench.harness.plan import installed_attack
 from spdbench.harness.progress import Stages, default_stages
@@ -139,6 +140,8 @@ def verify(folder: Union[str, Path], sample: int = 2, tolerance: float = DEFAULT
     if not rerun:
         _static_only(report, claims, entry, suite, images, image_names, data, manifest)
         return report
+    if attack_rerun:
+        warm_up()  # the re-run's worker imports while this process loads the model and re-edits
     _remeasure(report, claims, entry, suite, sample, tolerance, attack_rerun, device, images, image_names, data,
                manifest, stages)
     if dest is not None and report.ok:
