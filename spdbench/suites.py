@@ -121,8 +121,10 @@ class Suite:
 
     @property
     def task(self) -> str:
-        """The leaderboard's task group: "inpaint" when the suite edits with masks, else "img2img"."""
-        return "inpaint" if self.masks else "img2img"
+        """The leaderboard's task group: "inpaint" when the suite edits with masks, "instruct" when its
+        editor follows instructions (an image guidance scale), else "img2img": different games,
+        never ranked in one table."""
+        return "inpaint" if self.masks else "instruct" if self.edit.image_guidance is not None else "img2img"
 
     def to_dict(self) -> dict:
         d = asdict(self)

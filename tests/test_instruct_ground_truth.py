@@ -40,6 +40,7 @@ def test_an_instruction_run_records_ground_truth_per_image_and_the_board_shows_i
         result = spdbench.run("editshield", suite="test-instruct", out=tmp_path / "run", isolation="process")
     assert result.ok, [r.error for r in result.failed]
     for rec in result.records:
+        assert rec.task == "instruct"  # its own task group on the board, never ranked among img2img rows
         assert set(rec.ground_truth) == {"protected", "clean"}
         assert len(rec.ground_truth["protected"]) == len(rec.image_names) == len(rec.ground_truth["clean"])
         assert rec.suite_config["ground_truth"] is True
@@ -51,6 +52,11 @@ def test_an_instruction_run_records_ground_truth_per_image_and_the_board_shows_i
         / sum(len(r.image_names) for r in result.records if r.split.value == "train"))
     with pytest.raises(InputError, match="needs --metric psnr"):
         paired(result.records, result.records, metric="ssim", split="train", region="ground-truth")
+    from spdbench.report.board import build_from_dirs
+
+    build_from_dirs([tmp_path / "run"], tmp_path / "board")
+    text = (tmp_path / "board" / "README.md").read_text()
+    assert "Instruction editing" in text and "img2img ·" not in text
     # off the instruction suites nothing changes: no field in the suite's config, an empty record field
     assert "ground_truth" not in get_suite("smoke").to_dict()
 

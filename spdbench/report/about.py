@@ -38,7 +38,8 @@ def _photos(suite: Suite) -> str:
 def suite_line(suite: Suite) -> str:
     """One suite in a sentence (Markdown)."""
     models = _model(suite.target) + (f", edited with {_model(suite.edit_target)}" if suite.edit_target else "")
-    task = f"inpainting ({suite.masks} masks)" if suite.masks else "img2img"
+    task = (f"inpainting ({suite.masks} masks)" if suite.masks
+            else "instruction editing" if suite.task == "instruct" else "img2img")
     steps = (f"; attacks get the steps {suite.attack_work:g} encoder-equivalent passes per photo buy "
              f"({suite.attack_steps} at equal iterations)" if suite.attack_work is not None and suite.attack_steps
              else f"; attacks get {suite.attack_steps} steps" if suite.attack_steps else "")

@@ -35,7 +35,8 @@ def protection_arrow(metric: str) -> str:
     return "↓" if protection_better(metric) == "min" else "↑"
 
 #: the leaderboard's task groups, in page order, with their section titles
-TASKS = {"img2img": "img2img", "inpaint": "Inpainting (whole image, and the repainted region only)"}
+TASKS = {"img2img": "img2img", "inpaint": "Inpainting (whole image, and the repainted region only)",
+         "instruct": "Instruction editing (InstructPix2Pix's architecture)"}
 
 INPAINT_NOTE = ("Inpainting: the mask's region is repainted from noise and the rest kept. Protection is scored on "
                 "the whole edit and on the repainted region only (SSIM, PSNR: the metrics with a per-pixel map); "

@@ -167,8 +167,9 @@ class Record(BaseModel):
     #: where the attack's code came from: {"distribution": "spdbench" | the plugin's package,
     #: "version": ..., "module": ...}; "distribution" is "unknown" for code no installed package holds
     attack_source: dict[str, str] = {}
-    #: the leaderboard's task group: "img2img", or "inpaint" (edited with a mask per photo)
-    task: str = Field("img2img", pattern="^(img2img|inpaint)$")
+    #: the leaderboard's task group: "img2img", "inpaint" (edited with a mask per photo) or
+    #: "instruct" (an instruction editor; records before it said "img2img" and none was committed)
+    task: str = Field("img2img", pattern="^(img2img|inpaint|instruct)$")
     #: inpainting only: the mask set, its convention, one sha256 and repaint fraction per image
     masks: Optional[dict[str, Any]] = None
     #: inpainting only: protection on the repainted region (SSIM, PSNR: region_metrics.py), per image

@@ -83,7 +83,7 @@ def _work(suite: Suite) -> list[tuple[str, str]]:
 def protocol_card(suite: Suite) -> list[tuple[str, str]]:
     """The suite's rule book as (label, value) rows, in reading order."""
     editor = _model(suite.edit_target or suite.target)
-    rows = [("task", "inpainting" if suite.masks else "img2img"),
+    rows = [("task", {"inpaint": "inpainting", "instruct": "instruction editing"}.get(suite.task, "img2img")),
             ("attacked model", _model(suite.target)),
             ("editor", editor + (" (black box: not the attacked model)" if suite.edit_target else "")),
             ("resolution", f"{suite.image_size} px"), *_edit(suite),
