@@ -104,6 +104,7 @@ def test_adaptive_challenge_is_verified_and_shows_its_column(filed):
     assert head in text[budget_href("smoke", "linf", EPS)] and head not in text[budget_href("smoke", "linf", "8/255")]
     assert "lowers neither the worst case nor the rank" in text[budget_href("smoke", "linf", EPS)]
     assert COLUMN in text[entry_href(ENTRY.name)] and COLUMN not in text[entry_href("smoke-none")]
+    assert COLUMN in text["index.html"] and f"{per_image.mean():.4f}" in text["index.html"]  # the overview too
 
 
 def test_forged_adaptive_challenge_is_refused(filed):

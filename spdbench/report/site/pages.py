@@ -132,7 +132,10 @@ def _headline_row(row: pd.Series, links: dict) -> dict:
                 ssim=fmt(row.get("ssim")), ssim_ci=ci_text(row, "ssim"),
                 worst=fmt(worst) if "worst_ssim" in row else None, worst_ci=ci_text(row, "worst_ssim"),
                 imp=fmt(row.get("imp_psnr")), flags=row.get("flags") if isinstance(row.get("flags"), str) else "",
-                seconds=fmt(row.get("seconds_per_image")), device=str(row.get("device") or "–"))
+                seconds=fmt(row.get("seconds_per_image")), device=str(row.get("device") or "–"),
+                adapted=fmt(row.get("adapted_ssim")) if "adapted_ssim" in row else None,
+                adapted_ci=ci_text(row, "adapted_ssim"),
+                adapted_by=row.get("adapted_by") if isinstance(row.get("adapted_by"), str) else "")
 
 
 def headlines(all_budgets: Sequence[Budget], rank: pd.DataFrame, entries: Sequence[Entry]) -> list[dict]:
@@ -148,7 +151,8 @@ def headlines(all_budgets: Sequence[Budget], rank: pd.DataFrame, entries: Sequen
         table = [_headline_row(r, links) for _, r in rows.iterrows()]
         out.append(dict(suite=suite, task=TASKS[head.task].split(" (")[0], budget=head, others=mine,
                         rows=table, href=suite_href(suite), has_worst=any(r["worst"] not in (None, "–")
-                                                                          for r in table)))
+                                                                          for r in table),
+                        has_adapted=any(r["adapted_by"] for r in table)))
     return out
 
 
