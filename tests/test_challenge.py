@@ -106,3 +106,31 @@ def test_a_challenge_of_other_files_is_not_applied(filed, tmp_path):
                          "(its manifest changed since)")]
     kept = [r for r in records if r.eps_label != EPS]
     assert current_challenges([ch], kept)[1][0][1].startswith("not applied: it covers cells")
+
+
+def test_a_mismatched_editor_challenge_names_its_model_and_counts_as_measured(filed):
+    """A purifier with a model of its own (swap-vae-tiny-b: tiny-b's VAE round trip) runs with that
+    model, which the challenge names with its fingerprint; verify loads it again and refuses another
+    fingerprint; on the board the row's worst case is then measured with it."""
+    board, entry, _, _, _, model = filed
+    folder = board / "challenges" / "swap"
+    ch = run_challenge(entry, "swap-vae-tiny-b", folder, eps=[EPS], prompts=[PROMPT], model=model)
+    tiny_b = load_target("tiny-b")
+    assert ch.purifier["model"] == "tiny-b" and ch.purifier_model["fingerprint"] == tiny_b.fingerprint
+    assert ch.purifier_model["fingerprint"] != model.fingerprint
+    report = verify_challenge(folder, sample=1, seed=3, model=model)
+    assert report.ok, report.problems
+
+    records = [r for recs in load_checked_by_folder([entry])[0].values() for r in recs]
+    test_cells = [r for r in records if r.split.value == "test" and r.eps_label == EPS and r.prompt_key == PROMPT]
+    before = ranking(test_cells).set_index("eps_label")
+    after = ranking(test_cells, challenges=[ch]).set_index("eps_label")
+    assert "swap-vae-tiny-b" in before.loc[EPS, "worst_not_measured"]
+    assert "swap-vae-tiny-b" not in after.loc[EPS, "worst_not_measured"]  # the cells the challenge covers
+
+    forged = board / "challenges" / "swap-forged"
+    shutil.copytree(folder, forged)
+    text = (forged / "challenge.json").read_text().replace(ch.purifier_model["fingerprint"], "0" * 16)
+    (forged / "challenge.json").write_text(text.replace('"name": "swap"', '"name": "swap-forged"'))
+    report = verify_challenge(forged, sample=1, seed=3, model=model)
+    assert not report.ok and any("fingerprint" in p for p in report.problems), report.problems

@@ -102,7 +102,8 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0,
     ok = board_flags.with_challenges(ok, purifying) if purifying else ok
     seconds = _seconds_by_budget(ok)
     groups = _ranked_groups(ok, split)
-    rows = [_ranking_row(key, recs, split, seconds, seed) for key, recs in groups.items()]
+    ran = {c.block: str(c.purifier.get("name")) for c in purifying}  # a challenge's block measured its purifier
+    rows = [_ranking_row(key, recs, split, seconds, seed, ran) for key, recs in groups.items()]
     _mark_flagged(rows, list(groups.values()), bool(purifying))
     for row, recs in zip(rows, groups.values()) if adaptive else ():
         row.update({**dict.fromkeys(board_flags.ADAPTED), **board_flags.adapted(recs, adaptive, seed)})
@@ -160,14 +161,18 @@ def _ranked_groups(ok: Sequence[Record], split: str) -> dict[tuple, list[Record]
 
 
 def _ranking_row(key: tuple, recs: Sequence[Record], split: str, seconds: dict[tuple, list[float]],
-                 seed: int) -> dict:
-    """One ranking row: the group's axes, its metric means with CIs, imperceptibility, costs, labels."""
+                 seed: int, challenge_purifiers: Optional[dict[str, str]] = None) -> dict:
+    """One ranking row: the group's axes, its metric means with CIs, imperceptibility, costs, labels.
+    `challenge_purifiers`: each verified purifier challenge's block -> the purifier it ran (a headline
+    purifier a challenge ran counts as measured)."""
     method, suite, norm, eps, label, on, asked = key
     row = _axes_row(method, suite, norm, eps, label, recs)
     if any(r.purified for r in recs):
         row["worst_by"] = _worst_by(recs)
         # the headline purifiers this row's worst case was not measured with (shown, never dropped)
-        row["worst_not_measured"] = ", ".join(sorted({p for r in recs for p in not_measured(r.purified)})) or "none"
+        ran = challenge_purifiers or {}
+        row["worst_not_measured"] = ", ".join(sorted({p for r in recs for p in not_measured(
+            {ran.get(block, block) for block in r.purified})})) or "none"
     row.update(_series_stats(_metric_series(recs), recs, seed))
     row.update(_imperceptibility_means(recs))
     row.update(_costs(recs, seconds.get((method, suite, norm, eps), [])))

@@ -133,6 +133,9 @@ class Challenge(BaseModel):
     #: the model-side adaptive attacker (`kind` is taken: it names the file type)
     challenge_kind: Literal["purifier", "adaptive"] = "purifier"
     purifier: Optional[dict] = None
+    #: a purifier that runs with a model of its own (a mismatched editor): that model, as loaded
+    #: ({"name", "source", "fingerprint"}); None for every other purifier (and all older challenges)
+    purifier_model: Optional[dict] = None
     #: adaptive challenges: every setting the patch was trained with (harness/adaptive.ran_with)
     adaptive: Optional[dict] = None
     patches: list[LoraWeights] = []
@@ -232,12 +235,28 @@ def _editing_model(e: _Entry, device: Optional[str], model=None):
 
 
 def _purifier(name: str):
-    """The registered purifier `name`; one that runs with a model of its own is not supported here."""
-    p = get_purifier(name)
-    if p.model is not None:
-        raise InputError(f"--purifier {name!r} runs with its own model {p.model!r}; challenges run purifiers with "
-                         "the entry's editing model only so far")
-    return p
+    """The registered purifier `name` (an unknown one: the registry's one line, with a did-you-mean)."""
+    return get_purifier(name)
+
+
+def _purifier_model(p, model, claimed: Optional[dict] = None):
+    """The model purifier `p` runs with: the editing model, or -- a mismatched editor -- its own,
+    loaded through the one loading door on the editing model's device and dtype. `claimed`: what a
+    challenge says it ran with; the model loaded here must have that fingerprint."""
+    if p.model is None:
+        if claimed is not None:
+            raise RecordError(f"purifier {p.name!r} runs with the editing model, the challenge names model {claimed}")
+        return model
+    own = load_target(p.model, device=model.device, dtype=model.dtype)
+    if claimed is not None and claimed.get("fingerprint") != own.fingerprint:
+        raise RecordError(f"purifier {p.name!r}'s model {p.model!r} has fingerprint {own.fingerprint} here, the "
+                          f"challenge ran with {claimed.get('fingerprint')}")
+    return own
+
+
+def _model_fields(p, purifier_model) -> dict:
+    return {} if p.model is None else {"purifier_model": dict(name=purifier_model.name, source=str(purifier_model.source),
+                                                               fingerprint=purifier_model.fingerprint)}
 
 
 def _chosen_cells(e: _Entry, eps: Optional[Sequence[str]], prompts: Optional[Sequence[str]], split: str) -> list:
@@ -304,8 +323,9 @@ def run_challenge(entry: Union[str, Path], purifier: str, out: Union[str, Path],
     editor = _editor(e, model)
     pos = split_positions(len(e.images), e.suite.split_seed)[split]
     labels = sorted({c.record.eps_label for c in cells})
+    own = _purifier_model(p, model)
     st.stage("purifying", f"{len(e.images)} protected photos with {purifier} at eps {', '.join(labels)}")
-    purified = {label: purify_budget(e, label, p, model) for label in labels}
+    purified = {label: purify_budget(e, label, p, own) for label in labels}
     st.stage("editing", f"the {split} photos of {len(cells)} cell(s), clean and purified")
     every, cache = list(range(len(pos))), {}
     measured = [ChallengeCell(
@@ -313,7 +333,7 @@ def run_challenge(entry: Union[str, Path], purifier: str, out: Union[str, Path],
         image_names=list(c.record.image_names),
         values=measure_cell(editor, c.record, purified[c.record.eps_label][pos], e.images[pos], every, cache),
         purified_sha256=[image_sha256(purified[c.record.eps_label][i]) for i in pos]) for c in cells]
-    challenge = Challenge(**_identity(name, e, model), purifier=p.to_dict(), cells=measured)
+    challenge = Challenge(**_identity(name, e, model), purifier=p.to_dict(), cells=measured, **_model_fields(p, own))
     st.stage("writing", str(out))
     _write(out, challenge, {png_rel(label, e.names[i]): _png_bytes(imgs[i])
                             for label, imgs in purified.items() for i in pos})
@@ -665,9 +685,12 @@ def _check_retrained(ch: Challenge, e: _Entry, weights: dict, settings: LoraPatc
 def _check_purified(ch: Challenge, e: _Entry, stored: dict, model, report: ChallengeReport) -> None:
     """Every photo purified again: it must be the stored PNG up to float rounding at the 8-bit grid."""
     p = _purifier(str(ch.purifier["name"]))
+    if p.model is not None and ch.purifier_model is None:
+        raise RecordError(f"purifier {p.name!r} runs with its own model {p.model!r}; the challenge does not say which")
+    own = _purifier_model(p, model, ch.purifier_model)
     index = {n: i for i, n in enumerate(e.names)}
     for label in sorted({k[0] for k in stored}):
-        again = purify_budget(e, label, p, model)
+        again = purify_budget(e, label, p, own)
         keys = [k for k in stored if k[0] == label]
         a = torch.stack([stored[k] for k in keys]).mul(255).round().to(torch.int16)
         b = torch.stack([again[index[k[1]]] for k in keys]).mul(255).round().to(torch.int16)
