@@ -134,3 +134,25 @@ def test_a_mismatched_editor_challenge_names_its_model_and_counts_as_measured(fi
     (forged / "challenge.json").write_text(text.replace('"name": "swap"', '"name": "swap-forged"'))
     report = verify_challenge(forged, sample=1, seed=3, model=model)
     assert not report.ok and any("fingerprint" in p for p in report.problems), report.problems
+
+
+@pytest.mark.slow
+def test_an_inpainting_entry_is_challenged_with_its_masks(tmp_path):
+    """On an inpainting suite the challenge edits each purified photo with the suite's mask of it
+    (the entry's own rule for its purifier blocks), verify re-edits them the same way, and the board
+    joins it to the whole-image worst case of the cells it covers."""
+    inpaint = ENTRY.parent / "smoke-inpaint-pca-minus"
+    entry = tmp_path / "entries" / inpaint.name
+    shutil.copytree(inpaint, entry)
+    model = load_target("tiny-inpaint")
+    folder = tmp_path / "challenges" / "nu-inpaint"
+    ch = run_challenge(entry, PURIFIER, folder, eps=[EPS], prompts=["P4"], model=model)
+    assert len(ch.cells) == 1 and ch.purifier_model is None
+    report = verify_challenge(folder, sample=1, seed=3, model=model)
+    assert report.ok, report.problems
+    records = [r for recs in load_checked_by_folder([entry])[0].values() for r in recs]
+    cell = next(r for r in records if r.cell_id == ch.cells[0].cell_id)
+    joined = with_challenges([cell], [ch])[0]
+    assert joined.purified[ch.block]["ssim"] == ch.cells[0].values["ssim"]
+    report = verify_challenge(forge_values(folder, tmp_path, 0.05), sample=1, seed=3, model=model)
+    assert not report.ok and "does not reproduce" in report.problems[0], report.problems

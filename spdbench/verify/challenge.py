@@ -52,6 +52,7 @@ from spdbench.errors import InputError, RecordError
 from spdbench.harness.adaptive import LoraPatch, load_patch, lora_weights, patch_editor, ran_with
 from spdbench.harness.editing import EditSettings, Editor
 from spdbench.harness.progress import Stages, default_stages
+from spdbench.harness.request import suite_masks
 from spdbench.images import image_sha256
 from spdbench.purifiers import get_purifier
 from spdbench.scoring import metrics
@@ -175,6 +176,12 @@ class _Entry:
     names: list[str]
     deltas: dict
     manifest_sha256: Optional[str]
+    #: an inpainting suite's mask of every photo, by name (1 = repaint); None on img2img suites
+    masks: Optional[dict[str, torch.Tensor]] = None
+
+    def masks_of(self, names: Sequence[str]) -> Optional[torch.Tensor]:
+        """The (N, 1, H, W) masks of these photos, or None on an img2img suite."""
+        return None if self.masks is None else torch.stack([self.masks[n] for n in names])
 
 
 @dataclass
@@ -205,9 +212,6 @@ def _load_entry(folder: Union[str, Path], data=None, manifest=None) -> _Entry:
     if claims.problems:
         raise RecordError(f"entry {folder.name}: {claims.problems[0]}")
     suite = claims_mod.suite_of(claims.cells[0].record)
-    if suite.masks:
-        raise InputError(f"entry {folder.name}: suite {suite.name!r} is an inpainting suite; challenges cover "
-                         "img2img suites only so far")
     images, names = suite.load_images(data, manifest)
     images = images.detach().float().cpu()
     problems = claims_mod.image_problems(claims, images, names, suite)
@@ -222,7 +226,8 @@ def _load_entry(folder: Union[str, Path], data=None, manifest=None) -> _Entry:
 
 def _editing_model(e: _Entry, device: Optional[str], model=None):
     """The model that edits the entry's photos (its suite's edit target on a transfer suite), with
-    the fingerprint the records claim; `model`: one the caller loaded already (checked the same way)."""
+    the fingerprint the records claim; `model`: one the caller loaded already (checked the same way).
+    On an inpainting suite the suite's masks are loaded into the entry here (they need the model)."""
     rec = e.claims.cells[0].record
     name = e.suite.edit_target or e.suite.target
     claimed = (rec.edit_target or rec.target).fingerprint
@@ -231,6 +236,8 @@ def _editing_model(e: _Entry, device: Optional[str], model=None):
     if model.fingerprint != claimed:
         raise RecordError(f"editing model {name!r} has fingerprint {model.fingerprint}, the entry's records claim "
                           f"{claimed}")
+    masks, _ = suite_masks(e.suite, None, e.names, e.images, model)  # the mask set the records name (claims)
+    e.masks = None if masks is None else {n: masks[i] for i, n in enumerate(e.names)}
     return model
 
 
@@ -286,23 +293,26 @@ def purify_budget(e: _Entry, eps: str, purifier, model) -> torch.Tensor:
     return to_8bit(purifier(adv.to(model.device), model))
 
 
-def _edits(editor: Editor, images: torch.Tensor, rec, positions: Sequence[int]) -> torch.Tensor:
-    """The record's edit (its prompt, each photo's seed) of `images` (the photos at `positions`
-    of the record's split)."""
+def _edits(editor: Editor, images: torch.Tensor, rec, positions: Sequence[int],
+           masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The record's edit (its prompt, each photo's seed, on an inpainting suite its mask) of
+    `images` (the photos at `positions` of the record's split)."""
     seeds = [rec.edit_seeds[k] for k in positions]
-    return editor.edit(images, rec.prompt, seeds).float().cpu()
+    return editor.edit(images, rec.prompt, seeds, masks).float().cpu()
 
 
 def measure_cell(editor: Editor, rec, purified: torch.Tensor, clean: torch.Tensor,
-                 positions: Sequence[int], clean_edits: Optional[dict] = None) -> dict[str, list[float]]:
+                 positions: Sequence[int], clean_edits: Optional[dict] = None,
+                 masks: Optional[torch.Tensor] = None) -> dict[str, list[float]]:
     """Every registered metric, per photo at `positions` of the cell: the edit of the purified
-    protected photo against the edit of the clean photo (the entry's `purified` blocks' rule).
-    `clean_edits`: a cache of clean edits by (prompt, split), shared by a challenge's budgets."""
+    protected photo against the edit of the clean photo (the entry's `purified` blocks' rule:
+    the whole image, on an inpainting suite too). `clean_edits`: a cache of clean edits by
+    (prompt, split), shared by a challenge's budgets; `masks`: those photos' masks (inpainting)."""
     key = (rec.prompt, rec.split.value, tuple(positions))
     cache = {} if clean_edits is None else clean_edits
     if key not in cache:
-        cache[key] = _edits(editor, clean, rec, positions)
-    got = metrics.score(_edits(editor, purified, rec, positions), cache[key])
+        cache[key] = _edits(editor, clean, rec, positions, masks)
+    got = metrics.score(_edits(editor, purified, rec, positions, masks), cache[key])
     return {m: [float(v) for v in vals.cpu()] for m, vals in got.items()}
 
 
@@ -331,7 +341,8 @@ def run_challenge(entry: Union[str, Path], purifier: str, out: Union[str, Path],
     measured = [ChallengeCell(
         cell_id=c.record.cell_id, eps_label=c.record.eps_label, prompt_key=c.record.prompt_key, split=split,
         image_names=list(c.record.image_names),
-        values=measure_cell(editor, c.record, purified[c.record.eps_label][pos], e.images[pos], every, cache),
+        values=measure_cell(editor, c.record, purified[c.record.eps_label][pos], e.images[pos], every, cache,
+                            e.masks_of([e.names[i] for i in pos])),
         purified_sha256=[image_sha256(purified[c.record.eps_label][i]) for i in pos]) for c in cells]
     challenge = Challenge(**_identity(name, e, model), purifier=p.to_dict(), cells=measured, **_model_fields(p, own))
     st.stage("writing", str(out))
@@ -366,9 +377,10 @@ def run_adaptive_challenge(entry: Union[str, Path], out: Union[str, Path], setti
     st = stages or default_stages("challenge")
     st.stage("loading", f"entry {Path(entry).name}, its photos and its editing model")
     e = _load_entry(entry, data, manifest)
-    if e.suite.edit.image_guidance is not None:
-        raise InputError(f"--adaptive: entry {e.folder.name}'s suite {e.suite.name!r} edits with an instruction "
-                         "editor; the LoRA attacker patches img2img editors only")
+    if e.suite.edit.image_guidance is not None or e.suite.masks:
+        raise InputError(f"--adaptive: entry {e.folder.name}'s suite {e.suite.name!r} edits with an "
+                         f"{'inpainting' if e.suite.masks else 'instruction'} editor; the LoRA attacker patches "
+                         "img2img editors only")
     cells = _chosen_cells(e, eps, None, "test")
     model = _editing_model(e, device, model)
     original, original_cache = _editor(e, model), {}
@@ -716,7 +728,8 @@ def _compare_values(cells: Sequence[ChallengeCell], e: _Entry, photos: dict, edi
     records, compared, cache = {c.record.cell_id: c.record for c in e.claims.ok_cells}, 0, {}
     for cell in cells:
         picks, edited, clean = _picked(cell, e, photos, rng, sample)
-        got = measure_cell(editor, records[cell.cell_id], edited, clean, picks, cache)
+        got = measure_cell(editor, records[cell.cell_id], edited, clean, picks, cache,
+                           e.masks_of([cell.image_names[k] for k in picks]))
         compared += _compare(cell, cell.values, got, picks, tolerance)
     return compared
 
