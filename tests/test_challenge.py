@@ -51,12 +51,12 @@ def test_challenge_is_verified_and_lowers_the_entry(filed):
     assert after.loc[EPS, "worst_ssim"] > before.loc[EPS, "worst_ssim"]  # lowered: less protection promised
     assert after.loc[EPS, "challenged_by"] == "nu"
     assert "worst case lowered by challenge nu" in after.loc[EPS, "flags"]
-    assert "challenge:nu" in after.loc[EPS, "worst_by"]
+    assert "challenge:noisy-upscale" in after.loc[EPS, "worst_by"]  # the column is the purifier's
     assert after.loc["8/255", "worst_ssim"] == before.loc["8/255", "worst_ssim"]  # a budget it did not cover
 
     written = build(records, board, formats=["csv"])  # the board reads LEADERBOARD/challenges/
     csv = written["csv"].read_text()
-    assert "challenged_by" in csv and "ssim_after_challenge:nu" in csv
+    assert "challenged_by" in csv and "ssim_after_challenge:noisy-upscale" in csv
 
 
 def test_a_challenge_can_only_lower(filed):

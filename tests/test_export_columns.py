@@ -110,16 +110,18 @@ def test_only_the_boards_verified_challenge_adds_columns_with_its_values(records
     lb, written = board
     df = pd.read_csv(written["per-image"])
     assert list(df.columns[:len(IDENTITY)]) == list(IDENTITY)
-    assert sorted(c for c in df.columns if c.startswith("challenge.")) == ["challenge.good.psnr", "challenge.good.ssim"]
+    # one column per purifier (the challenge "good" ran noisy-upscale), not one per challenge
+    assert sorted(c for c in df.columns if c.startswith("challenge.")) == ["challenge.noisy-upscale.psnr",
+                                                                           "challenge.noisy-upscale.ssim"]
     rec = _cell(records)
     rows = df[df["cell_id"] == rec.cell_id].sort_values("image_index")
     assert list(rows["image_name"]) == rec.image_names
-    assert np.allclose(rows["challenge.good.ssim"], SSIM, rtol=0, atol=1e-12)
-    assert np.allclose(rows["challenge.good.psnr"], PSNR, rtol=0, atol=1e-12)
-    assert df.loc[df["cell_id"] != rec.cell_id, "challenge.good.ssim"].isna().all()
+    assert np.allclose(rows["challenge.noisy-upscale.ssim"], SSIM, rtol=0, atol=1e-12)
+    assert np.allclose(rows["challenge.noisy-upscale.psnr"], PSNR, rtol=0, atol=1e-12)
+    assert df.loc[df["cell_id"] != rec.cell_id, "challenge.noisy-upscale.ssim"].isna().all()
     # the board applied the same one: the ranking's purification column and its worst case by it
     ranking = pd.read_csv(written["csv"])
-    assert "ssim_after_challenge:good" in ranking.columns
+    assert "ssim_after_challenge:noisy-upscale" in ranking.columns
     assert not [c for c in ranking.columns if any(n in c for n in ("forged", "unverified", "swapped", "stale"))]
 
 
@@ -143,7 +145,7 @@ def test_a_challenge_of_other_photos_joins_no_record(records, board):
     shuffled = good.model_copy(update={"cells": [cell.model_copy(update={"image_names": cell.image_names[::-1]})]})
     df = per_image_frame({ENTRY.name: records}, [shuffled])
     assert not [c for c in df.columns if c.startswith("challenge.")]
-    assert "challenge.good.ssim" in per_image_frame({ENTRY.name: records}, [good]).columns
+    assert "challenge.noisy-upscale.ssim" in per_image_frame({ENTRY.name: records}, [good]).columns
 
 
 def test_the_sites_entry_csv_carries_the_same_challenge_columns(records, board):
@@ -152,5 +154,5 @@ def test_the_sites_entry_csv_carries_the_same_challenge_columns(records, board):
     files = write_site({str(ENTRY): records}, lb / "site", board_dir=lb)
     csv = next(p for p in files if p.suffix == ".csv")
     site, top = pd.read_csv(csv), pd.read_csv(written["per-image"])
-    assert sorted(c for c in site.columns if c.startswith("challenge.")) == ["challenge.good.psnr", "challenge.good.ssim"]
+    assert sorted(c for c in site.columns if c.startswith("challenge.")) == ["challenge.noisy-upscale.psnr", "challenge.noisy-upscale.ssim"]
     pd.testing.assert_frame_equal(site, top)

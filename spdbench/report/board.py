@@ -104,13 +104,13 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0,
     groups = _ranked_groups(ok, split)
     ran = {c.block: str(c.purifier.get("name")) for c in purifying}  # a challenge's block measured its purifier
     rows = [_ranking_row(key, recs, split, seconds, seed, ran) for key, recs in groups.items()]
-    _mark_flagged(rows, list(groups.values()), bool(purifying))
+    _mark_flagged(rows, list(groups.values()), purifying)
     for row, recs in zip(rows, groups.values()) if adaptive else ():
         row.update({**dict.fromkeys(board_flags.ADAPTED), **board_flags.adapted(recs, adaptive, seed)})
     return _ranked_frame(pd.DataFrame(rows), seed)
 
 
-def _mark_flagged(rows: list[dict], groups: Sequence[Sequence[Record]], challenged: bool) -> None:
+def _mark_flagged(rows: list[dict], groups: Sequence[Sequence[Record]], challenges: Sequence[Challenge]) -> None:
     """Each row's reasons not to be ranked (floors, mixed provenance) into its flags and `not_ranked`;
     with challenges, `challenged_by` and a flag naming the challenge that lowered the row."""
     mixed = board_flags.mixed_reasons([((r["suite"], r["norm"], r["eps"]), g[0]) for r, g in zip(rows, groups)])
@@ -120,8 +120,9 @@ def _mark_flagged(rows: list[dict], groups: Sequence[Sequence[Record]], challeng
             row["_flagged"] = True
         over = work_view.over_work_reason(recs)  # ranked at equal model work: over it, shown apart
         reasons += [over] if over else []
-        if challenged:
-            row["challenged_by"] = board_flags.challenged_by(row.get("worst_by"))
+        if challenges:
+            row["challenged_by"] = board_flags.challenged_by(row.get("worst_by"),
+                                                             board_flags.covering(recs, challenges))
             if row["challenged_by"]:
                 reasons.append(f"worst case lowered by challenge {row['challenged_by']}")
         if reasons:
@@ -678,15 +679,19 @@ RULES_NOTE = (
     "leaderboard/entries/NAME --purifier PURIFIER` runs a registered purifier against the entry's stored protections "
     "(every budget or `--eps`, every prompt or `--prompts`, the test split) and writes "
     "`leaderboard/challenges/PURIFIER-NAME/`: `challenge.json` (the purifier and its settings, the entry and its "
-    "manifest's sha256, the editing model's fingerprint, and per cell the per-image values of the edit of the purified "
-    "protected photo against the edit of the photo, same prompt, settings and seed) and `purified/*.png` (the purified "
+    "manifest's sha256, the editing model's fingerprint -- and a mismatched editor's own model with its fingerprint --, "
+    "and per cell the per-image values of the edit of the purified "
+    "protected photo against the edit of the photo, same prompt, settings, seed and, on an inpainting suite, mask) and "
+    "`purified/*.png` (the purified "
     "photos on the 8-bit grid: what was edited). `spdbench verify leaderboard/challenges/C` checks it as it checks an "
     "entry: the photos are the hashes the JSON names, every photo is purified again, a random sample of each cell's "
     "photos is edited again; a value that does not reproduce refuses it with one line, and a verified challenge gets "
     "`verification.json`. The board applies only challenges verified as they are, each as one more purifier of the "
     "cells it covers: a row's worst case (per photo, the purifier that best restores its edit) is taken over the "
     "suite's purifiers and the challenges, so a challenge can only lower an entry; the row names it (`challenged_by`, "
-    "flag \"worst case lowered by challenge C\") and the purification table gets its column `challenge:C`.\n\n"
+    "flag \"worst case lowered by challenge C\") and the purification table gets the column `challenge:PURIFIER` (one "
+    "column per purifier, whoever filed it; where two challenges ran one purifier on one cell, the one with the higher "
+    "mean SSIM counts).\n\n"
     "**Flags.** Each suite has an invisibility floor and a benign-edit check (`Suite.floor` in `spdbench/suites.py`): "
     "a row whose mean imperceptibility PSNR or SSIM (protected photo against the photo) is below the floor, or whose "
     "benign edit (the empty prompt P4: an identity-like re-render) of the protected photo has a mean SSIM to that of "
@@ -704,7 +709,8 @@ PER_IMAGE_NOTE = ("## Per-image values\n\n`per-image.csv` (beside this page) hol
                   "`protection_region.<metric>`, `imperceptibility_kept.<metric>` (inpainting), "
                   "`purified.<purifier>.<metric>`, `ground_truth.<series>` (instruction suites with exact results, "
                   "offline only: `protected` and `clean`, the PSNR in dB of the edit of the protected and of the clean "
-                  "photo to the instruction's exact result on the clean photo) and `challenge.<challenge>.<metric>` "
+                  "photo to the instruction's exact result on the clean photo) and `challenge.<purifier>.<metric>` or, "
+                  "for an adaptive challenge, `challenge.<challenge>.<metric>` "
                   "(a challenge applied on this page, below: its value for that photo, from its `challenge.json`; for a "
                   "purifier challenge, the edit of the protected photo purified by its purifier against the edit of "
                   "the photo; for an adaptive challenge, the LoRA-patched editor's edit of the protected photo against "

@@ -10,9 +10,10 @@ any tool reads. One row per (record, photo), columns in a fixed order:
 - values: `protection.<metric>`, `imperceptibility.<metric>`, `protection_region.<metric>`,
   `imperceptibility_kept.<metric>`, `purified.<purifier>.<metric>`, `ground_truth.<series>` (edit
   success against ground truth on offline instruction suites, scoring/ground_truth.py: `protected`,
-  `clean`) and `challenge.<name>.<metric>` (a verified challenge's value for that photo of that
-  record, verify/challenge.py) -- one column per value the records and challenges hold, sorted by
-  name after the identity columns.
+  `clean`) and `challenge.<column>.<metric>` (a verified challenge's value for that photo of that
+  record, verify/challenge.py; `<column>` is the purifier's name for a purifier challenge -- one
+  column per purifier, whoever filed it -- and the challenge's name for an adaptive one) -- one
+  column per value the records and challenges hold, sorted by name after the identity columns.
 
 Challenges: only the ones the caller passes, which must be the board's (verified as they are and
 still fitting: `read_verified` then `flags.current_challenges`); a challenge joins a record by the
@@ -38,7 +39,7 @@ IDENTITY = ("entry", "cell_id", "attack", "preset", "params", "kind", "suite", "
             "image_name", "image_sha256", "status")
 #: record fields holding {metric: per-image list}, exported as "<field>.<metric>"
 PER_IMAGE_FIELDS = ("protection", "imperceptibility", "protection_region", "imperceptibility_kept", "ground_truth")
-#: a verified challenge's columns: "challenge.<challenge name>.<metric>"
+#: a verified challenge's columns: "challenge.<Challenge.column>.<metric>"
 CHALLENGE_PREFIX = "challenge."
 
 #: per cell id: (challenge name, its photos, {metric: per-image values}) of every challenge covering it
@@ -50,15 +51,24 @@ def _challenge_index(challenges: Sequence[Challenge]) -> ChallengeIndex:
     index: ChallengeIndex = {}
     for ch in challenges:
         for cell in ch.cells:
-            index.setdefault(cell.cell_id, []).append((ch.name, list(cell.image_names), cell.values))
+            index.setdefault(cell.cell_id, []).append((ch.column, list(cell.image_names), cell.values))
     return index
 
 
 def _challenge_values(rec: Record, index: ChallengeIndex) -> dict[str, dict[str, list[float]]]:
     """{column prefix: {metric: per-image values}} of the challenges covering the record: its cell,
     and its photos in its order (the board's rule, flags.with_challenges)."""
-    return {f"{CHALLENGE_PREFIX}{name}.": values for name, names, values in index.get(rec.cell_id, ())
-            if names == list(rec.image_names)}
+    out: dict[str, dict[str, list[float]]] = {}
+    for column, names, values in index.get(rec.cell_id, ()):
+        key = f"{CHALLENGE_PREFIX}{column}."
+        if names == list(rec.image_names) and (key not in out or _mean(values) > _mean(out[key])):
+            out[key] = values  # two of one purifier: the higher mean SSIM, as flags.with_challenges keeps
+    return out
+
+
+def _mean(values: dict[str, list[float]]) -> float:
+    ssim = values.get("ssim") or []
+    return sum(ssim) / len(ssim) if ssim else float("-inf")
 
 
 def _values(rec: Record, i: int, challenged: dict[str, dict[str, list[float]]]) -> dict[str, float]:

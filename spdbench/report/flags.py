@@ -11,7 +11,7 @@ versions are never ranked against each other. Here, per ranking row (one method 
   editing model's weights fingerprint, metric implementations -- differs from the table's (the
   provenance of most rows; ties to the first row in the board's order) are separated with a note.
 - `with_challenges`: verified challenges (verify/challenge.py) joined to the records they cover as
-  one more purifier block, "challenge:<name>", so the per-image worst case over purifiers can only
+  one more purifier block, "challenge:<purifier>", so the per-image worst case over purifiers can only
   go up (the entry only down), and the row names the challenge that lowered it. Purifier
   challenges only: an adaptive challenge (the editor LoRA-fine-tuned against the protection) is
   another threat -- the attacker owns the model -- so `adapted` gives it its own column, "after
@@ -132,16 +132,35 @@ def _reference(members: Sequence[int], rows: Sequence[tuple[tuple, Record]]) -> 
 
 def with_challenges(records: Sequence[Record], challenges: Sequence[Challenge]) -> list[Record]:
     """Copies of the records a challenge covers with its values as one more purifier block,
-    "challenge:<name>" (the photos must be the record's, in its order); the others as they are."""
+    "challenge:<purifier>" (the photos must be the record's, in its order); the others as they
+    are. Two verified challenges of one purifier on one cell: the one with the higher mean SSIM
+    (the stronger purifier for that cell: the worst case only goes up)."""
     blocks: dict[str, dict[str, tuple[list[str], dict[str, list[float]]]]] = {}
     for ch in (c for c in challenges if c.challenge_kind == "purifier"):
         for cell in ch.cells:
-            blocks.setdefault(cell.cell_id, {})[ch.block] = (cell.image_names, cell.values)
+            have = blocks.setdefault(cell.cell_id, {}).get(ch.block)
+            if have is None or _mean_ssim(cell.values) > _mean_ssim(have[1]):
+                blocks[cell.cell_id][ch.block] = (cell.image_names, cell.values)
     out = []
     for r in records:
         extra = {name: values for name, (names, values) in blocks.get(r.cell_id, {}).items()
                  if names == r.image_names}
         out.append(r.model_copy(update={"purified": {**r.purified, **extra}}) if extra else r)
+    return out
+
+
+def _mean_ssim(values: dict[str, list[float]]) -> float:
+    ssim = values.get("ssim") or []
+    return float(np.mean(ssim)) if ssim else float("-inf")
+
+
+def covering(recs: Sequence[Record], challenges: Sequence[Challenge]) -> dict[str, list[str]]:
+    """Per purifier block, the names of the challenges that cover some record of a row."""
+    cells = {r.cell_id for r in recs}
+    out: dict[str, list[str]] = {}
+    for ch in challenges:
+        if ch.challenge_kind == "purifier" and any(c.cell_id in cells for c in ch.cells):
+            out.setdefault(ch.block, []).append(ch.name)
     return out
 
 
@@ -167,12 +186,14 @@ def adapted(recs: Sequence[Record], challenges: Sequence[Challenge], seed: int =
     return best
 
 
-def challenged_by(worst_by: Optional[str]) -> Optional[str]:
+def challenged_by(worst_by: Optional[str], names: Optional[dict[str, list[str]]] = None) -> Optional[str]:
     """The challenges that gave some photo its worst case, from a row's "worst case by" counts
-    ("challenge:x 3, jpeg75 1" -> "x"); None where no challenge did."""
-    names = [part.strip().split(" ")[0][len(BLOCK_PREFIX):] for part in (worst_by or "").split(",")
-             if part.strip().startswith(BLOCK_PREFIX)]
-    return ", ".join(names) or None
+    ("challenge:noisy-upscale 3, jpeg75 1" -> the names of the row's challenges of that purifier,
+    `names` as `covering` gives them; without `names`, the purifier); None where no challenge did."""
+    blocks = [part.strip().split(" ")[0] for part in (worst_by or "").split(",")
+              if part.strip().startswith(BLOCK_PREFIX)]
+    found = [n for b in blocks for n in ((names or {}).get(b) or [b[len(BLOCK_PREFIX):]])]
+    return ", ".join(dict.fromkeys(found)) or None
 
 
 def current_challenges(challenges: Sequence[Challenge], records: Sequence[Record],

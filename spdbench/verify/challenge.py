@@ -80,7 +80,7 @@ MAX_WEIGHTS_BYTES = 512 * 2**20
 #: against seed 1, 2 or 60 steps: 1.9), so 1e-3 still refuses any other patch. Time: the default 60
 #: steps train in ~35 s per budget on smoke on one CPU thread of this (shared) machine.
 WEIGHT_RTOL = 1e-3
-#: the prefix of a challenge's block among a record's purifiers on the board ("challenge:<name>")
+#: the prefix of a challenge's block among a record's purifiers on the board ("challenge:<purifier>")
 BLOCK_PREFIX = "challenge:"
 DEFAULT_TOLERANCE = 2e-3
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -161,8 +161,18 @@ class Challenge(BaseModel):
         return self
 
     @property
+    def column(self) -> str:
+        """What the board and the per-image export call this challenge's values: its purifier's
+        name for a purifier challenge (one column per purifier, whoever filed it: the same purifier
+        against many entries is one column, not one per challenge), its own name for an adaptive one."""
+        if self.challenge_kind == "purifier" and self.purifier:
+            return str(self.purifier.get("name"))
+        return self.name
+
+    @property
     def block(self) -> str:
-        return f"{BLOCK_PREFIX}{self.name}"
+        """Its block among a record's purifier blocks on the board: "challenge:<column>"."""
+        return f"{BLOCK_PREFIX}{self.column}"
 
 
 @dataclass
