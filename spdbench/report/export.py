@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Sequence, Union
 import pandas as pd
 
 from spdbench.store.records import Record, attack_kind
-from spdbench.verify.challenge import Challenge
+from spdbench.verify.challenge import Challenge, mean_ssim
 
 IDENTITY = ("entry", "cell_id", "attack", "preset", "params", "kind", "suite", "task", "target",
             "target_fingerprint", "norm", "eps", "eps_label", "split", "prompt_key", "image_index",
@@ -61,14 +61,9 @@ def _challenge_values(rec: Record, index: ChallengeIndex) -> dict[str, dict[str,
     out: dict[str, dict[str, list[float]]] = {}
     for column, names, values in index.get(rec.cell_id, ()):
         key = f"{CHALLENGE_PREFIX}{column}."
-        if names == list(rec.image_names) and (key not in out or _mean(values) > _mean(out[key])):
+        if names == list(rec.image_names) and (key not in out or mean_ssim(values) > mean_ssim(out[key])):
             out[key] = values  # two of one purifier: the higher mean SSIM, as flags.with_challenges keeps
     return out
-
-
-def _mean(values: dict[str, list[float]]) -> float:
-    ssim = values.get("ssim") or []
-    return sum(ssim) / len(ssim) if ssim else float("-inf")
 
 
 def _values(rec: Record, i: int, challenged: dict[str, dict[str, list[float]]]) -> dict[str, float]:

@@ -31,7 +31,7 @@ from spdbench.report.text import PROTECTION
 from spdbench.scoring.stats import bootstrap_ci
 from spdbench.store.records import Record
 from spdbench.suites import Floor, get_suite
-from spdbench.verify.challenge import BLOCK_PREFIX, Challenge
+from spdbench.verify.challenge import BLOCK_PREFIX, Challenge, mean_ssim
 from spdbench.verify.entry import MANIFEST
 
 #: the words that start every reason a row is not ranked (the flags column)
@@ -139,7 +139,7 @@ def with_challenges(records: Sequence[Record], challenges: Sequence[Challenge]) 
     for ch in (c for c in challenges if c.challenge_kind == "purifier"):
         for cell in ch.cells:
             have = blocks.setdefault(cell.cell_id, {}).get(ch.block)
-            if have is None or _mean_ssim(cell.values) > _mean_ssim(have[1]):
+            if have is None or mean_ssim(cell.values) > mean_ssim(have[1]):
                 blocks[cell.cell_id][ch.block] = (cell.image_names, cell.values)
     out = []
     for r in records:
@@ -147,11 +147,6 @@ def with_challenges(records: Sequence[Record], challenges: Sequence[Challenge]) 
                  if names == r.image_names}
         out.append(r.model_copy(update={"purified": {**r.purified, **extra}}) if extra else r)
     return out
-
-
-def _mean_ssim(values: dict[str, list[float]]) -> float:
-    ssim = values.get("ssim") or []
-    return float(np.mean(ssim)) if ssim else float("-inf")
 
 
 def covering(recs: Sequence[Record], challenges: Sequence[Challenge]) -> dict[str, list[str]]:

@@ -208,6 +208,13 @@ class ChallengeReport:
         return not self.problems
 
 
+def mean_ssim(values: dict[str, list[float]]) -> float:
+    """A cell's mean SSIM: where two challenges ran one purifier on one cell, the higher counts
+    (the stronger purifier for it; the board and the export apply the same rule)."""
+    ssim = values.get("ssim") or []
+    return sum(ssim) / len(ssim) if ssim else float("-inf")
+
+
 def is_challenge(folder: Union[str, Path]) -> bool:
     """A folder holding challenge.json (what `verify` checks as a challenge, not as an entry)."""
     return (Path(folder) / CHALLENGE_FILE).is_file()
