@@ -105,6 +105,9 @@ def test_adaptive_challenge_is_verified_and_shows_its_column(filed):
     assert "lowers neither the worst case nor the rank" in text[budget_href("smoke", "linf", EPS)]
     assert COLUMN in text[entry_href(ENTRY.name)] and COLUMN not in text[entry_href("smoke-none")]
     assert COLUMN in text["index.html"] and f"{per_image.mean():.4f}" in text["index.html"]  # the overview too
+    entry_page = text[entry_href(ENTRY.name)]  # the entry's own page lists the challenge, what it ran
+    assert "Challenges (verified outside evaluations)" in entry_page and "editor LoRA-fine-tuned" in entry_page
+    assert "Challenges (verified" not in text[entry_href("smoke-none")]
 
 
 def test_forged_adaptive_challenge_is_refused(filed):

@@ -87,3 +87,21 @@ def test_the_site_of_two_entries_links_its_pages_and_shows_the_cards(tmp_path):
     assert "cpu (x86_64, 2 threads)" in entry and "not recorded" in entry and "Per-image values" in entry
     overview = (out / "index.html").read_text()
     assert overview.index('class="examples"') < overview.index("<table"), "the example photos come first"
+
+
+def test_an_entry_page_lists_its_challenges_with_what_they_ran():
+    """Every verified challenge of the entry, also one that lowered nothing, with its purifier (and
+    a mismatched editor's model) and its mean SSIM per budget."""
+    from spdbench.report.site.pages import challenge_rows
+    from spdbench.verify.challenge import Challenge, ChallengeCell
+
+    def challenge(name, purifier, model=None, ssim=(0.5, 0.7)):
+        cell = ChallengeCell(cell_id="c", eps_label="16/255", prompt_key="P3", split="test", image_names=["a", "b"],
+                             values={"ssim": list(ssim)}, purified_sha256=["0" * 64, "1" * 64])
+        return Challenge(name=name, entry="e", suite="smoke", purifier={"name": purifier}, editor_fingerprint="f",
+                         device="cpu", cells=[cell], purifier_model=model)
+
+    rows = challenge_rows([challenge("z", "platform"), challenge("a", "swap-vae-tiny-b", {"name": "tiny-b"})])
+    assert [r["name"] for r in rows] == ["a", "z"]
+    assert rows[0]["what"] == "purifier swap-vae-tiny-b with model tiny-b" and rows[1]["what"] == "purifier platform"
+    assert rows[0]["ssim"] == "16/255: 0.6000" and rows[0]["split"] == "test"

@@ -81,7 +81,7 @@ def write_site(by_folder: dict[str, list[Record]], out_dir: Union[str, Path], sk
     for b in all_budgets:
         page(b.href, "budget.html", page_title=b.title, b=b, siblings=[o for o in all_budgets if o.suite == b.suite])
     for e in entries:
-        page(e.href, "entry.html", page_title=f"Entry {e.name}", **pages.entry_page(e, rank, out))
+        page(e.href, "entry.html", page_title=f"Entry {e.name}", **pages.entry_page(e, rank, out, challenges))
         write_per_image({e.name: e.records}, out, stem=Path(e.href).stem, challenges=challenges)
         written.append(out / f"{Path(e.href).stem}.csv")
     return written

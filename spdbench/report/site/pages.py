@@ -23,6 +23,7 @@ from spdbench.report.site.protocol import protocol_card, submission_spec
 from spdbench.report.text import TASKS, ci_text, eps_text, fmt
 from spdbench.store.records import Record, Status
 from spdbench.suites import get_suite
+from spdbench.verify.challenge import Challenge
 
 #: the per-image table's value columns on an entry page (the full set is in its CSV)
 _SHOWN_VALUES = re.compile(r"^(protection\.|imperceptibility\.psnr$|purified\.[^.]+\.ssim$)")
@@ -234,12 +235,32 @@ def per_image_table(entry: Entry) -> Table:
     return table
 
 
-def entry_page(entry: Entry, rank: pd.DataFrame, site_dir: Path) -> dict:
-    """Everything an entry's page shows."""
+def challenge_rows(challenges: Sequence[Challenge]) -> list[dict]:
+    """The verified challenges filed against one entry, each as what it ran and, per budget, the
+    mean SSIM of its cells (whether or not it lowered the entry: a challenge that did not is
+    evidence too)."""
+    out = []
+    for ch in sorted(challenges, key=lambda c: c.name):
+        if ch.challenge_kind == "purifier":
+            model = f" with model {ch.purifier_model['name']}" if ch.purifier_model else ""
+            what = f"purifier {ch.column}{model}"
+        else:
+            what = f"editor LoRA-fine-tuned ({(ch.adaptive or {}).get('steps', '?')} steps)"
+        by_eps: dict[str, list[float]] = {}
+        for cell in ch.cells:
+            by_eps.setdefault(cell.eps_label, []).extend(cell.values.get("ssim", []))
+        means = ", ".join(f"{eps}: {fmt(sum(v) / len(v))}" for eps, v in by_eps.items() if v)
+        out.append(dict(name=ch.name, what=what, split=ch.cells[0].split if ch.cells else "", ssim=means))
+    return out
+
+
+def entry_page(entry: Entry, rank: pd.DataFrame, site_dir: Path, challenges: Sequence[Challenge] = ()) -> dict:
+    """Everything an entry's page shows; `challenges`: the board's applied ones (the entry's are listed)."""
     first = next(r for r in entry.records if r.status == Status.ok)
     protocols = {suite: _protocol(suite)[0] for suite in entry.labels}
     return dict(entry=entry, first=first, results=_entry_results(entry, rank), costs=_entry_costs(entry),
                 cost_head=["suite", "budget", *COST_HEAD], protocols=protocols,
                 gallery=method_gallery(entry.folder, entry.records, site_dir), provenance=_provenance(first),
                 per_image=per_image_table(entry), csv=f"entry-{slug(entry.name)}.csv",
-                failed=[r.cell_id for r in entry.records if r.status != Status.ok])
+                failed=[r.cell_id for r in entry.records if r.status != Status.ok],
+                challenges=challenge_rows([c for c in challenges if c.entry == entry.name]))
