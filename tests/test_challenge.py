@@ -108,17 +108,17 @@ def test_a_challenge_of_other_files_is_not_applied(filed, tmp_path):
     assert current_challenges([ch], kept)[1][0][1].startswith("not applied: it covers cells")
 
 
-def test_a_mismatched_editor_challenge_names_its_model_and_counts_as_measured(filed):
+def test_a_mismatched_editor_challenge_names_its_model_and_counts_as_measured(filed, tmp_path):
     """A purifier with a model of its own (swap-vae-tiny-b: tiny-b's VAE round trip) runs with that
     model, which the challenge names with its fingerprint; verify loads it again and refuses another
     fingerprint; on the board the row's worst case is then measured with it."""
-    board, entry, _, _, _, model = filed
-    folder = board / "challenges" / "swap"
+    _, entry, _, _, _, model = filed
+    folder = tmp_path / "swap"  # not in the shared board's challenges folder: other tests list that one
     ch = run_challenge(entry, "swap-vae-tiny-b", folder, eps=[EPS], prompts=[PROMPT], model=model)
     tiny_b = load_target("tiny-b")
     assert ch.purifier["model"] == "tiny-b" and ch.purifier_model["fingerprint"] == tiny_b.fingerprint
     assert ch.purifier_model["fingerprint"] != model.fingerprint
-    report = verify_challenge(folder, sample=1, seed=3, model=model)
+    report = verify_challenge(folder, entry=entry, sample=1, seed=3, model=model)
     assert report.ok, report.problems
 
     records = [r for recs in load_checked_by_folder([entry])[0].values() for r in recs]
@@ -128,11 +128,11 @@ def test_a_mismatched_editor_challenge_names_its_model_and_counts_as_measured(fi
     assert "swap-vae-tiny-b" in before.loc[EPS, "worst_not_measured"]
     assert "swap-vae-tiny-b" not in after.loc[EPS, "worst_not_measured"]  # the cells the challenge covers
 
-    forged = board / "challenges" / "swap-forged"
+    forged = tmp_path / "swap-forged"
     shutil.copytree(folder, forged)
     text = (forged / "challenge.json").read_text().replace(ch.purifier_model["fingerprint"], "0" * 16)
     (forged / "challenge.json").write_text(text.replace('"name": "swap"', '"name": "swap-forged"'))
-    report = verify_challenge(forged, sample=1, seed=3, model=model)
+    report = verify_challenge(forged, entry=entry, sample=1, seed=3, model=model)
     assert not report.ok and any("fingerprint" in p for p in report.problems), report.problems
 
 
