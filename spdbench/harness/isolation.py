@@ -88,7 +88,7 @@ def shared_zygote() -> Optional[zygote_mod.Zygote]:
     """This process's worker zygote, started on first use; None where fork is not used (not Linux,
     SPDBENCH_ZYGOTE=0, or a zygote that failed: then every worker is exec'd)."""
     global _zygote
-    if sys.platform != "linux" or os.environ.get("SPDBENCH_ZYGOTE", "1") == "0" or _zygote_off:
+    if not _zygote_enabled():
         return None
     with _zygote_lock:
         if _zygote is None or not _zygote.alive:
@@ -97,9 +97,7 @@ def shared_zygote() -> Optional[zygote_mod.Zygote]:
             try:
                 _zygote = zygote_mod.Zygote(sandbox_mod.scrubbed_env(home, 1))
             except OSError as exc:
-                print(f"spdbench: the worker zygote did not start ({exc}); workers start from a new interpreter",
-                      file=sys.stderr)
-                _disable_zygote(str(exc))
+                _disable_zygote(f"did not start ({exc})")
                 return None
         return _zygote
 
@@ -107,13 +105,19 @@ def shared_zygote() -> Optional[zygote_mod.Zygote]:
 def warm_up() -> None:
     """Start this process's zygote in the background, so its imports overlap the caller's own
     loading (photos, models, clean edits) instead of delaying the first worker."""
-    if _zygote is None and not _zygote_off and sys.platform == "linux" and os.environ.get("SPDBENCH_ZYGOTE") != "0":
+    if _zygote is None and _zygote_enabled():
         threading.Thread(target=shared_zygote, daemon=True, name="spdbench-zygote-start").start()
 
 
+def _zygote_enabled() -> bool:
+    return sys.platform == "linux" and os.environ.get("SPDBENCH_ZYGOTE", "1") != "0" and not _zygote_off
+
+
 def _disable_zygote(reason: str) -> None:
+    """Exec every later worker of this process, and say why in one line."""
     global _zygote_off
     _zygote_off = reason
+    print(f"spdbench: the worker zygote {reason}; workers start from a new interpreter", file=sys.stderr)
 
 
 class AttackWorker:
@@ -182,9 +186,7 @@ class AttackWorker:
         try:
             return zyg.spawn(read_fd, write_fd, env=env, plan=plan_path)
         except OSError as exc:
-            print(f"spdbench: the worker zygote failed ({exc}); workers start from a new interpreter",
-                  file=sys.stderr)
-            _disable_zygote(str(exc))
+            _disable_zygote(f"failed ({exc})")
             return None
 
     def _device(self) -> str:

@@ -35,7 +35,7 @@ from spdbench.harness.isolation import warm_up
 from spdbench.harness.progress import Stages, StepProgress
 from spdbench.harness.protect import Protection, SplitOutput, enforce
 from spdbench.harness.request import (ISOLATION_MODES, RunInputs, RunRequest, build_request, interactive,
-                                      load_inputs, suite_masks)
+                                      load_inputs, model_identity, suite_masks)
 from spdbench.images import image_sha256
 from spdbench.scoring import metrics as metrics_mod
 from spdbench.scoring.ground_truth import edit_success
@@ -438,8 +438,7 @@ def _suite_config(request: RunRequest, inputs: RunInputs) -> dict:
     suite_cfg["purifiers"] = [p.name for p in request.purifiers]
     suite_cfg["purifier_settings"] = {p.name: p.to_dict() for p in request.purifiers}
     if inputs.purifier_models:
-        suite_cfg["purifier_models"] = {name: dict(name=t.name, source=str(t.source), fingerprint=t.fingerprint)
-                                        for name, t in sorted(inputs.purifier_models.items())}
+        suite_cfg["purifier_models"] = {name: model_identity(t) for name, t in sorted(inputs.purifier_models.items())}
     return suite_cfg
 
 

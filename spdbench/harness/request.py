@@ -313,6 +313,11 @@ def _harness_copy(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device, torch.float32, non_blocking=True)
 
 
+def model_identity(target: Target) -> dict:
+    """What a record or challenge says of a model a purifier ran with: name, source, fingerprint."""
+    return dict(name=target.name, source=str(target.source), fingerprint=target.fingerprint)
+
+
 def suite_masks(suite: Suite, masks: PathArg, names: Sequence[str], images: torch.Tensor,
                 editing: Target) -> tuple[Optional[torch.Tensor], Optional[str]]:
     """The (N, 1, H, W) mask of every photo (1 = repaint) and the set's name, or (None, None) for

@@ -29,7 +29,7 @@ from spdbench.store.records import Record, Status, method_label
 from spdbench.verify import holdout
 from spdbench.verify.claims import load_checked_by_folder
 from spdbench.verify.entry import MANIFEST
-from spdbench.verify.challenge import Challenge, read_verified
+from spdbench.verify.challenge import BLOCK_PREFIX, Challenge, read_verified
 from spdbench.report import flags as board_flags
 from spdbench.report import work_view
 from spdbench.scoring.stats import bootstrap_ci, bootstrap_diff_ci, mean_or_none, records_frame
@@ -102,8 +102,7 @@ def ranking(records: Sequence[Record], split: str = "test", seed: int = 0,
     ok = board_flags.with_challenges(ok, purifying) if purifying else ok
     seconds = _seconds_by_budget(ok)
     groups = _ranked_groups(ok, split)
-    ran = {c.block: str(c.purifier.get("name")) for c in purifying}  # a challenge's block measured its purifier
-    rows = [_ranking_row(key, recs, split, seconds, seed, ran) for key, recs in groups.items()]
+    rows = [_ranking_row(key, recs, split, seconds, seed) for key, recs in groups.items()]
     _mark_flagged(rows, list(groups.values()), purifying)
     for row, recs in zip(rows, groups.values()) if adaptive else ():
         row.update({**dict.fromkeys(board_flags.ADAPTED), **board_flags.adapted(recs, adaptive, seed)})
@@ -162,18 +161,16 @@ def _ranked_groups(ok: Sequence[Record], split: str) -> dict[tuple, list[Record]
 
 
 def _ranking_row(key: tuple, recs: Sequence[Record], split: str, seconds: dict[tuple, list[float]],
-                 seed: int, challenge_purifiers: Optional[dict[str, str]] = None) -> dict:
+                 seed: int) -> dict:
     """One ranking row: the group's axes, its metric means with CIs, imperceptibility, costs, labels.
-    `challenge_purifiers`: each verified purifier challenge's block -> the purifier it ran (a headline
-    purifier a challenge ran counts as measured)."""
+    A headline purifier a verified challenge ran (block "challenge:<purifier>") counts as measured."""
     method, suite, norm, eps, label, on, asked = key
     row = _axes_row(method, suite, norm, eps, label, recs)
     if any(r.purified for r in recs):
         row["worst_by"] = _worst_by(recs)
         # the headline purifiers this row's worst case was not measured with (shown, never dropped)
-        ran = challenge_purifiers or {}
         row["worst_not_measured"] = ", ".join(sorted({p for r in recs for p in not_measured(
-            {ran.get(block, block) for block in r.purified})})) or "none"
+            {block.removeprefix(BLOCK_PREFIX) for block in r.purified})})) or "none"
     row.update(_series_stats(_metric_series(recs), recs, seed))
     row.update(_imperceptibility_means(recs))
     row.update(_costs(recs, seconds.get((method, suite, norm, eps), [])))

@@ -52,7 +52,7 @@ from spdbench.errors import InputError, RecordError
 from spdbench.harness.adaptive import LoraPatch, load_patch, lora_weights, patch_editor, ran_with
 from spdbench.harness.editing import EditSettings, Editor
 from spdbench.harness.progress import Stages, default_stages
-from spdbench.harness.request import suite_masks
+from spdbench.harness.request import model_identity, suite_masks
 from spdbench.images import image_sha256
 from spdbench.purifiers import get_purifier
 from spdbench.scoring import metrics
@@ -258,11 +258,6 @@ def _editing_model(e: _Entry, device: Optional[str], model=None):
     return model
 
 
-def _purifier(name: str):
-    """The registered purifier `name` (an unknown one: the registry's one line, with a did-you-mean)."""
-    return get_purifier(name)
-
-
 def _purifier_model(p, model, claimed: Optional[dict] = None):
     """The model purifier `p` runs with: the editing model, or -- a mismatched editor -- its own,
     loaded through the one loading door on the editing model's device and dtype. `claimed`: what a
@@ -279,8 +274,7 @@ def _purifier_model(p, model, claimed: Optional[dict] = None):
 
 
 def _model_fields(p, purifier_model) -> dict:
-    return {} if p.model is None else {"purifier_model": dict(name=purifier_model.name, source=str(purifier_model.source),
-                                                               fingerprint=purifier_model.fingerprint)}
+    return {} if p.model is None else {"purifier_model": model_identity(purifier_model)}
 
 
 def _chosen_cells(e: _Entry, eps: Optional[Sequence[str]], prompts: Optional[Sequence[str]], split: str) -> list:
@@ -345,7 +339,7 @@ def run_challenge(entry: Union[str, Path], purifier: str, out: Union[str, Path],
     st = stages or default_stages("challenge")
     st.stage("loading", f"entry {Path(entry).name}, its photos and its editing model")
     e = _load_entry(entry, data, manifest)
-    p, cells = _purifier(purifier), _chosen_cells(e, eps, prompts, split)
+    p, cells = get_purifier(purifier), _chosen_cells(e, eps, prompts, split)
     model = _editing_model(e, device, model)
     editor = _editor(e, model)
     pos = split_positions(len(e.images), e.suite.split_seed)[split]
@@ -641,7 +635,7 @@ def _check_settings(ch: Challenge, e: _Entry) -> None:
     if ch.challenge_kind == "adaptive":
         _check_adaptive_settings(ch, e)
     else:
-        here = _purifier(str(ch.purifier.get("name"))).to_dict()
+        here = get_purifier(str(ch.purifier.get("name"))).to_dict()
         if json.dumps(here, sort_keys=True) != json.dumps(ch.purifier, sort_keys=True):
             raise RecordError(f"purifier {here['name']!r} is registered here as {here}, the challenge ran {ch.purifier}")
     records = {c.record.cell_id: c.record for c in e.claims.ok_cells}
@@ -713,7 +707,7 @@ def _check_retrained(ch: Challenge, e: _Entry, weights: dict, settings: LoraPatc
 
 def _check_purified(ch: Challenge, e: _Entry, stored: dict, model, report: ChallengeReport) -> None:
     """Every photo purified again: it must be the stored PNG up to float rounding at the 8-bit grid."""
-    p = _purifier(str(ch.purifier["name"]))
+    p = get_purifier(str(ch.purifier["name"]))
     if p.model is not None and ch.purifier_model is None:
         raise RecordError(f"purifier {p.name!r} runs with its own model {p.model!r}; the challenge does not say which")
     own = _purifier_model(p, model, ch.purifier_model)
