@@ -106,6 +106,9 @@ def test_cache_dir_option_overrides_the_shared_cache(tmp_path, capsys):
     assert len(list((tmp_path / "mine").glob("*.safetensors"))) == 11
     assert not (tmp_path / "user-cache").exists(), "nothing written to the user-level cache"
     assert "cache: " + str(tmp_path / "mine") in capsys.readouterr().out
+    from spdbench.store.records import load_records
+
+    assert all("jpeg75" in r.purified for r in load_records(tmp_path / "a")), "--purifiers jpeg75 is scored"
 
 
 def test_progress_defaults_to_on_at_a_terminal_only(monkeypatch):
@@ -127,14 +130,10 @@ def test_purifiers_none_scores_no_purifier(tmp_path, capsys):
     """--purifiers none: a run that scores the unpurified edit only (a study that needs no purifier)."""
     from spdbench.store.records import load_records
 
-    out = tmp_path / "r"
-    assert _run_uniform(out) == 0
-    with_jpeg = load_records(out)
-    assert all("jpeg75" in r.purified for r in with_jpeg)
-    out2 = tmp_path / "r2"
+    out2 = tmp_path / "r2"  # (a run with --purifiers jpeg75 scores it: test_cache_dir_option_...)
     from spdbench.cli import main
 
     assert main(["run", "--suite", "smoke", "--attack", "uniform-noise", "--target", "tiny-random", "--prompts", "P3",
-                 "--eps", "8/255", "--out", str(out2), "--quiet", "--purifiers", "none"]) == 0
+                 "--eps", "8/255", "--out", str(out2), "--quiet", "--purifiers", "none", "--isolation", "none"]) == 0
     recs = load_records(out2)
     assert recs and all(r.purified == {} and r.suite_config["purifiers"] == [] for r in recs)

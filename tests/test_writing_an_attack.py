@@ -49,14 +49,14 @@ def installed(tmp_path: Path) -> dict:
 
 def test_installed_plugin_is_listed_with_its_distribution(tmp_path):
     env = installed(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "spdbench.cli", "list"], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    line = next(l for l in out.stdout.splitlines() if "my-advdm" in l)
-    assert "Raise the diffusion model's denoising error" in line and "[plugin: spdbench-myadvdm 0.1.0]" in line
-    code = ("import spdbench; from spdbench.attacks.base import attack_source; "
-            "print(attack_source(spdbench.attacks.attack_class('my-advdm')))")
+    # one new interpreter (each pays torch's and diffusers' imports): `spdbench list`, then the source
+    code = ("import spdbench.cli, spdbench.attacks; from spdbench.attacks.base import attack_source; "
+            "code = spdbench.cli.main(['list']); "
+            "print('SOURCE', attack_source(spdbench.attacks.attack_class('my-advdm'))); raise SystemExit(code)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if "my-advdm" in l and not l.startswith("SOURCE"))
+    assert "Raise the diffusion model's denoising error" in line and "[plugin: spdbench-myadvdm 0.1.0]" in line
     assert "'distribution': 'spdbench-myadvdm', 'version': '0.1.0'" in out.stdout, out.stderr
 
 
