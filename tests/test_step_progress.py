@@ -66,3 +66,39 @@ def test_verify_counts_its_edits_by_prompt(capsys):
                      "--seed", "1"]) == 0
     err = capsys.readouterr().err
     assert "editing 1 image(s) of each of 8 cells again" in err and "1/2 prompts done, about" in err
+
+
+def test_an_attack_that_never_reports_its_steps_still_gets_an_estimate(tmp_path, monkeypatch, capsys):
+    """A plugin with a loop of its own that never calls report_step: under work matching its first
+    protecting stage still gets an estimate, from the probe the harness timed itself (shown where it
+    is a second or more; these photos take less, so the estimate handed to the stage is checked)."""
+    from spdbench.attacks import optim
+    from spdbench.harness.pipeline import run
+
+    monkeypatch.setattr(optim, "report_step", lambda step, steps: None)  # as if the loop were its own
+    given = []
+    stage = Stages.stage
+
+    def recording(self, name, detail="", estimate_s=None, **kw):
+        given.append((name, estimate_s))
+        return stage(self, name, detail, estimate_s, **kw)
+
+    monkeypatch.setattr(Stages, "stage", recording)
+    run("photoguard-encoder", fast_suite(attack_work=8.0, eps=("8/255", "16/255")), out=tmp_path / "r",
+        target="tiny-random", images=fast_images(3), image_names=["a", "b", "c"], progress=True,
+        isolation="none", purifiers=[])
+    protecting = [e for name, e in given if name == "protecting"]
+    assert len(protecting) == 2 and protecting[0] is not None and protecting[0] > 0, given
+    assert protecting[1] is None, "the second group's estimate is the first group's length (Stages.took)"
+    err = capsys.readouterr().err.splitlines()
+    assert not [ln for ln in err if "step " in ln and "left" in ln], "no step was reported"
+
+
+def test_the_probe_estimate_scales_with_the_photos_only_for_a_per_image_attack():
+    from spdbench.harness.work_match import WorkMatch
+
+    match = WorkMatch(budget=40.0, per_step=1.0, once=0.0, steps=40, step_s=0.5, once_s=2.0, photos=7)
+    assert match.seconds(40, 7, per_image=True) == pytest.approx(22.0)
+    assert match.seconds(40, 11, per_image=True) == pytest.approx(22.0 * 11 / 7)
+    assert match.seconds(40, 11, per_image=False) == pytest.approx(22.0)  # a fit sees the training photos
+    assert WorkMatch(budget=40.0, per_step=1.0, once=0.0, steps=40).seconds(40, 11, True) is None

@@ -322,25 +322,27 @@ def _run_locked(request: RunRequest, inputs: RunInputs) -> RunResult:
     """The pipeline: open the run (its cells, what is done), then per budget protect -> enforce ->
     edit -> score -> record (_run_budget), then the run's export."""
     with AttackRunner(request.isolation, inputs.target, request.suite.attack_timeout_s) as runner:
-        request = _work_matched(request, inputs, runner)
+        request, match = _work_matched(request, inputs, runner)
         ctx = _open_run(request, inputs)
-        ctx.runner = runner
+        ctx.runner, ctx.match = runner, match
         for budget, ids in zip(request.plan.budgets, ctx.cell_ids):
             _run_budget(ctx, budget, ids)
     ctx.bar.close()
     return _close_run(ctx)
 
 
-def _work_matched(request: RunRequest, inputs: RunInputs, runner: AttackRunner) -> RunRequest:
-    """The steps the suite's work budget buys this attack (work_match.py), said on a line of its own."""
+def _work_matched(request: RunRequest, inputs: RunInputs,
+                  runner: AttackRunner) -> tuple[RunRequest, Optional[work_match.WorkMatch]]:
+    """The steps the suite's work budget buys this attack (work_match.py), said on a line of its own,
+    and what the probe measured (None where the plan is not work-matched)."""
     if request.plan.work is None:
-        return request
+        return request, None
     Stages("run", enabled=request.progress).stage("matching", "work: the passes one attack step costs, measured on the training photos")
     request, match = work_match.matched(request, inputs, runner)
     log.info("%s", match.describe())
     if request.progress:
         print(match.describe(), file=sys.stderr)
-    return request
+    return request, match
 
 
 @dataclass
@@ -364,6 +366,7 @@ class _Run:
     source_records: Optional[list]     # the protections_from folder's records, read once
     runner: Optional[AttackRunner] = None
     stages: Optional[Stages] = None    # the stage being run, in the bar or as a line (progress.py)
+    match: Optional[work_match.WorkMatch] = None  # the work probe's measurements (work-matched runs)
 
     @property
     def attack(self) -> Attack:
@@ -566,8 +569,9 @@ def _run_group(ctx: _Run, budget: Budget, ids: dict) -> None:
     failing protection is recorded as the error of every cell of the group; the run goes on."""
     base = dict(ctx.common, norm=budget.norm, eps=budget.eps, eps_label=format_eps(budget.eps))
     fits = ctx.attack.kind is not AttackKind.per_image
-    ctx.stages.stage("fitting" if fits else "protecting",
-                     f"{ctx.attack.name} at eps {format_eps(budget.eps)}: {len(ctx.images)} photos")
+    name = "fitting" if fits else "protecting"
+    ctx.stages.stage(name, f"{ctx.attack.name} at eps {format_eps(budget.eps)}: {len(ctx.images)} photos",
+                     estimate_s=_first_group_estimate(ctx, name, fits))
     try:
         protections, flags, pfile, psha = _stored_or_new(ctx, budget, base)
     except DiskError:
@@ -780,6 +784,14 @@ def _same_protection(r: Record, attack: Attack, params: dict, budget: Budget, ta
     # the same masks -- or none on either side (an img2img suite has none)
     want = None if mask_shas is None else [mask_shas[shas.index(h)] for h in r.image_sha256 if h in shas]
     return (r.masks.get("sha256") if r.masks else None) == want
+
+
+def _first_group_estimate(ctx: _Run, stage: str, fits: bool) -> Optional[float]:
+    """Before a run's first group: the work probe's timings (any attack, its steps reported or not);
+    after it, None -- the stage's own last length (progress.Stages) is the better estimate."""
+    if ctx.match is None or stage in ctx.stages.took:
+        return None
+    return ctx.match.seconds(int(ctx.attack.params.get("steps") or 0), len(ctx.images), per_image=not fits)
 
 
 def _stored_or_new(ctx: _Run, budget: Budget, base: dict) -> tuple[dict, list[str], str, str]:

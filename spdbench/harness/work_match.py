@@ -40,6 +40,21 @@ class WorkMatch:
     per_step: float     # measured: the work of one step per photo
     once: float         # measured: the work the attack spends once per photo, whatever its steps
     steps: int          # 0: the attack makes no model pass (matched by iterations instead)
+    #: harness-measured wall seconds of one step and of the once-part, on the probe's photos: only
+    #: the estimate a protecting stage shows before its first group has run (never recorded)
+    step_s: float = 0.0
+    once_s: float = 0.0
+    photos: int = 0     # how many photos the probe ran on (the training split)
+
+    def seconds(self, steps: int, photos: int, per_image: bool) -> Optional[float]:
+        """About how long `steps` steps take on `photos` photos (a per-image attack's time grows
+        with them; a universal or amortized fit runs on the training photos, as the probe did).
+        Why here: an attack with a loop of its own that never reports its steps (attacks/progress.py)
+        still gets an estimate, from the probe the harness ran anyway -- not from the attack."""
+        if self.photos < 1 or steps < 1:
+            return None
+        scale = photos / self.photos if per_image else 1.0
+        return (self.once_s + steps * self.step_s) * scale
 
     def describe(self) -> str:
         if self.steps == 0:
@@ -87,19 +102,25 @@ def probe(request: RunRequest, inputs: RunInputs, runner: AttackRunner) -> WorkM
     plan, attack = request.plan, request.plan.attack
     weights = _weights(inputs, int(inputs.images.shape[-1]))
     jobs = _probe_job(request, inputs, attack)
-    work = []
+    work, wall = [], []
     for steps in PROBE_STEPS:
-        outputs, _ = runner.run(attack.configure(steps=steps), plan.budgets[0], jobs,
-                                batch_size=request.suite.attack_batch_size)
+        outputs, wall_s = runner.run(attack.configure(steps=steps), plan.budgets[0], jobs,
+                                     batch_size=request.suite.attack_batch_size)
         calls = next(iter(outputs.values())).model_calls
         measured = encoder_equivalents(calls, weights)
         work.append(0.0 if measured is None else measured)
-    per_step = (work[1] - work[0]) / (PROBE_STEPS[1] - PROBE_STEPS[0])
+        wall.append(wall_s)
+    span = PROBE_STEPS[1] - PROBE_STEPS[0]
+    per_step = (work[1] - work[0]) / span
     once = max(0.0, work[0] - PROBE_STEPS[0] * per_step)
+    # seconds: a noisy difference of two short runs -- never below the longer run's mean per step
+    step_s = max((wall[1] - wall[0]) / span, wall[1] / PROBE_STEPS[1] / 2)
+    timing = dict(step_s=step_s, once_s=max(0.0, wall[0] - PROBE_STEPS[0] * step_s),
+                  photos=len(next(iter(jobs.values()))["images"]))
     if max(work) <= 1e-12:  # no model pass at all: any steps cost the same nothing
-        return WorkMatch(budget=float(plan.work), per_step=0.0, once=0.0, steps=0)
+        return WorkMatch(budget=float(plan.work), per_step=0.0, once=0.0, steps=0, **timing)
     return WorkMatch(budget=float(plan.work), per_step=per_step, once=once,
-                     steps=derive_steps(float(plan.work), per_step, once, attack.name))
+                     steps=derive_steps(float(plan.work), per_step, once, attack.name), **timing)
 
 
 def matched(request: RunRequest, inputs: RunInputs, runner: AttackRunner) -> tuple[RunRequest, Optional[WorkMatch]]:
