@@ -9,7 +9,10 @@ case: per test photo and prompt, the worst case over the entry's own blocks, the
 the challenges' blocks; the paired difference with a 95% bootstrap interval; and which blocks are
 now the worst. Used for docs/threat-model.md, never typed by hand.
 
-    python scripts/challenge-table.py [--eps 16/255] [--suite smoke] [--board leaderboard]
+With --adaptive: each verified LoRA challenge (the editor fine-tuned on the entry's protected train
+photos) instead -- the entry's own SSIM of its test cells against the patched editor's, paired.
+
+    python scripts/challenge-table.py [--eps 16/255] [--suite smoke] [--board leaderboard] [--adaptive]
 """
 from __future__ import annotations
 
@@ -30,12 +33,15 @@ def main() -> None:
     ap.add_argument("--board", default="leaderboard")
     ap.add_argument("--suite", default="smoke")
     ap.add_argument("--eps", default="16/255")
+    ap.add_argument("--adaptive", action="store_true", help="the verified LoRA challenges instead")
     args = ap.parse_args()
     board = Path(args.board)
     folders = sorted(p for p in (board / "entries").iterdir() if p.is_dir())
     by_folder, skipped = load_checked_by_folder(folders)[:2]
     records = [r for recs in by_folder.values() for r in recs if r.status == Status.ok]
     found, _ = read_verified(board / "challenges")
+    if args.adaptive:
+        return adaptive_table(args, [c for c in found if c.challenge_kind == "adaptive"], records)
     challenges, _ = current_challenges([c for c in found if c.challenge_kind == "purifier"], records,
                                        [str(f) for f in folders])
     joined = with_challenges(records, challenges)
@@ -58,6 +64,26 @@ def main() -> None:
         top = ", ".join(f"{b} {n}" for b, n in chosen.most_common(3))
         print(f"| {folder.name} | {sum(old) / len(old):.4f} | {sum(new) / len(new):.4f} | "
               f"{ci.mean:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] | {top} |")
+
+
+def adaptive_table(args, found, records) -> None:
+    """Per verified adaptive challenge of the suite and budget: before (the entry's record) and after
+    (the patched editor), per test photo and prompt, and the paired difference."""
+    by_id = {r.cell_id: r for r in records}
+    print("| entry | SSIM before | after editor fine-tuning | after - before [95% CI] |\n|---|---|---|---|")
+    for ch in sorted(found, key=lambda c: c.entry):
+        before, after = [], []
+        for cell in ch.cells:
+            rec = by_id.get(cell.cell_id)
+            if rec is None or (rec.suite, cell.eps_label) != (args.suite, args.eps):
+                continue
+            before += rec.protection["ssim"]
+            after += cell.values["ssim"]
+        if not before:
+            continue
+        ci = bootstrap_diff_ci(after, before, seed=0)
+        print(f"| {ch.entry} | {sum(before) / len(before):.4f} | {sum(after) / len(after):.4f} | "
+              f"{ci.mean:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] |")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,21 @@ def test_an_untrained_patch_gives_the_entrys_own_numbers(tmp_path):
         own = records[cell.cell_id].protection["ssim"]
         assert cell.values["ssim"] == pytest.approx(own, abs=2e-4)
         assert cell.values_same_editor["ssim"] == pytest.approx(own, abs=2e-4)
+
+
+@pytest.mark.slow
+def test_an_adaptive_challenge_on_an_inpainting_entry_is_verified(tmp_path):
+    """The LoRA attacker on an inpainting editor (its UNet sees the photo through the masked photo's
+    latent): filed with the objective it trained, each edit with its photo's mask, and verified."""
+    torch.set_num_threads(1)
+    source = ENTRY.parent / "smoke-inpaint-pca-minus"
+    entry = tmp_path / "entries" / source.name
+    shutil.copytree(source, entry)
+    model = load_target("tiny-inpaint")
+    folder = tmp_path / "challenges" / "lora"
+    ch = run_adaptive_challenge(entry, folder, LoraPatch(steps=STEPS), eps=[EPS], model=model)
+    data = json.loads((folder / CHALLENGE_FILE).read_text())
+    assert data["adaptive"]["editor"] == "inpainting" and "clean photo" in data["adaptive"]["objective"]
+    assert {c.prompt_key for c in ch.cells} == {"P3", "P4"}
+    report = verify_challenge(folder, sample=1, seed=3, model=model)
+    assert report.ok, report.problems

@@ -54,3 +54,47 @@ def test_an_untrained_patch_reproduces_the_entrys_own_numbers():
     for prompt in budget["prompts"].values():
         assert prompt["after"] == pytest.approx(prompt["before"], abs=2e-4)
     assert abs(budget["paired_after_minus_before"]["mean"]) < 2e-4
+
+
+@pytest.mark.parametrize("name, prompt, steps", [("tiny-inpaint", "P3", 16), ("tiny-ip2p", "I1", 40)])
+def test_a_conditioned_editor_is_patched_through_its_photo_channels(name, prompt, steps):
+    """Inpainting and instruction editors see the photo only through their condition channels: the
+    patch learns to answer the protected photo's condition as the original answers the clean one's
+    (that term falls), while the clean photo's answer starts exactly at the original's (LoRA B = 0)."""
+    from spdbench.harness.adaptive import _photo_conditions, editor_kind
+
+    torch.manual_seed(0)
+    target = spdbench.load_target(name)
+    clean = spdbench.load_photos(n=2, size=64).to(target.device)
+    protected = (clean + (16 / 255) * torch.randn_like(clean).sign()).clamp(0, 1)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[..., 16:48, 16:48] = 1.0
+    kind = editor_kind(target)
+    assert kind == ("inpainting" if name == "tiny-inpaint" else "instruct")
+    if kind == "inpainting":
+        with pytest.raises(InputError, match="needs one mask per photo"):
+            patch_editor(target, clean, protected, ["P3"], 1.0, LoraPatch(steps=1))
+    use = masks if kind == "inpainting" else None
+    patched, losses = patch_editor(target, clean, protected, [prompt], 1.0, LoraPatch(steps=steps, lr=5e-3, batch_size=2),
+                                   use)
+    assert len(losses) == steps and all(v == v for v in losses)
+    key, c_clean, c_adv = _photo_conditions(target, kind, clean, protected, use)
+    gen = torch.Generator().manual_seed(1)
+    z0 = target.latents(clean).detach()
+    cond = target.encode_prompt([PROMPTS[prompt]] * 2)
+
+    def gap(model) -> float:
+        """The protected term, averaged over the same 8 draws of (t, noise) for either model."""
+        gen.manual_seed(1)
+        total = 0.0
+        for _ in range(8):
+            t = torch.randint(1, 999, (2,), generator=gen)
+            noise = torch.randn(z0.shape, generator=gen)
+            abar = target.alphas_cumprod[t].view(-1, 1, 1, 1)
+            z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+            with torch.no_grad():
+                want = target.predict_noise(z_t, t, cond, **{key: c_clean})
+                total += float((model.predict_noise(z_t, t, cond, **{key: c_adv}) - want).pow(2).mean())
+        return total / 8
+
+    assert gap(patched) < gap(target)

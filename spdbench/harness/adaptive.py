@@ -14,6 +14,13 @@ of the clean latent must be the CLEAN photo's latent (its noise target is derive
 from the clean photo's noised latent it must predict the true noise (the ordinary denoising loss:
 clean photos keep editing as before). Same code for the offline tiny models (CPU minutes) and an
 SD1.5 hub id on a GPU.
+
+Inpainting and instruction editors start from pure noise and see the photo only through their
+extra input channels (the masked photo's latent and the mask; the photo's latent): there the
+patched UNet, conditioned on the PROTECTED photo, must predict what the ORIGINAL UNet predicts
+conditioned on the CLEAN photo, and conditioned on the clean photo it must keep doing so
+(distillation at the clean photo's noised latent, t over the whole schedule those edits visit):
+one more UNet pass per step (the original's, without gradient).
 """
 from __future__ import annotations
 
@@ -28,17 +35,22 @@ from spdbench.attacks.mist_v2 import LORA_TARGETS, lora_unet, with_unet
 from spdbench.data.photos import split_indices
 from spdbench.errors import InputError, RecordError
 from spdbench.harness.editing import PROMPTS, Editor, clean_edit_cache_dir
+from spdbench.harness.request import suite_masks
 from spdbench.scoring import metrics as metrics_mod
 from spdbench.scoring.stats import bootstrap_diff_ci
 from spdbench.store.perturbations import apply_delta, load_delta
 from spdbench.store.records import Record, Split, Status, load_records
 from spdbench.suites import get_suite
 from spdbench.targets import Target, load_target
+from spdbench.targets.instruct import is_instruct
 
 #: the board's column name for a protection after the editor was fine-tuned against it
 COLUMN = "after editor fine-tuning"
 METHOD = "lora-patch"
 OBJECTIVE = "x0(protected) -> clean latent; eps(clean) -> noise"
+#: inpainting and instruction editors: the photo enters through the UNet's condition channels
+CONDITIONED_OBJECTIVE = ("eps_patched(z_t | protected photo) -> eps_original(z_t | clean photo); "
+                         "eps_patched(z_t | clean photo) -> eps_original(z_t | clean photo); z_t: the clean latent noised")
 
 
 @dataclass(frozen=True)
@@ -77,23 +89,40 @@ class LoraPatch:
         return cls(**data)
 
 
-def ran_with(settings: LoraPatch, strength: float) -> dict:
+def ran_with(settings: LoraPatch, strength: float, editor: str = "img2img") -> dict:
     """Every setting a patch is trained with, as recorded in a challenge: the attacker's settings and
     what this code fixes (the layers LoRA adapts, its scale and dropout, the optimizer, the timesteps
-    drawn; torch's AdamW defaults other than lr)."""
-    return dict(settings=settings.to_dict(), lora_targets=list(LORA_TARGETS), lora_alpha=settings.rank,
-                lora_dropout=0.0, optimizer="AdamW (torch defaults other than lr)",
-                timesteps=f"uniform in 1..int({strength!r} * T) - 1 (the edit's strength)",
-                generator="torch CPU generator seeded with settings.seed (batch, timestep, prompt, noise)")
+    drawn; torch's AdamW defaults other than lr); for an inpainting or instruction `editor` also the
+    objective (an img2img challenge's record is as it was before those editors were patched)."""
+    out = dict(settings=settings.to_dict(), lora_targets=list(LORA_TARGETS), lora_alpha=settings.rank,
+               lora_dropout=0.0, optimizer="AdamW (torch defaults other than lr)",
+               timesteps=f"uniform in 1..int({strength!r} * T) - 1 (the edit's strength)",
+               generator="torch CPU generator seeded with settings.seed (batch, timestep, prompt, noise)")
+    if editor != "img2img":
+        out.update(editor=editor, objective=CONDITIONED_OBJECTIVE)
+    return out
+
+
+def editor_kind(target: Target) -> str:
+    """"img2img", "inpainting" or "instruct": which objective patches this editor."""
+    if is_instruct(target):
+        return "instruct"
+    return "inpainting" if getattr(target, "inpainting", False) else "img2img"
 
 
 def patch_editor(target: Target, clean: torch.Tensor, protected: torch.Tensor, prompts: Sequence[str],
-                 strength: float, settings: LoraPatch = LoraPatch()) -> tuple[Target, list[float]]:
+                 strength: float, settings: LoraPatch = LoraPatch(),
+                 masks: Optional[torch.Tensor] = None) -> tuple[Target, list[float]]:
     """A copy of `target` whose UNet carries a LoRA trained on (clean, protected) pairs; the loss
-    per step. `target` itself is left unchanged."""
+    per step. `target` itself is left unchanged. `masks`: the photos' masks on an inpainting editor
+    (required there, as its edits use them)."""
     if clean.shape != protected.shape or len(clean) == 0:
         raise InputError(f"patch_editor needs clean and protected photos of one shape, got {tuple(clean.shape)} "
                          f"and {tuple(protected.shape)}")
+    kind = editor_kind(target)
+    if kind == "inpainting" and (masks is None or len(masks) != len(clean)):
+        raise InputError(f"patch_editor: inpainting editor {target.name!r} needs one mask per photo "
+                         f"({len(clean)}), got {None if masks is None else len(masks)}")
     unet = lora_unet(target.unet, settings.rank, settings.seed)
     patched = _patched(target, unet)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -102,11 +131,15 @@ def patch_editor(target: Target, clean: torch.Tensor, protected: torch.Tensor, p
     with torch.no_grad():
         z_clean, z_adv = target.latents(clean).float(), target.latents(protected).float()
         conds = target.encode_prompt([resolve(p) for p in prompts]).detach()
+        photo_conds = None if kind == "img2img" else _photo_conditions(target, kind, clean, protected, masks)
     t_max = max(1, int(strength * target.num_train_timesteps) - 1)
     losses = []
     unet.train()
     for _ in range(settings.steps):
-        loss = _step_loss(patched, z_clean, z_adv, conds, t_max, settings, gen)
+        if photo_conds is None:
+            loss = _step_loss(patched, z_clean, z_adv, conds, t_max, settings, gen)
+        else:
+            loss = _conditioned_step_loss(target, patched, z_clean, photo_conds, conds, t_max, settings, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -170,6 +203,37 @@ def _step_loss(patched: Target, z_clean: torch.Tensor, z_adv: torch.Tensor, cond
     return (pred_adv - want_adv).pow(2).mean() + settings.preserve * (pred_clean - noise).pow(2).mean()
 
 
+def _photo_conditions(target: Target, kind: str, clean: torch.Tensor, protected: torch.Tensor,
+                      masks: Optional[torch.Tensor]) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """How the photo enters an inpainting or instruction editor's UNet, for the clean and the
+    protected photos: (predict_noise's keyword, clean condition, protected condition)."""
+    if kind == "inpainting":
+        m = masks.to(target.device, target.dtype)
+        return "inpaint", target.inpaint_condition(clean, m).detach(), target.inpaint_condition(protected, m).detach()
+    # InstructPix2Pix: the photo's VAE posterior mean, unscaled (the pipeline's image condition)
+    return "image_latents", target.encode(clean).mean.detach(), target.encode(protected).mean.detach()
+
+
+def _conditioned_step_loss(original: Target, patched: Target, z_clean: torch.Tensor,
+                           photo_conds: tuple[str, torch.Tensor, torch.Tensor], conds: torch.Tensor, t_max: int,
+                           settings: LoraPatch, gen: torch.Generator) -> torch.Tensor:
+    """CONDITIONED_OBJECTIVE: the patched UNet given the protected photo predicts what the original
+    gives the clean photo (and keeps doing so given the clean photo), at the clean latent noised."""
+    key, c_clean, c_adv = photo_conds
+    idx = torch.randint(0, len(z_clean), (min(settings.batch_size, len(z_clean)),), generator=gen)
+    t = torch.randint(1, t_max + 1, (len(idx),), generator=gen)
+    cond = conds[torch.randint(0, len(conds), (len(idx),), generator=gen)].to(patched.device)
+    noise = torch.randn(z_clean[idx].shape, generator=gen).to(z_clean.device)
+    abar = patched.alphas_cumprod[t.to(patched.alphas_cumprod.device)].view(-1, 1, 1, 1).float().to(z_clean.device)
+    z_t = (abar.sqrt() * z_clean[idx] + (1 - abar).sqrt() * noise).to(patched.dtype)
+    tt = t.to(patched.device)
+    with torch.no_grad():
+        want = original.predict_noise(z_t, tt, cond, **{key: c_clean[idx]}).float()
+    pred_adv = patched.predict_noise(z_t, tt, cond, **{key: c_adv[idx]}).float()
+    pred_clean = patched.predict_noise(z_t, tt, cond, **{key: c_clean[idx]}).float()
+    return (pred_adv - want).pow(2).mean() + settings.preserve * (pred_clean - want).pow(2).mean()
+
+
 # --- an entry's protections, patched against and scored -----------------------------------------
 def adapt_entry(folder: Union[str, Path], settings: LoraPatch = LoraPatch(), device: Optional[str] = None,
                 eps_labels: Optional[Sequence[str]] = None) -> dict:
@@ -180,11 +244,10 @@ def adapt_entry(folder: Union[str, Path], settings: LoraPatch = LoraPatch(), dev
     if not recs:
         raise InputError(f"adapt: {str(folder)!r} holds no finished record with stored perturbations")
     suite = get_suite(recs[0].suite)
-    if suite.masks is not None or suite.edit.image_guidance is not None:
-        raise InputError(f"adapt: suite {suite.name!r} is not an img2img suite; the LoRA attacker patches img2img "
-                         "editors (inpainting and instruction editors: not implemented)")
     target = load_target(suite.edit_target or suite.target, device=device)
-    images = suite.load_images()[0].to(target.device)
+    images, names = suite.load_images()
+    images = images.to(target.device)
+    masks, _ = suite_masks(suite, None, names, images, target)  # the suite's mask set (inpainting), else None
     tr, te = split_indices(len(images), suite.split_seed)
     by_eps: dict[str, list[Record]] = {}
     for r in recs:
@@ -193,25 +256,26 @@ def adapt_entry(folder: Union[str, Path], settings: LoraPatch = LoraPatch(), dev
     for label in sorted(by_eps, key=lambda e: by_eps[e][0].eps):
         if eps_labels and label not in eps_labels:
             continue
-        budgets.append(_adapt_budget(Path(folder), by_eps[label], target, suite, images, tr, te, settings))
+        budgets.append(_adapt_budget(Path(folder), by_eps[label], target, suite, images, tr, te, settings, masks))
     return dict(column=COLUMN, settings=settings.to_dict(), suite=suite.name, attack=recs[0].attack,
                 model=dict(name=target.name, source=str(target.source), fingerprint=target.fingerprint),
                 budgets=budgets)
 
 
 def _adapt_budget(folder: Path, recs: list[Record], target: Target, suite, images: torch.Tensor,
-                  tr, te, settings: LoraPatch) -> dict:
+                  tr, te, settings: LoraPatch, masks: Optional[torch.Tensor] = None) -> dict:
     delta, _ = load_delta(folder / recs[0].perturbation_file, shape=tuple(images.shape))
     adv = apply_delta(images, delta.to(images.device))
     prompts = sorted({r.prompt_key for r in recs})
-    patched, losses = patch_editor(target, images[tr], adv[tr], prompts, suite.edit.strength, settings)
+    at = (lambda idx: None) if masks is None else (lambda idx: masks[idx])
+    patched, losses = patch_editor(target, images[tr], adv[tr], prompts, suite.edit.strength, settings, at(tr))
     original = Editor(target, suite.edit, cache_dir=clean_edit_cache_dir(target))
     editor = Editor(patched, suite.edit, cache_dir=None)
     out = {}
     for r in (r for r in recs if r.split == Split.test):
         seeds = list(r.edit_seeds)
-        clean_edit = original.edit_clean(images[te], PROMPTS[r.prompt_key], seeds)
-        after = metrics_mod.score(editor.edit(adv[te], PROMPTS[r.prompt_key], seeds), clean_edit)
+        clean_edit = original.edit_clean(images[te], PROMPTS[r.prompt_key], seeds, at(te))
+        after = metrics_mod.score(editor.edit(adv[te], PROMPTS[r.prompt_key], seeds, at(te)), clean_edit)
         out[r.prompt_key] = dict(before=r.protection.get("ssim", []), after=after["ssim"].tolist(),
                                  after_all={m: v.tolist() for m, v in after.items()})
     before = [v for p in sorted(out) for v in out[p]["before"]]

@@ -388,10 +388,6 @@ def run_adaptive_challenge(entry: Union[str, Path], out: Union[str, Path], setti
     st = stages or default_stages("challenge")
     st.stage("loading", f"entry {Path(entry).name}, its photos and its editing model")
     e = _load_entry(entry, data, manifest)
-    if e.suite.edit.image_guidance is not None or e.suite.masks:
-        raise InputError(f"--adaptive: entry {e.folder.name}'s suite {e.suite.name!r} edits with an "
-                         f"{'inpainting' if e.suite.masks else 'instruction'} editor; the LoRA attacker patches "
-                         "img2img editors only")
     cells = _chosen_cells(e, eps, None, "test")
     model = _editing_model(e, device, model)
     original, original_cache = _editor(e, model), {}
@@ -405,7 +401,8 @@ def run_adaptive_challenge(entry: Union[str, Path], out: Union[str, Path], setti
         files[patch.file] = blob
         measured += done
     challenge = Challenge(**_identity(name, e, model), challenge_kind="adaptive",
-                          adaptive=ran_with(settings, e.suite.edit.strength), patches=patches, cells=measured)
+                          adaptive=ran_with(settings, e.suite.edit.strength, _editor_kind(e)), patches=patches,
+                          cells=measured)
     st.stage("writing", str(out))
     _write(out, challenge, files)
     st.done()
@@ -424,9 +421,10 @@ def _adaptive_budget(e: _Entry, cells: Sequence, settings: LoraPatch, model, ori
                         train_images=[e.names[i] for i in pos["train"]], prompt_keys=keys, losses=losses)
     editors = (_editor(e, patched), original)
     adv, caches, every = apply_delta(e.images, e.deltas[label]), ({}, original_cache), list(range(len(pos["test"])))
+    masks = e.masks_of([e.names[i] for i in pos["test"]])
     done = []
     for c in cells:
-        values, same = adapted_values(editors, c.record, adv[pos["test"]], e.images[pos["test"]], every, caches)
+        values, same = adapted_values(editors, c.record, adv[pos["test"]], e.images[pos["test"]], every, caches, masks)
         done.append(ChallengeCell(cell_id=c.record.cell_id, eps_label=label, prompt_key=c.record.prompt_key,
                                   split="test", image_names=list(c.record.image_names), values=values,
                                   values_same_editor=same))
@@ -434,19 +432,21 @@ def _adaptive_budget(e: _Entry, cells: Sequence, settings: LoraPatch, model, ori
 
 
 def adapted_values(editors: tuple[Editor, Editor], rec, protected: torch.Tensor, clean: torch.Tensor,
-                   positions: Sequence[int], caches: tuple[dict, dict]) -> tuple[dict, dict]:
+                   positions: Sequence[int], caches: tuple[dict, dict],
+                   masks: Optional[torch.Tensor] = None) -> tuple[dict, dict]:
     """Every registered metric per photo: the PATCHED editor's edit of the protected photo against
     (1) the ORIGINAL editor's edit of the clean photo -- `values`, the board's column: the edit the
     person would have got without any protection, as `spdbench adapt` scores it -- and (2) the
     patched editor's own edit of the clean photo -- `values_same_editor`: the fine-tune moves clean
     edits too, so (2) alone would hide what the attacker won back (measured on smoke-pca-minus
     16/255, 60 steps: (1) 0.9555, (2) 0.8967, the entry's own 0.8947). `editors`: (patched,
-    original); `caches`: their clean edits by (prompt, split, positions)."""
+    original); `caches`: their clean edits by (prompt, split, positions); `masks`: the photos'
+    masks on an inpainting suite (each edit uses its photo's)."""
     key = (rec.prompt, rec.split.value, tuple(positions))
     for editor, cache in zip(editors, caches):
         if key not in cache:
-            cache[key] = _edits(editor, clean, rec, positions)
-    edited = _edits(editors[0], protected, rec, positions)
+            cache[key] = _edits(editor, clean, rec, positions, masks)
+    edited = _edits(editors[0], protected, rec, positions, masks)
     return tuple({m: [float(v) for v in vals.cpu()] for m, vals in metrics.score(edited, cache[key]).items()}
                  for cache in (caches[1], caches[0]))
 
@@ -457,7 +457,14 @@ def train_patch(e: _Entry, label: str, prompt_keys: Sequence[str], settings: Lor
     train = split_positions(len(e.images), e.suite.split_seed)["train"]
     adv = apply_delta(e.images, e.deltas[label])
     return patch_editor(model, e.images[train].to(model.device), adv[train].to(model.device), prompt_keys,
-                        e.suite.edit.strength, settings)
+                        e.suite.edit.strength, settings, e.masks_of([e.names[i] for i in train]))
+
+
+def _editor_kind(e: _Entry) -> str:
+    """Which objective patches the entry's editor (harness/adaptive.editor_kind), from its suite."""
+    if e.suite.masks:
+        return "inpainting"
+    return "instruct" if e.suite.edit.image_guidance is not None else "img2img"
 
 
 def weights_rel(eps_label: str) -> str:
@@ -656,7 +663,7 @@ def _lora_settings(ch: Challenge) -> LoraPatch:
 def _check_adaptive_settings(ch: Challenge, e: _Entry) -> None:
     """The settings are what this version trains with, every cell is a test cell, and each patch was
     trained on the entry's train photos with the prompts of the cells of its budget."""
-    here = ran_with(_lora_settings(ch), e.suite.edit.strength)
+    here = ran_with(_lora_settings(ch), e.suite.edit.strength, _editor_kind(e))
     if json.dumps(here, sort_keys=True) != json.dumps(ch.adaptive, sort_keys=True):
         raise RecordError(f"the adaptive settings are {ch.adaptive}; this version trains with {here}")
     train = [e.names[i] for i in split_positions(len(e.images), e.suite.split_seed)["train"]]
@@ -751,7 +758,8 @@ def _compare_adapted(cells: Sequence[ChallengeCell], e: _Entry, photos: dict, ed
     records, compared, caches = {c.record.cell_id: c.record for c in e.claims.ok_cells}, 0, ({}, original_cache)
     for cell in cells:
         picks, edited, clean = _picked(cell, e, photos, rng, sample)
-        values, same = adapted_values(editors, records[cell.cell_id], edited, clean, picks, caches)
+        masks = e.masks_of([cell.image_names[k] for k in picks])
+        values, same = adapted_values(editors, records[cell.cell_id], edited, clean, picks, caches, masks)
         compared += _compare(cell, cell.values, values, picks, tolerance)
         compared += _compare(cell, cell.values_same_editor, same, picks, tolerance, "values_same_editor: ")
     return compared
