@@ -81,3 +81,11 @@ def test_work_matching_measures_the_instruction_editors_passes(ip2p):
 
     flops = pass_flops(ip2p, 64)
     assert flops["unet_fwd"] > 0 and flops["unet_bwd"] > 0
+
+
+def test_an_inpainting_attack_names_the_instruction_editor_it_was_given(ip2p, photos):
+    """DiffusionGuard does not apply to an instruction editor: one line that says what the model is."""
+    from spdbench.errors import InputError
+
+    with pytest.raises(InputError, match="'tiny-ip2p' is an instruction editor, not an inpainting model"):
+        get_attack("diffusionguard")(photos, ip2p, EPS, torch.Generator().manual_seed(0))

@@ -143,8 +143,9 @@ class DiffusionGuard(GradientAttack):
     def perturb(self, images: torch.Tensor, target, budget: Budget, generator: Optional[torch.Generator] = None,
                 masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not getattr(target, "inpainting", False):
-            raise InputError(f"attack {self.name!r} protects against inpainting: target {target.name!r} is an "
-                             "img2img model (use an inpainting suite such as smoke-inpaint)")
+            what = "an instruction editor" if int(target.unet.config.in_channels) == 8 else "an img2img model"
+            raise InputError(f"attack {self.name!r} protects against inpainting: target {target.name!r} is {what}, "
+                             "not an inpainting model (use an inpainting suite such as smoke-inpaint)")
         self._masks = check_masks(self, images, masks, target)
         delta = super().perturb(images, target, budget, generator)
         return delta * (1 - self._masks)  # the editor repaints the hole: nothing is spent there (a random start)
