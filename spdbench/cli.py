@@ -726,7 +726,7 @@ def cmd_adapt(args) -> int:
 def _add_adapt_parser(sub) -> None:
     s = sub.add_parser("adapt", help="the model-side adaptive attacker: LoRA-fine-tune the editor on an entry's "
                                      "protected train photos, score its test photos with the patched editor")
-    s.add_argument("entry", help="a run folder or leaderboard entry with stored perturbations (img2img suites)")
+    s.add_argument("entry", help="a run folder or leaderboard entry with stored perturbations (img2img, inpainting or instruction suites)")
     s.add_argument("--adaptive", default="lora", choices=["lora"], help="the adaptive attacker (lora: LoRA Patching)")
     s.add_argument("--steps", type=_positive, default=60, help="LoRA training steps (default 60)")
     s.add_argument("--rank", type=_positive, default=4, help="LoRA rank (default 4)")
