@@ -47,6 +47,7 @@ import torch
 
 from spdbench.budget import Budget
 from spdbench.errors import InputError
+from spdbench.targets.instruct import is_instruct
 from spdbench.attacks.base import register
 from spdbench.attacks.objectives import (ITERATION_DEFAULTS, STOCHASTIC_FINISH, GradientAttack, check_choice, check_masks,
                                          draw, latent_shape)
@@ -143,7 +144,7 @@ class DiffusionGuard(GradientAttack):
     def perturb(self, images: torch.Tensor, target, budget: Budget, generator: Optional[torch.Generator] = None,
                 masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not getattr(target, "inpainting", False):
-            what = "an instruction editor" if int(target.unet.config.in_channels) == 8 else "an img2img model"
+            what = "an instruction editor" if is_instruct(target) else "an img2img model"
             raise InputError(f"attack {self.name!r} protects against inpainting: target {target.name!r} is {what}, "
                              "not an inpainting model (use an inpainting suite such as smoke-inpaint)")
         self._masks = check_masks(self, images, masks, target)

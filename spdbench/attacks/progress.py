@@ -6,7 +6,8 @@ minutes of silence in between; the harness can only estimate what it hears about
 limited, checked like every frame), and the harness turns it into a fraction of the group with an
 estimate. An attack with a loop of its own may call `report_step` too; one that does not gets no
 "about N s left" inside its group, only the estimate its group starts with (under work matching the
-harness times its own probe of the attack, harness/work_match.py; after a group, that group's length). The report carries two integers and nothing else.
+harness times its own probe of the attack, harness/work_match.py; after a group, that group's
+length). The report carries two integers and nothing else.
 """
 from __future__ import annotations
 

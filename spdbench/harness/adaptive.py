@@ -187,13 +187,22 @@ def resolve(prompt: str) -> str:
     return PROMPTS.get(prompt, prompt)
 
 
-def _step_loss(patched: Target, z_clean: torch.Tensor, z_adv: torch.Tensor, conds: torch.Tensor, t_max: int,
-               settings: LoraPatch, gen: torch.Generator) -> torch.Tensor:
+def _draw(patched: Target, z_clean: torch.Tensor, conds: torch.Tensor, t_max: int, settings: LoraPatch,
+          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's draws from the patch's generator, in this order (a stored patch re-trains bit for
+    bit only if it never changes): photos `idx`, timesteps `t`, prompt embeddings, noise; and
+    alpha-bar at `t`."""
     idx = torch.randint(0, len(z_clean), (min(settings.batch_size, len(z_clean)),), generator=gen)
     t = torch.randint(1, t_max + 1, (len(idx),), generator=gen)
     cond = conds[torch.randint(0, len(conds), (len(idx),), generator=gen)].to(patched.device)
     noise = torch.randn(z_clean[idx].shape, generator=gen).to(z_clean.device)
     abar = patched.alphas_cumprod[t.to(patched.alphas_cumprod.device)].view(-1, 1, 1, 1).float().to(z_clean.device)
+    return idx, t, cond, noise, abar
+
+
+def _step_loss(patched: Target, z_clean: torch.Tensor, z_adv: torch.Tensor, conds: torch.Tensor, t_max: int,
+               settings: LoraPatch, gen: torch.Generator) -> torch.Tensor:
+    idx, t, cond, noise, abar = _draw(patched, z_clean, conds, t_max, settings, gen)
     noisy_adv = abar.sqrt() * z_adv[idx] + (1 - abar).sqrt() * noise
     # the noise that makes x0-estimate(noisy_adv) = the clean latent
     want_adv = (noisy_adv - abar.sqrt() * z_clean[idx]) / (1 - abar).sqrt()
@@ -220,11 +229,7 @@ def _conditioned_step_loss(original: Target, patched: Target, z_clean: torch.Ten
     """CONDITIONED_OBJECTIVE: the patched UNet given the protected photo predicts what the original
     gives the clean photo (and keeps doing so given the clean photo), at the clean latent noised."""
     key, c_clean, c_adv = photo_conds
-    idx = torch.randint(0, len(z_clean), (min(settings.batch_size, len(z_clean)),), generator=gen)
-    t = torch.randint(1, t_max + 1, (len(idx),), generator=gen)
-    cond = conds[torch.randint(0, len(conds), (len(idx),), generator=gen)].to(patched.device)
-    noise = torch.randn(z_clean[idx].shape, generator=gen).to(z_clean.device)
-    abar = patched.alphas_cumprod[t.to(patched.alphas_cumprod.device)].view(-1, 1, 1, 1).float().to(z_clean.device)
+    idx, t, cond, noise, abar = _draw(patched, z_clean, conds, t_max, settings, gen)
     z_t = (abar.sqrt() * z_clean[idx] + (1 - abar).sqrt() * noise).to(patched.dtype)
     tt = t.to(patched.device)
     with torch.no_grad():

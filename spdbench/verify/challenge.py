@@ -49,7 +49,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from spdbench.errors import InputError, RecordError
-from spdbench.harness.adaptive import LoraPatch, load_patch, lora_weights, patch_editor, ran_with
+from spdbench.harness.adaptive import LoraPatch, editor_kind, load_patch, lora_weights, patch_editor, ran_with
 from spdbench.harness.editing import EditSettings, Editor
 from spdbench.harness.progress import Stages, default_stages
 from spdbench.harness.request import model_identity, suite_masks
@@ -401,7 +401,7 @@ def run_adaptive_challenge(entry: Union[str, Path], out: Union[str, Path], setti
         files[patch.file] = blob
         measured += done
     challenge = Challenge(**_identity(name, e, model), challenge_kind="adaptive",
-                          adaptive=ran_with(settings, e.suite.edit.strength, _editor_kind(e)), patches=patches,
+                          adaptive=ran_with(settings, e.suite.edit.strength, editor_kind(model)), patches=patches,
                           cells=measured)
     st.stage("writing", str(out))
     _write(out, challenge, files)
@@ -458,13 +458,6 @@ def train_patch(e: _Entry, label: str, prompt_keys: Sequence[str], settings: Lor
     adv = apply_delta(e.images, e.deltas[label])
     return patch_editor(model, e.images[train].to(model.device), adv[train].to(model.device), prompt_keys,
                         e.suite.edit.strength, settings, e.masks_of([e.names[i] for i in train]))
-
-
-def _editor_kind(e: _Entry) -> str:
-    """Which objective patches the entry's editor (harness/adaptive.editor_kind), from its suite."""
-    if e.suite.masks:
-        return "inpainting"
-    return "instruct" if e.suite.edit.image_guidance is not None else "img2img"
 
 
 def weights_rel(eps_label: str) -> str:
@@ -593,8 +586,8 @@ def verify_challenge(folder: Union[str, Path], entry: Union[str, Path, None] = N
         stored = _stored_files(folder, ch, report)
         st.stage("loading", f"entry {ch.entry}, its photos and its editing model")
         e = _load_entry(Path(entry) if entry else folder.parent.parent / "entries" / ch.entry, data, manifest)
-        _check_settings(ch, e)
         model = _editing_model(e, device or torch.device(ch.device).type, model)  # its edits' device type
+        _check_settings(ch, e, model)
         rng = random.Random(report.seed)
         if ch.challenge_kind == "adaptive":
             st.stage("editing", f"{sample} photo(s) of each of {len(ch.cells)} cell(s) again with the stored LoRA patches")
@@ -631,16 +624,17 @@ def _stored_files(folder: Path, ch: Challenge, report: Optional[ChallengeReport]
     return stored
 
 
-def _check_settings(ch: Challenge, e: _Entry) -> None:
+def _check_settings(ch: Challenge, e: _Entry, model) -> None:
     """The challenge names this entry (its manifest), its suite, and its purifier as registered here
-    (or its LoRA settings as this version trains them); its cells are the entry's."""
+    (or its LoRA settings as this version trains them on `model`, the editing model); its cells are
+    the entry's."""
     if ch.entry != e.folder.name or ch.suite != e.suite.name:
         raise RecordError(f"the challenge is of entry {ch.entry!r} on suite {ch.suite!r}, checked against "
                           f"{e.folder.name!r} on {e.suite.name!r}")
     if ch.entry_manifest_sha256 != e.manifest_sha256:
         raise RecordError(f"the challenge was run against other files of entry {ch.entry!r} (manifest sha256 differs)")
     if ch.challenge_kind == "adaptive":
-        _check_adaptive_settings(ch, e)
+        _check_adaptive_settings(ch, e, model)
     else:
         here = get_purifier(str(ch.purifier.get("name"))).to_dict()
         if json.dumps(here, sort_keys=True) != json.dumps(ch.purifier, sort_keys=True):
@@ -660,10 +654,10 @@ def _lora_settings(ch: Challenge) -> LoraPatch:
         raise RecordError(f"adaptive settings: {exc}") from None
 
 
-def _check_adaptive_settings(ch: Challenge, e: _Entry) -> None:
+def _check_adaptive_settings(ch: Challenge, e: _Entry, model) -> None:
     """The settings are what this version trains with, every cell is a test cell, and each patch was
     trained on the entry's train photos with the prompts of the cells of its budget."""
-    here = ran_with(_lora_settings(ch), e.suite.edit.strength, _editor_kind(e))
+    here = ran_with(_lora_settings(ch), e.suite.edit.strength, editor_kind(model))
     if json.dumps(here, sort_keys=True) != json.dumps(ch.adaptive, sort_keys=True):
         raise RecordError(f"the adaptive settings are {ch.adaptive}; this version trains with {here}")
     train = [e.names[i] for i in split_positions(len(e.images), e.suite.split_seed)["train"]]
