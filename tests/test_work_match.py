@@ -68,8 +68,10 @@ def test_the_probe_measures_one_steps_passes_with_the_harness_counter(attack):
     expected = 1.0 if attack == "photoguard-encoder" else 1.0 + weights["unet_fwd"] + weights["unet_bwd"]
     assert match.per_step == pytest.approx(expected, rel=1e-6)
     assert match.once >= 0.0
-    if attack == "photoguard-encoder":  # its target latent: one encoder forward per batch (2 photos)
-        assert match.once == pytest.approx(0.5 / 2, rel=1e-6) and match.steps == 39
+    # probed on the 1-photo test split's shape (its per-batch work weighs most per photo there)
+    assert match.photos == 1
+    if attack == "photoguard-encoder":  # its target latent: one encoder forward per batch (1 photo)
+        assert match.once == pytest.approx(0.5, rel=1e-6) and match.steps == 39
     assert match.steps == work_match.derive_steps(40.0, match.per_step, match.once, attack)
     assert match.steps < 40 or attack == "photoguard-encoder"
 
@@ -96,7 +98,61 @@ def test_a_work_matched_run_records_the_derived_steps_and_where_they_came_from(t
     assert rec.param_sources["steps"] == "suite-work" and rec.attack_params["finish"] == "boundary"
     assert rec.suite_config["attack_work"] == 5.0
     assert method_label(rec) == "advdm (work-matched)"
-    assert encoder_equivalents(rec.model_calls, weights) <= 5.0 + 1e-6
+    for r in result.records:  # every split's photos within the budget, not only the probed shape's
+        assert encoder_equivalents(r.model_calls, weights) <= 5.0 + 1e-6, r.split
+
+
+def test_the_probe_runs_on_the_split_whose_photos_share_the_fewest_batches():
+    assert work_match.probe_photos([7, 4], 11) == 4     # smoke: one batch each, 4 photos share less
+    assert work_match.probe_photos([64, 36], 4) == 36   # ceil(36/4)/36 == ceil(64/4)/64: the smaller
+    assert work_match.probe_photos([4, 5], 4) == 5      # 2 batches for 5 photos weigh more than 1 for 4
+    assert work_match.probe_photos([5, 0], 8) == 5
+
+
+class _PerBatchCost:
+    """A runner whose attack spends `once` encoder passes (fwd) per batch and one pass fwd+bwd per
+    step and photo -- the shape of mist-v2's surrogate fine-tuning; counts as the worker reports
+    them (passes per photo of the job)."""
+
+    def __init__(self, once: float):
+        self.once, self.photos = once, []
+
+    def calls(self, steps: int, n: int, batch_size: int) -> dict:
+        batches = -(-n // batch_size)
+        per_photo = self.once * batches / n
+        return {"vae_encoder_fwd": steps + per_photo / 0.5, "vae_encoder_bwd": float(steps)}
+
+    def run(self, attack, budget, jobs, batch_size):
+        from spdbench.harness.protect import SplitOutput
+        (name, job), = jobs.items()
+        self.photos.append(len(job["images"]))
+        return {name: SplitOutput(delta=torch.zeros(1), model_calls=self.calls(
+            attack.params["steps"], len(job["images"]), batch_size))}, 0.0
+
+
+def test_a_per_batch_cost_is_probed_where_it_weighs_most_so_every_split_is_within_budget():
+    """smoke's 11 photos split 7:4, one batch each: a fixed cost of 10 passes per batch is 1.43 per
+    training photo but 2.5 per test photo. Probed on 4 photos, the derived steps keep the test split
+    within the 40-pass budget; probed on the 7 training photos (the old rule) it went over."""
+    from types import SimpleNamespace
+
+    from spdbench.scoring.work import encoder_equivalents
+
+    request = build_request("photoguard-encoder", "smoke", eps="8/255", prompts=["P3"], purifiers=[],
+                            isolation="none", progress=False)
+    suite = request.suite
+    inputs = SimpleNamespace(images=torch.zeros(11, 3, 128, 128), masks=None,
+                             target=SimpleNamespace(fingerprint="e0a9820bca1b1f17"))
+    weights = known_weights("e0a9820bca1b1f17", 128)
+    runner = _PerBatchCost(once=10.0)
+    match = work_match.probe(request, inputs, runner)
+    assert runner.photos == [4, 4] and match.photos == 4
+    assert match.once == pytest.approx(2.5) and match.steps == 37
+    train, test = photos.split_indices(11, suite.split_seed)
+    for n in (len(train), len(test)):
+        assert encoder_equivalents(runner.calls(match.steps, n, suite.attack_batch_size), weights) <= 40.0
+    old = work_match.derive_steps(40.0, 1.0, 10.0 / len(train), "x")  # the training split's shape
+    assert encoder_equivalents(runner.calls(old, len(test), suite.attack_batch_size), weights) > 40.0
 
 
 def test_an_attack_that_makes_no_model_pass_keeps_the_suites_iterations():

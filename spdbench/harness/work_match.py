@@ -6,7 +6,7 @@ steps they spend 40 to 226 encoder-equivalent passes per photo. A suite with a w
 (`Suite.attack_work`) gives each attack the steps that budget buys.
 
 How the cost of a step is known without trusting the attack: the attack runs twice, for 1 and for 2
-steps, on the training photos, as a cell group runs (in its worker, under the sandbox), and the
+steps, on training photos, as a cell group runs (in its worker, under the sandbox), and the
 harness reads the passes counted by the hooks installed before any attack code (worker
 .RuntimeCounter, cross-checked with the job's counter), weighted by each pass's FLOPs on the
 suite's model (scoring/work.py). Their difference is one step's work, the rest is what the attack
@@ -44,7 +44,7 @@ class WorkMatch:
     #: the estimate a protecting stage shows before its first group has run (never recorded)
     step_s: float = 0.0
     once_s: float = 0.0
-    photos: int = 0     # how many photos the probe ran on (the training split)
+    photos: int = 0     # how many photos the probe ran on (_probe_job)
 
     def seconds(self, steps: int, photos: int, per_image: bool) -> Optional[float]:
         """About how long `steps` steps take on `photos` photos (a per-image attack's time grows
@@ -87,10 +87,26 @@ def _weights(inputs: RunInputs, size: int) -> dict[str, float]:
     return known_weights(target.fingerprint, size) or pass_weights(pass_flops(target, size))
 
 
+def probe_photos(split_sizes: list[int], batch_size: int) -> int:
+    """How many photos a per-image attack's probe runs on: as many as the split whose photos share
+    the fewest batches' worth of photos (most batches per photo; the smaller on a tie).
+    Why: what an attack spends once per batch (a surrogate's fine-tuning, a target's encoding) is
+    shared by the photos of that batch: probed on 7 training photos, mist-v2's surrogate fine-tuning
+    was then spread over a test batch of 4 (31.7 UNet passes per training photo, 36.0 per test photo:
+    42.8 of a budget of 40). Probed on the costliest split's shape, every split stays within it."""
+    sizes = [n for n in split_sizes if n > 0]
+    return max(sizes, key=lambda n: (math.ceil(n / max(1, batch_size)) / n, -n))
+
+
 def _probe_job(request: RunRequest, inputs: RunInputs, attack: AttackSpec) -> dict[str, dict]:
-    """The training split (and its masks where the attack reads masks), as the attack's group sees it:
-    what an attack spends once per batch (a target latent) is then shared per photo as in the run."""
-    train, _ = split_indices(len(inputs.images), request.suite.split_seed)
+    """Training photos (and their masks where the attack reads masks), as the attack's group sees
+    them: a fit (universal, amortized) runs on the training split, as in the run; a per-image attack
+    on as many photos as its costliest split per photo holds (probe_photos; the training photos
+    repeated where that split is the larger), so its per-batch work is shared as in that split."""
+    train, test = split_indices(len(inputs.images), request.suite.split_seed)
+    if attack.kind is AttackKind.per_image:
+        n = probe_photos([len(train), len(test)], request.suite.attack_batch_size)
+        train = [train[i % len(train)] for i in range(n)]
     job = {"images": inputs.images[train], "seed": request.suite.attack_seed}
     if attack.uses_masks and inputs.masks is not None:
         job["masks"] = inputs.masks[train]
@@ -98,7 +114,7 @@ def _probe_job(request: RunRequest, inputs: RunInputs, attack: AttackSpec) -> di
 
 
 def probe(request: RunRequest, inputs: RunInputs, runner: AttackRunner) -> WorkMatch:
-    """Run the attack for each of PROBE_STEPS on the training photos through `runner`; fit the line."""
+    """Run the attack for each of PROBE_STEPS on the probe's photos (_probe_job) through `runner`; fit the line."""
     plan, attack = request.plan, request.plan.attack
     weights = _weights(inputs, int(inputs.images.shape[-1]))
     jobs = _probe_job(request, inputs, attack)
@@ -148,4 +164,4 @@ def _iteration_matched(request: RunRequest):
     return dataclasses.replace(plan, attack=attack, sources=sources, work=None)
 
 
-__all__ = ["WorkMatch", "derive_steps", "probe", "matched", "PROBE_STEPS"]
+__all__ = ["WorkMatch", "derive_steps", "probe", "probe_photos", "matched", "PROBE_STEPS"]
