@@ -47,6 +47,9 @@ class SPDAttack(PerImageObjective, UniversalAttack):
     objective_params: ClassVar[tuple[str, ...]] = ()
     has_objective: ClassVar[bool] = True
     norms: ClassVar[tuple[str, ...]] = ALL_NORMS
+    #: every SPD attack runs the blog's algorithm, with PGD or with Adam
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"blog": dict(_BLOG, optimizer="pgd"),
+                                                    "blog-adam": dict(_BLOG, optimizer="adam")}
 
     def __init__(self, preset: Optional[str] = None, **params: Any) -> None:
         super().__init__(preset, **params)
@@ -139,8 +142,6 @@ class SPDEncoder(SPDAttack):
     objective_attack = PhotoGuardEncoder
     objective_params = ("target_image",)
     defaults: ClassVar[dict[str, Any]] = {**SPD_DEFAULTS, "target_image": PhotoGuardEncoder.defaults["target_image"]}
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"blog": dict(_BLOG, optimizer="pgd"),
-                                                    "blog-adam": dict(_BLOG, optimizer="adam")}
 
 
 @register("spd-pca-plus")
@@ -151,8 +152,6 @@ class SPDPCAPlus(SPDAttack):
         extra="", name="spd-pca-plus")
     objective_attack = PCAPlus
     defaults: ClassVar[dict[str, Any]] = dict(SPD_DEFAULTS)
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"blog": dict(_BLOG, optimizer="pgd"),
-                                                    "blog-adam": dict(_BLOG, optimizer="adam")}
 
 
 @register("spd-pca-minus")
@@ -164,8 +163,6 @@ class SPDPCAMinus(SPDAttack):
     objective_attack = PCAMinus
     objective_params = ("v",)
     defaults: ClassVar[dict[str, Any]] = {**SPD_DEFAULTS, "v": PCAMinus.defaults["v"]}
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"blog": dict(_BLOG, optimizer="pgd"),
-                                                    "blog-adam": dict(_BLOG, optimizer="adam")}
 
 
 _DIFF_PROTECT_PARAMS = ("prompt", "eval_samples", "eval_seed")
@@ -184,7 +181,6 @@ def _diffprotect_spd(class_name: str, name: str, per_image: type[GradientAttack]
         objective_attack=per_image,
         objective_params=params,
         defaults={**SPD_DEFAULTS, **{p: per_image.defaults[p] for p in params}},
-        presets={"blog": dict(_BLOG, optimizer="pgd"), "blog-adam": dict(_BLOG, optimizer="adam")},
     ))
     return register(name)(cls)
 
