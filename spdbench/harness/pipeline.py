@@ -33,7 +33,7 @@ from spdbench.harness import work_match
 from spdbench.harness.runner import AttackRunner
 from spdbench.harness.isolation import warm_up
 from spdbench.harness.progress import Stages, StepProgress
-from spdbench.harness.protect import Protection, SplitOutput, enforce
+from spdbench.harness.protect import Protection, SplitOutput, batch_count, enforce
 from spdbench.harness.request import (ISOLATION_MODES, RunInputs, RunRequest, build_request, interactive,
                                       load_inputs, model_identity, suite_masks)
 from spdbench.images import image_sha256
@@ -154,7 +154,7 @@ def expected_optimizations(attack: Attack, splits: dict, batch_size: int) -> int
     of each split for a per-image attack, one fit otherwise (StepProgress's denominator)."""
     if attack.kind is not AttackKind.per_image:
         return 1
-    return sum(math.ceil(len(idx) / max(1, batch_size)) for idx in splits.values())
+    return sum(batch_count(len(idx), batch_size) for idx in splits.values())
 
 
 def _attack_jobs(attack: Attack, images: torch.Tensor, splits: dict, seed: int,

@@ -132,6 +132,13 @@ def _mask_kwargs(attack: Attack, masks: Optional[torch.Tensor], lo: int = 0, hi:
     return {"masks": None if masks is None else masks[lo:hi].clone()}
 
 
+def batch_count(n: int, batch_size: int) -> int:
+    """How many batches perturb_split runs a split of `n` photos in (no OOM retry): one optimization
+    each, and what an attack spends once per batch is spent that many times. The one rule the
+    progress denominator (pipeline.expected_optimizations) and the work probe (work_match) share."""
+    return -(-n // max(1, batch_size))
+
+
 def perturb_split(attack: Attack, target, images: torch.Tensor, budget: Budget, *, batch_size: int,
                   seed: int, masks: Optional[torch.Tensor] = None) -> SplitOutput:
     """A per-image attack over one split, batch by batch; the batch's seed follows its first image,

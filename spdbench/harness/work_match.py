@@ -24,6 +24,7 @@ from spdbench.attacks.base import AttackKind, AttackSpec
 from spdbench.data.photos import split_indices
 from spdbench.errors import AttackError, InputError
 from spdbench.harness.request import RunInputs, RunRequest
+from spdbench.harness.protect import batch_count
 from spdbench.harness.runner import AttackRunner
 from spdbench.scoring.work import encoder_equivalents, known_weights, pass_flops, pass_weights
 
@@ -95,7 +96,7 @@ def probe_photos(split_sizes: list[int], batch_size: int) -> int:
     was then spread over a test batch of 4 (31.7 UNet passes per training photo, 36.0 per test photo:
     42.8 of a budget of 40). Probed on the costliest split's shape, every split stays within it."""
     sizes = [n for n in split_sizes if n > 0]
-    return max(sizes, key=lambda n: (math.ceil(n / max(1, batch_size)) / n, -n))
+    return max(sizes, key=lambda n: (batch_count(n, batch_size) / n, -n))
 
 
 def _probe_job(request: RunRequest, inputs: RunInputs, attack: AttackSpec) -> dict[str, dict]:
